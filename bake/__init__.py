@@ -1,0 +1,1 @@
+"""bake: fold steering maps into model weights, verify, export and publish."""

@@ -1,0 +1,11 @@
+"""lineas: steering maps (format, hooks) and how to learn them (LinEAS, Linear-AcT)."""
+
+from .maps import FORMAT, FORMAT_VERSION, MapsFormatError, SiteMap, SteeringMaps, effective_maps, file_sha256
+from .hooks import SteeringError, SteeringHandle, attach_affine, attach_maps, steered
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "MapsFormatError", "SiteMap", "SteeringMaps", "effective_maps", "file_sha256",
+    "SteeringError", "SteeringHandle", "attach_affine", "attach_maps", "steered", "__version__",
+]

