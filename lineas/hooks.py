@@ -45,9 +45,28 @@ def module_feature_dim(module: nn.Module) -> int | None:
     return None
 
 
-def apply_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, site: str = "?") -> torch.Tensor:
-    """``scale * y + shift`` on the feature axis, computed in fp32, returned in ``y.dtype``."""
-    axis = 1 if y.dim() == 4 else -1
+def feature_axis(module: nn.Module) -> int | None:
+    """The output feature axis a module type fixes, or None to decide by rank (dim 1 of 4-D, else last).
+
+    Linear layers and last-dim norms (LayerNorm, any ``*RMSNorm``) put features last whatever
+    the rank: Qwen3/Gemma3 ``q_norm`` outputs ``[B, L, heads, head_dim]``, which the rank rule
+    would misread as channels-first.
+    """
+    if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)) or type(module).__name__ in ("Conv1D",):
+        return -1
+    if type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, getattr(nn, "RMSNorm", ())):
+        return -1
+    return None
+
+
+def apply_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, site: str = "?",
+                 axis: int | None = None) -> torch.Tensor:
+    """``scale * y + shift`` on the feature axis, computed in fp32, returned in ``y.dtype``.
+
+    ``axis`` None means dim 1 of 4-D outputs, else the last dim (see :func:`feature_axis`).
+    """
+    if axis is None:
+        axis = 1 if y.dim() == 4 else -1
     d = y.shape[axis]
     if d != scale.numel():
         raise SteeringError(f"site {site!r}: map has length {scale.numel()} but the output feature axis has size {d} "
@@ -60,14 +79,14 @@ def apply_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, site
 
 
 class _AffineHook:
-    def __init__(self, site: str, scale: torch.Tensor, shift: torch.Tensor):
-        self.site, self.scale, self.shift = site, scale, shift
+    def __init__(self, site: str, scale: torch.Tensor, shift: torch.Tensor, axis: int | None = None):
+        self.site, self.scale, self.shift, self.axis = site, scale, shift, axis
 
     def __call__(self, module, inputs, output):
         if isinstance(output, (tuple, list)):
-            head = apply_affine(output[0], self.scale, self.shift, self.site)
+            head = apply_affine(output[0], self.scale, self.shift, self.site, self.axis)
             return type(output)((head, *output[1:]))
-        return apply_affine(output, self.scale, self.shift, self.site)
+        return apply_affine(output, self.scale, self.shift, self.site, self.axis)
 
 
 class SteeringHandle:
@@ -116,7 +135,8 @@ def attach_affine(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, to
         if d is not None and d != scale.numel():
             raise SteeringError(f"site {site!r}: map has length {scale.numel()} but "
                                 f"{type(modules[site]).__name__} outputs {d} features")
-    handles = [modules[site].register_forward_hook(_AffineHook(site, s, t)) for site, (s, t) in affines.items()]
+    handles = [modules[site].register_forward_hook(_AffineHook(site, s, t, feature_axis(modules[site])))
+               for site, (s, t) in affines.items()]
     return SteeringHandle(handles, list(affines))
 
 

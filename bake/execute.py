@@ -1,0 +1,173 @@
+"""Carry out a :class:`bake.plan.FoldPlan` on a model, in place.
+
+All new tensor values are computed first, in float32 on working copies, then
+cast to their target dtypes and checked for finiteness; only when every value
+is good are config flags flipped, zero biases created, tied weights untied,
+tensors written and affine modules inserted.  A failure leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from lineas.maps import SiteMap
+
+from .affine_module import LineasAffine, wrap_affine_sites
+from .errors import FoldError
+from .fold import fold_input_shift, fold_norm_bias, fold_norm_scale, fold_output_rows
+from .plan import FoldPlan, FoldStep, _normalise_maps, maps_digest
+
+log = logging.getLogger(__name__)
+
+AFFINE_SITES_KEY = "lineas_affine_sites"
+
+
+def _split(name: str) -> tuple[str, str]:
+    mod, _, attr = name.rpartition(".")
+    return mod, attr
+
+
+class _Working:
+    """float32 working copies of the tensors a plan touches."""
+
+    def __init__(self, model: nn.Module, plan: FoldPlan):
+        self.model = model
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.new_bias = {f"{m}.bias" for c in plan.config_changes for m in c.adds_bias_to}
+        self.values: dict[str, torch.Tensor] = {}
+
+    def target_dtype(self, name: str) -> torch.dtype:
+        if name in self.params:
+            return self.params[name].dtype
+        return self.params[_split(name)[0] + ".weight"].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.values:
+            if name in self.params:
+                self.values[name] = self.params[name].detach().to(torch.float32).clone()
+            elif name in self.new_bias:
+                w = self.params[_split(name)[0] + ".weight"]
+                n_out = w.shape[1] if type(self.model.get_submodule(_split(name)[0])).__name__ == "Conv1D" else w.shape[0]
+                self.values[name] = torch.zeros(n_out, dtype=torch.float32, device=w.device)
+            else:
+                raise FoldError(f"plan refers to {name!r}, which the model does not have "
+                                f"(was the plan made for another model?)")
+        return self.values[name]
+
+    def get_optional(self, name: str) -> torch.Tensor | None:
+        if name in self.values or name in self.params or name in self.new_bias:
+            return self.get(name)
+        return None
+
+
+def _run_step(w: _Working, step: FoldStep, site: str, m: SiteMap) -> None:
+    s, t = m.scale, m.shift
+    mod = step.module
+    if step.op in ("norm_scale", "norm_scale_1p"):
+        name = f"{mod}.weight"
+        w.values[name] = fold_norm_scale(w.get(name), s.to(w.get(name).device), one_plus=step.op == "norm_scale_1p")
+    elif step.op == "norm_bias":
+        name = f"{mod}.bias"
+        b = w.get(name)
+        w.values[name] = fold_norm_bias(b, s.to(b.device), t.to(b.device))
+    elif step.op == "rows":
+        wname, bname = f"{mod}.weight", f"{mod}.bias"
+        weight = w.get(wname)
+        bias = None if step.layout == "embedding" else (w.get(bname) if bname in step.tensors else None)
+        shift = t.to(weight.device) if (bias is not None or step.layout == "embedding") else None
+        if shift is not None and bool(torch.all(shift == 0)):
+            shift = None
+        new_w, new_b = fold_output_rows(weight, bias, s.to(weight.device), shift, layout=step.layout)
+        w.values[wname] = new_w
+        if new_b is not None:
+            w.values[bname] = new_b
+    elif step.op == "input_shift":
+        wname, bname = f"{mod}.weight", f"{mod}.bias"
+        weight = w.get(wname)
+        w.values[bname] = fold_input_shift(weight, w.get(bname), t.to(weight.device), layout=step.layout)
+    else:
+        raise FoldError(f"site {site!r}: unknown fold operation {step.op!r}")
+
+
+def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, SiteMap]) -> nn.Module:
+    """Bake ``effective_maps`` into ``model`` as ``plan`` says; returns the same model object.
+
+    ``effective_maps`` must be the maps the plan was made for (checked by digest).
+    After this call the model computes, without hooks, what the hooked model computed.
+    """
+    maps = _normalise_maps(effective_maps)
+    if maps_digest(maps) != plan.maps_digest:
+        raise FoldError("these maps are not the ones the plan was made for (maps digest differs); re-run plan()")
+    if type(model).__name__ != plan.model_class:
+        raise FoldError(f"plan was made for a {plan.model_class}, not a {type(model).__name__}")
+    modules = dict(model.named_modules())
+    for p in plan.sites:
+        if p.site not in modules:
+            raise FoldError(f"plan site {p.site!r} is not a module of this model")
+        if isinstance(modules[p.site], LineasAffine) and p.affine is not None:
+            raise FoldError(f"site {p.site!r} already carries an affine module (model baked twice?)")
+
+    # 1. compute everything on float32 working copies
+    work = _Working(model, plan)
+    for p in plan.sites:
+        for step in p.steps:
+            _run_step(work, step, p.site, maps[p.site])
+    final: dict[str, torch.Tensor] = {}
+    for name, v in work.values.items():
+        cast = v.to(work.target_dtype(name))
+        bad = ~torch.isfinite(cast)
+        if bad.any():
+            raise FoldError(f"folding would make {name} non-finite at {int(bad.sum())} position(s) "
+                            f"in {cast.dtype} (map values too large for this dtype?); nothing was changed")
+        final[name] = cast
+
+    # 2. commit
+    config = getattr(model, "config", None)
+    with torch.no_grad():
+        for change in plan.config_changes:
+            if config is None:
+                raise FoldError(f"plan changes config key {change.key!r} but the model has no config")
+            log.info("config: %s %r -> %r (%s)", change.key, change.old, change.new, change.reason)
+            setattr(config, change.key, change.new)
+            if change.key == "tie_word_embeddings" and hasattr(config, "get_text_config"):
+                setattr(config.get_text_config(), change.key, change.new)
+            for mname in change.adds_bias_to:
+                mod = model.get_submodule(mname)
+                weight = mod.weight
+                n_out = weight.shape[1] if type(mod).__name__ == "Conv1D" else weight.shape[0]
+                mod.bias = nn.Parameter(torch.zeros(n_out, dtype=weight.dtype, device=weight.device),
+                                        requires_grad=weight.requires_grad)
+        for u in plan.untied:
+            mname, attr = _split(u.parameter)
+            mod = model.get_submodule(mname)
+            old = getattr(mod, attr)
+            log.info("untie: %s gets its own copy (was tied to %s)", u.parameter, ", ".join(u.tied_to))
+            setattr(mod, attr, nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad))
+        for name, value in final.items():
+            mname, attr = _split(name)
+            getattr(model.get_submodule(mname), attr).copy_(value)
+        specs = [p.affine.to_config() for p in plan.sites if p.affine is not None]
+        if specs:
+            wrapped = wrap_affine_sites(model, specs)
+            for spec in specs:
+                module, m = wrapped[spec["site"]], maps[spec["site"]]
+                if module.lineas_scale is not None:
+                    module.lineas_scale.copy_(m.scale)
+                if module.lineas_shift is not None:
+                    module.lineas_shift.copy_(m.shift)
+            if config is not None:
+                setattr(config, AFFINE_SITES_KEY, specs)
+    return model
+
+
+def plan_and_apply(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_standard: bool = False,
+                   untie: bool = False) -> tuple[nn.Module, FoldPlan]:
+    """``plan`` then ``apply_plan`` without verification (``bake.api.bake`` adds loading and verification)."""
+    from .plan import plan as make_plan
+
+    p = make_plan(model, effective_maps, require_standard=require_standard, untie=untie)
+    return apply_plan(model, p, effective_maps), p

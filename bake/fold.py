@@ -1,0 +1,113 @@
+"""Pure tensor math for folding an affine map ``y -> s * y + t`` into weights.
+
+Every function takes all its inputs explicitly, computes in float32 and returns
+new tensors in the dtype of the tensor it replaces (modelled on
+``torch.nn.utils.fusion.fuse_linear_bn_weights``).  Nothing here touches a
+module: finding the tensors, checking ties and committing the results is the
+job of :mod:`bake.plan` and :mod:`bake.execute`.
+
+Conventions (``s`` and ``t`` are 1-D, one entry per output feature):
+
+* norm, weight convention ``w``  (LayerNorm, Llama RMSNorm):   ``w' = s*w``, ``b' = s*b + t``
+* norm, weight convention ``1+w`` (Gemma RMSNorm):             ``w' = s*(1+w) - 1``
+* producer linear, ``W`` is ``[out, in]`` (``nn.Linear``):     ``W' = diag(s) W``, ``b' = s*b + t``
+* producer GPT-2 ``Conv1D``, ``W`` is ``[in, out]``:           ``W' = W diag(s)``, ``b' = s*b + t``
+* producer conv, ``W`` is ``[out, in, *k]``:                   rows as for ``nn.Linear``
+* embedding table ``E`` is ``[vocab, D]``:                     ``E' = E diag(s) + t``
+* shift ``t`` on a consumer's input:                           ``b' = b + W t`` (``Conv1D``: ``b + t W``)
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("linear", "conv1d", "conv", "embedding")
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(torch.float32)
+
+
+def _check_len(name: str, vec: torch.Tensor, n: int) -> None:
+    if vec.dim() != 1 or vec.numel() != n:
+        raise ValueError(f"{name} must be 1-D of length {n}, got shape {tuple(vec.shape)}")
+
+
+def fold_norm_scale(weight: torch.Tensor, scale: torch.Tensor, *, one_plus: bool = False) -> torch.Tensor:
+    """Norm weight after multiplying the norm output by ``scale``.
+
+    ``one_plus`` selects the Gemma convention ``out = (1 + w) * x_hat``.
+    """
+    _check_len("scale", scale, weight.numel())
+    w, s = _f32(weight), _f32(scale).view(weight.shape)
+    out = s * (1.0 + w) - 1.0 if one_plus else s * w
+    return out.to(weight.dtype)
+
+
+def fold_norm_bias(bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Norm bias after ``y -> s*y + t`` (the weight is handled by :func:`fold_norm_scale`)."""
+    _check_len("scale", scale, bias.numel())
+    _check_len("shift", shift, bias.numel())
+    return (_f32(scale) * _f32(bias) + _f32(shift)).to(bias.dtype)
+
+
+def fold_output_rows(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+                     shift: torch.Tensor | None, *, layout: str = "linear"
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Producer fold: the layer's output ``y`` becomes ``s*y + t``.
+
+    Returns ``(weight', bias')``.  ``bias`` may be None only when ``shift`` is None
+    (a scale-only fold); a non-zero shift needs a bias to land in.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    out_axis = {"linear": 0, "conv": 0, "conv1d": 1, "embedding": 1}[layout]
+    n_out = weight.shape[out_axis]
+    _check_len("scale", scale, n_out)
+    shape = [1] * weight.dim()
+    shape[out_axis] = n_out
+    s = _f32(scale)
+    w = _f32(weight) * s.view(shape)
+    if layout == "embedding":
+        # An embedding has no bias: the shift is added to every row of the table.
+        if bias is not None:
+            raise ValueError("an embedding table has no bias")
+        if shift is not None:
+            _check_len("shift", shift, n_out)
+            w = w + _f32(shift).view(shape)
+        return w.to(weight.dtype), None
+    if bias is None:
+        if shift is not None:
+            raise ValueError("a shift needs a bias to fold into; this layer has none")
+        return w.to(weight.dtype), None
+    _check_len("bias", bias, n_out)
+    b = s * _f32(bias)
+    if shift is not None:
+        _check_len("shift", shift, n_out)
+        b = b + _f32(shift)
+    return w.to(weight.dtype), b.to(bias.dtype)
+
+
+def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor, *,
+                     layout: str = "linear") -> torch.Tensor:
+    """Consumer fold: the layer's *input* ``x`` becomes ``x + t``, so ``b' = b + W t``."""
+    if layout == "linear":
+        n_in, n_out = weight.shape[1], weight.shape[0]
+        _check_len("shift", shift, n_in)
+        wt = _f32(weight) @ _f32(shift)
+    elif layout == "conv1d":
+        n_in, n_out = weight.shape[0], weight.shape[1]
+        _check_len("shift", shift, n_in)
+        wt = _f32(shift) @ _f32(weight)
+    else:
+        raise ValueError(f"input-shift fold supports layouts 'linear' and 'conv1d', not {layout!r}")
+    _check_len("bias", bias, n_out)
+    return (_f32(bias) + wt).to(bias.dtype)
+
+
+def is_identity_scale(scale: torch.Tensor) -> bool:
+    return bool(torch.all(scale == 1))
+
+
+def is_zero_shift(shift: torch.Tensor) -> bool:
+    return bool(torch.all(shift == 0))

@@ -1,0 +1,204 @@
+"""Fold-sites registry: per-architecture data in ``bake/archs/<model_type>.json``.
+
+Each file says, for one ``config.model_type``, which modules are norms (and
+their weight convention), which linears consume each norm's output, which
+linears may be producer sites, which config flags switch biases on, and which
+weights are tied.  Module names are templates with a ``{layer}`` placeholder.
+
+The data is validated strictly on load (an unknown key is an error): a typo in
+a registry file must not silently turn a fold off -- or on.
+
+A model without an entry is still baked: :mod:`bake.plan` falls back to folds
+that the module type alone makes exact, and to affine modules elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Mapping
+
+from .errors import BakeError
+
+NORM_KINDS = ("layernorm", "rmsnorm", "rmsnorm_1p", "groupnorm")
+PRODUCER_LAYOUTS = ("linear", "conv1d")
+
+_TOP_KEYS = {"model_type": str, "architectures": list, "norms": list, "producers": list,
+             "bias_flags": dict, "always_biased": list, "tied": list, "notes": str}
+_REQUIRED_TOP = {"model_type", "architectures", "norms", "producers", "bias_flags"}
+_NORM_KEYS = {"site": str, "kind": str, "module_class": str, "consumers": list, "note": str}
+_REQUIRED_NORM = {"site", "kind", "consumers"}
+_PRODUCER_KEYS = {"site": str, "layout": str}
+_PLACEHOLDER = re.compile(r"\{([^}]*)\}")
+
+
+class RegistryError(BakeError, ValueError):
+    """A registry file is malformed."""
+
+
+@dataclass(frozen=True)
+class NormEntry:
+    site: str                       # template
+    kind: str                       # one of NORM_KINDS
+    consumers: tuple[str, ...]      # templates of the linears reading this norm's output
+    module_class: str | None = None  # expected class name; a mismatch means "do not trust this entry"
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ProducerEntry:
+    site: str
+    layout: str
+
+
+@dataclass(frozen=True)
+class ArchEntry:
+    model_type: str
+    architectures: tuple[str, ...]
+    norms: tuple[NormEntry, ...]
+    producers: tuple[ProducerEntry, ...]
+    bias_flags: Mapping[str, tuple[str, ...]]  # config flag -> templates of linears it gives a bias
+    always_biased: tuple[str, ...] = ()
+    tied: tuple[tuple[str, str], ...] = ()
+    notes: str = ""
+
+    def match_norm(self, site: str) -> tuple[NormEntry, str | None] | None:
+        """The norm entry whose template matches ``site``, and the layer index (None if no ``{layer}``)."""
+        for e in self.norms:
+            layer = match_template(e.site, site)
+            if layer is not False:
+                return e, layer
+        return None
+
+    def match_producer(self, site: str) -> ProducerEntry | None:
+        for e in self.producers:
+            if match_template(e.site, site) is not False:
+                return e
+        return None
+
+    def flag_for(self, module_name: str) -> str | None:
+        """The config flag that gives ``module_name`` a bias, if any."""
+        for flag, templates in self.bias_flags.items():
+            if any(match_template(t, module_name) is not False for t in templates):
+                return flag
+        return None
+
+
+def expand(template: str, layer: str | None) -> str:
+    return template if layer is None else template.replace("{layer}", layer)
+
+
+def _template_regex(template: str) -> re.Pattern:
+    parts = template.split("{layer}")
+    return re.compile(r"(\d+)".join(re.escape(p) for p in parts) + r"\Z")
+
+
+def match_template(template: str, name: str) -> str | None | bool:
+    """Layer index string if ``name`` matches ``template``; None if it matches a template without
+    ``{layer}``; False if it does not match."""
+    if "{layer}" not in template:
+        return None if template == name else False
+    m = _template_regex(template).match(name)
+    if not m:
+        return False
+    layers = set(m.groups())
+    return layers.pop() if len(layers) == 1 else False
+
+
+# -- validation ---------------------------------------------------------------
+def _check_keys(obj: object, allowed: Mapping[str, type], required: set, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise RegistryError(f"{where}: expected an object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise RegistryError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = sorted(required - set(obj))
+    if missing:
+        raise RegistryError(f"{where}: missing key(s) {missing}")
+    for k, typ in allowed.items():
+        if k in obj and not isinstance(obj[k], typ):
+            raise RegistryError(f"{where}: {k!r} must be {typ.__name__}, got {type(obj[k]).__name__}")
+
+
+def _check_template(t: object, where: str) -> str:
+    if not isinstance(t, str) or not t:
+        raise RegistryError(f"{where}: module template must be a non-empty string, got {t!r}")
+    bad = [p for p in _PLACEHOLDER.findall(t) if p != "layer"]
+    if bad:
+        raise RegistryError(f"{where}: template {t!r} has unknown placeholder(s) {bad}; only {{layer}} is allowed")
+    return t
+
+
+def _str_list(obj: object, where: str) -> tuple[str, ...]:
+    if not isinstance(obj, list):
+        raise RegistryError(f"{where}: expected a list, got {type(obj).__name__}")
+    return tuple(_check_template(t, f"{where}[{i}]") for i, t in enumerate(obj))
+
+
+def parse_entry(data: object, origin: str = "<registry>") -> ArchEntry:
+    """Validate one registry document and build its :class:`ArchEntry`."""
+    _check_keys(data, _TOP_KEYS, _REQUIRED_TOP, origin)
+    assert isinstance(data, dict)
+    norms = []
+    for i, n in enumerate(data["norms"]):
+        where = f"{origin}: norms[{i}]"
+        _check_keys(n, _NORM_KEYS, _REQUIRED_NORM, where)
+        if n["kind"] not in NORM_KINDS:
+            raise RegistryError(f"{where}: kind {n['kind']!r} is not one of {NORM_KINDS}")
+        norms.append(NormEntry(_check_template(n["site"], where), n["kind"], _str_list(n["consumers"], where + ".consumers"),
+                               n.get("module_class"), n.get("note", "")))
+    producers = []
+    for i, p in enumerate(data["producers"]):
+        where = f"{origin}: producers[{i}]"
+        _check_keys(p, _PRODUCER_KEYS, set(_PRODUCER_KEYS), where)
+        if p["layout"] not in PRODUCER_LAYOUTS:
+            raise RegistryError(f"{where}: layout {p['layout']!r} is not one of {PRODUCER_LAYOUTS}")
+        producers.append(ProducerEntry(_check_template(p["site"], where), p["layout"]))
+    producer_sites = {p.site for p in producers}
+    flags = {}
+    for flag, templates in data["bias_flags"].items():
+        flags[flag] = _str_list(templates, f"{origin}: bias_flags[{flag!r}]")
+    always = _str_list(data.get("always_biased", []), f"{origin}: always_biased")
+    # Every linear the registry talks about must be declared a producer, so its layout is known.
+    for where, names in ([(f"norm {n.site!r} consumers", n.consumers) for n in norms]
+                         + [(f"bias flag {f!r}", t) for f, t in flags.items()] + [("always_biased", always)]):
+        unknown = [t for t in names if t not in producer_sites]
+        if unknown:
+            raise RegistryError(f"{origin}: {where} name(s) {unknown} not listed under 'producers'")
+    tied = []
+    for i, pair in enumerate(data.get("tied", [])):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise RegistryError(f"{origin}: tied[{i}] must be a pair of parameter names, got {pair!r}")
+        tied.append((pair[0], pair[1]))
+    archs = data["architectures"]
+    if not archs or not all(isinstance(a, str) for a in archs):
+        raise RegistryError(f"{origin}: 'architectures' must be a non-empty list of class names")
+    return ArchEntry(data["model_type"], tuple(archs), tuple(norms), tuple(producers), flags, always,
+                     tuple(tied), data.get("notes", ""))
+
+
+@lru_cache(maxsize=None)
+def load_registry() -> Mapping[str, ArchEntry]:
+    """All shipped entries, keyed by ``model_type`` (each file is validated)."""
+    out: dict[str, ArchEntry] = {}
+    for f in sorted(resources.files("bake").joinpath("archs").iterdir(), key=lambda p: p.name):
+        if not f.name.endswith(".json"):
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise RegistryError(f"archs/{f.name}: not valid JSON ({e})") from None
+        entry = parse_entry(data, f"archs/{f.name}")
+        if f.name != entry.model_type + ".json":
+            raise RegistryError(f"archs/{f.name}: model_type {entry.model_type!r} does not match the file name")
+        out[entry.model_type] = entry
+    return out
+
+
+def entry_for(config) -> ArchEntry | None:
+    """The registry entry for a transformers config (by ``model_type``), or None when there is none."""
+    model_type = getattr(config, "model_type", None)
+    return load_registry().get(model_type) if model_type else None

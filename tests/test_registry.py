@@ -1,0 +1,109 @@
+"""The fold-sites registry: strict validation, and every entry checked against real (tiny) models."""
+
+import copy
+import json
+from importlib import resources
+
+import pytest
+import torch
+from tiny import ARCHS, tiny_model
+
+from bake.plan import producer_layout
+from bake.registry import RegistryError, entry_for, load_registry, match_template, parse_entry
+
+BIAS_FLAGS = ("attention_bias", "mlp_bias")
+
+
+def _raw(model_type):
+    return json.loads(resources.files("bake").joinpath("archs", f"{model_type}.json").read_text())
+
+
+def _layers(model):
+    return [str(i) for i in range(model.config.num_hidden_layers)]
+
+
+def test_every_tiny_arch_has_an_entry():
+    reg = load_registry()
+    for arch in ARCHS:
+        assert entry_for(tiny_model(arch).config) is not None, arch
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3"} <= set(reg)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_entry_matches_the_model(arch):
+    """Every template names real modules of the right class; consumers are linears; flags exist."""
+    model = tiny_model(arch)
+    entry = entry_for(model.config)
+    modules = dict(model.named_modules())
+    assert type(model).__name__ in entry.architectures
+    for norm in entry.norms:
+        for layer in _layers(model) if "{layer}" in norm.site else [None]:
+            name = norm.site if layer is None else norm.site.replace("{layer}", layer)
+            assert name in modules, name
+            assert type(modules[name]).__name__ == norm.module_class, name
+            for c in norm.consumers:
+                c = c if layer is None else c.replace("{layer}", layer)
+                assert producer_layout(modules[c]) in ("linear", "conv1d"), c
+    for prod in entry.producers:
+        name = prod.site.replace("{layer}", "0")
+        assert producer_layout(modules[name]) == prod.layout, name
+    for flag, templates in entry.bias_flags.items():
+        assert hasattr(model.config, flag), flag
+        assert templates
+    for t in entry.always_biased:
+        assert modules[t.replace("{layer}", "0")].bias is not None, t
+    # Flags the registry does not list must really be absent from the config (transformers 4.57),
+    # otherwise we would miss a fold.
+    for flag in BIAS_FLAGS:
+        if flag not in entry.bias_flags:
+            assert not hasattr(model.config, flag), f"{arch}: config has {flag} but the registry ignores it"
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for a, b in entry.tied:
+        assert a in params and b in params
+
+
+def test_registry_bias_flag_really_adds_biases():
+    """llama's attention_bias/mlp_bias switch on exactly the linears the registry says."""
+    import transformers as tf
+
+    from tiny import COMMON
+
+    cfg = tf.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True)
+    model = tf.LlamaForCausalLM(cfg)
+    entry = entry_for(cfg)
+    biased = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    flagged = {n for n, _ in model.named_modules()
+               if any(match_template(t, n) is not False for ts in entry.bias_flags.values() for t in ts)}
+    assert biased == flagged
+
+
+def test_match_template():
+    assert match_template("model.layers.{layer}.mlp", "model.layers.12.mlp") == "12"
+    assert match_template("model.layers.{layer}.mlp", "model.layers.x.mlp") is False
+    assert match_template("model.layers.{layer}.mlp", "model.layers.1.mlp.up") is False
+    assert match_template("model.norm", "model.norm") is None
+    assert match_template("model.norm", "model.norm2") is False
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(bogus=1), "unknown key"),
+    (lambda d: d["norms"][0].update(kind="batchnorm"), "kind 'batchnorm'"),
+    (lambda d: d["norms"][0].update(colour="red"), "unknown key"),
+    (lambda d: d["norms"][0].pop("consumers"), "missing key"),
+    (lambda d: d["norms"][0].update(site="model.layers.{layr}.x"), "unknown placeholder"),
+    (lambda d: d["norms"][0]["consumers"].append("model.layers.{layer}.nowhere"), "not listed under 'producers'"),
+    (lambda d: d["producers"][0].update(layout="conv3d"), "layout 'conv3d'"),
+    (lambda d: d.update(bias_flags={"attention_bias": "q_proj"}), "expected a list"),
+    (lambda d: d.update(tied=[["a"]]), "pair"),
+    (lambda d: d.update(norms={}), "'norms' must be list"),
+])
+def test_validator_rejects(mutate, message):
+    data = copy.deepcopy(_raw("llama"))
+    mutate(data)
+    with pytest.raises(RegistryError, match=message):
+        parse_entry(data, "test")
+
+
+def test_validator_accepts_shipped_files():
+    for model_type in load_registry():
+        assert parse_entry(_raw(model_type)).model_type == model_type
