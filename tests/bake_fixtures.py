@@ -1,0 +1,86 @@
+"""Helpers shared by the bake product tests: maps files, an offline tokenizer, reference logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tiny import random_ids, save_tiny
+
+from lineas.hooks import steered
+from lineas.maps import SiteMap, SteeringMaps
+
+LLAMA_SITES = ("model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm",
+               "model.layers.1.mlp.down_proj")
+GEMMA2_SITES = ("model.layers.0.post_attention_layernorm", "model.layers.1.post_feedforward_layernorm")
+META = {"method": "linear-act", "source": "builtin:negative", "target": "builtin:positive"}
+
+
+def make_maps(sites, dim: int = 64, seed: int = 0, magnitude: float = 0.3) -> SteeringMaps:
+    g = torch.Generator().manual_seed(seed)
+    return SteeringMaps({s: SiteMap(1 + magnitude * torch.randn(dim, generator=g),
+                                    magnitude * torch.randn(dim, generator=g)) for s in sites}, dict(META))
+
+
+def write_maps(path: Path, sites, **kw) -> Path:
+    make_maps(sites, **kw).save(path)
+    return path
+
+
+def save_tokenizer(model_dir: Path, vocab_size: int = 128):
+    """A word-level fast tokenizer built offline (no network), saved next to the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bake.probes import PROMPTS
+
+    words = []
+    for text in PROMPTS:
+        for w in text.replace("\n", " ").split():
+            if w not in words:
+                words.append(w)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
+    for w in words[: vocab_size - len(vocab)]:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    fast.save_pretrained(model_dir)
+    return fast
+
+
+def setup_model(tmp_path: Path, arch: str = "llama", sites=LLAMA_SITES, tokenizer: bool = False):
+    model_dir = tmp_path / f"tiny-{arch}"
+    save_tiny(arch, model_dir)
+    if tokenizer:
+        save_tokenizer(model_dir)
+    maps_path = write_maps(tmp_path / f"{arch}.safetensors", sites)
+    return model_dir, maps_path
+
+
+def load(model_dir, **kw):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw).eval()
+
+
+@torch.no_grad()
+def logits(model, ids=None) -> torch.Tensor:
+    ids = random_ids(2, 16, 128, seed=7) if ids is None else ids
+    return model(input_ids=ids).logits.float()
+
+
+@torch.no_grad()
+def hooked_and_base(model_dir, maps_path, strength: float):
+    """(hooked, base) logits from a fresh copy of the original weights."""
+    model = load(model_dir)
+    maps = SteeringMaps.load(maps_path)
+    base = logits(model)
+    with steered(model, maps, strength):
+        hooked = logits(model)
+    return hooked, base
+
+
+def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    err = float((a - b).abs().max()) / float(b.abs().max())
+    assert err <= rel, f"max relative error {err:.3g} > {rel:g}"
