@@ -1,0 +1,240 @@
+"""``lineas-train``: learn steering maps (LinEAS or Linear-AcT) and write a maps file.
+
+Also ``lineas-train import-mlact PATH --out maps.safetensors`` to convert hooks
+saved by apple/ml-act or apple/ml-lineas.  Exit codes: 0 ok, 2 bad input,
+1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("lineas.cli")
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+
+DESCRIPTION = """\
+Learn per-neuron affine steering maps T(y) = scale*y + shift at chosen modules
+("sites") of a causal LM, so that the model's pooled activations on SOURCE
+prompts match those on TARGET prompts, and write them to a lineas-maps file.
+
+Methods:
+  lineas      (default) all maps trained jointly from identity by gradient
+              descent on the per-neuron 2-Wasserstein loss (LinEAS).
+  linear-act  closed-form per-site fit, incremental over sites (Linear-AcT).
+"""
+
+EPILOG = """\
+prompt sets:
+  FILE.txt (one prompt per line), FILE.jsonl (objects with a "text" field),
+  FILE.json (a list of strings), or a built-in set: builtin:NAME or just NAME
+  ({builtins}).
+
+subcommand:
+  lineas-train import-mlact PATH --out maps.safetensors [--ignore-quantile-gate]
+      Convert hooks saved by apple/ml-act or apple/ml-lineas (a
+      "<module>[:idx].statedict" file or a folder of them, holding net.w1 and
+      net.b1) into a lineas-maps file.  Linear-AcT hooks fitted with
+      quantiles_src other than q_all are piecewise, not affine, and are refused
+      unless --ignore-quantile-gate is given.  See: lineas-train import-mlact --help
+
+examples:
+  lineas-train --model smollm2-135m --source negative --target positive \\
+      --sites 'model\\.layers\\.\\d+\\.(input|post_attention)_layernorm' \\
+      --steps 200 --optimizer adam --lr 0.01 --out maps.safetensors
+  lineas-train --model ./my-model --source a.txt --target b.jsonl \\
+      --sites 'model\\.layers\\.1[0-9]\\.mlp' --method linear-act --out act.safetensors
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .prompts import builtin_names
+
+    p = argparse.ArgumentParser(
+        prog="lineas-train", description=DESCRIPTION,
+        epilog=EPILOG.format(builtins=", ".join(builtin_names()) or "none installed"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"lineas-bake {__version__}")
+
+    io = p.add_argument_group("model and data")
+    io.add_argument("--model", required=True, metavar="PATH_OR_ID",
+                    help="local model directory, Hugging Face Hub id, or alias (smollm2-135m, gpt2, gemma-2-2b, ...)")
+    io.add_argument("--source", required=True, metavar="FILE",
+                    help="prompts whose activations are moved (the behaviour to steer away from)")
+    io.add_argument("--target", required=True, metavar="FILE",
+                    help="prompts whose activations are the goal (the behaviour to steer towards)")
+    io.add_argument("--sites", required=True, action="append", metavar="REGEX",
+                    help="regex that must FULL-match module names (repeatable); e.g. "
+                         "'model\\.layers\\.\\d+\\.post_attention_layernorm'")
+    io.add_argument("--out", required=True, metavar="maps.safetensors", help="output maps file (written atomically)")
+
+    tr = p.add_argument_group("training")
+    tr.add_argument("--method", choices=["lineas", "linear-act"], default="lineas", help="learning method (default: lineas)")
+    tr.add_argument("--steps", type=int, default=1000, help="LinEAS optimiser steps (default: 1000)")
+    tr.add_argument("--lr", type=float, default=0.1, help="LinEAS learning rate, cosine-annealed to 0 (default: 0.1). The loss is a mean over neurons, so "
+                         "plain SGD moves wide models slowly; on SmolLM2-size models use --optimizer adam --lr 3e-3")
+    tr.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="LinEAS optimiser (default: sgd)")
+    tr.add_argument("--batch-size", type=int, default=32,
+                    help="source prompts per LinEAS step, and batch size for activation collection (default: 32)")
+    tr.add_argument("--max-length", type=int, default=64, help="truncate prompts to this many tokens (default: 64)")
+    tr.add_argument("--sparsity-l1", type=float, default=0.0, metavar="X",
+                    help="LinEAS: L1 weight of the sparse-group-lasso proximal step on (scale-1, shift) (default: 0)")
+    tr.add_argument("--sparsity-group", type=float, default=0.0, metavar="X",
+                    help="LinEAS: group-L2 weight (per site and parameter) of the proximal step (default: 0)")
+    tr.add_argument("--holdout", type=float, default=0.0, metavar="FRAC",
+                    help="hold out this fraction of source and target prompts and report W2 on them too (default: 0)")
+    tr.add_argument("--seed", type=int, default=0, help="seed for batching and splits (default: 0)")
+
+    rt = p.add_argument_group("runtime")
+    rt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    rt.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="model weight dtype; maps are always trained and stored in float32 (default: float32)")
+    rt.add_argument("--quiet", action="store_true", help="no progress bars")
+    rt.add_argument("--report-json", metavar="FILE", help="also write the per-site W2 report as JSON")
+
+    danger = p.add_argument_group("dangerous options")
+    danger.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run Python code shipped with the model (only for models you trust)")
+    return p
+
+
+def build_import_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lineas-train import-mlact",
+        description="Convert apple/ml-act or apple/ml-lineas saved hooks into a lineas-maps file.\n\n"
+                    "PATH is a '<module>[:idx].statedict' file or a folder of them; each holds net.w1 and net.b1\n"
+                    "of shape (1, D), the affine map y -> w1*y + b1 of that module's output.  Files are read with\n"
+                    "torch.load(weights_only=True): nothing is unpickled beyond tensors and plain containers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", metavar="PATH", help="a .statedict file or a folder of them")
+    p.add_argument("--out", required=True, metavar="maps.safetensors", help="output maps file")
+    p.add_argument("--base-model", default="", help="record this model name in the metadata")
+    danger = p.add_argument_group("dangerous options")
+    danger.add_argument("--ignore-quantile-gate", action="store_true",
+                        help="import Linear-AcT hooks fitted with quantiles_src other than q_all anyway; they only "
+                             "transported activations inside a quantile range, so the imported affine map is NOT "
+                             "the same intervention")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if argv and argv[0] == "import-mlact":
+        return _import_mlact(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
+        return int(e.code or 0)
+    return _train(args)
+
+
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"lineas-train: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _train(args) -> int:
+    from .collect import SiteMatchError, match_sites
+    from .hooks import SteeringError
+    from .models import ModelLoadError, display_name, load_model
+    from .prompts import PromptError, load_prompts
+    from .train import learn_maps
+
+    try:
+        _check_args(args)
+        source = load_prompts(args.source)
+        target = load_prompts(args.target)
+    except (PromptError, ValueError) as e:
+        return _fail(str(e))
+    try:
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code)
+    except ModelLoadError as e:
+        return _fail(str(e))
+    except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device that is not there
+        return _fail(f"cannot put model on device {args.device!r}: {e}")
+    if loaded.tokenizer is None:
+        return _fail(f"model {args.model!r} has no tokenizer; text prompts cannot be encoded")
+    try:
+        sites = match_sites(loaded.model, args.sites)
+    except SiteMatchError as e:
+        return _fail(str(e))
+    log.info("%d site(s): %s", len(sites), ", ".join(sites[:4]) + (" ..." if len(sites) > 4 else ""))
+    try:
+        result = learn_maps(
+            loaded.model, loaded.tokenizer, source.texts, target.texts, sites, method=args.method, steps=args.steps,
+            lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size, max_length=args.max_length,
+            sparsity_l1=args.sparsity_l1, sparsity_group=args.sparsity_group, seed=args.seed, holdout=args.holdout,
+            progress=not args.quiet, base_model=display_name(args.model), source_desc=source.description,
+            target_desc=target.description, source_sha256=source.sha256, target_sha256=target.sha256)
+    except (SteeringError, ValueError) as e:
+        return _fail(str(e))
+    except FloatingPointError as e:
+        return _fail(str(e), EXIT_FAIL)
+    out = result.maps.save(args.out)
+    print(result.table())
+    print(f"wrote {len(result.maps)} site map(s) to {out} ({result.seconds:.1f} s)")
+    if args.report_json:
+        _write_report(args.report_json, result)
+    return EXIT_OK
+
+
+def _check_args(args) -> None:
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length < 1:
+        raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.sparsity_l1 < 0 or args.sparsity_group < 0:
+        raise ValueError("--sparsity-l1 and --sparsity-group must be >= 0")
+    if not 0 <= args.holdout < 1:
+        raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise ValueError(f"--out {args.out!r} is a directory")
+
+
+def _write_report(path: str, result) -> None:
+    from dataclasses import asdict
+
+    data = {"support": result.support, "sites": [asdict(r) for r in result.report], "losses": list(result.losses),
+            "seconds": result.seconds, "config": asdict(result.config)}
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _import_mlact(argv: list[str]) -> int:
+    from .maps import MapsFormatError
+    from .mlact import MlActImportError, import_mlact
+
+    try:
+        args = build_import_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.ignore_quantile_gate:
+        log.warning("!!! --ignore-quantile-gate: hooks fitted with a quantile gate (quantiles_src != q_all) will be "
+                    "imported as plain affine maps. They transported only activations inside a quantile range; "
+                    "the imported maps steer EVERY activation and are a DIFFERENT intervention. !!!")
+    try:
+        maps = import_mlact(args.path, ignore_quantile_gate=args.ignore_quantile_gate, base_model=args.base_model)
+    except (MlActImportError, MapsFormatError) as e:
+        return _fail(str(e))
+    out = maps.save(args.out)
+    print(f"imported {len(maps)} site map(s) from {args.path} to {out}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

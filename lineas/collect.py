@@ -1,0 +1,266 @@
+"""Pooled activation collection at steering sites.
+
+The learners compare *pooled* activations: per sequence, the mean of a site's
+output over its non-padding tokens (4-D outputs ``[B, C, H, W]``: the spatial
+mean).  Pooling is only for the loss -- the maps themselves act per token.
+
+A forward pass only needs to reach the last site, so :func:`run_to_sites`
+raises a private exception from the last site's hook and catches it: the
+layers after it and the LM head are never computed.
+
+The hook that records a site's output also applies that site's affine map
+(through :func:`lineas.hooks.apply_affine`, the same arithmetic the steering
+hooks and the baker use), so training steers exactly as inference will.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .hooks import SteeringError, apply_affine, similar_names
+
+
+class SiteMatchError(SteeringError):
+    """A ``--sites`` regex matches no module (the message lists similar names)."""
+
+
+# -- site selection -----------------------------------------------------------
+def match_sites(model: nn.Module, regexes: Sequence[str]) -> list[str]:
+    """Module names that full-match any regex, in ``named_modules`` (forward) order.
+
+    Every regex must match at least one module; otherwise :class:`SiteMatchError`
+    names the regex and lists similar module names.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    if not regexes:
+        raise SiteMatchError("no site regex given")
+    chosen: set[str] = set()
+    for rx in regexes:
+        try:
+            pattern = re.compile(rx)
+        except re.error as e:
+            raise SiteMatchError(f"site regex {rx!r} is not a valid regular expression: {e}") from None
+        hits = [n for n in names if pattern.fullmatch(n)]
+        if not hits:
+            hint = similar_names(rx, names, n=8) or _same_leaf(rx, names)
+            raise SiteMatchError(
+                f"site regex {rx!r} matches no module of {type(model).__name__} (regexes must match the full name)"
+                + (f"; similar names: {', '.join(hint)}" if hint else ""))
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
+
+
+def _same_leaf(rx: str, names: list[str]) -> list[str]:
+    """Fallback hint: modules whose last name component appears in the regex."""
+    leaf = re.split(r"[^A-Za-z0-9_]", rx.split(".")[-1])[0] if rx else ""
+    return [n for n in names if leaf and n.rsplit(".", 1)[-1] == leaf][:8]
+
+
+# -- tokenised prompt sets ------------------------------------------------------
+@dataclass(frozen=True)
+class TokenSet:
+    """Tokenised prompts (unpadded id lists); batches are padded on the right."""
+
+    ids: tuple[tuple[int, ...], ...]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, index: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids`` and ``attention_mask`` for the given rows.
+
+        Right padding keeps the real tokens at positions 0..n-1, so a causal
+        model computes the same activations for them as without padding.
+        """
+        rows = [self.ids[i] for i in index]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+    def batches(self, batch_size: int, device="cpu") -> Iterable[dict[str, torch.Tensor]]:
+        for start in range(0, len(self), batch_size):
+            yield self.batch(range(start, min(start + batch_size, len(self))), device)
+
+
+def tokenize(tokenizer, prompts: Sequence, max_length: int | None) -> TokenSet:
+    """Tokenise texts with truncation to ``max_length``; lists of ints are taken as ids.
+
+    Token-id prompts let tests and tokenizer-less checkpoints train too.
+    """
+    if not prompts:
+        raise ValueError("empty prompt set")
+    rows = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("text prompts need a tokenizer, but the model has none (pass token ids instead)")
+            ids = tokenizer(p, truncation=max_length is not None, max_length=max_length)["input_ids"]
+        else:
+            ids = [int(i) for i in p]
+            if max_length is not None:
+                ids = ids[:max_length]
+        if not ids:
+            raise ValueError(f"prompt {p!r} tokenises to zero tokens")
+        rows.append(tuple(ids))
+    pad = 0
+    if tokenizer is not None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return TokenSet(tuple(rows), int(pad))
+
+
+# -- pooling ---------------------------------------------------------------------
+def pool(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-sequence pooled features ``[B, D]`` in float32.
+
+    ``[B, T, D]``: mean over tokens where ``mask`` is 1; ``[B, C, H, W]``: spatial
+    mean; ``[B, D]``: unchanged.
+    """
+    y = y.float()
+    if y.dim() == 4:
+        return y.mean(dim=(2, 3))
+    if y.dim() == 2:
+        return y
+    if y.dim() == 3:
+        if mask is None or mask.shape[:2] != y.shape[:2]:
+            return y.mean(dim=1)
+        m = mask.to(y.dtype).unsqueeze(-1)
+        return (y * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    raise SteeringError(f"cannot pool an output of shape {tuple(y.shape)} (expected 2-D, 3-D or 4-D)")
+
+
+# -- forward to the last site -------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by the last site's hook to end the forward pass early."""
+
+
+class _PoolHook:
+    def __init__(self, site: str, store: dict, mask_ref: list, affine=None, stop: bool = False):
+        self.site, self.store, self.mask_ref, self.affine, self.stop = site, store, mask_ref, affine, stop
+
+    def __call__(self, module, inputs, output):
+        head = output[0] if isinstance(output, (tuple, list)) else output
+        if self.affine is not None:
+            head = apply_affine(head, self.affine[0], self.affine[1], self.site)
+        if self.site not in self.store:  # a module called twice: keep its first call
+            self.store[self.site] = pool(head, self.mask_ref[0])
+        if self.stop:
+            raise _StopForward
+        if self.affine is None:
+            return None
+        return type(output)((head, *output[1:])) if isinstance(output, (tuple, list)) else head
+
+
+def call_model(model: nn.Module, batch) -> None:
+    if isinstance(batch, Mapping):
+        kwargs = dict(batch)
+        if _accepts_use_cache(model):
+            kwargs.setdefault("use_cache", False)
+        model(**kwargs)
+    else:
+        model(batch)
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "use_cache")
+
+
+def run_to_sites(model: nn.Module, batch, sites: Sequence[str],
+                 affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 stop_early: bool = True) -> dict[str, torch.Tensor]:
+    """Run ``batch`` through ``model`` and return pooled (steered) outputs per site.
+
+    ``affines`` maps a site to its ``(scale, shift)``; those sites are steered
+    (gradients flow to the tensors when they require grad).  With
+    ``stop_early`` the forward pass ends right after the last site in ``sites``
+    (``sites`` must be in forward order).  Sites in ``affines`` but not in
+    ``sites`` are steered too, as long as the forward reaches them.
+    """
+    affines = dict(affines or {})
+    modules = dict(model.named_modules())
+    store: dict[str, torch.Tensor] = {}
+    mask_ref = [batch.get("attention_mask") if isinstance(batch, Mapping) else None]
+    watched = list(dict.fromkeys([*sites, *affines]))
+    handles = []
+    try:
+        for site in watched:
+            if site not in modules:
+                raise SteeringError(f"unknown site {site!r}")
+            hook = _PoolHook(site, store, mask_ref, affines.get(site),
+                             stop=stop_early and bool(sites) and site == sites[-1])
+            handles.append(modules[site].register_forward_hook(hook))
+        try:
+            call_model(model, batch)
+        except _StopForward:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [s for s in sites if s not in store]
+    if missing:
+        raise SteeringError(f"the forward pass never reached site(s) {missing}")
+    return {s: store[s] for s in sites}
+
+
+def collect_pooled(model: nn.Module, tokens: TokenSet, sites: Sequence[str], *, batch_size: int,
+                   affines=None, device="cpu", progress=None, stop_early: bool = True) -> dict[str, torch.Tensor]:
+    """Pooled outputs ``[N, D]`` (float32) of every site for a whole prompt set, no gradients."""
+    out: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    with torch.no_grad():
+        for batch in tokens.batches(batch_size, device):
+            got = run_to_sites(model, batch, sites, affines, stop_early=stop_early)
+            for s in sites:
+                out[s].append(got[s])
+            if progress is not None:
+                progress.update(len(batch["input_ids"]))
+    return {s: torch.cat(v) for s, v in out.items()}
+
+
+def forward_order(model: nn.Module, batch, sites: Sequence[str]) -> list[str]:
+    """``sites`` sorted by when the forward pass first reaches them.
+
+    ``named_modules`` order is definition order, which differs from execution
+    order (a Llama layer defines ``self_attn, mlp, input_layernorm, ...`` but
+    runs ``input_layernorm`` first); incremental fitting, early stopping and
+    the maps' application order all need execution order.  One probe pass
+    with no gradients, stopped once every site has fired.
+    """
+    modules = dict(model.named_modules())
+    seen: list[str] = []
+    remaining = set(sites)
+
+    def make(site):
+        def hook(module, inputs, output):
+            if site in remaining:
+                remaining.discard(site)
+                seen.append(site)
+                if not remaining:
+                    raise _StopForward
+        return hook
+
+    handles = []
+    try:
+        for s in sites:
+            if s not in modules:
+                raise SteeringError(f"unknown site {s!r}")
+            handles.append(modules[s].register_forward_hook(make(s)))
+        with torch.no_grad():
+            try:
+                call_model(model, batch)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if remaining:
+        raise SteeringError(f"the forward pass never reached site(s) {sorted(remaining)}")
+    return seen

@@ -1,0 +1,328 @@
+"""Learning steering maps: LinEAS (default) and Linear-AcT, behind one entry point.
+
+LinEAS (Rodriguez et al., NeurIPS 2025): per-site maps ``y -> scale*y + shift``
+are trained *jointly* from identity.  The loss is the mean over sites of the
+per-neuron squared 2-Wasserstein distance between pooled steered-source
+activations and pooled target activations.  Targets are computed once without
+gradients and kept sorted; each step runs one source batch with all maps active
+and stops the forward after the last site.  The model is frozen, so autograd
+only builds graph through activations towards the map parameters -- no weight
+gradients are ever formed.  An optional sparse-group-lasso proximal step after
+every optimiser step drives whole sites (and single neurons) back to identity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import __version__
+from .collect import (
+    TokenSet,
+    collect_pooled,
+    forward_order,
+    match_sites,
+    run_to_sites,
+    tokenize,
+)
+from .linear_act import fit_linear_act
+from .maps import SiteMap, SteeringMaps
+from .ot import sparse_group_prox, w2, w2_to_sorted_target
+from .prompts import split_texts, texts_sha256
+from .provenance import model_provenance
+
+log = logging.getLogger(__name__)
+
+METHODS = ("lineas", "linear-act")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters; stored as JSON in the maps metadata."""
+
+    method: str = "lineas"
+    steps: int = 1000
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    batch_size: int = 32
+    max_length: int | None = 64
+    sparsity_l1: float = 0.0
+    sparsity_group: float = 0.0
+    seed: int = 0
+    holdout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        for name in ("steps", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+        for name in ("lr", "sparsity_l1", "sparsity_group"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                raise ValueError(f"{name} must be {'> 0' if name == 'lr' else '>= 0'} and finite, got {v}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """Per-site W2^2 (mean over neurons) between pooled source and target, before/after steering."""
+
+    site: str
+    w2_before: float
+    w2_after: float
+    w2_before_holdout: float | None = None
+    w2_after_holdout: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    maps: SteeringMaps
+    report: tuple[SiteReport, ...]
+    support: float
+    config: TrainConfig
+    losses: tuple[float, ...] = ()  # LinEAS: loss per step
+    seconds: float = 0.0
+    timing: dict = field(default_factory=dict)  # collect_s, fit_s, steps_per_s (LinEAS)
+
+    @property
+    def w2_before(self) -> float:
+        return sum(r.w2_before for r in self.report) / len(self.report)
+
+    @property
+    def w2_after(self) -> float:
+        return sum(r.w2_after for r in self.report) / len(self.report)
+
+    def table(self) -> str:
+        """Human summary: per-site W2 before/after (train, and held-out when present), support."""
+        held = self.report[0].w2_before_holdout is not None
+        name_w = max(12, *(len(r.site) for r in self.report))
+        head = f"{'site':<{name_w}}  {'W2 before':>10}  {'W2 after':>10}  {'change':>7}"
+        if held:
+            head += f"  {'held before':>11}  {'held after':>10}  {'change':>7}"
+        lines = [head, "-" * len(head)]
+
+        def pct(a, b):
+            return f"{100 * (b - a) / a:+6.1f}%" if a > 0 else "   n/a"
+
+        rows = list(self.report)
+        if len(rows) > 1:
+            mean = lambda k: sum(getattr(r, k) for r in rows) / len(rows)
+            rows.append(SiteReport("(mean)", mean("w2_before"), mean("w2_after"),
+                                   mean("w2_before_holdout") if held else None,
+                                   mean("w2_after_holdout") if held else None))
+        for r in rows:
+            line = f"{r.site:<{name_w}}  {r.w2_before:>10.4g}  {r.w2_after:>10.4g}  {pct(r.w2_before, r.w2_after)}"
+            if held:
+                line += (f"  {r.w2_before_holdout:>11.4g}  {r.w2_after_holdout:>10.4g}  "
+                         f"{pct(r.w2_before_holdout, r.w2_after_holdout)}")
+            lines.append(line)
+        lines.append(f"support: {self.support:.3f} of coordinates differ from identity (|scale-1| or |shift| > 1e-5)")
+        return "\n".join(lines)
+
+
+def _bar(progress: bool, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not progress, file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
+
+
+def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts: Sequence, sites: Sequence[str], *,
+               method: str = "lineas", steps: int = 1000, lr: float = 0.1, optimizer: str = "sgd",
+               batch_size: int = 32, max_length: int | None = 64, sparsity_l1: float = 0.0,
+               sparsity_group: float = 0.0, seed: int = 0, holdout: float = 0.0, progress: bool = True,
+               eval_batch_size: int | None = None, base_model: str | None = None,
+               source_desc: str | None = None, target_desc: str | None = None,
+               source_sha256: str | None = None, target_sha256: str | None = None,
+               metadata: dict[str, str] | None = None, target_model: nn.Module | None = None) -> TrainResult:
+    """Learn per-site affine maps that move source activations towards target activations.
+
+    ``sites``: exact module names or full-match regexes (see :func:`match_sites`);
+    the maps are applied in forward-execution order.  Prompts are strings (needs a
+    tokenizer) or token-id lists.  The model is not modified (it is frozen during
+    training and its ``requires_grad`` flags are restored).  Runs on the model's
+    device; the maps come back as float32 on CPU.
+
+    ``target_model`` (default: ``model``) is the model whose activations on the
+    target prompts define the target distribution -- e.g. a copy of the model
+    with known maps attached (ground-truth tests) or a fine-tuned sibling with
+    the same module names.
+    """
+    cfg = TrainConfig(method=method, steps=steps, lr=lr, optimizer=optimizer, batch_size=batch_size,
+                      max_length=max_length, sparsity_l1=sparsity_l1, sparsity_group=sparsity_group, seed=seed,
+                      holdout=holdout)
+    t0 = time.perf_counter()
+    device = _model_device(model)
+    eval_bs = eval_batch_size or max(batch_size, 16)
+    site_names = _resolve(model, sites)
+
+    src_train, src_held = split_texts(source_texts, holdout, seed)
+    tgt_train, tgt_held = split_texts(target_texts, holdout, seed + 1)
+    src_tok = tokenize(tokenizer, src_train, max_length)
+    tgt_tok = tokenize(tokenizer, tgt_train, max_length)
+    held = None
+    if holdout > 0:
+        held = (tokenize(tokenizer, src_held, max_length), tokenize(tokenizer, tgt_held, max_length))
+
+    was_training = model.training
+    model.eval()
+    try:
+        site_names = forward_order(model, src_tok.batch(range(min(2, len(src_tok))), device), site_names)
+        n_collect = len(src_tok) + len(tgt_tok) + (len(held[0]) + len(held[1]) if held else 0)
+        with _bar(progress, total=n_collect, desc="collecting activations", unit="prompt") as bar:
+            tgt_model = model if target_model is None else target_model
+            tgt = collect_pooled(tgt_model, tgt_tok, site_names, batch_size=eval_bs, device=device, progress=bar)
+            src_before = collect_pooled(model, src_tok, site_names, batch_size=eval_bs, device=device, progress=bar)
+            if held:
+                held_tgt = collect_pooled(tgt_model, held[1], site_names, batch_size=eval_bs, device=device,
+                                          progress=bar)
+                held_before = collect_pooled(model, held[0], site_names, batch_size=eval_bs, device=device,
+                                             progress=bar)
+        t_collect = time.perf_counter() - t0
+        losses: list[float] = []
+        t1 = time.perf_counter()
+        if cfg.method == "linear-act":
+            with _bar(progress, total=len(site_names), desc="Linear-AcT (incremental)", unit="site") as bar:
+                affines = fit_linear_act(model, src_tok, tgt, site_names, batch_size=eval_bs, device=device,
+                                         progress=bar)
+        else:
+            affines, losses = train_lineas(model, src_tok, tgt, site_names, cfg, device=device, progress=progress)
+        t_fit = time.perf_counter() - t1
+
+        src_after = collect_pooled(model, src_tok, site_names, batch_size=eval_bs, affines=affines, device=device)
+        reports = []
+        if held:
+            held_after = collect_pooled(model, held[0], site_names, batch_size=eval_bs, affines=affines,
+                                        device=device)
+        for s in site_names:
+            r = SiteReport(s, w2(src_before[s], tgt[s]), w2(src_after[s], tgt[s]))
+            if held:
+                r = SiteReport(s, r.w2_before, r.w2_after, w2(held_before[s], held_tgt[s]),
+                               w2(held_after[s], held_tgt[s]))
+            reports.append(r)
+    finally:
+        model.train(was_training)
+
+    site_maps = {s: SiteMap(sc.detach(), sh.detach()) for s, (sc, sh) in affines.items()}
+    meta = model_provenance(model, base_model)
+    meta.update({
+        "method": cfg.method,
+        "sites": json.dumps(site_names),
+        "pooling": "mean",
+        "hyperparameters": cfg.to_json(),
+        "source": source_desc or f"{len(source_texts)} prompts (in memory)",
+        "source_sha256": source_sha256 or texts_sha256(source_texts),
+        "target": target_desc or f"{len(target_texts)} prompts (in memory)",
+        "target_sha256": target_sha256 or texts_sha256(target_texts),
+        "created_by": f"lineas-bake {__version__}",
+    })
+    maps_obj = SteeringMaps(site_maps, meta)
+    support = maps_obj.support()
+    meta["support"] = f"{support:.6f}"
+    meta["train_report"] = json.dumps([asdict(r) for r in reports])
+    meta.update(metadata or {})
+    maps_obj = SteeringMaps(site_maps, meta)
+    timing = {"collect_s": t_collect, "fit_s": t_fit}
+    if losses:
+        timing["steps_per_s"] = len(losses) / t_fit
+    return TrainResult(maps_obj, tuple(reports), support, cfg, tuple(losses), time.perf_counter() - t0, timing)
+
+
+def _resolve(model: nn.Module, sites: Sequence[str]) -> list[str]:
+    """Exact module names are taken as they are; anything else is a full-match regex."""
+    if isinstance(sites, str):
+        sites = [sites]
+    names = {n for n, _ in model.named_modules() if n}
+    if sites and all(s in names for s in sites):
+        return list(dict.fromkeys(sites))
+    return match_sites(model, list(sites))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# -- LinEAS -----------------------------------------------------------------------
+def train_lineas(model: nn.Module, source: TokenSet, target_pooled: dict[str, torch.Tensor], sites: Sequence[str],
+                 cfg: TrainConfig, *, device="cpu", progress: bool = False
+                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[float]]:
+    """Jointly train all maps from identity; returns ``({site: (scale, shift)}, losses)``.
+
+    ``sites`` must be in forward order (the forward stops after the last one).
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)  # batch order only; the global RNG is left alone
+    # Sorted once: each step only sorts the (small) source batch.
+    sorted_tgt = {s: target_pooled[s].to(device).sort(dim=0).values for s in sites}
+    params: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+    for s in sites:
+        d = target_pooled[s].shape[1]
+        params[s] = (nn.Parameter(torch.ones(d, device=device)), nn.Parameter(torch.zeros(d, device=device)))
+    flat = [p for pair in params.values() for p in pair]
+    opt = (torch.optim.SGD(flat, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.Adam(flat, lr=cfg.lr))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    prox = cfg.sparsity_l1 > 0 or cfg.sparsity_group > 0
+    bs = min(cfg.batch_size, len(source))
+    order: list[int] = []
+    losses: list[float] = []
+
+    frozen = _freeze(model)
+    try:
+        with _bar(progress, total=cfg.steps, desc="LinEAS", unit="step") as bar:
+            for step in range(cfg.steps):
+                if len(order) < bs:  # a fresh seeded permutation per epoch
+                    order += torch.randperm(len(source), generator=gen).tolist()
+                idx, order = order[:bs], order[bs:]
+                pooled = run_to_sites(model, source.batch(idx, device), sites, params)
+                loss = torch.stack([w2_to_sorted_target(pooled[s], sorted_tgt[s]) for s in sites]).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                step_lr = opt.param_groups[0]["lr"]
+                opt.step()
+                if prox:
+                    with torch.no_grad():
+                        for scale, shift in params.values():
+                            new_scale, new_shift = sparse_group_prox(scale, shift, step_lr, cfg.sparsity_l1,
+                                                                     cfg.sparsity_group)
+                            scale.copy_(new_scale)
+                            shift.copy_(new_shift)
+                sched.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"LinEAS loss became {value} at step {step}; lower --lr")
+                losses.append(value)
+                bar.update(1)
+                if step % 10 == 0 or step == cfg.steps - 1:
+                    bar.set_postfix(loss=f"{value:.4g}")
+    finally:
+        _unfreeze(frozen)
+    return {s: (sc.detach(), sh.detach()) for s, (sc, sh) in params.items()}, losses
+
+
+def _freeze(model: nn.Module) -> list[nn.Parameter]:
+    """Turn off grads on every model weight; returns those that had them on."""
+    was = [p for p in model.parameters() if p.requires_grad]
+    for p in was:
+        p.requires_grad_(False)
+    return was
+
+
+def _unfreeze(params: list[nn.Parameter]) -> None:
+    for p in params:
+        p.requires_grad_(True)
