@@ -41,11 +41,15 @@ exit codes:
      NaN/inf values, non-finite strength, existing --out, unknown model
   3  verification failed: the baked model does not reproduce the hooked model;
      nothing was written, the per-site report says where it diverges
+  1  --push-to-hub failed (token, permissions, repo not found, Hub unavailable,
+     upload mismatch); the verified export stays in --out: lineas-bake push it
 
 examples:
   {PROG} --model smollm2-135m --maps positive.safetensors --strength 1.0 --dry-run
   {PROG} --model smollm2-135m --maps positive.safetensors --strength 1.0 --out smollm2-positive
   {PROG} --model ./my-model --maps a.safetensors --maps b.safetensors:0.5 --dtype bfloat16
+  {PROG} --model smollm2-135m --maps positive.safetensors --format hf,onnx --push-to-hub me/smollm2-positive
+  {PROG} push smollm2-positive me/smollm2-positive     (upload an existing export; see {PROG} push --help)
 """
 
 
@@ -79,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip verification: the export is NOT checked against the hooked model")
     danger.add_argument("--trust-remote-code", action="store_true",
                         help="run the base model's own Python code from its folder/Hub repo when loading it")
+    from .push_cli import PUBLISH_HELP, add_publish_arguments
+
+    add_publish_arguments(p.add_argument_group("publishing (talks to the Hub)", PUBLISH_HELP), with_repo=True)
     return p
 
 
@@ -95,12 +102,19 @@ def _maps_arg(args) -> list[tuple[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["push"]:  # `lineas-bake push DIR OWNER/NAME`: upload an existing export
+        from .push_cli import push_main
+
+        return push_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(message)s")
     if args.verify_tokens < 1:
         return _fail(f"--verify-tokens must be >= 1, got {args.verify_tokens}", EXIT_BAD_INPUT)
+    if not args.push_to_hub and (args.private or args.revision or args.commit_message):
+        return _fail("--private, --revision and --commit-message only apply with --push-to-hub", EXIT_BAD_INPUT)
     cmd = command_line([PROG, *(sys.argv[1:] if argv is None else argv)])
     try:
         return _run(args, cmd)
@@ -125,10 +139,18 @@ def _run(args, cmd: str) -> int:
     maps = _maps_arg(args)
     formats = parse_formats(args.format)
     progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal
+    if args.push_to_hub:
+        from .hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)  # bad OWNER/NAME: exit 2 before the slow part
     if args.dry_run:
         plan = plan_bake(args.model, maps, require_standard=args.require_standard, untie=args.untie_embeddings,
                          device=args.device, trust_remote_code=args.trust_remote_code, progress=progress)
         print(plan.to_table())
+        if args.push_to_hub:
+            from .push_cli import describe_push_after_export
+
+            print(describe_push_after_export(args.out or default_out_dir(args.model), args))
         return EXIT_OK
     out = check_out_dir(args.out or default_out_dir(args.model), args.overwrite)  # fail before the slow part
     baked = bake(args.model, maps, require_standard=args.require_standard, untie=args.untie_embeddings,
@@ -142,6 +164,11 @@ def _run(args, cmd: str) -> int:
     for w in baked.export_report.warnings:
         print(f"warning: {w}")
     print(f"\nwrote {folder}")
+    if args.push_to_hub:
+        from .push_cli import run_push
+
+        return run_push(folder, args.push_to_hub, revision=args.revision, private=args.private,
+                        commit_message=args.commit_message, prog=PROG)
     return EXIT_OK
 
 

@@ -86,7 +86,7 @@ def smollm2_checkpoint() -> Path:
 
     log.warning("converting %s to an HF checkpoint in %s (once, ~20 s)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
@@ -160,7 +160,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: str | torch.dtype = "fl
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     path = resolve_model(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         hint = "" if Path(path).is_dir() else " (the Hugging Face Hub may be unreachable; pass a local directory)"
         raise ModelLoadError(f"cannot load model {name!r} from {path!r}: {e}{hint}") from None

@@ -47,7 +47,7 @@ def tiny_model(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = _config(arch)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     # Random norm weights: a fresh model has w=1 (or 0 for Gemma), which would
     # hide a wrong fold convention.
     with torch.no_grad():
