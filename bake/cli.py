@@ -95,7 +95,7 @@ def _fail(msg: str, code: int) -> int:
 
 
 def _maps_arg(args) -> list[tuple[str, float]]:
-    from .inputs import check_strength
+    from lineas.maps import check_strength
 
     default = check_strength(args.strength, "--strength")
     return [parse_maps_arg(m, default) for m in args.maps]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from lineas.maps import (
     MapsFormatError,
     SiteMap,
     SteeringMaps,
+    check_strength,
     effective_maps,
     file_sha256,
 )
@@ -39,16 +39,6 @@ class MapsSource:
             "base_model": meta.get("base_model"), "config_sha256": meta.get("config_sha256"),
             "support": meta.get("support"),
         }
-
-
-def check_strength(value, what: str = "strength") -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise MapsFormatError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise MapsFormatError(f"{what} must be finite, got {value!r}")
-    return x
 
 
 def maps_sha256(maps: SteeringMaps) -> str:

@@ -14,8 +14,8 @@ Feature axis: the last dimension of ``[..., D]`` outputs, dimension 1 of 4-D
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ class SteeringHandle:
     def active(self) -> bool:
         return bool(self._handles)
 
-    def __enter__(self) -> "SteeringHandle":
+    def __enter__(self) -> SteeringHandle:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,7 +140,7 @@ def attach_affine(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, to
     return SteeringHandle(handles, list(affines))
 
 
-def attach_maps(model: nn.Module, maps: "SteeringMaps | Sequence[tuple[SteeringMaps, float]]",
+def attach_maps(model: nn.Module, maps: SteeringMaps | Sequence[tuple[SteeringMaps, float]],
                 strength: float | None = None) -> SteeringHandle:
     """Attach one maps object at ``strength`` or several ``(maps, strength)`` pairs, composed in order."""
     pairs = [(maps, 1.0 if strength is None else strength)] if isinstance(maps, SteeringMaps) else list(maps)

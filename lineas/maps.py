@@ -22,10 +22,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -65,7 +65,7 @@ class SiteMap:
         return self.scale.numel()
 
     @classmethod
-    def identity(cls, dim: int) -> "SiteMap":
+    def identity(cls, dim: int) -> SiteMap:
         return cls(torch.ones(dim), torch.zeros(dim))
 
     def at_strength(self, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,24 +73,25 @@ class SiteMap:
         check_strength(strength)
         return 1.0 + strength * (self.scale - 1.0), strength * self.shift
 
-    def scaled(self, strength: float) -> "SiteMap":
+    def scaled(self, strength: float) -> SiteMap:
         s, t = self.at_strength(strength)
         return SiteMap(s, t)
 
-    def then(self, other: "SiteMap") -> "SiteMap":
+    def then(self, other: SiteMap) -> SiteMap:
         """The map ``other(self(y))``: apply ``self`` first, then ``other``."""
         if other.dim != self.dim:
             raise MapsFormatError(f"cannot compose maps of length {self.dim} and {other.dim}")
         return SiteMap(other.scale * self.scale, other.scale * self.shift + other.shift)
 
 
-def check_strength(strength: float) -> float:
+def check_strength(strength: float, what: str = "strength") -> float:
+    """``strength`` as a finite float, else a :class:`MapsFormatError` naming ``what`` and the value."""
     try:
         value = float(strength)
     except (TypeError, ValueError):
-        raise MapsFormatError(f"strength must be a number, got {strength!r}") from None
+        raise MapsFormatError(f"{what} must be a number, got {strength!r}") from None
     if not math.isfinite(value):
-        raise MapsFormatError(f"strength must be finite, got {strength!r}")
+        raise MapsFormatError(f"{what} must be finite, got {strength!r}")
     return value
 
 
@@ -147,12 +148,12 @@ class SteeringMaps:
         """Per site, the effective ``(scale_lam, shift_lam)``."""
         return {site: m.at_strength(strength) for site, m in self.maps.items()}
 
-    def scaled(self, strength: float) -> "SteeringMaps":
+    def scaled(self, strength: float) -> SteeringMaps:
         meta = dict(self.metadata)
         meta["strength_applied"] = repr(check_strength(strength))
         return SteeringMaps({s: m.scaled(strength) for s, m in self.maps.items()}, meta)
 
-    def compose(self, other: "SteeringMaps") -> "SteeringMaps":
+    def compose(self, other: SteeringMaps) -> SteeringMaps:
         """Apply ``self`` then ``other``; sites present in one only are kept as is."""
         merged = dict(self.maps)
         for site, m in other.maps.items():
@@ -188,7 +189,7 @@ class SteeringMaps:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SteeringMaps":
+    def load(cls, path: str | os.PathLike) -> SteeringMaps:
         path = Path(path)
         if not path.is_file():
             raise MapsFormatError(f"maps file not found: {path}")
@@ -203,7 +204,7 @@ class SteeringMaps:
         return cls._from_tensors(tensors, meta, origin=str(path))
 
     @classmethod
-    def _from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], origin: str) -> "SteeringMaps":
+    def _from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], origin: str) -> SteeringMaps:
         if meta.get("format") != FORMAT:
             raise MapsFormatError(f"{origin}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
         if meta.get("format_version") != FORMAT_VERSION:
@@ -257,7 +258,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def effective_maps(maps_with_strength: "list[tuple[SteeringMaps, float]]") -> dict[str, SiteMap]:
+def effective_maps(maps_with_strength: list[tuple[SteeringMaps, float]]) -> dict[str, SiteMap]:
     """Compose several (maps, strength) pairs, in order, into one effective map per site.
 
     The result is what both the hooks and the baker apply: ``y -> s * y + t``.
