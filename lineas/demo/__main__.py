@@ -1,0 +1,161 @@
+"""``python -m lineas.demo``: the end-to-end demo (learn, bake, evaluate, check runtimes, record)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .pipeline import METHODS, DemoConfig, DemoError, pick_threads, run_demo, set_threads
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+
+DESCRIPTION = """\
+End-to-end demo on the embedded SmolLM2-135M-Instruct (CPU, ~10 minutes):
+
+  1. learn negative -> positive steering maps with lineas-train (LinEAS, and
+     Linear-AcT on the same data for comparison), sites: both RMSNorms of
+     every layer;
+  2. bake the LinEAS maps at strength 1 with lineas-bake --format hf,onnx;
+  3. evaluate unsteered / LinEAS / Linear-AcT at strengths 0, 0.5, 1:
+     sample generations, VADER sentiment and positive rate on held-out
+     neutral prompts, perplexities;
+  4. reload the baked checkpoint with plain transformers and the ONNX graph in
+     ONNX Runtime, check their greedy tokens against the hooked model, and
+     time base / hooked / baked generation in the same run;
+  5. write results/<run>/results.json and summary.md.
+"""
+
+EPILOG = """\
+exit codes: 0 done (expectations are reported in summary.md, met or not);
+1 a step failed, or a baked runtime did not reproduce the hooked model's
+tokens; 2 bad arguments.
+
+example:
+  python -m lineas.demo --run smollm2-positive
+  python -m lineas.demo --steps 30 --n-eval 16 --methods lineas   # quicker
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DemoConfig()
+    p = argparse.ArgumentParser(prog="python -m lineas.demo", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--run", metavar="NAME", help="run name; results go to RESULTS/NAME (default: a timestamp)")
+    g.add_argument("--results", default="results", metavar="DIR", help="results folder (default: results)")
+    g.add_argument("--model", default=d.model, help=f"model alias or directory (default: {d.model})")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch/ONNX Runtime threads; 0 = all cores when idle, fewer on a busy machine (default: 0)")
+    g.add_argument("--keep-models", action="store_true",
+                   help="keep the baked HF and ONNX folders (~1 GB) in the run folder")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    t = p.add_argument_group("learning (passed to lineas-train)")
+    t.add_argument("--source", default=d.source, help=f"source prompts (default: {d.source})")
+    t.add_argument("--target", default=d.target, help=f"target prompts (default: {d.target})")
+    t.add_argument("--sites", default=d.sites, help="site regex (default: both layernorms of every layer)")
+    t.add_argument("--methods", default=",".join(d.methods),
+                   help=f"comma-separated, from {', '.join(METHODS)}; the first LinEAS one is baked "
+                        f"(default: {','.join(d.methods)})")
+    t.add_argument("--steps", type=int, default=d.steps, help=f"LinEAS steps (default: {d.steps})")
+    t.add_argument("--lr", type=float, default=d.lr, help=f"LinEAS learning rate (default: {d.lr})")
+    t.add_argument("--optimizer", default=d.optimizer, choices=["adam", "sgd"],
+                   help=f"LinEAS optimizer (default: {d.optimizer})")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"LinEAS batch (default: {d.batch_size})")
+    t.add_argument("--sparsity-group", type=float, default=d.sparsity_group,
+                   help=f"LinEAS group-lasso weight (default: {d.sparsity_group})")
+    t.add_argument("--sparsity-l1", type=float, default=d.sparsity_l1,
+                   help=f"LinEAS L1 weight (default: {d.sparsity_l1})")
+    t.add_argument("--maps", action="append", default=[], metavar="METHOD=FILE",
+                   help="skip learning METHOD and use FILE (e.g. lineas=maps.safetensors); repeatable")
+
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--n-eval", type=int, default=d.n_eval, help=f"held-out prompts scored (default: {d.n_eval})")
+    e.add_argument("--n-figure", type=int, default=d.n_figure, help=f"figure prompts scored (default: {d.n_figure})")
+    e.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"tokens per evaluation generation (default: {d.max_new_tokens})")
+    e.add_argument("--check-prompts", type=int, default=d.check_prompts,
+                   help=f"runtime check prompts (default: {d.check_prompts})")
+    e.add_argument("--check-tokens", type=int, default=d.check_tokens,
+                   help=f"runtime check tokens per prompt (default: {d.check_tokens})")
+    e.add_argument("--formats", default=d.formats, help=f"lineas-bake --format (default: {d.formats})")
+    return p
+
+
+def config_from_args(args) -> tuple[DemoConfig, dict[str, Path]]:
+    from ..evaluate import load_eval_prompts
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS]
+    if not methods or bad:
+        raise ValueError(f"--methods {args.methods!r}: choose from {', '.join(METHODS)}")
+    maps_in: dict[str, Path] = {}
+    for item in args.maps:
+        method, sep, path = item.partition("=")
+        if not sep or method not in METHODS or not Path(path).is_file():
+            raise ValueError(f"--maps {item!r}: expected METHOD=FILE with METHOD in {', '.join(METHODS)} and an "
+                             "existing file")
+        maps_in[method] = Path(path)
+    n_fig, n_held = len(load_eval_prompts("figure")), len(load_eval_prompts("heldout"))
+    for name, v, hi in (("--n-eval", args.n_eval, n_held), ("--n-figure", args.n_figure, n_fig),
+                        ("--check-prompts", args.check_prompts, n_fig + n_held)):
+        if not 1 <= v <= hi:
+            raise ValueError(f"{name} must be in 1..{hi}, got {v}")
+    for name, v in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                    ("--max-new-tokens", args.max_new_tokens), ("--check-tokens", args.check_tokens)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if args.sparsity_group < 0 or args.sparsity_l1 < 0:
+        raise ValueError("--sparsity-group and --sparsity-l1 must be >= 0")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    cfg = DemoConfig(model=args.model, source=args.source, target=args.target, sites=args.sites,
+                     steps=args.steps, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
+                     sparsity_group=args.sparsity_group, sparsity_l1=args.sparsity_l1,
+                     methods=methods, max_new_tokens=args.max_new_tokens, n_eval=args.n_eval,
+                     n_figure=args.n_figure, n_samples=min(3, args.n_figure), check_prompts=args.check_prompts,
+                     check_tokens=args.check_tokens, formats=args.formats, threads=pick_threads(args.threads),
+                     keep_models=args.keep_models)
+    return cfg, maps_in
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("transformers", "optimum", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        cfg, maps_in = config_from_args(args)
+    except ValueError as e:
+        print(f"lineas.demo: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run = args.run or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.results) / run
+    if (run_dir / "results.json").exists():
+        print(f"lineas.demo: error: {run_dir} already holds a results.json; pick another --run", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    set_threads(cfg.threads)
+    try:
+        results = run_demo(cfg, run_dir, maps_in=maps_in)
+    except DemoError as e:
+        print(f"lineas.demo: error: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    print((run_dir / "summary.md").read_text(encoding="utf-8"))
+    print(f"\nwrote {run_dir / 'results.json'} and {run_dir / 'summary.md'}")
+    identical = all(c.get("identical") for n, c in results["runtime_check"]["comparisons_vs_hooked"].items()
+                    if n != "base")
+    return EXIT_OK if identical else EXIT_FAIL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

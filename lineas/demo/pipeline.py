@@ -1,0 +1,418 @@
+"""The demo's steps: learn (CLI), bake (CLI), evaluate, check runtimes, record.
+
+Learning and baking run the real console scripts (``lineas-train``,
+``lineas-bake``) in subprocesses, exactly as a user would; evaluation and the
+runtime checks run in this process on the loaded models.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .. import evaluate as E
+from ..hooks import steered
+from ..maps import SteeringMaps
+
+log = logging.getLogger("lineas.demo")
+
+SITES = r"model\.layers\.\d+\.(input|post_attention)_layernorm"
+STRENGTHS = (0.0, 0.5, 1.0)
+METHODS = {"lineas": "LinEAS", "linear-act": "Linear-AcT"}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that defines a demo run (recorded in results.json)."""
+
+    model: str = "smollm2-135m"
+    source: str = "negative"
+    target: str = "positive"
+    sites: str = SITES
+    steps: int = 60  # LinEAS Adam steps; ~2.5 s each on one busy CPU core
+    lr: float = 0.002
+    optimizer: str = "adam"
+    batch_size: int = 16
+    sparsity_group: float = 0.1  # group-lasso prox: shrinks every site towards identity each step
+    sparsity_l1: float = 0.0
+    max_length: int = 64
+    seed: int = 0
+    methods: tuple[str, ...] = ("lineas", "linear-act")
+    strengths: tuple[float, ...] = STRENGTHS
+    max_new_tokens: int = 40  # evaluation generations
+    n_eval: int = 36  # held-out prompts scored (lines 17.. of neutral_prompts.txt)
+    n_figure: int = 16  # figure prompts scored (lines 1..16)
+    n_samples: int = 3  # sample generations shown per condition (first figure prompts)
+    check_prompts: int = 8  # runtime check: prompts x tokens
+    check_tokens: int = 64
+    speed_repeats: int = 2
+    gen_batch_size: int = 26
+    formats: str = "hf,onnx"
+    threads: int = 1
+    keep_models: bool = False  # keep the baked HF/ONNX folders (~1 GB) in the run folder
+
+
+@dataclass
+class StepLog:
+    """Wall times of the steps, in order."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def time(self, name: str):
+        log_ref = self
+
+        class _T:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                log.info("== %s", name)
+
+            def __exit__(self, *exc):
+                log_ref.seconds[name] = round(time.perf_counter() - self.t0, 1)
+                log.info("   %s: %.1f s", name, log_ref.seconds[name])
+
+        return _T()
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed (the message says which and where its log is)."""
+
+
+# -- threads -----------------------------------------------------------------------
+def pick_threads(requested: int) -> int:
+    """``requested`` if > 0; else all cores when the machine is idle, fewer when it is busy.
+
+    PyTorch's OpenMP threads spin-wait for each other: with two threads on two
+    cores that other processes also use, a SmolLM2 forward pass was measured
+    20x slower than with one thread.  So the automatic choice leaves out the
+    cores that the 1-minute load average says are taken.
+    """
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, cores - math.ceil(busy - 0.5)))
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)  # inherited by the CLI subprocesses
+    os.environ["MKL_NUM_THREADS"] = str(n)
+
+
+# -- running the console scripts -------------------------------------------------------
+def tool_command(script: str, module: str) -> list[str]:
+    """The console script next to this interpreter, else ``python -c`` on its entry point."""
+    exe = Path(sys.executable).parent / script
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return [str(exe)]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+def run_tool(cmd: list[str], log_path: Path) -> tuple[str, float]:
+    """Run a CLI; its stdout goes to ``log_path`` (and is returned), stderr (progress bars) to ours."""
+    shown = " ".join(cmd)
+    log.info("$ %s", shown)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - t0
+    log_path.write_text(f"$ {shown}\n{proc.stdout}", encoding="utf-8")
+    if proc.returncode != 0:
+        raise DemoError(f"{Path(cmd[0]).name} exited with {proc.returncode}; output in {log_path}:\n{proc.stdout}")
+    return proc.stdout, seconds
+
+
+def train(cfg: DemoConfig, method: str, out: Path, logs: Path) -> dict:
+    """``lineas-train`` for one method; returns its command, time and report."""
+    report = logs / f"train-{method}.json"
+    cmd = tool_command("lineas-train", "lineas.cli") + [
+        "--model", cfg.model, "--source", cfg.source, "--target", cfg.target, "--sites", cfg.sites,
+        "--method", method, "--max-length", str(cfg.max_length), "--batch-size", str(cfg.batch_size),
+        "--seed", str(cfg.seed), "--out", str(out), "--report-json", str(report)]
+    if method == "lineas":
+        cmd += ["--steps", str(cfg.steps), "--lr", str(cfg.lr), "--optimizer", cfg.optimizer,
+                "--sparsity-group", str(cfg.sparsity_group), "--sparsity-l1", str(cfg.sparsity_l1)]
+    stdout, seconds = run_tool(cmd, logs / f"train-{method}.log")
+    data = json.loads(report.read_text(encoding="utf-8"))
+    w2b = sum(s["w2_before"] for s in data["sites"]) / len(data["sites"])
+    w2a = sum(s["w2_after"] for s in data["sites"]) / len(data["sites"])
+    return {"command": " ".join(cmd), "seconds": round(seconds, 1), "fit_seconds": round(data.get("seconds", 0), 1),
+            "maps": str(out), "n_sites": len(data["sites"]), "support": data.get("support"),
+            "w2_before": w2b, "w2_after": w2a, "losses_first_last": _ends(data.get("losses", []))}
+
+
+def _ends(xs: Sequence[float]) -> list[float]:
+    return [xs[0], xs[-1]] if xs else []
+
+
+def bake(cfg: DemoConfig, maps: Path, out: Path, logs: Path, strength: float = 1.0) -> dict:
+    """``lineas-bake --format hf,onnx``; returns the plan summary and affine-module count."""
+    cmd = tool_command("lineas-bake", "bake.cli") + [
+        "--model", cfg.model, "--maps", str(maps), "--strength", str(strength), "--format", cfg.formats,
+        "--out", str(out)]
+    stdout, seconds = run_tool(cmd, logs / "bake.log")
+    prov = json.loads((out / "lineas_provenance.json").read_text(encoding="utf-8"))
+    plan = _find_key(prov, "affine_sites"), _find_key(prov, "summary")
+    return {"command": " ".join(cmd), "seconds": round(seconds, 1), "out": str(out),
+            "affine_modules": len(plan[0] or []), "plan_summary": plan[1], "stdout_tail": stdout[-3000:]}
+
+
+def _find_key(obj, key):
+    """First value of ``key`` anywhere in a nested JSON object (provenance layout is the exporter's)."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    elif isinstance(obj, list):
+        for v in obj:
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+# -- evaluation --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Condition:
+    method: str  # "unsteered", "LinEAS", "Linear-AcT"
+    strength: float
+    maps: SteeringMaps | None
+
+
+def evaluate_condition(model, tok, cond: Condition, figure: list[str], heldout: list[str],
+                       cfg: DemoConfig) -> dict:
+    """Generations (figure + held-out prompts in one batched run) and their metrics for one condition."""
+    prompts = figure + heldout
+    if cond.maps is not None and cond.strength != 0:
+        with steered(model, cond.maps, cond.strength):
+            gens = E.generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
+            text_ppl = E.text_perplexity(model, tok)
+    else:
+        gens = E.generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
+        text_ppl = E.text_perplexity(model, tok)
+    nf = len(figure)
+    held = E.Generations(tuple(heldout), gens.texts[nf:], gens.token_ids[nf:], gens.prompt_ids[nf:], gens.seconds)
+    fig_sent, held_sent = E.sentiment(gens.texts[:nf]), E.sentiment(held.texts)
+    gen_ppl = E.continuation_perplexity(model, held, pad_id=E.pad_token_id(tok))  # model is unhooked here
+    return {
+        "method": cond.method, "strength": cond.strength,
+        "heldout": {"n": len(heldout), "mean_compound": held_sent.mean_compound,
+                    "positive_rate": held_sent.positive_rate, "generation_ppl": gen_ppl},
+        "figure": {"n": nf, "mean_compound": fig_sent.mean_compound, "positive_rate": fig_sent.positive_rate},
+        "fluency_text_ppl": text_ppl,
+        "samples": [{"prompt": p, "continuation": t, "compound": s}
+                    for p, t, s in zip(figure[:cfg.n_samples], gens.texts, fig_sent.scores)],
+        "generations": [{"prompt": p, "continuation": t, "compound": s}
+                        for p, t, s in zip(prompts, gens.texts, fig_sent.scores + held_sent.scores)],
+        "generation_seconds": round(gens.seconds, 1), "generation_tokens_per_s": gens.tokens_per_second,
+    }
+
+
+# -- runtime checks ------------------------------------------------------------------------
+def load_ort(folder: Path, threads: int):
+    import onnxruntime as ort
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ORTModelForCausalLM.from_pretrained(folder, subfolder="onnx", provider="CPUExecutionProvider",
+                                               session_options=so, use_cache=True)
+
+
+def runtime_check(base, tok, maps: SteeringMaps, baked_dir: Path, prompts: list[str], cfg: DemoConfig) -> dict:
+    """Greedy tokens of baked HF (plain transformers) and ONNX Runtime vs the hooked model, plus tokens/s.
+
+    Every runner generates the same prompts with the same batching, fixed length
+    (no early stop), so rows compare token by token.  The timing is interleaved
+    (see :func:`lineas.evaluate.benchmark`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    baked_hf = AutoModelForCausalLM.from_pretrained(baked_dir, dtype=torch.float32).eval()
+    runners_models = {"base": base, "baked (transformers)": baked_hf}
+    ort_model, ort_error = None, None
+    if "onnx" in cfg.formats:
+        try:
+            ort_model = load_ort(baked_dir, cfg.threads)
+        except Exception as e:  # report, do not hide: the check then counts as failed
+            ort_error = f"{type(e).__name__}: {e}"
+            log.error("could not load the ONNX export: %s", ort_error)
+    last: dict[str, E.Generations] = {}
+
+    def gen(name, model, hooked=False):
+        def run():
+            kw = dict(max_new_tokens=cfg.check_tokens, batch_size=len(prompts), fixed_length=True)
+            if hooked:
+                with steered(model, maps, 1.0):
+                    g = E.generate(model, tok, prompts, **kw)
+            else:
+                g = E.generate(model, tok, prompts, **kw)
+            last[name] = g
+            return g
+        return run
+
+    runners = {"base": gen("base", base), "hooked": gen("hooked", base, hooked=True),
+               "baked (transformers)": gen("baked (transformers)", baked_hf)}
+    if ort_model is not None:
+        runners["baked (ONNX Runtime)"] = gen("baked (ONNX Runtime)", ort_model)
+    speed = E.benchmark(runners, repeats=cfg.speed_repeats)
+    del runners_models
+    ref = last["hooked"]
+    comparisons = {}
+    for name in ("base", "baked (transformers)", "baked (ONNX Runtime)"):
+        if name not in last:
+            comparisons[name] = {"identical": False, "error": ort_error or "not run"}
+            continue
+        c = E.compare_tokens(ref, last[name])
+        comparisons[name] = {"identical": c.identical, "n_identical": c.n_identical, "n_prompts": c.n_prompts,
+                             "first_mismatch": c.first_mismatch}
+    return {
+        "prompts": prompts, "tokens": cfg.check_tokens, "comparisons_vs_hooked": comparisons,
+        "hooked_sample": {"prompt": prompts[0], "continuation": ref.texts[0]},
+        "tokens_per_s": {k: round(v.tokens_per_second, 1) for k, v in speed.items()},
+        "tokens_per_s_all": {k: [round(x, 1) for x in v.all_tokens_per_second] for k, v in speed.items()},
+        "tokens_per_run": {k: v.new_tokens for k, v in speed.items()},
+    }
+
+
+# -- expectations --------------------------------------------------------------------------
+def expectations(conds: list[dict], bake_info: dict | None, rt: dict | None) -> list[dict]:
+    """The README's claims, each measured: name, value, target, met."""
+    def get(method, strength):
+        return next((c for c in conds if c["method"] == method and c["strength"] == strength), None)
+
+    out = []
+    base = get("unsteered", 0.0)
+    full, half = get("LinEAS", 1.0), get("LinEAS", 0.5)
+    if base and full:
+        b, f = base["heldout"], full["heldout"]
+        d = f["mean_compound"] - b["mean_compound"]
+        out.append({"name": "LinEAS λ=1 raises mean VADER compound", "value": round(d, 3), "target": ">= 0.30",
+                    "met": d >= 0.30})
+        out.append({"name": "LinEAS λ=1 positive rate", "value": round(f["positive_rate"], 3), "target": ">= 0.90",
+                    "met": f["positive_rate"] >= 0.90})
+        r = f["generation_ppl"] / b["generation_ppl"] - 1
+        out.append({"name": "LinEAS λ=1 generation perplexity increase", "value": f"{100 * r:+.1f}%",
+                    "target": "<= +15%", "met": r <= 0.15})
+        if half:
+            h = half["heldout"]["mean_compound"]
+            out.append({"name": "LinEAS λ=0.5 mean compound lies between λ=0 and λ=1", "value": round(h, 3),
+                        "target": f"in [{b['mean_compound']:.3f}, {f['mean_compound']:.3f}]",
+                        "met": b["mean_compound"] <= h <= f["mean_compound"]})
+    if bake_info:
+        out.append({"name": "baked with zero affine modules", "value": bake_info["affine_modules"], "target": "0",
+                    "met": bake_info["affine_modules"] == 0})
+    if rt:
+        for name in ("baked (transformers)", "baked (ONNX Runtime)"):
+            c = rt["comparisons_vs_hooked"].get(name, {})
+            out.append({"name": f"{name} greedy tokens == hooked", "value":
+                        f"{c.get('n_identical', 0)}/{c.get('n_prompts', len(rt['prompts']))} prompts",
+                        "target": "all identical", "met": bool(c.get("identical"))})
+        out.append({"name": "hooked differs from base (the check can fail)",
+                    "value": "differs" if not rt["comparisons_vs_hooked"]["base"]["identical"] else "identical",
+                    "target": "differs", "met": not rt["comparisons_vs_hooked"]["base"]["identical"]})
+    return out
+
+
+# -- the whole run --------------------------------------------------------------------------
+def machine_info(threads: int) -> dict:
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = []
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "threads": threads, "load_average": load}
+
+
+def run_demo(cfg: DemoConfig, run_dir: Path, *, maps_in: dict[str, Path] | None = None) -> dict:
+    """Run every step, write ``results.json`` and ``summary.md`` into ``run_dir``; return the results."""
+    from ..models import display_name, load_model
+    from .report import write_summary
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    steps = StepLog()
+    t_start = time.perf_counter()
+    results: dict = {"run": run_dir.name, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+                     "model": display_name(cfg.model), "config": asdict(cfg), "machine_start": machine_info(cfg.threads)}
+
+    # 1. learn
+    maps_paths: dict[str, Path] = {}
+    results["train"] = {}
+    for method in cfg.methods:
+        given = (maps_in or {}).get(method)
+        if given is not None:
+            maps_paths[method] = Path(given)
+            results["train"][method] = {"maps": str(given), "given": True}
+            continue
+        with steps.time(f"learn {METHODS[method]}"):
+            maps_paths[method] = run_dir / f"maps-{method}.safetensors"
+            results["train"][method] = train(cfg, method, maps_paths[method], logs)
+
+    # 2. bake the LinEAS maps (or the first method's) at strength 1
+    bake_method = "lineas" if "lineas" in maps_paths else next(iter(maps_paths))
+    baked_dir = run_dir / f"baked-{bake_method}"
+    if baked_dir.exists():
+        shutil.rmtree(baked_dir)
+    with steps.time("bake"):
+        results["bake"] = {"method": METHODS[bake_method], **bake(cfg, maps_paths[bake_method], baked_dir, logs)}
+
+    # 3. evaluate
+    with steps.time("load base model"):
+        loaded = load_model(cfg.model)
+    model, tok = loaded.model, loaded.tokenizer
+    figure = E.load_eval_prompts("figure")[:cfg.n_figure]
+    heldout = E.load_eval_prompts("heldout")[:cfg.n_eval]
+    maps = {m: SteeringMaps.load(p) for m, p in maps_paths.items()}
+    conds = [Condition("unsteered", 0.0, None)]
+    for method in cfg.methods:
+        conds += [Condition(METHODS[method], s, maps[method]) for s in cfg.strengths if s != 0]
+    results["eval"] = {"figure_prompts": figure, "heldout_prompts": heldout, "max_new_tokens": cfg.max_new_tokens,
+                       "prompt_format": "raw continuation, no chat template, no special tokens",
+                       "fluency_text": E.FLUENCY_TEXT, "conditions": []}
+    for cond in conds:
+        with steps.time(f"evaluate {cond.method} λ={cond.strength:g}"):
+            results["eval"]["conditions"].append(evaluate_condition(model, tok, cond, figure, heldout, cfg))
+
+    # 4. runtime checks and speed
+    with steps.time("runtime check"):
+        check_prompts = (figure + heldout)[:cfg.check_prompts]
+        results["runtime_check"] = runtime_check(model, tok, maps[bake_method], baked_dir, check_prompts, cfg)
+
+    # 5. record
+    results["expectations"] = expectations(results["eval"]["conditions"], results["bake"], results["runtime_check"])
+    results["step_seconds"] = steps.seconds
+    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    results["machine_end"] = machine_info(cfg.threads)
+    if not cfg.keep_models:
+        shutil.rmtree(baked_dir, ignore_errors=True)
+        results["bake"]["out_removed"] = True
+    _write_json(run_dir / "results.json", results)
+    write_summary(run_dir / "summary.md", results)
+    return results
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,117 @@
+"""Render a demo's results.json as summary.md (the README figures are copied from it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _num(x) -> str:
+    try:
+        return f"{float(x):.3f}"
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def metrics_table(conds: list[dict]) -> list[str]:
+    base = next(c for c in conds if c["method"] == "unsteered")
+    b_ppl = base["heldout"]["generation_ppl"]
+    b_txt = base["fluency_text_ppl"]
+    n_held, n_fig = base["heldout"]["n"], base["figure"]["n"]
+    lines = [
+        f"| method | λ | mean VADER compound ({n_held} held-out) | positive rate | generation ppl (unsteered model) "
+        f"| neutral-text ppl (steered model) | mean compound ({n_fig} figure prompts) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [base] + [c for c in conds if c["method"] != "unsteered"]
+    for c in rows:
+        h = c["heldout"]
+        name = "— (unsteered)" if c["method"] == "unsteered" else c["method"]
+        dp = f" ({100 * (h['generation_ppl'] / b_ppl - 1):+.0f}%)" if c is not base else ""
+        dt = f" ({100 * (c['fluency_text_ppl'] / b_txt - 1):+.0f}%)" if c is not base else ""
+        lines.append(f"| {name} | {c['strength']:g} | {h['mean_compound']:+.3f} | {100 * h['positive_rate']:.0f}% "
+                     f"| {h['generation_ppl']:.2f}{dp} | {c['fluency_text_ppl']:.1f}{dt} "
+                     f"| {c['figure']['mean_compound']:+.3f} ({100 * c['figure']['positive_rate']:.0f}% pos.) |")
+    return lines
+
+
+def samples_table(conds: list[dict]) -> list[str]:
+    lines = ["| method | λ | prompt | greedy continuation (40 tokens) | compound |", "|---|---|---|---|---|"]
+    for c in conds:
+        name = "—" if c["method"] == "unsteered" else c["method"]
+        for s in c["samples"]:
+            lines.append(f"| {name} | {c['strength']:g} | {_cell(s['prompt'])} | {_cell(s['continuation'])} "
+                         f"| {s['compound']:+.2f} |")
+    return lines
+
+
+def runtime_table(rt: dict) -> list[str]:
+    n, k = len(rt["prompts"]), rt["tokens"]
+    lines = [f"| runtime | greedy tokens vs hooked ({n} prompts × {k} tokens) | tokens/s |", "|---|---|---|"]
+    cmp = rt["comparisons_vs_hooked"]
+    tps = rt["tokens_per_s"]
+    lines.append(f"| hooked (transformers + forward hooks) | reference | {tps.get('hooked', float('nan')):.1f} |")
+    for name in ("baked (transformers)", "baked (ONNX Runtime)", "base"):
+        c = cmp.get(name, {})
+        if "error" in c:
+            verdict = f"not run: {_cell(c['error'], 80)}"
+        elif c.get("identical"):
+            verdict = f"identical ({c['n_identical']}/{c['n_prompts']})"
+        else:
+            i, j = c.get("first_mismatch") or (None, None)
+            verdict = f"{c.get('n_identical')}/{c.get('n_prompts')} identical; first difference: prompt {i}, token {j}"
+        label = "base (unsteered, for contrast)" if name == "base" else name
+        lines.append(f"| {label} | {verdict} | {tps.get(name, float('nan')):.1f} |")
+    return lines
+
+
+def render(results: dict) -> str:
+    cfg = results["config"]
+    m0, m1 = results["machine_start"], results.get("machine_end", {})
+    out = [f"# lineas-bake demo: {results['model']}, {cfg['source']} → {cfg['target']}", "",
+           f"Run `{results['run']}`, {results['created']}; total {results['total_seconds']:.0f} s on "
+           f"{m0['cpu_count']} CPU core(s), {m0['threads']} torch thread(s), load average "
+           f"{m0.get('load_average')} → {m1.get('load_average')} (timings are wall-clock on a possibly shared "
+           "machine).", ""]
+    tr = results["train"]
+    out += ["## 1. Learn", ""]
+    for method, t in tr.items():
+        if t.get("given"):
+            out.append(f"- {method}: maps given ({t['maps']})")
+            continue
+        out.append(f"- {method}: {t['n_sites']} sites, pooled W2² {t['w2_before']:.3g} → {t['w2_after']:.3g}, "
+                   f"support {_num(t.get('support'))}, {t['seconds']:.0f} s  \n  `{t['command']}`")
+    b = results["bake"]
+    out += ["", "## 2. Bake", "", f"- {b['method']} maps at λ=1: {b['plan_summary']} ({b['seconds']:.0f} s)  \n"
+            f"  `{b['command']}`", "",
+            "## 3. Efficacy and fluency", "",
+            f"Greedy, {results['eval']['max_new_tokens']} new tokens, raw continuation of neutral sentence starts "
+            "(no chat template). VADER compound of the continuation; positive = compound > 0.05. Generation "
+            "perplexity: the continuations scored by the *unsteered* model given their prompts. Neutral-text "
+            "perplexity: a fixed neutral paragraph scored by the *steered* model.", ""]
+    out += metrics_table(results["eval"]["conditions"])
+    out += ["", "Sample generations (first figure prompts):", ""]
+    out += samples_table(results["eval"]["conditions"])
+    rt = results.get("runtime_check")
+    if rt:
+        out += ["", "## 4. Runtimes", "",
+                f"Baked checkpoint reloaded with plain `transformers.AutoModelForCausalLM`, the ONNX graph run by "
+                f"`optimum.onnxruntime.ORTModelForCausalLM`; fixed-length greedy generation, one batch of "
+                f"{len(rt['prompts'])} prompts, best of {cfg['speed_repeats']} interleaved runs.", ""]
+        out += runtime_table(rt)
+    out += ["", "## Expectations", "", "| claim | measured | target | met |", "|---|---|---|---|"]
+    for e in results["expectations"]:
+        out.append(f"| {e['name']} | {e['value']} | {e['target']} | {'yes' if e['met'] else '**no**'} |")
+    out += ["", "Step times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["step_seconds"].items()), ""]
+    return "\n".join(out)
+
+
+def write_summary(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(render(results), encoding="utf-8")
+    os.replace(tmp, path)
