@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--method", choices=["lineas", "linear-act"], default="lineas", help="learning method (default: lineas)")
     tr.add_argument("--steps", type=int, default=1000, help="LinEAS optimiser steps (default: 1000)")
     tr.add_argument("--lr", type=float, default=0.1, help="LinEAS learning rate, cosine-annealed to 0 (default: 0.1). The loss is a mean over neurons, so "
-                         "plain SGD moves wide models slowly; on SmolLM2-size models use --optimizer adam --lr 3e-3")
+                         "plain SGD moves wide models slowly; on SmolLM2-size models use --optimizer adam --lr 2e-3 --sparsity-group 0.1")
     tr.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="LinEAS optimiser (default: sgd)")
     tr.add_argument("--batch-size", type=int, default=32,
                     help="source prompts per LinEAS step, and batch size for activation collection (default: 32)")
