@@ -174,6 +174,25 @@ def _accepts_use_cache(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "use_cache")
 
 
+def run_hooked(model: nn.Module, batch, hooks: Mapping[str, object]) -> None:
+    """Run ``batch`` with a forward hook on each named site; a hook may end the pass early
+    by raising ``_StopForward``.  Hooks are always removed, also on error."""
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for site, hook in hooks.items():
+            if site not in modules:
+                raise SteeringError(f"unknown site {site!r}")
+            handles.append(modules[site].register_forward_hook(hook))
+        try:
+            call_model(model, batch)
+        except _StopForward:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_to_sites(model: nn.Module, batch, sites: Sequence[str],
                  affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                  stop_early: bool = True) -> dict[str, torch.Tensor]:
@@ -186,25 +205,13 @@ def run_to_sites(model: nn.Module, batch, sites: Sequence[str],
     ``sites`` are steered too, as long as the forward reaches them.
     """
     affines = dict(affines or {})
-    modules = dict(model.named_modules())
     store: dict[str, torch.Tensor] = {}
     mask_ref = [batch.get("attention_mask") if isinstance(batch, Mapping) else None]
     watched = list(dict.fromkeys([*sites, *affines]))
-    handles = []
-    try:
-        for site in watched:
-            if site not in modules:
-                raise SteeringError(f"unknown site {site!r}")
-            hook = _PoolHook(site, store, mask_ref, affines.get(site),
-                             stop=stop_early and bool(sites) and site == sites[-1])
-            handles.append(modules[site].register_forward_hook(hook))
-        try:
-            call_model(model, batch)
-        except _StopForward:
-            pass
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batch, {
+        site: _PoolHook(site, store, mask_ref, affines.get(site), stop=stop_early and bool(sites) and site == sites[-1])
+        for site in watched
+    })
     missing = [s for s in sites if s not in store]
     if missing:
         raise SteeringError(f"the forward pass never reached site(s) {missing}")
@@ -234,7 +241,6 @@ def forward_order(model: nn.Module, batch, sites: Sequence[str]) -> list[str]:
     the maps' application order all need execution order.  One probe pass
     with no gradients, stopped once every site has fired.
     """
-    modules = dict(model.named_modules())
     seen: list[str] = []
     remaining = set(sites)
 
@@ -247,20 +253,8 @@ def forward_order(model: nn.Module, batch, sites: Sequence[str]) -> list[str]:
                     raise _StopForward
         return hook
 
-    handles = []
-    try:
-        for s in sites:
-            if s not in modules:
-                raise SteeringError(f"unknown site {s!r}")
-            handles.append(modules[s].register_forward_hook(make(s)))
-        with torch.no_grad():
-            try:
-                call_model(model, batch)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        run_hooked(model, batch, {s: make(s) for s in sites})
     if remaining:
         raise SteeringError(f"the forward pass never reached site(s) {sorted(remaining)}")
     return seen
