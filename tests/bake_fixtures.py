@@ -84,3 +84,18 @@ def hooked_and_base(model_dir, maps_path, strength: float):
 def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
     err = float((a - b).abs().max()) / float(b.abs().max())
     assert err <= rel, f"max relative error {err:.3g} > {rel:g}"
+
+
+def corrupt_bake(monkeypatch, proj: str = "up_proj", factor: float = 1.02) -> None:
+    """Make every bake wrong after folding: scale layer 1's ``mlp.<proj>`` weight, so verification must fail."""
+    from bake import api
+
+    real = api.apply_plan
+
+    def corrupt(model, plan, eff):
+        real(model, plan, eff)
+        with torch.no_grad():
+            getattr(model.model.layers[1].mlp, proj).weight.mul_(factor)
+        return model
+
+    monkeypatch.setattr(api, "apply_plan", corrupt)

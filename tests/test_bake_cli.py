@@ -10,6 +10,7 @@ from bake_fixtures import (
     GEMMA2_SITES,
     LLAMA_SITES,
     assert_close_rel,
+    corrupt_bake,
     hooked_and_base,
     load,
     logits,
@@ -109,17 +110,7 @@ def test_require_standard_refuses_affine_sites(tmp_path, capsys):
 
 
 def test_verification_failure_exits_3_and_writes_nothing(llama, tmp_path, capsys, monkeypatch):
-    from bake import api
-
-    real = api.apply_plan
-
-    def corrupt(model, plan, eff):
-        real(model, plan, eff)
-        with torch.no_grad():
-            model.model.layers[1].mlp.up_proj.weight.mul_(1.02)
-        return model
-
-    monkeypatch.setattr(api, "apply_plan", corrupt)
+    corrupt_bake(monkeypatch, "up_proj", 1.02)
     model_dir, maps_path = llama
     out_dir = tmp_path / "bad"
     rc = main(["--model", str(model_dir), "--maps", str(maps_path), "--out", str(out_dir), "--verify-tokens", "2"])

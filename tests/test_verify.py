@@ -10,6 +10,7 @@ import torch
 from bake_fixtures import (
     LLAMA_SITES,
     assert_close_rel,
+    corrupt_bake,
     logits,
     make_maps,
     save_tokenizer,
@@ -193,17 +194,7 @@ def test_bake_api_verifies_and_leaves_the_input_module_untouched(llama, maps):
 
 
 def test_bake_api_raises_verification_error_with_report(llama, maps, monkeypatch):
-    from bake import api
-
-    real = api.apply_plan
-
-    def corrupt(model, plan, eff):
-        real(model, plan, eff)
-        with torch.no_grad():
-            model.model.layers[1].mlp.gate_proj.weight.mul_(1.05)
-        return model
-
-    monkeypatch.setattr(api, "apply_plan", corrupt)
+    corrupt_bake(monkeypatch, "gate_proj", 1.05)
     with pytest.raises(VerificationError) as e:
         bake(llama, maps, strength=1.0, verify_tokens=2)
     report = e.value.report
