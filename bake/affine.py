@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 from torch import nn
+
+from lineas.io import atomic_write_text
 
 from .affine_module import LINEAS_AFFINE_VERSION, LineasAffine, wrap_affine_sites
 from .errors import BakeError
@@ -89,16 +90,6 @@ def _affine_source() -> str:
     return resources.files("bake").joinpath("affine_module.py").read_text(encoding="utf-8")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".lineas-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def write_remote_code(model: nn.Module, out_dir: str | os.PathLike, *,
                       auto_class: str = "AutoModelForCausalLM") -> Path | None:
@@ -125,6 +116,6 @@ def write_remote_code(model: nn.Module, out_dir: str | os.PathLike, *,
     cfg["lineas_affine_version"] = LINEAS_AFFINE_VERSION
     source = _affine_source() + _STUB.format(base=base, cls=cls, key=AFFINE_SITES_KEY, auto_class=auto_class)
     modeling = out / MODELING_FILE
-    _atomic_write(modeling, source)
-    _atomic_write(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(modeling, source)
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return modeling

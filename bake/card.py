@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lineas.io import atomic_write_text
+
 PROVENANCE_FILE = "lineas_provenance.json"
 VERIFICATION_FILE = "lineas_verification.json"
 CARD_FILE = "README.md"
@@ -70,8 +72,7 @@ def provenance_dict(info: ExportInfo) -> dict:
 
 
 def write_json(path: Path, data: dict) -> Path:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_provenance(out_dir: Path, info: ExportInfo) -> Path:
@@ -191,7 +192,7 @@ command line, fold plan) are in `{PROVENANCE_FILE}`. Exported dtype: `{info.dtyp
 
 def write_card(out_dir: Path, info: ExportInfo, repo: str = "path/to/this/folder") -> Path:
     path = Path(out_dir) / CARD_FILE
-    path.write_text(render_card(info, repo), encoding="utf-8")
+    atomic_write_text(path, render_card(info, repo))
     return path
 
 

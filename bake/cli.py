@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from lineas.hooks import SteeringError
+from lineas.io import ExitCode, fail
 from lineas.maps import MapsFormatError
 from lineas.models import ALIASES, ModelLoadError
 
@@ -16,7 +17,7 @@ from .errors import BakeError, FoldError, VerificationError
 from .export import EXPORT_DTYPES, check_out_dir, known_formats, parse_formats
 from .inputs import parse_maps_arg
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFY = 0, 2, 3
+EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFY = ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.VERIFY
 PROG = "lineas-bake"
 
 DESCRIPTION = """\
@@ -90,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(msg: str, code: int) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return code
+    return fail(PROG, msg, code)
 
 
 def _maps_arg(args) -> list[tuple[str, float]]:

@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lineas.io import ExitCode
+
 from .errors import BakeError
 
 log = logging.getLogger(__name__)
@@ -51,13 +53,13 @@ MODEL_CARD = "README.md"
 class HubError(BakeError):
     """Publishing failed; ``exit_code`` is what the CLI returns."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAIL
 
 
 class HubInputError(HubError, ValueError):
     """Bad repo id, missing folder, missing model card, inconsistent endpoint."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 class HubAuthError(HubError):

@@ -11,10 +11,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lineas.io import ExitCode, fail
+
 from .hub import HubError, format_plan, plan_push, push
 
 PROG = "lineas-bake push"
-EXIT_OK, EXIT_HUB, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_HUB, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAIL, ExitCode.BAD_INPUT
 
 PUBLISH_HELP = """\
 Upload uses huggingface_hub (create_repo, upload_folder), then lists the files at
@@ -66,11 +68,6 @@ def build_push_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(prog: str, msg: str, code: int) -> int:
-    print(f"{prog}: error: {msg}", file=sys.stderr)
-    return code
-
-
 def run_push(folder: str | Path, repo_id: str, *, revision: str | None = None, private: bool = False,
              commit_message: str | None = None, dry_run: bool = False, prog: str = PROG) -> int:
     """Plan (and unless ``dry_run``) push; prints the outcome, returns the exit code."""
@@ -83,7 +80,7 @@ def run_push(folder: str | Path, repo_id: str, *, revision: str | None = None, p
               file=sys.stderr)
         result = push(plan)
     except HubError as e:
-        return _fail(prog, str(e), e.exit_code)
+        return fail(prog, str(e), e.exit_code)
     print(result.summary())
     return EXIT_OK
 

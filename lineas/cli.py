@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .io import ExitCode, atomic_write_text, fail
 
 log = logging.getLogger("lineas.cli")
 
-EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAIL, ExitCode.BAD_INPUT
 
 DESCRIPTION = """\
 Learn per-neuron affine steering maps T(y) = scale*y + shift at chosen modules
@@ -137,8 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"lineas-train: error: {msg}", file=sys.stderr)
-    return code
+    return fail("lineas-train", msg, code)
 
 
 def _train(args) -> int:
@@ -210,9 +210,7 @@ def _write_report(path: str, result) -> None:
 
     data = {"support": result.support, "sites": [asdict(r) for r in result.report], "losses": list(result.losses),
             "seconds": result.seconds, "config": asdict(result.config)}
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def _import_mlact(argv: list[str]) -> int:

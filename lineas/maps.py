@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ from types import MappingProxyType
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .io import atomic_write
 
 FORMAT = "lineas-maps"
 FORMAT_VERSION = "1"
@@ -177,16 +178,7 @@ class SteeringMaps:
         for site, m in self.maps.items():
             tensors[site + ".scale"] = m.scale.contiguous()
             tensors[site + ".shift"] = m.shift.contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".lineas-maps-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=dict(self.metadata))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=dict(self.metadata)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringMaps:

@@ -25,6 +25,7 @@ import torch
 
 from .. import evaluate as E
 from ..hooks import steered
+from ..io import atomic_write_text
 from ..maps import SteeringMaps
 
 log = logging.getLogger("lineas.demo")
@@ -413,6 +414,4 @@ def run_demo(cfg: DemoConfig, run_dir: Path, *, maps_in: dict[str, Path] | None 
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

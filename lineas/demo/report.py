@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from lineas.io import atomic_write_text
 
 
 def _cell(text: str, limit: int = 160) -> str:
@@ -112,6 +113,4 @@ def render(results: dict) -> str:
 
 
 def write_summary(path: Path, results: dict) -> None:
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render(results), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, render(results))
