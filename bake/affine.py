@@ -28,7 +28,7 @@ from .affine_module import LINEAS_AFFINE_VERSION, LineasAffine, wrap_affine_site
 from .errors import BakeError
 
 __all__ = ["LineasAffine", "wrap_affine_sites", "affine_sites", "write_remote_code", "MODELING_FILE",
-           "AFFINE_SITES_KEY", "remote_class_name"]
+           "AFFINE_SITES_KEY"]
 
 MODELING_FILE = "modeling_lineas.py"
 AFFINE_SITES_KEY = "lineas_affine_sites"
@@ -70,10 +70,6 @@ def affine_sites(model: nn.Module) -> list[dict]:
     return out
 
 
-def remote_class_name(model: nn.Module) -> str:
-    return "LineasSteered" + type(model).__name__
-
-
 def _base_class_name(model: nn.Module) -> str:
     """The transformers class to subclass: the first class in the MRO that ``transformers`` exports
     (a model reloaded through our remote code is a ``LineasSteeredX``; its base ``X`` is found)."""
@@ -83,7 +79,8 @@ def _base_class_name(model: nn.Module) -> str:
         if getattr(transformers, c.__name__, None) is c:
             return c.__name__
     raise BakeError(f"{type(model).__name__} is not a transformers class, so no remote-code wrapper can be "
-                    f"written for its affine modules; fold every site (require_standard) or use another export")
+                    f"written for its affine modules; fold every site (--require-standard; Python: "
+                    f"require_standard=True) or use another export")
 
 
 def _affine_source() -> str:

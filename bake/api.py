@@ -32,7 +32,7 @@ from .errors import VerificationError
 from .execute import apply_plan
 from .export import Publisher, export
 from .inputs import MapsSource, combined, normalise_maps
-from .plan import FoldPlan
+from .plan import FoldPlan, ShiftFold
 from .plan import plan as make_plan
 from .verify import (
     Reference,
@@ -124,7 +124,7 @@ def plan_bake(model, maps, strength: float = 1.0, *, require_standard: bool = Fa
 def _site_notes(p: FoldPlan) -> dict[str, str]:
     """Sites whose own output legitimately differs after the fold (the shift moved to consumers)."""
     return {s.site: "shift folded into " + ", ".join(t.rsplit(".", 1)[-1] for t in s.shift_targets)
-            for s in p.sites if s.shift == "consumers"}
+            for s in p.sites if s.shift is ShiftFold.CONSUMERS}
 
 
 def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard: bool = False,

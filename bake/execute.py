@@ -16,14 +16,13 @@ from torch import nn
 
 from lineas.maps import SiteMap
 
+from .affine import AFFINE_SITES_KEY
 from .affine_module import LineasAffine, wrap_affine_sites
 from .errors import FoldError
 from .fold import fold_input_shift, fold_norm_bias, fold_norm_scale, fold_output_rows
-from .plan import FoldPlan, FoldStep, _normalise_maps, maps_digest
+from .plan import FoldOp, FoldPlan, FoldStep, Layout, _normalise_maps, maps_digest
 
 log = logging.getLogger(__name__)
-
-AFFINE_SITES_KEY = "lineas_affine_sites"
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -58,37 +57,34 @@ class _Working:
                                 f"(was the plan made for another model?)")
         return self.values[name]
 
-    def get_optional(self, name: str) -> torch.Tensor | None:
-        if name in self.values or name in self.params or name in self.new_bias:
-            return self.get(name)
-        return None
-
 
 def _run_step(w: _Working, step: FoldStep, site: str, m: SiteMap) -> None:
     s, t = m.scale, m.shift
-    mod = step.module
-    if step.op in ("norm_scale", "norm_scale_1p"):
+    mod, layout = step.module, step.layout.value  # bake.fold takes layouts as plain strings
+    if step.op in (FoldOp.NORM_SCALE, FoldOp.NORM_SCALE_1P):
         name = f"{mod}.weight"
-        w.values[name] = fold_norm_scale(w.get(name), s.to(w.get(name).device), one_plus=step.op == "norm_scale_1p")
-    elif step.op == "norm_bias":
+        w.values[name] = fold_norm_scale(w.get(name), s.to(w.get(name).device),
+                                         one_plus=step.op is FoldOp.NORM_SCALE_1P)
+    elif step.op is FoldOp.NORM_BIAS:
         name = f"{mod}.bias"
         b = w.get(name)
         w.values[name] = fold_norm_bias(b, s.to(b.device), t.to(b.device))
-    elif step.op == "rows":
+    elif step.op is FoldOp.ROWS:
         wname, bname = f"{mod}.weight", f"{mod}.bias"
         weight = w.get(wname)
-        bias = None if step.layout == "embedding" else (w.get(bname) if bname in step.tensors else None)
-        shift = t.to(weight.device) if (bias is not None or step.layout == "embedding") else None
+        embedding = step.layout is Layout.EMBEDDING
+        bias = None if embedding else (w.get(bname) if bname in step.tensors else None)
+        shift = t.to(weight.device) if (bias is not None or embedding) else None
         if shift is not None and bool(torch.all(shift == 0)):
             shift = None
-        new_w, new_b = fold_output_rows(weight, bias, s.to(weight.device), shift, layout=step.layout)
+        new_w, new_b = fold_output_rows(weight, bias, s.to(weight.device), shift, layout=layout)
         w.values[wname] = new_w
         if new_b is not None:
             w.values[bname] = new_b
-    elif step.op == "input_shift":
+    elif step.op is FoldOp.INPUT_SHIFT:
         wname, bname = f"{mod}.weight", f"{mod}.bias"
         weight = w.get(wname)
-        w.values[bname] = fold_input_shift(weight, w.get(bname), t.to(weight.device), layout=step.layout)
+        w.values[bname] = fold_input_shift(weight, w.get(bname), t.to(weight.device), layout=layout)
     else:
         raise FoldError(f"site {site!r}: unknown fold operation {step.op!r}")
 
@@ -163,11 +159,3 @@ def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, Si
                 setattr(config, AFFINE_SITES_KEY, specs)
     return model
 
-
-def plan_and_apply(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_standard: bool = False,
-                   untie: bool = False) -> tuple[nn.Module, FoldPlan]:
-    """``plan`` then ``apply_plan`` without verification (``bake.api.bake`` adds loading and verification)."""
-    from .plan import plan as make_plan
-
-    p = make_plan(model, effective_maps, require_standard=require_standard, untie=untie)
-    return apply_plan(model, p, effective_maps), p

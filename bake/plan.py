@@ -1,9 +1,10 @@
 """Decide, per site, how its effective map ``y -> s*y + t`` is baked; describe it as frozen data.
 
 :func:`plan` looks at the model (registry entry, module types, biases, config
-flags, tied weights) and returns a :class:`FoldPlan`; nothing is modified.
-:func:`bake.execute.apply_plan` carries the plan out.  The split lets
-``lineas-bake --dry-run`` print exactly what would happen.
+flags, tied weights) and returns a :class:`FoldPlan` (records in
+:mod:`bake.plan_types`); nothing is modified.  :func:`bake.execute.apply_plan`
+carries the plan out.  The split lets ``lineas-bake --dry-run`` print exactly
+what would happen, after the same checks as the real run.
 
 Decision rules, per site (an identity scale / zero shift needs nothing):
 
@@ -14,213 +15,55 @@ Decision rules, per site (an identity scale / zero shift needs nothing):
   registry lists (``b += W t``) when each has a bias or a config flag that adds
   one; else the shift stays in a shift-only affine module.
 * **producer** (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv2d``, plain
-  ``nn.Embedding``): rows ``W' = diag(s) W``, ``b' = s*b + t``; a missing bias
-  comes from a registry flag or the shift stays in an affine module.  A tied
-  weight is never written: the site gets an affine module unless ``untie=True``
-  and the tie is the config's ``tie_word_embeddings``.
+  ``nn.Embedding``; a registry producer must have the layout the registry
+  says): rows ``W' = diag(s) W``, ``b' = s*b + t``; a missing bias comes from a
+  registry flag or the shift stays in an affine module.  A tied weight is never
+  written: the site gets an affine module unless untying is allowed and the tie
+  is the config's ``tie_word_embeddings``.
 * anything else: a full affine module.
+
+Each decision is a function of the site's facts that returns its
+:class:`SitePlan` and what it needs from the whole plan (config flags to switch
+on, parameters to untie, notes); :class:`_Planner` gathers those afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Mapping
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lineas.hooks import SteeringError, feature_axis, module_feature_dim, resolve_sites
+from lineas.hooks import SteeringError, feature_axis, resolve_sites
 from lineas.maps import SiteMap, SteeringMaps
 
 from .errors import FoldError
 from .fold import is_identity_scale, is_zero_shift
-from .registry import ArchEntry, NormEntry, entry_for, expand, match_template
+from .plan_check import check_site_outputs
+from .plan_types import (  # noqa: F401  (re-exported: bake.plan is where callers import the plan types from)
+    NORM_KINDS,
+    PLAN_VERSION,
+    AffineSpec,
+    ConfigChange,
+    FoldOp,
+    FoldPlan,
+    FoldStep,
+    Layout,
+    ScaleFold,
+    ShiftFold,
+    SiteKind,
+    SitePlan,
+    Untie,
+)
+from .registry import ArchEntry, entry_for, expand, match_template
 
-PLAN_VERSION = 1
+log = logging.getLogger(__name__)
 
-
-# -- plan data ----------------------------------------------------------------
-@dataclass(frozen=True)
-class FoldStep:
-    """One tensor update.
-
-    ``op``: ``norm_scale`` (w' = s*w), ``norm_scale_1p`` (w' = s*(1+w) - 1),
-    ``norm_bias`` (b' = s*b + t), ``rows`` (producer: W' = diag(s) W, b' = s*b + t),
-    ``input_shift`` (consumer: b' = b + W t, with t of ``site``).
-    """
-
-    op: str
-    module: str
-    layout: str
-    tensors: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class AffineSpec:
-    """An affine module to insert after ``site`` (see :class:`bake.affine_module.LineasAffine`)."""
-
-    site: str
-    dim: int
-    axis: int | None
-    scale: bool
-    shift: bool
-
-    def to_config(self) -> dict:
-        return {"site": self.site, "dim": self.dim, "axis": self.axis, "scale": self.scale, "shift": self.shift}
-
-
-@dataclass(frozen=True)
-class SitePlan:
-    site: str
-    module_class: str
-    kind: str      # rmsnorm | rmsnorm_1p | layernorm | groupnorm | linear | conv1d | conv | embedding | module
-    source: str    # "registry:<model_type>" or "module type"
-    scale: str     # identity | folded | affine
-    shift: str     # zero | folded | consumers | affine
-    steps: tuple[FoldStep, ...] = ()
-    affine: AffineSpec | None = None
-    shift_targets: tuple[str, ...] = ()   # modules whose bias receives the shift
-    reason: str = ""                      # why an affine module is needed
-
-    @property
-    def fully_folded(self) -> bool:
-        return self.affine is None
-
-
-@dataclass(frozen=True)
-class ConfigChange:
-    key: str
-    old: object
-    new: object
-    reason: str
-    adds_bias_to: tuple[str, ...] = ()   # modules that get a zero bias when the flag is switched on
-
-
-@dataclass(frozen=True)
-class Untie:
-    parameter: str
-    tied_to: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class FoldPlan:
-    model_class: str
-    model_type: str | None
-    registry: str | None
-    sites: tuple[SitePlan, ...]
-    config_changes: tuple[ConfigChange, ...] = ()
-    untied: tuple[Untie, ...] = ()
-    maps_digest: str = ""
-
-    # -- views -----------------------------------------------------------------
-    @property
-    def affine_sites(self) -> tuple[str, ...]:
-        return tuple(p.site for p in self.sites if p.affine is not None)
-
-    @property
-    def affine_specs(self) -> tuple[AffineSpec, ...]:
-        return tuple(p.affine for p in self.sites if p.affine is not None)
-
-    @property
-    def fully_folded(self) -> bool:
-        return not self.affine_sites
-
-    def site(self, name: str) -> SitePlan:
-        for p in self.sites:
-            if p.site == name:
-                return p
-        raise KeyError(name)
-
-    def summary(self) -> str:
-        n = len(self.sites)
-        scales = sum(p.scale == "folded" for p in self.sites)
-        parts = [f"{scales} scale{'s' if scales != 1 else ''} folded"]
-        own = sum(p.shift == "folded" for p in self.sites)
-        if own:
-            parts.append(f"{own} shift{'s' if own != 1 else ''} folded into own bias")
-        by_dest = Counter(_short_targets(p.shift_targets) for p in self.sites if p.shift == "consumers")
-        for i, (dest, k) in enumerate(sorted(by_dest.items())):
-            head = f"{k} shift{'s' if k != 1 else ''} folded" if (i == 0 and not own) else f"{k}"
-            parts.append(f"{head} into {dest} biases")
-        n_aff = len(self.affine_sites)
-        shift_only = sum(1 for p in self.sites if p.affine is not None and not p.affine.scale)
-        aff = f"{n_aff} affine module{'s' if n_aff != 1 else ''}"
-        if shift_only:
-            aff += f" ({shift_only} shift-only)"
-        parts.append(aff)
-        ident = sum(p.scale == "identity" and p.shift == "zero" for p in self.sites)
-        if ident:
-            parts.append(f"{ident} identity")
-        extra = []
-        if self.config_changes:
-            extra.append("config: " + ", ".join(f"{c.key}={c.new!r}" for c in self.config_changes))
-        if self.untied:
-            extra.append("untied: " + ", ".join(u.parameter for u in self.untied))
-        return f"{n} site{'s' if n != 1 else ''}: " + ", ".join(parts) + ("; " + "; ".join(extra) if extra else "")
-
-    def to_table(self) -> str:
-        rows = [("site", "kind", "scale", "shift", "notes")]
-        for p in self.sites:
-            if p.shift == "consumers":
-                shift = "-> " + _short_targets(p.shift_targets) + " bias"
-            elif p.shift == "folded":
-                shift = "-> own bias"
-            else:
-                shift = p.shift
-            if p.affine is not None:
-                mod = "affine module" if p.affine.scale else "shift-only affine module"
-                notes = f"{mod}: {p.reason}"
-            else:
-                notes = p.source
-            rows.append((p.site, p.kind, p.scale, shift, notes))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 5)
-        for c in self.config_changes:
-            lines.append(f"config: {c.key}: {c.old!r} -> {c.new!r} ({c.reason}; zero bias added to "
-                         f"{len(c.adds_bias_to)} module{'s' if len(c.adds_bias_to) != 1 else ''})")
-        for u in self.untied:
-            lines.append(f"untie: {u.parameter} gets its own copy (was tied to {', '.join(u.tied_to)})")
-        lines.append(self.summary())
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        """JSON-able description (provenance, model card)."""
-        return {
-            "plan_version": PLAN_VERSION,
-            "model_class": self.model_class,
-            "model_type": self.model_type,
-            "registry": self.registry,
-            "maps_digest": self.maps_digest,
-            "summary": self.summary(),
-            "sites": [_jsonable(asdict(p)) for p in self.sites],
-            "config_changes": [_jsonable(asdict(c)) for c in self.config_changes],
-            "untied": [_jsonable(asdict(u)) for u in self.untied],
-            "affine_sites": list(self.affine_sites),
-        }
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def _short_targets(targets: tuple[str, ...]) -> str:
-    """``model.layers.0.self_attn.q_proj, ...k_proj`` -> ``q/k``."""
-    names = []
-    for t in targets:
-        short = t.rsplit(".", 1)[-1]
-        if short not in names:
-            names.append(short)
-    if len(names) > 1 and all(n.endswith("_proj") for n in names):
-        names = [n[: -len("_proj")] for n in names]   # q_proj/k_proj/v_proj -> q/k/v
-    return "/".join(names)
+UNTIE_HINT = "pass --untie-embeddings (Python: untie=True) to give it its own copy"
+REQUIRE_STANDARD = "--require-standard (Python: require_standard=True)"
 
 
 def maps_digest(maps: Mapping[str, SiteMap]) -> str:
@@ -233,7 +76,7 @@ def maps_digest(maps: Mapping[str, SiteMap]) -> str:
     return h.hexdigest()
 
 
-# -- planning -----------------------------------------------------------------
+# -- what a module is, by type ---------------------------------------------------
 def _conv1d_type():
     try:
         from transformers.pytorch_utils import Conv1D
@@ -242,28 +85,28 @@ def _conv1d_type():
         return ()
 
 
-def producer_layout(module: nn.Module) -> str | None:
+def producer_layout(module: nn.Module) -> Layout | None:
     """Layout of a module whose output rows fold exactly, by type only (None: not a producer)."""
     if isinstance(module, nn.Linear):
-        return "linear"
+        return Layout.LINEAR
     conv1d = _conv1d_type()
     if conv1d and isinstance(module, conv1d):
-        return "conv1d"
+        return Layout.CONV1D
     if type(module) is nn.Conv2d:
-        return "conv"
+        return Layout.CONV
     if type(module) is nn.Embedding:
-        return "embedding"
+        return Layout.EMBEDDING
     return None
 
 
-def _norm_by_type(module: nn.Module) -> str | None:
+def _norm_by_type(module: nn.Module) -> SiteKind | None:
     if type(module) is nn.LayerNorm:
-        return "layernorm"
+        return SiteKind.LAYERNORM
     if type(module) is nn.GroupNorm:
-        return "groupnorm"
+        return SiteKind.GROUPNORM
     rms = getattr(nn, "RMSNorm", None)
     if rms is not None and type(module) is rms:
-        return "rmsnorm"
+        return SiteKind.RMSNORM
     return None
 
 
@@ -306,48 +149,135 @@ def _normalise_maps(effective_maps) -> dict[str, SiteMap]:
     return out
 
 
+# -- per-site facts and decisions --------------------------------------------------
+@dataclass(frozen=True)
+class _Site:
+    """What a decision knows about one site."""
+
+    name: str
+    module: nn.Module
+    map: SiteMap
+    kind: SiteKind
+    source: str                              # "registry:<model_type>" or "module type"
+    layout: Layout | None = None             # producers
+    consumers: tuple[str, ...] | None = None  # norms: the registry's consumer linears (None: none known)
+    consumers_note: str = ""                 # the registry's word on an empty consumer list
+    mismatch: str = ""                       # why the registry entry for this site was not used
+
+    @property
+    def identity_scale(self) -> bool:
+        return is_identity_scale(self.map.scale)
+
+    @property
+    def zero_shift(self) -> bool:
+        return is_zero_shift(self.map.shift)
+
+    def plan(self, *, scale: ScaleFold, shift: ShiftFold, steps: Iterable[FoldStep] = (),
+             shift_targets: tuple[str, ...] = ()) -> SitePlan:
+        return SitePlan(site=self.name, module_class=type(self.module).__name__, kind=self.kind,
+                        source=self.source, scale=scale, shift=shift, steps=tuple(steps),
+                        shift_targets=shift_targets)
+
+
+@dataclass(frozen=True)
+class _Needs:
+    """What one site's plan asks of the whole plan."""
+
+    flags: tuple[str, ...] = ()                          # config bias flags to switch on
+    untie: tuple[tuple[str, tuple[str, ...]], ...] = ()  # parameter, what it is tied to
+    notes: tuple[str, ...] = ()                          # registry/model disagreements
+
+    def __add__(self, other: _Needs) -> _Needs:
+        return _Needs(flags=self.flags + other.flags, untie=self.untie + other.untie, notes=self.notes + other.notes)
+
+
+NOTHING = _Needs()
+
+
+def _to_affine(site: _Site, *, reason: str, steps: Iterable[FoldStep] = (), scale_folded: bool = False) -> SitePlan:
+    """The one fallback: whatever ``steps`` do not fold stays in an affine module after the site."""
+    scale = ScaleFold.IDENTITY if site.identity_scale else (ScaleFold.FOLDED if scale_folded else ScaleFold.AFFINE)
+    shift = ShiftFold.ZERO if site.zero_shift else ShiftFold.AFFINE
+    spec = AffineSpec(site=site.name, dim=site.map.dim, axis=feature_axis(site.module),
+                      scale=scale is ScaleFold.AFFINE, shift=shift is ShiftFold.AFFINE)
+    return SitePlan(site=site.name, module_class=type(site.module).__name__, kind=site.kind, source=site.source,
+                    scale=scale, shift=shift, steps=tuple(steps), affine=spec,
+                    reason=f"{site.mismatch}; {reason}" if site.mismatch else reason)
+
+
+def _folded_scale(site: _Site) -> ScaleFold:
+    return ScaleFold.IDENTITY if site.identity_scale else ScaleFold.FOLDED
+
+
 class _Planner:
-    def __init__(self, model: nn.Module, untie: bool):
+    def __init__(self, model: nn.Module, *, untie: bool):
         self.model = model
         self.config = getattr(model, "config", None)
-        self.entry: ArchEntry | None = entry_for(self.config) if self.config is not None else None
         self.modules = dict(model.named_modules())
         self.tied = _tied_groups(model)
         self.allow_untie = untie
-        self.flags: dict[str, list[str]] = {}     # flag -> sites needing it
-        self.untie: dict[str, tuple[str, ...]] = {}
+        self.notes: list[str] = []
+        self.entry: ArchEntry | None = entry_for(self.config) if self.config is not None else None
+        if self.entry is not None and self.entry.describes(model) is None:
+            self._note(f"registry entry {self.entry.model_type!r} describes {', '.join(self.entry.architectures)}, "
+                       f"not {type(model).__name__}: every site is planned by module type")
+            self.entry = None
+        self.registry_source = f"registry:{self.entry.model_type}" if self.entry else ""
 
-    # ---- helpers
-    def _flag_available(self, flag: str | None) -> bool:
-        return flag is not None and self.config is not None and hasattr(self.config, flag)
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            log.warning("fold plan: %s", text)
+            self.notes.append(text)
 
-    def _bias_route(self, name: str, module: nn.Module) -> tuple[bool, str | None, str]:
-        """Can ``module`` hold a bias? -> (ok, flag to switch on or None, reason if not)."""
-        if getattr(module, "bias", None) is not None:
-            return True, None, ""
-        flag = self.entry.flag_for(name) if self.entry else None
-        if self._flag_available(flag):
-            return True, flag, ""
-        if flag is not None:
-            return False, None, f"{name} has no bias and the config lacks the {flag!r} flag"
-        return False, None, f"{name} has no bias and no config flag adds one"
+    # ---- facts
+    def classify(self, name: str, m: SiteMap) -> _Site:
+        module = self.modules[name]
+        cls = type(module).__name__
+        mismatch = ""
+        if self.entry is not None:
+            mt = self.entry.model_type
+            hit = self.entry.match_norm(name)
+            producer = self.entry.match_producer(name)
+            if hit is not None:
+                norm, layer = hit
+                if norm.module_class == cls:
+                    return _Site(name=name, module=module, map=m, kind=norm.kind, source=self.registry_source,
+                                 consumers=tuple(expand(c, layer) for c in norm.consumers),
+                                 consumers_note=norm.note)
+                mismatch = f"registry {mt!r} expects a {norm.module_class} at {name}, the model has a {cls}"
+            elif producer is not None:
+                if producer_layout(module) is producer.layout:
+                    return _Site(name=name, module=module, map=m, kind=SiteKind(producer.layout.value),
+                                 source=self.registry_source, layout=producer.layout)
+                mismatch = (f"registry {mt!r} lists {name} as a {producer.layout.value} layer, "
+                            f"the model has a {cls}")
+        kind = _norm_by_type(module)
+        if kind is not None:
+            return _Site(name=name, module=module, map=m, kind=kind, source="module type", mismatch=mismatch)
+        layout = producer_layout(module)
+        if layout is not None:
+            return _Site(name=name, module=module, map=m, kind=SiteKind(layout.value), source="module type",
+                         layout=layout, mismatch=mismatch)
+        return _Site(name=name, module=module, map=m, kind=SiteKind.MODULE, source="module type", mismatch=mismatch)
 
-    def _tie_block(self, param: str) -> str | None:
-        """None if ``param`` may be written (untying it if planned), else the reason."""
-        others = self.tied.get(param)
-        if not others:
-            return None
-        if self.allow_untie and self._untie_by_config(param, others):
-            self.untie[param] = others
-            return None
-        why = f"{param} is tied to {', '.join(others)}"
-        if not self.allow_untie:
-            return why + " (pass untie=True to give it its own copy)"
-        return why + " by something other than config.tie_word_embeddings, so it cannot be untied safely"
+    def write_access(self, params: Iterable[str]) -> tuple[str | None, _Needs]:
+        """(None, the unties needed) when every parameter may be written; else (why not, nothing)."""
+        untie = []
+        for param in params:
+            others = self.tied.get(param)
+            if not others:
+                continue
+            if self.allow_untie and self._tied_by_config(param):
+                untie.append((param, others))
+                continue
+            why = f"{param} is tied to {', '.join(others)}"
+            if not self.allow_untie:
+                return f"{why} ({UNTIE_HINT})", NOTHING
+            return why + " by something other than config.tie_word_embeddings, so it cannot be untied safely", NOTHING
+        return None, _Needs(untie=tuple(untie))
 
-    def _untie_by_config(self, param: str, others: tuple[str, ...]) -> bool:
-        cfg = self.config
-        if cfg is None or not getattr(cfg, "tie_word_embeddings", False):
+    def _tied_by_config(self, param: str) -> bool:
+        if self.config is None or not getattr(self.config, "tie_word_embeddings", False):
             return False
         try:
             emb = self.model.get_input_embeddings().weight
@@ -356,128 +286,131 @@ class _Planner:
             return False
         return emb is out and dict(self.model.named_parameters(remove_duplicate=False)).get(param) is emb
 
-    def _affine(self, site: str, dim: int, *, scale: bool, shift: bool) -> AffineSpec:
-        return AffineSpec(site, dim, feature_axis(self.modules[site]), scale, shift)
+    def bias_route(self, name: str, module: nn.Module) -> tuple[str | None, _Needs]:
+        """(None, flag to switch on if any) when ``module`` has or can get a bias; else (why not, nothing)."""
+        if getattr(module, "bias", None) is not None:
+            return None, NOTHING
+        flag = self.entry.flag_for(name) if self.entry else None
+        if flag is not None and self.config is not None and hasattr(self.config, flag):
+            return None, _Needs(flags=(flag,))
+        if flag is not None:
+            return f"{name} has no bias and the config lacks the {flag!r} flag", NOTHING
+        return f"{name} has no bias and no config flag adds one", NOTHING
 
-    # ---- per site
-    def plan_site(self, site: str, m: SiteMap) -> SitePlan:
-        module = self.modules[site]
-        cls = type(module).__name__
-        s_id, t_zero = is_identity_scale(m.scale), is_zero_shift(m.shift)
-        if s_id and t_zero:
-            return SitePlan(site, cls, "module", "module type", "identity", "zero")
-        if self.entry is not None:
-            hit = self.entry.match_norm(site)
-            if hit is not None:
-                norm, layer = hit
-                if norm.module_class is None or norm.module_class == cls:
-                    consumers = tuple(expand(c, layer) for c in norm.consumers)
-                    return self._plan_norm(site, module, m, norm.kind, consumers, norm,
-                                           f"registry:{self.entry.model_type}")
-        kind = _norm_by_type(module)
-        if kind is not None:
-            return self._plan_norm(site, module, m, kind, None, None, "module type")
-        layout = producer_layout(module)
-        if layout is not None:
-            src = (f"registry:{self.entry.model_type}" if self.entry and self.entry.match_producer(site)
-                   else "module type")
-            return self._plan_producer(site, module, m, layout, src)
-        return SitePlan(site, cls, "module", "module type", "identity" if s_id else "affine",
-                        "zero" if t_zero else "affine",
-                        affine=self._affine(site, m.dim, scale=not s_id, shift=not t_zero),
-                        reason=f"no exact fold is known for a {cls} output")
-
-    def _plan_norm(self, site, module, m: SiteMap, kind: str, consumers, norm: NormEntry | None, source: str):
-        cls = type(module).__name__
-        s_id, t_zero = is_identity_scale(m.scale), is_zero_shift(m.shift)
-        weight = getattr(module, "weight", None)
-        bias = getattr(module, "bias", None)
-        if not isinstance(weight, torch.Tensor) or (kind.startswith("rmsnorm") and bias is not None):
-            why = "norm has no weight" if not isinstance(weight, torch.Tensor) else "RMSNorm with a bias is not a known convention"
-            return SitePlan(site, cls, kind, source, "identity" if s_id else "affine", "zero" if t_zero else "affine",
-                            affine=self._affine(site, m.dim, scale=not s_id, shift=not t_zero), reason=why)
-        block = self._tie_block(f"{site}.weight")
-        if block:
-            return SitePlan(site, cls, kind, source, "identity" if s_id else "affine", "zero" if t_zero else "affine",
-                            affine=self._affine(site, m.dim, scale=not s_id, shift=not t_zero), reason=block)
-        steps: list[FoldStep] = []
-        if not s_id:
-            op = "norm_scale_1p" if kind == "rmsnorm_1p" else "norm_scale"
-            steps.append(FoldStep(op, site, "norm", (f"{site}.weight",)))
-        scale_state = "identity" if s_id else "folded"
-        if bias is not None and (not s_id or not t_zero):
-            steps.append(FoldStep("norm_bias", site, "norm", (f"{site}.bias",)))
-        if t_zero:
-            return SitePlan(site, cls, kind, source, scale_state, "zero", tuple(steps))
-        if bias is not None:
-            return SitePlan(site, cls, kind, source, scale_state, "folded", tuple(steps))
-        # Shift on a bias-free norm: it moves to every consumer's bias, or stays in an affine module.
-        reason = self._consumer_block(consumers, norm)
-        if reason is None:
-            flags = {}
-            for c in consumers:
-                ok, flag, _ = self._bias_route(c, self.modules[c])
-                if flag:
-                    flags[flag] = True
-                layout = producer_layout(self.modules[c])
-                steps.append(FoldStep("input_shift", c, layout, (f"{c}.bias",)))
-            for flag in flags:
-                self.flags.setdefault(flag, []).append(site)
-            return SitePlan(site, cls, kind, source, scale_state, "consumers", tuple(steps),
-                            shift_targets=tuple(consumers))
-        return SitePlan(site, cls, kind, source, scale_state, "affine", tuple(steps),
-                        affine=self._affine(site, m.dim, scale=False, shift=True), reason=reason)
-
-    def _consumer_block(self, consumers, norm: NormEntry | None) -> str | None:
-        if consumers is None:
-            return "no registry entry names the linears that read this output, so its shift cannot move into their biases"
-        if not consumers:
-            return (norm.note if norm is not None and norm.note else "no linear consumes this output") + \
-                "; the shift has no bias to fold into"
-        for c in consumers:
+    def consumer_route(self, site: _Site) -> tuple[str | None, tuple[FoldStep, ...], _Needs]:
+        """Can the shift move into the bias of every linear reading the site? (why not | None, steps, needs)"""
+        if site.consumers is None:
+            return ("no registry entry names the linears that read this output, so its shift cannot move into "
+                    "their biases"), (), NOTHING
+        if not site.consumers:
+            return (site.consumers_note or "no linear consumes this output") + "; the shift has no bias to fold into", \
+                (), NOTHING
+        steps, needs = [], NOTHING
+        for c in site.consumers:
             mod = self.modules.get(c)
             if mod is None:
-                return f"registry consumer {c} is not in the model"
-            layout = producer_layout(mod)
-            if layout not in ("linear", "conv1d"):
-                return f"consumer {c} is a {type(mod).__name__}, not a linear layer"
-            ok, _, why = self._bias_route(c, mod)
-            if not ok:
-                return f"consumer {why}"
-            block = self._tie_block(f"{c}.bias") if getattr(mod, "bias", None) is not None else None
-            if block:
-                return f"consumer {block}"
-        return None
+                return f"registry consumer {c} is not in the model", (), NOTHING
+            layout = self.entry.match_producer(c).layout  # the registry validator made every consumer a producer
+            if producer_layout(mod) is not layout:
+                mismatch = f"registry {self.entry.model_type!r} lists {c} as a {layout.value} layer, the model has a " \
+                           f"{type(mod).__name__}"
+                return f"consumer {c}: {mismatch}", (), _Needs(notes=(mismatch + ": shift not folded into it",))
+            why, flag = self.bias_route(c, mod)
+            if why is None and getattr(mod, "bias", None) is not None:
+                why, _ = self.write_access([f"{c}.bias"])
+            if why is not None:
+                return f"consumer {why}", (), NOTHING
+            steps.append(FoldStep(op=FoldOp.INPUT_SHIFT, module=c, layout=layout, tensors=(f"{c}.bias",)))
+            needs = needs + flag
+        return None, tuple(steps), needs
 
-    def _plan_producer(self, site, module, m: SiteMap, layout: str, source: str):
-        cls = type(module).__name__
-        s_id, t_zero = is_identity_scale(m.scale), is_zero_shift(m.shift)
-        block = self._tie_block(f"{site}.weight")
-        if block is None and getattr(module, "bias", None) is not None:
-            block = self._tie_block(f"{site}.bias")
-        if block:
-            return SitePlan(site, cls, layout, source, "identity" if s_id else "affine",
-                            "zero" if t_zero else "affine",
-                            affine=self._affine(site, m.dim, scale=not s_id, shift=not t_zero), reason=block)
-        if t_zero or layout == "embedding":
-            shift_state = "zero" if t_zero else "folded"
-            return SitePlan(site, cls, layout, source, "identity" if s_id else "folded", shift_state,
-                            (FoldStep("rows", site, layout, _row_tensors(site, module, layout)),))
-        ok, flag, why = self._bias_route(site, module)
-        if ok:
-            if flag:
-                self.flags.setdefault(flag, []).append(site)
-            tensors = (f"{site}.weight", f"{site}.bias")
-            return SitePlan(site, cls, layout, source, "identity" if s_id else "folded", "folded",
-                            (FoldStep("rows", site, layout, tensors),))
-        steps = () if s_id else (FoldStep("rows", site, layout, _row_tensors(site, module, layout)),)
-        return SitePlan(site, cls, layout, source, "identity" if s_id else "folded", "affine", steps,
-                        affine=self._affine(site, m.dim, scale=False, shift=True), reason=why)
+    # ---- decisions
+    def decide(self, site: _Site) -> tuple[SitePlan, _Needs]:
+        if site.identity_scale and site.zero_shift:
+            return site.plan(scale=ScaleFold.IDENTITY, shift=ShiftFold.ZERO), NOTHING
+        if site.kind.is_norm:
+            return self.decide_norm(site)
+        if site.layout is not None:
+            return self.decide_producer(site)
+        return _to_affine(site, reason=f"no exact fold is known for a {type(site.module).__name__} output"), NOTHING
 
-    # ---- config changes
-    def config_changes(self) -> tuple[ConfigChange, ...]:
+    def decide_norm(self, site: _Site) -> tuple[SitePlan, _Needs]:
+        name, module = site.name, site.module
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if not isinstance(weight, torch.Tensor):
+            return _to_affine(site, reason="norm has no weight"), NOTHING
+        if site.kind in (SiteKind.RMSNORM, SiteKind.RMSNORM_1P) and bias is not None:
+            return _to_affine(site, reason="RMSNorm with a bias is not a known convention"), NOTHING
+        steps = []
+        if not site.identity_scale:
+            op = FoldOp.NORM_SCALE_1P if site.kind is SiteKind.RMSNORM_1P else FoldOp.NORM_SCALE
+            steps.append(FoldStep(op=op, module=name, layout=Layout.NORM, tensors=(f"{name}.weight",)))
+        if bias is not None:  # b' = s*b + t: written whenever the map is not the identity
+            steps.append(FoldStep(op=FoldOp.NORM_BIAS, module=name, layout=Layout.NORM, tensors=(f"{name}.bias",)))
+        blocked, needs = self.write_access(t for step in steps for t in step.tensors)
+        if blocked:
+            return _to_affine(site, reason=blocked), NOTHING
+        scale = _folded_scale(site)
+        if site.zero_shift:
+            return site.plan(scale=scale, shift=ShiftFold.ZERO, steps=steps), needs
+        if bias is not None:
+            return site.plan(scale=scale, shift=ShiftFold.OWN_BIAS, steps=steps), needs
+        # A shift on a bias-free norm moves to every consumer's bias, or stays in an affine module.
+        why, consumer_steps, consumer_needs = self.consumer_route(site)
+        if why is None:
+            return site.plan(scale=scale, shift=ShiftFold.CONSUMERS, steps=[*steps, *consumer_steps],
+                             shift_targets=site.consumers), needs + consumer_needs
+        return _to_affine(site, reason=why, steps=steps, scale_folded=True), needs + consumer_needs
+
+    def decide_producer(self, site: _Site) -> tuple[SitePlan, _Needs]:
+        name, module, layout = site.name, site.module, site.layout
+        has_bias = layout is not Layout.EMBEDDING and getattr(module, "bias", None) is not None
+        rows = (f"{name}.weight", f"{name}.bias") if has_bias else (f"{name}.weight",)
+        if site.zero_shift or layout is Layout.EMBEDDING:  # an embedding's shift goes into every row
+            blocked, needs = self.write_access(rows)
+            if blocked:
+                return _to_affine(site, reason=blocked), NOTHING
+            step = FoldStep(op=FoldOp.ROWS, module=name, layout=layout, tensors=rows)
+            shift = ShiftFold.ZERO if site.zero_shift else ShiftFold.OWN_BIAS
+            return site.plan(scale=_folded_scale(site), shift=shift, steps=[step]), needs
+        no_bias, flag = self.bias_route(name, module)
+        if no_bias is None:
+            blocked, needs = self.write_access(rows)
+            if blocked:
+                return _to_affine(site, reason=blocked), NOTHING
+            step = FoldStep(op=FoldOp.ROWS, module=name, layout=layout, tensors=(f"{name}.weight", f"{name}.bias"))
+            return site.plan(scale=_folded_scale(site), shift=ShiftFold.OWN_BIAS, steps=[step]), needs + flag
+        # No bias to take the shift: the scale folds into the rows, the shift stays in an affine module.
+        if site.identity_scale:
+            return _to_affine(site, reason=no_bias), NOTHING
+        blocked, needs = self.write_access(rows)
+        if blocked:
+            return _to_affine(site, reason=blocked), NOTHING
+        step = FoldStep(op=FoldOp.ROWS, module=name, layout=layout, tensors=rows)
+        return _to_affine(site, reason=no_bias, steps=[step], scale_folded=True), needs
+
+    # ---- bookkeeping
+    def plan_sites(self, maps: Mapping[str, SiteMap]) -> tuple[tuple[SitePlan, ...], dict[str, list[str]],
+                                                                dict[str, tuple[str, ...]]]:
+        """Every site's plan, the config flags to switch on (flag -> sites) and the parameters to untie."""
+        sites, flags, untie = [], {}, {}
+        for name, m in maps.items():
+            site = self.classify(name, m)
+            if site.mismatch:
+                self._note(site.mismatch + ": planned by module type")
+            site_plan, needs = self.decide(site)
+            sites.append(site_plan)
+            for flag in dict.fromkeys(needs.flags):
+                flags.setdefault(flag, []).append(name)
+            untie.update(needs.untie)
+            for note in needs.notes:
+                self._note(note)
+        return tuple(sites), flags, untie
+
+    def config_changes(self, flags: Mapping[str, list[str]], untie: Mapping[str, tuple[str, ...]]
+                       ) -> tuple[ConfigChange, ...]:
         out = []
-        for flag, sites in self.flags.items():
+        for flag, sites in flags.items():
             old = getattr(self.config, flag)
             if old is True:
                 continue
@@ -485,17 +418,19 @@ class _Planner:
             targets = tuple(name for name, mod in self.modules.items()
                             if any(match_template(t, name) is not False for t in templates)
                             and getattr(mod, "bias", None) is None)
-            reason = f"needed by {len(sites)} site{'s' if len(sites) != 1 else ''}"
-            out.append(ConfigChange(flag, old, True, reason, targets))
-        if self.untie:
-            out.append(ConfigChange("tie_word_embeddings", True, False, "untie " + ", ".join(self.untie)))
+            out.append(ConfigChange(key=flag, old=old, new=True,
+                                    reason=f"needed by {len(sites)} site{'s' if len(sites) != 1 else ''}",
+                                    adds_bias_to=targets))
+        if untie:
+            out.append(ConfigChange(key="tie_word_embeddings", old=True, new=False, reason="untie " + ", ".join(untie)))
         return tuple(out)
 
 
-def _row_tensors(site: str, module: nn.Module, layout: str) -> tuple[str, ...]:
-    if layout != "embedding" and getattr(module, "bias", None) is not None:
-        return (f"{site}.weight", f"{site}.bias")
-    return (f"{site}.weight",)
+def _resolve(model: nn.Module, sites: Iterable[str]) -> dict[str, nn.Module]:
+    try:
+        return resolve_sites(model, list(sites))
+    except SteeringError as e:
+        raise FoldError(str(e)) from None
 
 
 def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_standard: bool = False,
@@ -503,34 +438,30 @@ def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_sta
     """Plan how to bake ``effective_maps`` (site -> effective ``SiteMap``, e.g. from
     :func:`lineas.maps.effective_maps`) into ``model``.  Nothing is modified.
 
+    Raises :class:`FoldError` for maps the bake would refuse: unknown or root sites, a map
+    length that does not match the site's output (checked with one tiny forward pass for
+    sites whose type does not tell their size), non-finite values.
     ``require_standard``: raise :class:`FoldError` naming every site that would need an
     affine module (so the result loads with plain transformers, no remote code).
     ``untie``: allow giving a tied output/input embedding its own copy so it can be folded.
     """
     maps = _normalise_maps(effective_maps)
-    try:
-        modules = resolve_sites(model, list(maps))
-    except SteeringError as e:
-        raise FoldError(str(e)) from None
-    for site, m in maps.items():
-        d = module_feature_dim(modules[site])
-        if d is not None and d != m.dim:
-            raise FoldError(f"site {site!r}: map has length {m.dim} but {type(modules[site]).__name__} "
-                            f"outputs {d} features")
-    planner = _Planner(model, untie)
-    sites = tuple(planner.plan_site(site, m) for site, m in maps.items())
+    check_site_outputs(model, _resolve(model, maps), maps)
+    planner = _Planner(model, untie=untie)
+    sites, flags, untied = planner.plan_sites(maps)
     config = getattr(model, "config", None)
     result = FoldPlan(
         model_class=type(model).__name__,
         model_type=getattr(config, "model_type", None),
         registry=planner.entry.model_type if planner.entry else None,
         sites=sites,
-        config_changes=planner.config_changes(),
-        untied=tuple(Untie(p, o) for p, o in planner.untie.items()),
+        config_changes=planner.config_changes(flags, untied),
+        untied=tuple(Untie(parameter=p, tied_to=o) for p, o in untied.items()),
         maps_digest=maps_digest(maps),
+        notes=tuple(planner.notes),
     )
     if require_standard and result.affine_sites:
         lines = [f"  {p.site}: {p.reason}" for p in result.sites if p.affine is not None]
-        raise FoldError(f"{len(lines)} site(s) cannot be folded into standard weights "
-                        f"(require_standard=True):\n" + "\n".join(lines))
+        raise FoldError(f"{len(lines)} site(s) cannot be folded into standard weights, as {REQUIRE_STANDARD} "
+                        f"demands:\n" + "\n".join(lines))
     return result

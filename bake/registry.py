@@ -1,12 +1,18 @@
 """Fold-sites registry: per-architecture data in ``bake/archs/<model_type>.json``.
 
-Each file says, for one ``config.model_type``, which modules are norms (and
-their weight convention), which linears consume each norm's output, which
-linears may be producer sites, which config flags switch biases on, and which
-weights are tied.  Module names are templates with a ``{layer}`` placeholder.
+Each file says, for one ``config.model_type``, which model classes it
+describes (``architectures``), which modules are norms (their class and weight
+convention), which linears consume each norm's output, which linears are
+producers (and their weight layout), and which config flags switch biases on.
+Module names are templates with a ``{layer}`` placeholder.  Every field drives
+:mod:`bake.plan`; whatever the model itself tells exactly (biases present,
+weights tied) is read from the model, not written here.
 
 The data is validated strictly on load (an unknown key is an error): a typo in
-a registry file must not silently turn a fold off -- or on.
+a registry file must not silently turn a fold off -- or on.  Where an entry
+and the model disagree (another class at a norm site, another layout at a
+producer, a model class the entry does not list), the planner does not use
+that part of the entry and says so in the plan's notes.
 
 A model without an entry is still baked: :mod:`bake.plan` falls back to folds
 that the module type alone makes exact, and to affine modules elsewhere.
@@ -22,15 +28,15 @@ from importlib import resources
 from typing import Mapping
 
 from .errors import BakeError
+from .plan_types import NORM_KINDS, Layout, SiteKind
 
-NORM_KINDS = ("layernorm", "rmsnorm", "rmsnorm_1p", "groupnorm")
-PRODUCER_LAYOUTS = ("linear", "conv1d")
+PRODUCER_LAYOUTS = (Layout.LINEAR, Layout.CONV1D)
 
 _TOP_KEYS = {"model_type": str, "architectures": list, "norms": list, "producers": list,
-             "bias_flags": dict, "always_biased": list, "tied": list, "notes": str}
+             "bias_flags": dict, "notes": str}
 _REQUIRED_TOP = {"model_type", "architectures", "norms", "producers", "bias_flags"}
 _NORM_KEYS = {"site": str, "kind": str, "module_class": str, "consumers": list, "note": str}
-_REQUIRED_NORM = {"site", "kind", "consumers"}
+_REQUIRED_NORM = {"site", "kind", "module_class", "consumers"}
 _PRODUCER_KEYS = {"site": str, "layout": str}
 _PLACEHOLDER = re.compile(r"\{([^}]*)\}")
 
@@ -42,28 +48,34 @@ class RegistryError(BakeError, ValueError):
 @dataclass(frozen=True)
 class NormEntry:
     site: str                       # template
-    kind: str                       # one of NORM_KINDS
+    kind: SiteKind                  # one of NORM_KINDS: fixes the weight convention (w or 1+w)
     consumers: tuple[str, ...]      # templates of the linears reading this norm's output
-    module_class: str | None = None  # expected class name; a mismatch means "do not trust this entry"
+    module_class: str               # the class the convention was checked on; another class: entry not used
     note: str = ""
 
 
 @dataclass(frozen=True)
 class ProducerEntry:
     site: str
-    layout: str
+    layout: Layout                  # must agree with the module's type, else the entry is not used
 
 
 @dataclass(frozen=True)
 class ArchEntry:
     model_type: str
-    architectures: tuple[str, ...]
+    architectures: tuple[str, ...]  # model classes whose module names the templates follow
     norms: tuple[NormEntry, ...]
     producers: tuple[ProducerEntry, ...]
     bias_flags: Mapping[str, tuple[str, ...]]  # config flag -> templates of linears it gives a bias
-    always_biased: tuple[str, ...] = ()
-    tied: tuple[tuple[str, str], ...] = ()
     notes: str = ""
+
+    def describes(self, model) -> str | None:
+        """The listed architecture ``model`` is (or derives from, e.g. a reloaded ``LineasSteeredX``),
+        or None when the entry does not describe this class."""
+        for cls in type(model).__mro__:
+            if cls.__name__ in self.architectures:
+                return cls.__name__
+        return None
 
     def match_norm(self, site: str) -> tuple[NormEntry, str | None] | None:
         """The norm entry whose template matches ``site``, and the layer index (None if no ``{layer}``)."""
@@ -73,9 +85,9 @@ class ArchEntry:
                 return e, layer
         return None
 
-    def match_producer(self, site: str) -> ProducerEntry | None:
+    def match_producer(self, name: str) -> ProducerEntry | None:
         for e in self.producers:
-            if match_template(e.site, site) is not False:
+            if match_template(e.site, name) is not False:
                 return e
         return None
 
@@ -147,37 +159,34 @@ def parse_entry(data: object, origin: str = "<registry>") -> ArchEntry:
         where = f"{origin}: norms[{i}]"
         _check_keys(n, _NORM_KEYS, _REQUIRED_NORM, where)
         if n["kind"] not in NORM_KINDS:
-            raise RegistryError(f"{where}: kind {n['kind']!r} is not one of {NORM_KINDS}")
-        norms.append(NormEntry(_check_template(n["site"], where), n["kind"], _str_list(n["consumers"], where + ".consumers"),
-                               n.get("module_class"), n.get("note", "")))
+            raise RegistryError(f"{where}: kind {n['kind']!r} is not one of {[k.value for k in NORM_KINDS]}")
+        if not n["module_class"]:
+            raise RegistryError(f"{where}: 'module_class' must name the norm's class")
+        norms.append(NormEntry(site=_check_template(n["site"], where), kind=SiteKind(n["kind"]),
+                               consumers=_str_list(n["consumers"], where + ".consumers"),
+                               module_class=n["module_class"], note=n.get("note", "")))
     producers = []
     for i, p in enumerate(data["producers"]):
         where = f"{origin}: producers[{i}]"
         _check_keys(p, _PRODUCER_KEYS, set(_PRODUCER_KEYS), where)
         if p["layout"] not in PRODUCER_LAYOUTS:
-            raise RegistryError(f"{where}: layout {p['layout']!r} is not one of {PRODUCER_LAYOUTS}")
-        producers.append(ProducerEntry(_check_template(p["site"], where), p["layout"]))
+            raise RegistryError(f"{where}: layout {p['layout']!r} is not one of {[x.value for x in PRODUCER_LAYOUTS]}")
+        producers.append(ProducerEntry(site=_check_template(p["site"], where), layout=Layout(p["layout"])))
     producer_sites = {p.site for p in producers}
     flags = {}
     for flag, templates in data["bias_flags"].items():
         flags[flag] = _str_list(templates, f"{origin}: bias_flags[{flag!r}]")
-    always = _str_list(data.get("always_biased", []), f"{origin}: always_biased")
     # Every linear the registry talks about must be declared a producer, so its layout is known.
     for where, names in ([(f"norm {n.site!r} consumers", n.consumers) for n in norms]
-                         + [(f"bias flag {f!r}", t) for f, t in flags.items()] + [("always_biased", always)]):
+                         + [(f"bias flag {f!r}", t) for f, t in flags.items()]):
         unknown = [t for t in names if t not in producer_sites]
         if unknown:
             raise RegistryError(f"{origin}: {where} name(s) {unknown} not listed under 'producers'")
-    tied = []
-    for i, pair in enumerate(data.get("tied", [])):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise RegistryError(f"{origin}: tied[{i}] must be a pair of parameter names, got {pair!r}")
-        tied.append((pair[0], pair[1]))
     archs = data["architectures"]
-    if not archs or not all(isinstance(a, str) for a in archs):
+    if not archs or not all(isinstance(a, str) and a for a in archs):
         raise RegistryError(f"{origin}: 'architectures' must be a non-empty list of class names")
-    return ArchEntry(data["model_type"], tuple(archs), tuple(norms), tuple(producers), flags, always,
-                     tuple(tied), data.get("notes", ""))
+    return ArchEntry(model_type=data["model_type"], architectures=tuple(archs), norms=tuple(norms),
+                     producers=tuple(producers), bias_flags=flags, notes=data.get("notes", ""))
 
 
 @lru_cache(maxsize=None)

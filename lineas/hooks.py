@@ -116,6 +116,9 @@ def resolve_sites(model: nn.Module, sites: Sequence[str]) -> dict[str, nn.Module
     modules = dict(model.named_modules())
     out = {}
     for site in sites:
+        if site == "":  # named_modules() calls the root "": its output is the model's (logits, cache), not features
+            raise SteeringError(f"site '' is the root module (the whole {type(model).__name__}), whose output is "
+                                f"not a feature tensor; name a submodule, e.g. a decoder layer or a norm")
         if site not in modules:
             hint = similar_names(site, modules)
             raise SteeringError(f"unknown site {site!r}: no such module in {type(model).__name__}"

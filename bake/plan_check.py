@@ -1,0 +1,100 @@
+"""Check, before anything is planned or baked, that every map fits its site's output.
+
+A module whose type tells its output size (a norm, a linear, ...) is checked from
+that size.  Any other site (a decoder layer, an attention block) shows its output
+only when it runs, and the steering hook refuses a wrong length only then: minutes
+into a real bake, and never in ``--dry-run``.  So :func:`check_site_outputs` runs
+one tiny forward pass (one row of a few token ids, no gradients) whose hooks make
+the steering hook's own check (:func:`lineas.hooks.apply_affine`) and return
+nothing, so the model's outputs and weights are untouched.  ``lineas-bake
+--dry-run`` and the real run call the same :func:`bake.plan.plan`, so both refuse
+the same maps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lineas.collect import run_hooked
+from lineas.hooks import SteeringError, apply_affine, feature_axis, module_feature_dim
+from lineas.maps import SiteMap
+
+from .errors import FoldError
+from .probes import model_vocab_size
+
+log = logging.getLogger(__name__)
+
+CHECK_TOKENS = 4  # enough for any sequence-shaped output; the pass costs one short forward
+
+
+def check_site_outputs(model: nn.Module, modules: Mapping[str, nn.Module], maps: Mapping[str, SiteMap]) -> None:
+    """Raise :class:`FoldError` naming every site whose output does not fit its map (length or type)."""
+    for site, m in maps.items():
+        d = module_feature_dim(modules[site])
+        if d is not None and d != m.dim:
+            raise FoldError(f"site {site!r}: map has length {m.dim} but {type(modules[site]).__name__} "
+                            f"outputs {d} features")
+    unknown = [site for site in maps if module_feature_dim(modules[site]) is None]
+    if unknown:
+        _check_by_forward(model, {site: (modules[site], maps[site]) for site in unknown})
+
+
+def _check_batch(model: nn.Module) -> dict | None:
+    """A few token ids on the model's device, or None for a model that does not read token ids."""
+    try:
+        vocab = model_vocab_size(model)
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    ids = ((torch.arange(CHECK_TOKENS) + 3) % vocab).unsqueeze(0).to(device)  # skip ids 0-2 (special tokens)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _output_problem(site: str, module: nn.Module, m: SiteMap, output) -> str | None:
+    head = output[0] if isinstance(output, (tuple, list)) and len(output) else output
+    if not isinstance(head, torch.Tensor):
+        return (f"site {site!r}: the {type(module).__name__} there outputs a {type(head).__name__}, "
+                f"not a tensor (nor a tuple starting with one), so no map can act on it; steer a submodule")
+    try:
+        apply_affine(head, m.scale, m.shift, site, feature_axis(module))
+    except SteeringError as e:
+        return str(e)
+    return None
+
+
+def _check_by_forward(model: nn.Module, sites: Mapping[str, tuple[nn.Module, SiteMap]]) -> None:
+    batch = _check_batch(model)
+    names = ", ".join(sites)
+    if batch is None:
+        log.warning("cannot run a check forward pass through %s (it reads no token ids): the output size "
+                    "of %s is checked only when the steering hooks run", type(model).__name__, names)
+        return
+    problems: dict[str, str] = {}
+
+    def hook_for(site: str):
+        module, m = sites[site]
+
+        def hook(_module, _inputs, output):
+            if site not in problems:
+                problem = _output_problem(site, module, m, output)
+                if problem is not None:
+                    problems[site] = problem
+            return None  # never replace the output
+
+        return hook
+
+    with torch.no_grad():
+        try:
+            run_hooked(model, batch, {site: hook_for(site) for site in sites})
+        except Exception as e:  # any failure of the model itself: say what we were doing, not a traceback
+            raise FoldError(f"the check forward pass through {type(model).__name__} (to measure the output of "
+                            f"{names}) failed: {type(e).__name__}: {e}") from e
+    if problems:
+        raise FoldError("\n".join(problems[s] for s in sites if s in problems))
