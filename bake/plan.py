@@ -173,10 +173,10 @@ class _Site:
         return is_zero_shift(self.map.shift)
 
     def plan(self, *, scale: ScaleFold, shift: ShiftFold, steps: Iterable[FoldStep] = (),
-             shift_targets: tuple[str, ...] = ()) -> SitePlan:
+             shift_targets: tuple[str, ...] = (), affine: AffineSpec | None = None, reason: str = "") -> SitePlan:
         return SitePlan(site=self.name, module_class=type(self.module).__name__, kind=self.kind,
                         source=self.source, scale=scale, shift=shift, steps=tuple(steps),
-                        shift_targets=shift_targets)
+                        shift_targets=shift_targets, affine=affine, reason=reason)
 
 
 @dataclass(frozen=True)
@@ -200,9 +200,8 @@ def _to_affine(site: _Site, *, reason: str, steps: Iterable[FoldStep] = (), scal
     shift = ShiftFold.ZERO if site.zero_shift else ShiftFold.AFFINE
     spec = AffineSpec(site=site.name, dim=site.map.dim, axis=feature_axis(site.module),
                       scale=scale is ScaleFold.AFFINE, shift=shift is ShiftFold.AFFINE)
-    return SitePlan(site=site.name, module_class=type(site.module).__name__, kind=site.kind, source=site.source,
-                    scale=scale, shift=shift, steps=tuple(steps), affine=spec,
-                    reason=f"{site.mismatch}; {reason}" if site.mismatch else reason)
+    return site.plan(scale=scale, shift=shift, steps=steps, affine=spec,
+                     reason=f"{site.mismatch}; {reason}" if site.mismatch else reason)
 
 
 def _folded_scale(site: _Site) -> ScaleFold:

@@ -9,7 +9,7 @@ from tiny import random_ids, tiny_model
 
 from bake.errors import FoldError
 from bake.execute import apply_plan
-from bake.plan import plan
+from bake.plan import FoldOp, Layout, ScaleFold, ShiftFold, SiteKind, SitePlan, plan
 from lineas.maps import SiteMap
 
 
@@ -32,7 +32,11 @@ def test_llama_norms_fold_completely():
     model = tiny_model("llama")
     p = plan(model, _maps(_norm_sites()))
     assert p.affine_sites == () and p.fully_folded
-    assert all(s.scale == "folded" and s.shift == "consumers" for s in p.sites)
+    assert all(s.scale is ScaleFold.FOLDED and s.shift is ShiftFold.CONSUMERS for s in p.sites)
+    steps = p.site("model.layers.0.input_layernorm").steps
+    assert [(st.op, st.layout, st.module) for st in steps] == [
+        (FoldOp.NORM_SCALE, Layout.NORM, "model.layers.0.input_layernorm"),
+        *[(FoldOp.INPUT_SHIFT, Layout.LINEAR, f"model.layers.0.self_attn.{x}_proj") for x in "qkv"]]
     assert {c.key: c.new for c in p.config_changes} == {"attention_bias": True, "mlp_bias": True}
     attn = next(c for c in p.config_changes if c.key == "attention_bias")
     assert len(attn.adds_bias_to) == 8  # q/k/v/o of both layers, so the checkpoint reloads with the flag
@@ -71,6 +75,11 @@ def test_table_and_dict():
     assert table.splitlines()[-1] == p.summary()
     d = json.loads(json.dumps(p.to_dict()))
     assert d["affine_sites"] == ["model.layers.0.post_attention_layernorm"]
+    # states are written as their plain string values
+    assert [(s["kind"], s["scale"], s["shift"]) for s in d["sites"]] == [
+        ("rmsnorm_1p", "folded", "consumers"), ("rmsnorm_1p", "folded", "affine")]
+    assert d["sites"][0]["steps"][0]["op"] == "norm_scale_1p" and d["sites"][0]["steps"][1]["layout"] == "linear"
+    assert d["plan_version"] == 2 and d["notes"] == []
     assert d["sites"][1]["affine"] == {"site": sites[1], "dim": 64, "axis": -1, "scale": False, "shift": True}
     assert p.affine_sites == (sites[1],)
 
@@ -80,7 +89,7 @@ def test_plan_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.sites = ()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        p.sites[0].scale = "affine"
+        p.sites[0].scale = ScaleFold.AFFINE
 
 
 def test_require_standard_names_every_unfoldable_site():
@@ -91,6 +100,7 @@ def test_require_standard_names_every_unfoldable_site():
     for s in sites:
         assert s in str(err.value)
     assert "no config flag" in str(err.value)
+    assert "--require-standard (Python: require_standard=True)" in str(err.value)  # names the CLI flag too
     # scale-only maps fold everywhere, so the same sites pass
     p = plan(model, _maps(sites, shift=False), require_standard=True)
     assert p.fully_folded and p.config_changes == ()
@@ -98,7 +108,7 @@ def test_require_standard_names_every_unfoldable_site():
 
 def test_scale_only_maps_switch_no_flag():
     p = plan(tiny_model("llama"), _maps(_norm_sites(), shift=False))
-    assert p.config_changes == () and all(s.shift == "zero" for s in p.sites)
+    assert p.config_changes == () and all(s.shift is ShiftFold.ZERO for s in p.sites)
 
 
 def test_identity_map_is_a_no_op():
@@ -162,9 +172,10 @@ def test_tied_output_embedding_is_never_written_unless_untied():
     p = plan(model, maps)
     assert p.affine_sites == ("lm_head",) and p.untied == ()
     assert "tied to model.embed_tokens.weight" in p.sites[0].reason
+    assert "pass --untie-embeddings (Python: untie=True)" in p.sites[0].reason
     p2 = plan(model, maps, untie=True)
     # the scale folds into the untied copy; lm_head has no bias (nor a flag), so the shift stays affine
-    assert p2.sites[0].scale == "folded" and p2.affine_specs[0].shift and not p2.affine_specs[0].scale
+    assert p2.sites[0].scale is ScaleFold.FOLDED and p2.affine_specs[0].shift and not p2.affine_specs[0].scale
     assert plan(model, _maps(["lm_head"], dim=128, shift=False), untie=True).fully_folded
     assert [u.parameter for u in p2.untied] == ["lm_head.weight"]
     assert ("tie_word_embeddings", True, False) in [(c.key, c.old, c.new) for c in p2.config_changes]
@@ -185,14 +196,31 @@ def test_unknown_arch_plans_by_module_type():
     p = plan(model, maps)
     assert p.registry is None
     by = {s.site: s for s in p.sites}
-    assert by[sites[0]].kind == "layernorm" and by[sites[0]].fully_folded and by[sites[0]].source == "module type"
-    assert by[sites[1]].kind == "linear" and by[sites[1]].fully_folded
+    assert by[sites[0]].kind is SiteKind.LAYERNORM and by[sites[0]].fully_folded
+    assert by[sites[0]].source == "module type"
+    assert by[sites[1]].kind is SiteKind.LINEAR and by[sites[1]].fully_folded
     assert by[sites[2]].affine is not None and by[sites[2]].affine.scale and by[sites[2]].affine.shift
     # embed_out has no bias and no flag: scale folds into rows, shift needs an affine module
-    assert by["embed_out"].scale == "folded" and by["embed_out"].affine.shift and not by["embed_out"].affine.scale
+    assert by["embed_out"].scale is ScaleFold.FOLDED and by["embed_out"].affine.shift and not by["embed_out"].affine.scale
     ids = random_ids()
     with torch.no_grad():
         base = model(ids).logits
     apply_plan(model, p, maps)
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, base)
+
+
+def test_own_bias_and_states_are_enums():
+    """gpt2's LayerNorm has a bias: scale and shift fold into the norm itself; states are enum members."""
+    p = plan(tiny_model("gpt2"), _maps(["transformer.h.0.ln_1"]))
+    (sp,) = p.sites
+    assert (sp.kind, sp.scale, sp.shift) == (SiteKind.LAYERNORM, ScaleFold.FOLDED, ShiftFold.OWN_BIAS)
+    assert [st.op for st in sp.steps] == [FoldOp.NORM_SCALE, FoldOp.NORM_BIAS]
+    assert "-> own bias" in p.to_table() and "1 shift folded into own bias" in p.summary()
+    assert json.loads(json.dumps(p.to_dict()))["sites"][0]["shift"] == "own_bias"
+
+
+def test_a_misspelt_state_is_refused_at_construction():
+    with pytest.raises(ValueError, match="'folded ' is not a valid ScaleFold"):
+        SitePlan(site="x", module_class="Linear", kind=SiteKind.LINEAR, source="module type", scale="folded ",
+                 shift=ShiftFold.ZERO)

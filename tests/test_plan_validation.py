@@ -114,3 +114,28 @@ def test_dry_run_accepts_a_right_length_non_leaf_site(llama_dir, tmp_path, capsy
     SteeringMaps({"model.layers.0": _map(64)}).save(maps_path)
     assert main(["--model", str(llama_dir), "--maps", str(maps_path), "--dry-run"]) == EXIT_OK
     assert "model.layers.0" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tied_llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama-tied"
+    save_tiny("llama_tied", d)
+    return d
+
+
+# site, map length, extra flags, exit code, where the text shows, text naming the CLI flag and the Python argument
+FLAG_MESSAGES = [
+    pytest.param("model.norm", 64, ["--require-standard"], EXIT_BAD_INPUT, "err",
+                 "--require-standard (Python: require_standard=True)", id="require-standard"),
+    pytest.param("lm_head", 128, [], EXIT_OK, "out", "pass --untie-embeddings (Python: untie=True)", id="tied"),
+]
+
+
+@pytest.mark.parametrize("site, dim, flags, code, stream, text", FLAG_MESSAGES)
+def test_messages_name_the_cli_flag(site, dim, flags, code, stream, text, tied_llama_dir, tmp_path, capsys):
+    maps_path = tmp_path / "m.safetensors"
+    SteeringMaps({site: _map(dim)}).save(maps_path)
+    rc = main(["--model", str(tied_llama_dir), "--maps", str(maps_path), "--dry-run", *flags])
+    captured = capsys.readouterr()
+    assert rc == code
+    assert text in getattr(captured, stream)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from tiny import ARCHS, tiny_model
 
-from bake.plan import producer_layout
+from bake.plan import ScaleFold, ShiftFold, SiteKind, plan, producer_layout
 from bake.registry import RegistryError, entry_for, load_registry, match_template, parse_entry
+from lineas.maps import SiteMap
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")
 
@@ -106,3 +107,103 @@ def test_validator_rejects(mutate, message):
 def test_validator_accepts_shipped_files():
     for model_type in load_registry():
         assert parse_entry(_raw(model_type)).model_type == model_type
+
+
+# -- the registry drives the planner: where entry and model disagree, the plan says so --------------------
+def _maps(sites, dim=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {s: SiteMap(1 + 0.2 * torch.randn(dim, generator=g), 0.2 * torch.randn(dim, generator=g)) for s in sites}
+
+
+class OddNorm(torch.nn.Module):
+    """A norm of a class no rule knows: the registry's convention must not be assumed for it."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+
+def _swap(model, name, new):
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)
+    return model
+
+
+def _conv1d(n_in, n_out):
+    from transformers.pytorch_utils import Conv1D
+
+    c = Conv1D(n_out, n_in)
+    torch.nn.init.normal_(c.weight, std=0.1)
+    return c
+
+
+L0 = "model.layers.0"
+# (what is swapped in, site steered, expected site kind, scale, shift, words the affine reason must hold, plan note)
+MISMATCHES = [
+    pytest.param("model.norm", lambda: torch.nn.RMSNorm(64), "model.norm", SiteKind.RMSNORM, ScaleFold.FOLDED,
+                 ShiftFold.AFFINE, "registry 'llama' expects a LlamaRMSNorm at model.norm, the model has a RMSNorm",
+                 "registry 'llama' expects a LlamaRMSNorm at model.norm, the model has a RMSNorm: planned by module type",
+                 id="norm-class-known-by-type"),
+    pytest.param("model.norm", lambda: OddNorm(64), "model.norm", SiteKind.MODULE, ScaleFold.AFFINE, ShiftFold.AFFINE,
+                 "the model has a OddNorm; no exact fold is known for a OddNorm output",
+                 "registry 'llama' expects a LlamaRMSNorm at model.norm, the model has a OddNorm: planned by module type",
+                 id="norm-class-unknown"),
+    pytest.param(f"{L0}.self_attn.o_proj", lambda: _conv1d(64, 64), f"{L0}.self_attn.o_proj", SiteKind.CONV1D,
+                 ScaleFold.FOLDED, ShiftFold.OWN_BIAS, None,
+                 f"registry 'llama' lists {L0}.self_attn.o_proj as a linear layer, the model has a Conv1D: "
+                 "planned by module type", id="producer-layout"),
+    pytest.param(f"{L0}.self_attn.q_proj", lambda: _conv1d(64, 64), f"{L0}.input_layernorm", SiteKind.RMSNORM,
+                 ScaleFold.FOLDED, ShiftFold.AFFINE,
+                 f"consumer {L0}.self_attn.q_proj: registry 'llama' lists {L0}.self_attn.q_proj as a linear layer, "
+                 "the model has a Conv1D",
+                 f"registry 'llama' lists {L0}.self_attn.q_proj as a linear layer, the model has a Conv1D: "
+                 "shift not folded into it", id="consumer-layout"),
+]
+
+
+@pytest.mark.parametrize("swap, make, site, kind, scale, shift, reason, note", MISMATCHES)
+def test_registry_mismatch_is_named_and_the_bake_stays_exact(swap, make, site, kind, scale, shift, reason, note):
+    from bake.api import bake
+    from lineas.maps import SteeringMaps
+
+    model = _swap(tiny_model("llama"), swap, make())
+    maps = _maps([site])
+    p = plan(model, maps)
+    (sp,) = p.sites
+    assert (sp.kind, sp.scale, sp.shift) == (kind, scale, shift)
+    assert p.registry == "llama" and p.notes == (note,)
+    assert f"note: {note}" in p.to_table()
+    if reason is None:
+        assert sp.fully_folded
+    else:
+        assert reason in sp.reason
+    baked = bake(model, SteeringMaps(maps), verify_tokens=2)
+    assert baked.verified
+
+
+def test_unmatched_registry_entry_is_still_used_where_it_agrees():
+    """Control for the table above: the same sites on the unmodified model follow the registry."""
+    model = tiny_model("llama")
+    p = plan(model, _maps(["model.norm", f"{L0}.self_attn.o_proj", f"{L0}.input_layernorm"]))
+    assert p.notes == ()
+    assert [s.source for s in p.sites] == ["registry:llama"] * 3
+    assert p.site(f"{L0}.input_layernorm").shift is ShiftFold.CONSUMERS
+
+
+def test_architecture_not_listed_means_entry_not_used():
+    import transformers as tf
+
+    from tiny import COMMON
+
+    model = tf.LlamaForSequenceClassification(tf.LlamaConfig(**COMMON, num_labels=2)).eval()
+    site = f"{L0}.input_layernorm"
+    p = plan(model, _maps([site]))
+    assert p.registry is None and p.model_type == "llama"
+    assert p.notes == ("registry entry 'llama' describes LlamaForCausalLM, not LlamaForSequenceClassification: "
+                       "every site is planned by module type",)
+    assert p.sites[0].kind is SiteKind.MODULE and p.sites[0].source == "module type"
+    # the class the entry lists follows it
+    assert plan(tiny_model("llama"), _maps([site])).registry == "llama"
