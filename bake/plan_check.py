@@ -4,8 +4,8 @@ A module whose type tells its output size (a norm, a linear, ...) is checked fro
 that size.  Any other site (a decoder layer, an attention block) shows its output
 only when it runs, and the steering hook refuses a wrong length only then: minutes
 into a real bake, and never in ``--dry-run``.  So :func:`check_site_outputs` runs
-one tiny forward pass (one row of a few token ids, no gradients) whose hooks make
-the steering hook's own check (:func:`lineas.hooks.apply_affine`) and return
+one tiny forward pass (one row of a few token ids, no gradients, stopped once
+every such site has run) whose hooks make the steering hook's own check (:func:`lineas.hooks.apply_affine`) and return
 nothing, so the model's outputs and weights are untouched.  ``lineas-bake
 --dry-run`` and the real run call the same :func:`bake.plan.plan`, so both refuse
 the same maps.
@@ -29,6 +29,10 @@ from .probes import model_vocab_size
 log = logging.getLogger(__name__)
 
 CHECK_TOKENS = 4  # enough for any sequence-shaped output; the pass costs one short forward
+
+
+class _AllSitesSeen(Exception):
+    """Raised by the last checking hook: the rest of the forward pass has nothing to tell."""
 
 
 def check_site_outputs(model: nn.Module, modules: Mapping[str, nn.Module], maps: Mapping[str, SiteMap]) -> None:
@@ -77,22 +81,28 @@ def _check_by_forward(model: nn.Module, sites: Mapping[str, tuple[nn.Module, Sit
                     "of %s is checked only when the steering hooks run", type(model).__name__, names)
         return
     problems: dict[str, str] = {}
+    seen: set[str] = set()
 
     def hook_for(site: str):
         module, m = sites[site]
 
         def hook(_module, _inputs, output):
-            if site not in problems:
+            if site not in seen:
+                seen.add(site)
                 problem = _output_problem(site, module, m, output)
                 if problem is not None:
                     problems[site] = problem
+                if len(seen) == len(sites):
+                    raise _AllSitesSeen
             return None  # never replace the output
 
         return hook
 
     with torch.no_grad():
         try:
-            run_hooked(model, batch, {site: hook_for(site) for site in sites})
+            run_hooked(model, batch, {site: hook_for(site) for site in sites})  # removes its hooks on any exit
+        except _AllSitesSeen:
+            pass
         except Exception as e:  # any failure of the model itself: say what we were doing, not a traceback
             raise FoldError(f"the check forward pass through {type(model).__name__} (to measure the output of "
                             f"{names}) failed: {type(e).__name__}: {e}") from e

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from bake.affine import MODELING_FILE, write_remote_code
 from bake.execute import apply_plan
-from bake.plan import plan
+from bake.plan import ScaleFold, plan
 from bake.registry import entry_for
 from lineas.hooks import attach_maps, count_forward_hooks, module_feature_dim
 from lineas.maps import SiteMap, SteeringMaps, effective_maps
@@ -82,7 +82,7 @@ def test_arch_bakes_exactly(arch, lam, tmp_path):
     model = tiny_model(arch)
     sites = _norm_and_producer_sites(model)
     p, _, base, hooked, baked, reloaded = bake_and_reload(model, _random_maps(model, sites), lam, tmp_path)
-    assert len(p.sites) == len(sites) and all(s.scale == "folded" for s in p.sites)
+    assert len(p.sites) == len(sites) and all(s.scale is ScaleFold.FOLDED for s in p.sites)
     assert _rel(baked, hooked) <= TOL
     assert _rel(reloaded, hooked) <= TOL
 
@@ -113,7 +113,7 @@ def test_tied_embeddings_are_not_folded_into(tmp_path):
     model = tiny_model("llama_tied")
     emb = model.model.embed_tokens.weight.detach().clone()
     p, reloaded, _, hooked, _, rel = bake_and_reload(model, _random_maps(model, ["model.norm"]), 1.0, tmp_path)
-    assert p.sites[0].scale == "folded" and p.affine_sites == ("model.norm",) and p.untied == ()
+    assert p.sites[0].scale is ScaleFold.FOLDED and p.affine_sites == ("model.norm",) and p.untied == ()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.equal(model.model.embed_tokens.weight, emb)
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()

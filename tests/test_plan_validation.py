@@ -62,6 +62,15 @@ def test_bake_refuses_the_same(site, dim, message):
         bake(tiny_model("llama"), SteeringMaps({site: _map(dim)}), verify_tokens=2)
 
 
+def test_every_non_leaf_site_is_checked_in_one_pass():
+    """Several sites: the pass runs until the last of them, and every bad one is named."""
+    maps = {"model.layers.0": _map(64), "model.layers.1.mlp": _map(96), "model.layers.1": _map(32)}
+    with pytest.raises(FoldError) as err:
+        plan(tiny_model("llama"), maps)
+    lines = str(err.value).splitlines()
+    assert [line.split("'")[1] for line in lines] == ["model.layers.1.mlp", "model.layers.1"]
+
+
 def test_root_site_is_refused_by_the_hooks_too():
     model = tiny_model("llama")
     m = _map(64)
