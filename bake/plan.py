@@ -29,7 +29,6 @@ on, parameters to untie, notes); :class:`_Planner` gathers those afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -38,12 +37,13 @@ import torch
 from torch import nn
 
 from lineas.hooks import SteeringError, feature_axis, resolve_sites
-from lineas.maps import SiteMap, SteeringMaps
+from lineas.maps import SiteMap
 
 from .errors import FoldError
 from .fold import is_identity_scale, is_zero_shift
-from .plan_check import check_site_outputs
-from .plan_types import (  # noqa: F401  (re-exported: bake.plan is where callers import the plan types from)
+from .module_kinds import norm_kind_by_type, producer_layout, tied_groups
+from .plan_check import _normalise_maps, check_site_outputs, maps_digest
+from .plan_types import (
     NORM_KINDS,
     PLAN_VERSION,
     AffineSpec,
@@ -60,93 +60,14 @@ from .plan_types import (  # noqa: F401  (re-exported: bake.plan is where caller
 )
 from .registry import ArchEntry, entry_for, expand, match_template
 
+# Callers import the plan types from here, beside plan() itself.
+__all__ = ["NORM_KINDS", "PLAN_VERSION", "AffineSpec", "ConfigChange", "FoldOp", "FoldPlan", "FoldStep", "Layout",
+           "ScaleFold", "ShiftFold", "SiteKind", "SitePlan", "Untie", "maps_digest", "plan", "producer_layout"]
+
 log = logging.getLogger(__name__)
 
 UNTIE_HINT = "pass --untie-embeddings (Python: untie=True) to give it its own copy"
 REQUIRE_STANDARD = "--require-standard (Python: require_standard=True)"
-
-
-def maps_digest(maps: Mapping[str, SiteMap]) -> str:
-    h = hashlib.sha256()
-    for site in sorted(maps):
-        m = maps[site]
-        h.update(site.encode() + b"\0")
-        h.update(m.scale.numpy().tobytes())
-        h.update(m.shift.numpy().tobytes())
-    return h.hexdigest()
-
-
-# -- what a module is, by type ---------------------------------------------------
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-        return Conv1D
-    except Exception:  # transformers missing: no Conv1D to recognise
-        return ()
-
-
-def producer_layout(module: nn.Module) -> Layout | None:
-    """Layout of a module whose output rows fold exactly, by type only (None: not a producer)."""
-    if isinstance(module, nn.Linear):
-        return Layout.LINEAR
-    conv1d = _conv1d_type()
-    if conv1d and isinstance(module, conv1d):
-        return Layout.CONV1D
-    if type(module) is nn.Conv2d:
-        return Layout.CONV
-    if type(module) is nn.Embedding:
-        return Layout.EMBEDDING
-    return None
-
-
-def _norm_by_type(module: nn.Module) -> SiteKind | None:
-    if type(module) is nn.LayerNorm:
-        return SiteKind.LAYERNORM
-    if type(module) is nn.GroupNorm:
-        return SiteKind.GROUPNORM
-    rms = getattr(nn, "RMSNorm", None)
-    if rms is not None and type(module) is rms:
-        return SiteKind.RMSNORM
-    return None
-
-
-def _tied_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """Parameter name -> the other names sharing its storage."""
-    by_ptr: dict[tuple, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        key = (p.device.type, p.data_ptr()) if p.device.type != "meta" else ("id", id(p))
-        by_ptr.setdefault(key, []).append(name)
-    out = {}
-    for names in by_ptr.values():
-        if len(names) > 1:
-            for n in names:
-                out[n] = tuple(x for x in names if x != n)
-    return out
-
-
-def _normalise_maps(effective_maps) -> dict[str, SiteMap]:
-    if isinstance(effective_maps, SteeringMaps):  # a maps object at strength 1 is its own effective map
-        effective_maps = effective_maps.maps
-    out = {}
-    for site, m in dict(effective_maps).items():
-        if isinstance(m, SiteMap):
-            pass
-        elif isinstance(m, (tuple, list)) and len(m) == 2:
-            try:
-                m = SiteMap(torch.as_tensor(m[0]), torch.as_tensor(m[1]))
-            except ValueError as e:
-                raise FoldError(f"site {site!r}: {e}") from None
-        else:
-            raise FoldError(f"site {site!r}: expected a SiteMap or (scale, shift), got {type(m).__name__}")
-        for name in ("scale", "shift"):
-            bad = ~torch.isfinite(getattr(m, name))
-            if bad.any():
-                raise FoldError(f"site {site!r}: {name} has {int(bad.sum())} non-finite value(s) "
-                                f"(first at index {int(bad.nonzero()[0])})")
-        out[site] = m
-    if not out:
-        raise FoldError("no sites to bake: the effective maps are empty")
-    return out
 
 
 # -- per-site facts and decisions --------------------------------------------------
@@ -209,11 +130,14 @@ def _folded_scale(site: _Site) -> ScaleFold:
 
 
 class _Planner:
+    """The model-wide facts (registry entry, modules, ties, config) that per-site decisions consult,
+    and the bookkeeping that merges what the decisions need into one plan."""
+
     def __init__(self, model: nn.Module, *, untie: bool):
         self.model = model
         self.config = getattr(model, "config", None)
         self.modules = dict(model.named_modules())
-        self.tied = _tied_groups(model)
+        self.tied = tied_groups(model)
         self.allow_untie = untie
         self.notes: list[str] = []
         self.entry: ArchEntry | None = entry_for(self.config) if self.config is not None else None
@@ -250,7 +174,7 @@ class _Planner:
                                  source=self.registry_source, layout=producer.layout)
                 mismatch = (f"registry {mt!r} lists {name} as a {producer.layout.value} layer, "
                             f"the model has a {cls}")
-        kind = _norm_by_type(module)
+        kind = norm_kind_by_type(module)
         if kind is not None:
             return _Site(name=name, module=module, map=m, kind=kind, source="module type", mismatch=mismatch)
         layout = producer_layout(module)

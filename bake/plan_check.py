@@ -1,18 +1,23 @@
-"""Check, before anything is planned or baked, that every map fits its site's output.
+"""Check, before anything is planned or baked, that the maps are sound and fit their sites' outputs.
+
+:func:`_normalise_maps` turns what the caller gave into finite :class:`SiteMap` values;
+:func:`maps_digest` binds a plan to them.
 
 A module whose type tells its output size (a norm, a linear, ...) is checked from
 that size.  Any other site (a decoder layer, an attention block) shows its output
 only when it runs, and the steering hook refuses a wrong length only then: minutes
 into a real bake, and never in ``--dry-run``.  So :func:`check_site_outputs` runs
 one tiny forward pass (one row of a few token ids, no gradients, stopped once
-every such site has run) whose hooks make the steering hook's own check (:func:`lineas.hooks.apply_affine`) and return
-nothing, so the model's outputs and weights are untouched.  ``lineas-bake
+every such site has run) whose hooks make the steering hook's own check
+(:func:`lineas.hooks.apply_affine`) and return nothing, so the model's outputs
+and weights are untouched.  ``lineas-bake
 --dry-run`` and the real run call the same :func:`bake.plan.plan`, so both refuse
 the same maps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 
@@ -21,12 +26,50 @@ from torch import nn
 
 from lineas.collect import run_hooked
 from lineas.hooks import SteeringError, apply_affine, feature_axis, module_feature_dim
-from lineas.maps import SiteMap
+from lineas.maps import SiteMap, SteeringMaps
 
 from .errors import FoldError
 from .probes import model_vocab_size
 
 log = logging.getLogger(__name__)
+
+
+def maps_digest(maps: Mapping[str, SiteMap]) -> str:
+    """sha256 over every site's name, scale and shift: what binds a plan to its maps."""
+    h = hashlib.sha256()
+    for site in sorted(maps):
+        m = maps[site]
+        h.update(site.encode() + b"\0")
+        h.update(m.scale.numpy().tobytes())
+        h.update(m.shift.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _normalise_maps(effective_maps) -> dict[str, SiteMap]:
+    """Site -> finite :class:`SiteMap` from a maps object, or a mapping of SiteMaps or (scale, shift) pairs."""
+    if isinstance(effective_maps, SteeringMaps):  # a maps object at strength 1 is its own effective map
+        effective_maps = effective_maps.maps
+    out = {}
+    for site, m in dict(effective_maps).items():
+        if isinstance(m, SiteMap):
+            pass
+        elif isinstance(m, (tuple, list)) and len(m) == 2:
+            try:
+                m = SiteMap(torch.as_tensor(m[0]), torch.as_tensor(m[1]))
+            except ValueError as e:
+                raise FoldError(f"site {site!r}: {e}") from None
+        else:
+            raise FoldError(f"site {site!r}: expected a SiteMap or (scale, shift), got {type(m).__name__}")
+        for name in ("scale", "shift"):
+            bad = ~torch.isfinite(getattr(m, name))
+            if bad.any():
+                raise FoldError(f"site {site!r}: {name} has {int(bad.sum())} non-finite value(s) "
+                                f"(first at index {int(bad.nonzero()[0])})")
+        out[site] = m
+    if not out:
+        raise FoldError("no sites to bake: the effective maps are empty")
+    return out
+
 
 CHECK_TOKENS = 4  # enough for any sequence-shaped output; the pass costs one short forward
 
