@@ -90,18 +90,20 @@ def check_site_outputs(model: nn.Module, modules: Mapping[str, nn.Module], maps:
         _check_by_forward(model, {site: (modules[site], maps[site]) for site in unknown})
 
 
-def _check_batch(model: nn.Module) -> dict | None:
-    """A few token ids on the model's device, or None for a model that does not read token ids."""
+def _check_batch(model: nn.Module) -> tuple[dict | None, str]:
+    """(a few token ids on the model's device, "") or (None, why no forward pass can run)."""
     try:
         vocab = model_vocab_size(model)
     except (AttributeError, NotImplementedError, TypeError):
-        return None
+        return None, "it reads no token ids"
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
+    if device.type == "meta":  # weights not loaded: nothing can run, and nothing can be baked either
+        return None, "its weights are on the meta device"
     ids = ((torch.arange(CHECK_TOKENS) + 3) % vocab).unsqueeze(0).to(device)  # skip ids 0-2 (special tokens)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ""
 
 
 def _output_problem(site: str, module: nn.Module, m: SiteMap, output) -> str | None:
@@ -117,11 +119,11 @@ def _output_problem(site: str, module: nn.Module, m: SiteMap, output) -> str | N
 
 
 def _check_by_forward(model: nn.Module, sites: Mapping[str, tuple[nn.Module, SiteMap]]) -> None:
-    batch = _check_batch(model)
+    batch, why_not = _check_batch(model)
     names = ", ".join(sites)
     if batch is None:
-        log.warning("cannot run a check forward pass through %s (it reads no token ids): the output size "
-                    "of %s is checked only when the steering hooks run", type(model).__name__, names)
+        log.warning("cannot run a check forward pass through %s (%s): the output size of %s is checked only "
+                    "when the steering hooks run", type(model).__name__, why_not, names)
         return
     problems: dict[str, str] = {}
     seen: set[str] = set()

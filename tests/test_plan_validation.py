@@ -148,3 +148,16 @@ def test_messages_name_the_cli_flag(site, dim, flags, code, stream, text, tied_l
     captured = capsys.readouterr()
     assert rc == code
     assert text in getattr(captured, stream)
+
+
+def test_a_model_without_weights_plans_and_says_the_length_is_unchecked(caplog):
+    """On the meta device no pass can run (and nothing can be baked): plan, but say what was not checked."""
+    import transformers as tf
+    from tiny import COMMON
+
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON))
+    with caplog.at_level("WARNING", logger="bake.plan_check"):
+        p = plan(model, {"model.layers.0": _map(32)})
+    assert p.affine_sites == ("model.layers.0",)
+    assert "meta device" in caplog.text and "model.layers.0 is checked only when the steering hooks run" in caplog.text
