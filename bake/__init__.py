@@ -7,8 +7,9 @@ The public API mirrors the ``lineas-bake`` CLI::
     baked.save_pretrained("out-dir", dtype="bfloat16")
 """
 
-from .api import BakedModel, BaseModel, bake, default_out_dir, plan_bake
+from .api import bake, plan_bake
 from .errors import BakeError, FoldError, VerificationError
+from .results import BakedModel, BaseModel, default_out_dir
 from .export import (
     EXPORTERS,
     ExportOptions,

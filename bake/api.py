@@ -16,26 +16,21 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lineas.maps import SiteMap
 from lineas.models import display_name, load_model, load_tokenizer
 from lineas.provenance import config_fingerprint
 
 from .errors import VerificationError
 from .execute import apply_plan
-from .export import Publisher, export
-from .inputs import MapsSource, combined, normalise_maps
+from .inputs import combined, normalise_maps
 from .plan import FoldPlan
 from .plan import plan as make_plan
+from .results import BakedModel, BaseModel
 from .verify import (
-    Reference,
     VerificationReport,
     bar_disabled,
     compare,
@@ -44,48 +39,6 @@ from .verify import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BaseModel:
-    """Where the original model came from (for provenance and copying its tokenizer)."""
-
-    name: str  # what the user gave
-    path: str  # resolved directory or Hub id ("" for an in-memory module without one)
-    display: str  # Hub-style name for the model card
-    config_sha256: str  # of the original config, before any fold changed a flag
-
-
-@dataclass
-class BakedModel:
-    """A model with the steering folded into its weights, plus how it got there."""
-
-    model: nn.Module
-    tokenizer: object | None
-    plan: FoldPlan
-    report: VerificationReport
-    maps: list[MapsSource]
-    base: BaseModel
-    effective: dict[str, SiteMap]
-    reference: Reference | None  # hooked outputs on the probes; None with verify=False
-    export_report: VerificationReport | None = None  # the report of the last save_pretrained (with reload checks)
-
-    @property
-    def verified(self) -> bool:
-        return not self.report.skipped and self.report.passed
-
-    def save_pretrained(self, out_dir: str | Path | None = None, *, dtype: str = "float32",
-                        formats: str | Sequence[str] = "hf", overwrite: bool = False, command: str = "",
-                        publish: Publisher | None = None, progress: bool = False) -> Path:
-        """Write the export folder (atomically) and return its path; see :func:`bake.export.export`."""
-        out = Path(out_dir) if out_dir is not None else Path(default_out_dir(self.base.display))
-        return export(self, out, formats=formats, dtype=dtype, overwrite=overwrite, command=command,
-                      publish=publish, progress=progress)
-
-
-def default_out_dir(model_name: str) -> str:
-    """``<model-name>-steered`` in the current directory (last path / Hub-id component)."""
-    return display_name(model_name).rstrip("/").split("/")[-1] + "-steered"
 
 
 def _resolve_model(model, *, tokenizer, device: str, trust_remote_code: bool, copy_model: bool, progress: bool,

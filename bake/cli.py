@@ -134,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args, cmd: str) -> int:
-    from .api import bake, default_out_dir, plan_bake
+    from .api import bake, plan_bake
+    from .results import default_out_dir
 
     maps = _maps_arg(args)
     formats = parse_formats(args.format)

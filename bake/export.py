@@ -37,7 +37,7 @@ from .errors import BakeError, VerificationError
 from .verify import CheckResult, bar_disabled, compare, model_device
 
 if TYPE_CHECKING:
-    from .api import BakedModel
+    from .results import BakedModel
 
 log = logging.getLogger(__name__)
 
