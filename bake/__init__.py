@@ -9,7 +9,6 @@ The public API mirrors the ``lineas-bake`` CLI::
 
 from .api import bake, plan_bake
 from .errors import BakeError, FoldError, VerificationError
-from .results import BakedModel, BaseModel, default_out_dir
 from .export import (
     EXPORTERS,
     ExportOptions,
@@ -18,6 +17,7 @@ from .export import (
     export,
     register_exporter,
 )
+from .results import BakedModel, BaseModel, default_out_dir
 from .tolerances import TOLERANCES, Tolerance, register_tolerance
 from .verify import VerificationReport
 

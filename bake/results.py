@@ -60,7 +60,9 @@ class BakedModel:
                         formats: str | Sequence[str] = "hf", overwrite: bool = False, command: str = "",
                         publish=None, progress: bool = False) -> Path:
         """Write the export folder (atomically) and return its path; see :func:`bake.export.export`."""
-        from .export import export  # the exporter imports this module, not the other way round
+        from .export import (
+            export,  # the exporter imports this module, not the other way round
+        )
 
         out = Path(out_dir) if out_dir is not None else Path(default_out_dir(self.base.display))
         return export(self, out, formats=formats, dtype=dtype, overwrite=overwrite, command=command,
