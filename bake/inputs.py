@@ -105,7 +105,7 @@ MAX_PLAIN_STRENGTH = 10.0  # |λ| above this needs --allow-large-strength: the s
 def check_strength_magnitude(strength: float, what: str, allow_large: bool) -> float:
     """Refuse |strength| > :data:`MAX_PLAIN_STRENGTH` unless ``allow_large`` (a typo like 1e9 is never meant)."""
     if abs(strength) > MAX_PLAIN_STRENGTH and not allow_large:
-        raise MapsFormatError(f"{what} {strength:g} is larger in magnitude than {MAX_PLAIN_STRENGTH:g}; such a "
-                              "strength multiplies the steering far beyond what the maps were learned for. "
-                              "Pass --allow-large-strength if it is intended")
+        raise MapsFormatError(f"{what} is {strength:g}: |λ| above {MAX_PLAIN_STRENGTH:g} multiplies the steering "
+                              "far beyond what the maps were learned for. Pass --allow-large-strength if it is "
+                              "intended")
     return strength

@@ -273,8 +273,11 @@ def load_model(name: str, *, device: str = "cpu", dtype: str | torch.dtype = "fl
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        hint = "" if Path(path).is_dir() else " (the Hugging Face Hub may be unreachable; pass a local directory)"
-        raise ModelLoadError(f"cannot load model {name!r} from {path!r}: {e}{hint}") from None
+        if Path(path).is_dir():
+            raise ModelLoadError(f"cannot load model {name!r} from {path!r}: {e}") from None
+        raise ModelLoadError(f"--model {name!r}: no such directory and not an alias ({', '.join(sorted(ALIASES))}); "
+                             f"loading it as a Hugging Face Hub id failed too (the Hub may be unreachable): "
+                             f"{str(e).splitlines()[0][:300]}") from None
     if not allow_quantized:
         refuse_quantized(model.config, name)  # a Hub model: its config was only seen now
     model.to(device).eval()
