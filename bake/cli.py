@@ -7,12 +7,11 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from lineas.hooks import SteeringError
 from lineas.io import ExitCode, fail
 from lineas.maps import MapsFormatError
-from lineas.models import ALIASES, ModelLoadError, checkpoint_numel
+from lineas.models import ALIASES, ModelLoadError, checkpoint_numel, resolve_model
 
 from .card import command_line
 from .errors import BakeError, FoldError, VerificationError
@@ -126,17 +125,15 @@ def _maps_arg(args) -> list[tuple[str, float]]:
     return pairs
 
 
-def _checked_out(args) -> Path:
+def _checked_out(args):
     """--out, checked before the model is loaded (writability, free space for the estimated export, not the
     working directory or the model's folder); the export checks again with the exact size."""
     from .results import default_out_dir
 
-    needed = None
-    if Path(args.model).expanduser().is_dir():
-        n = checkpoint_numel(args.model)
-        formats = parse_formats(args.format)
-        needed = export_bytes(n, EXPORT_DTYPES[args.dtype].itemsize, formats) if n else None
-    return check_out_dir(args.out or default_out_dir(args.model), args.overwrite, model_dir=args.model,
+    local = resolve_model(args.model)  # a folder, or a Hub id (then the export re-checks with the loaded size)
+    n = checkpoint_numel(local)
+    needed = export_bytes(n, EXPORT_DTYPES[args.dtype].itemsize, parse_formats(args.format)) if n else None
+    return check_out_dir(args.out or default_out_dir(args.model), args.overwrite, model_dir=local,
                          needed_bytes=needed)
 
 
