@@ -8,7 +8,8 @@
   with an owner marker; SIGTERM during the export becomes :class:`Terminated`, so
   the ``except`` that removes the temporary folder runs.  SIGKILL cannot be
   caught: the next export into the same parent removes temporary folders whose
-  owner process is gone (:func:`remove_stale`).
+  owner process is gone, and puts back a previous output that a killed
+  ``--overwrite`` had moved aside (:func:`remove_stale`).
 * :func:`move_into_place` renames the finished folder over the output, putting an
   old output aside (``lineas_old_<pid>_*``) first and restoring it on failure.
 """
@@ -138,10 +139,25 @@ def remove_stale(parent: Path) -> list[Path]:
         pid = int(m.group(1))
         if pid == os.getpid() or _pid_alive(pid):
             continue
+        if _restore_old_output(p, owner):
+            continue
         shutil.rmtree(p, ignore_errors=True)
         log.warning("removed %s: left behind by lineas-bake process %d, which is no longer running", p, pid)
         removed.append(p)
     return removed
+
+
+def _restore_old_output(folder: Path, owner: dict | None) -> bool:
+    """A run killed between the two renames of :func:`move_into_place` left the previous output in
+    ``lineas_old_*/old`` and no output at all: put the previous output back instead of deleting it."""
+    old = folder / "old"
+    target = Path(owner["out"]) if owner and owner.get("out") else None
+    if not folder.name.startswith(OLD_PREFIX) or not old.is_dir() or target is None or target.exists():
+        return False
+    os.replace(old, target)
+    shutil.rmtree(folder, ignore_errors=True)
+    log.warning("restored %s from %s: the run replacing it was killed before it finished", target, folder)
+    return True
 
 
 def _read_owner(folder: Path) -> dict | None:
@@ -151,10 +167,11 @@ def _read_owner(folder: Path) -> dict | None:
         return None
 
 
-def _owned_mkdtemp(prefix: str, parent: Path) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}_", dir=parent))
-    (folder / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
-                                     encoding="utf-8")
+def _owned_mkdtemp(prefix: str, out: Path) -> Path:
+    """``<prefix><pid>_<random>`` next to ``out``, with a marker naming its process, host and output."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}_", dir=out.parent))
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(out.resolve())}
+    (folder / OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
     return folder
 
 
@@ -179,7 +196,7 @@ def temp_folder(out: Path) -> Path:
     """A new ``lineas_tmp_<pid>_*`` folder next to ``out`` (after removing stale ones of dead runs)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out.parent)
-    return _owned_mkdtemp(TMP_PREFIX, out.parent)
+    return _owned_mkdtemp(TMP_PREFIX, out)
 
 
 def move_into_place(tmp: Path, out: Path) -> None:
@@ -188,7 +205,7 @@ def move_into_place(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    trash = _owned_mkdtemp(OLD_PREFIX, out.parent)
+    trash = _owned_mkdtemp(OLD_PREFIX, out)
     try:
         os.replace(out, trash / "old")
         try:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -253,3 +254,16 @@ def test_live_runs_temp_folder_is_kept(tmp_path):
     dead.mkdir()
     assert remove_stale(tmp_path) == [dead]
     assert live.is_dir() and not dead.exists()
+
+
+def test_previous_output_moved_aside_by_a_killed_run_is_restored(tmp_path):
+    """Killed between the two renames of an --overwrite: the old export sits in lineas_old_*/old, none in place."""
+    from bake.outdir import OWNER_FILE, remove_stale
+
+    out = tmp_path / "export"
+    aside = tmp_path / "lineas_old_999999999_abc"
+    (aside / "old").mkdir(parents=True)
+    (aside / "old" / "config.json").write_text("{}")
+    (aside / OWNER_FILE).write_text(json.dumps({"pid": 999999999, "host": socket.gethostname(), "out": str(out)}))
+    remove_stale(tmp_path)
+    assert (out / "config.json").read_text() == "{}" and not aside.exists()
