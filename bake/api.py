@@ -40,6 +40,7 @@ from .history import (
     legacy_entries,
     maps_records,
     recorded_bakes,
+    warn_stacked_sites,
 )
 from .inputs import combined, normalise_maps
 from .plan import FoldPlan, maps_digest
@@ -91,6 +92,7 @@ def _check_history(module: nn.Module, sources, eff, base: BaseModel, *, allow_re
     earlier = earlier_bakes(config, base.path)
     check_model_match(config, sources, earlier, base.display, ignore=ignore_model_mismatch)
     check_rebake(earlier, sources, maps_digest(eff), allow=allow_rebake)
+    warn_stacked_sites(earlier, eff)
     return legacy_entries(config, earlier)
 
 

@@ -136,7 +136,8 @@ def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, Si
         final[name] = cast
 
     # 2. commit
-    entry = new_entry(config, effective_digest=plan.maps_digest, sites=len(plan.sites), maps=maps_record)
+    entry = new_entry(config, effective_digest=plan.maps_digest, sites=[p.site for p in plan.sites],
+                      shift_in_consumers=[p.site for p in plan.sites if p.shift_targets], maps=maps_record)
     with torch.no_grad():
         for change in plan.config_changes:
             if config is None:

@@ -52,16 +52,32 @@ def recorded_bakes(config) -> list[dict]:
     return [dict(e) for e in (getattr(config, BAKED_KEY, None) or [])] if config is not None else []
 
 
-def new_entry(config, *, effective_digest: str, sites: int, maps: Sequence[dict]) -> dict:
-    """The record of one bake, made at fold time from the config *before* the fold changes it."""
+def new_entry(config, *, effective_digest: str, sites: Sequence[str], shift_in_consumers: Sequence[str],
+              maps: Sequence[dict]) -> dict:
+    """The record of one bake, made at fold time from the config *before* the fold changes it.
+    ``shift_in_consumers``: sites whose shift went into the biases of the modules that read them."""
     from lineas import __version__
 
     return {
         "tool": "lineas-bake", "version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "maps": [dict(m) for m in maps], "effective_digest": effective_digest, "sites": sites,
+        "maps": [dict(m) for m in maps], "effective_digest": effective_digest, "sites": len(sites),
+        "site_names": list(sites), "shift_in_consumers": list(shift_in_consumers),
         "base_config_sha256": config_fingerprint(config) if config is not None else "",
     }
+
+
+def warn_stacked_sites(earlier: Sequence[EarlierBake], sites) -> None:
+    """New maps at a site whose earlier shift lives in consumer biases act on an output without that shift:
+    baked-then-baked is then not the same as both maps hooked on the base model. Say so."""
+    for prior in earlier:
+        shared = sorted(set(sites) & set(prior.entry.get("shift_in_consumers", [])))
+        if shared:
+            log.warning("site(s) %s were steered by an earlier bake (%s) whose shift was folded into the modules "
+                        "that read them; the new maps act on the baked output without that shift, so the result "
+                        "equals these maps hooked on the baked model, not both maps hooked on the base model. "
+                        "Learn the new maps on the baked model (lineas-train --model <this export>) for that",
+                        ", ".join(shared), prior.where)
 
 
 def maps_records(sources) -> list[dict]:

@@ -159,3 +159,14 @@ def test_model_type_mismatch_dry_run_refuses_too(llama, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "'qwen2'" in err and "'llama'" in err and "--ignore-model-mismatch" in err
     assert main(["--model", str(model_dir), "--maps", str(other), "--dry-run", "--ignore-model-mismatch"]) == 0
+
+
+def test_stacking_on_a_site_whose_shift_moved_to_consumers_warns(llama, tmp_path, caplog):
+    model_dir, maps_path = llama
+    assert _bake_cli(model_dir, [str(maps_path)], tmp_path / "first") == 0
+    entry = json.loads((tmp_path / "first" / "config.json").read_text())[BAKED_KEY][0]
+    assert LLAMA_SITES[0] in entry["shift_in_consumers"]  # its shift went into gate/up biases
+    second = write_maps(tmp_path / "second.safetensors", LLAMA_SITES[:1], seed=5)
+    with caplog.at_level("WARNING"):
+        assert bake(str(tmp_path / "first"), str(second), verify_tokens=2).verified
+    assert f"site(s) {LLAMA_SITES[0]} were steered by an earlier bake" in caplog.text
