@@ -17,6 +17,7 @@ from .export import (
     export,
     register_exporter,
 )
+from .history import ModelMismatchError, RebakeError
 from .results import BakedModel, BaseModel, default_out_dir
 from .tolerances import TOLERANCES, Tolerance, register_tolerance
 from .verify import VerificationReport
@@ -30,7 +31,9 @@ __all__ = [
     "ExportOptions",
     "ExportResult",
     "FoldError",
+    "ModelMismatchError",
     "OutputExistsError",
+    "RebakeError",
     "Tolerance",
     "VerificationError",
     "VerificationReport",
