@@ -124,8 +124,8 @@ def check_rebake(earlier: Sequence[EarlierBake], sources, effective_digest: str,
             continue
         what = (", ".join(f"{s.origin} (sha256 {s.sha256[:12]})" for s in repeated) if repeated
                 else f"maps with effective digest {effective_digest[:12]}")
-        msg = (f"{what} already baked into this model (recorded in {prior.where}); baking again would apply the "
-               "steering twice")
+        msg = (f"already baked into this model: {what} (recorded in {prior.where}); baking again would apply "
+               "the steering twice")
         if not allow:
             raise RebakeError(msg + ". Pass --allow-rebake (allow_rebake=True) if that is what you want")
         log.warning("%s; going on because --allow-rebake was given", msg)
