@@ -7,7 +7,7 @@ The public API mirrors the ``lineas-bake`` CLI::
     baked.save_pretrained("out-dir", dtype="bfloat16")
 """
 
-from .api import BakedModel, BaseModel, bake, default_out_dir, plan_bake
+from .api import bake, plan_bake
 from .errors import BakeError, FoldError, VerificationError
 from .export import (
     EXPORTERS,
@@ -17,6 +17,8 @@ from .export import (
     export,
     register_exporter,
 )
+from .history import ModelMismatchError, RebakeError
+from .results import BakedModel, BaseModel, default_out_dir
 from .tolerances import TOLERANCES, Tolerance, register_tolerance
 from .verify import VerificationReport
 
@@ -29,7 +31,9 @@ __all__ = [
     "ExportOptions",
     "ExportResult",
     "FoldError",
+    "ModelMismatchError",
     "OutputExistsError",
+    "RebakeError",
     "Tolerance",
     "VerificationError",
     "VerificationReport",

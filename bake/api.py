@@ -16,26 +16,37 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lineas.maps import SiteMap
-from lineas.models import display_name, load_model, load_tokenizer
+from lineas.models import (
+    check_device,
+    display_name,
+    load_model,
+    load_tokenizer,
+    refuse_quantized,
+)
 from lineas.provenance import config_fingerprint
 
 from .errors import VerificationError
 from .execute import apply_plan
-from .export import Publisher, export
-from .inputs import MapsSource, combined, normalise_maps
-from .plan import FoldPlan, ShiftFold
+from .history import (
+    BAKED_KEY,
+    check_model_match,
+    check_rebake,
+    earlier_bakes,
+    legacy_entries,
+    maps_records,
+    recorded_bakes,
+    warn_stacked_sites,
+)
+from .inputs import combined, normalise_maps
+from .plan import FoldPlan, ShiftFold, maps_digest
 from .plan import plan as make_plan
+from .results import BakedModel, BaseModel
 from .verify import (
-    Reference,
     VerificationReport,
     bar_disabled,
     compare,
@@ -46,51 +57,12 @@ from .verify import (
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BaseModel:
-    """Where the original model came from (for provenance and copying its tokenizer)."""
-
-    name: str  # what the user gave
-    path: str  # resolved directory or Hub id ("" for an in-memory module without one)
-    display: str  # Hub-style name for the model card
-    config_sha256: str  # of the original config, before any fold changed a flag
-
-
-@dataclass
-class BakedModel:
-    """A model with the steering folded into its weights, plus how it got there."""
-
-    model: nn.Module
-    tokenizer: object | None
-    plan: FoldPlan
-    report: VerificationReport
-    maps: list[MapsSource]
-    base: BaseModel
-    effective: dict[str, SiteMap]
-    reference: Reference | None  # hooked outputs on the probes; None with verify=False
-    export_report: VerificationReport | None = None  # the report of the last save_pretrained (with reload checks)
-
-    @property
-    def verified(self) -> bool:
-        return not self.report.skipped and self.report.passed
-
-    def save_pretrained(self, out_dir: str | Path | None = None, *, dtype: str = "float32",
-                        formats: str | Sequence[str] = "hf", overwrite: bool = False, command: str = "",
-                        publish: Publisher | None = None, progress: bool = False) -> Path:
-        """Write the export folder (atomically) and return its path; see :func:`bake.export.export`."""
-        out = Path(out_dir) if out_dir is not None else Path(default_out_dir(self.base.display))
-        return export(self, out, formats=formats, dtype=dtype, overwrite=overwrite, command=command,
-                      publish=publish, progress=progress)
-
-
-def default_out_dir(model_name: str) -> str:
-    """``<model-name>-steered`` in the current directory (last path / Hub-id component)."""
-    return display_name(model_name).rstrip("/").split("/")[-1] + "-steered"
-
-
 def _resolve_model(model, *, tokenizer, device: str, trust_remote_code: bool, copy_model: bool, progress: bool,
                    with_tokenizer: bool = True):
+    check_device(device)
     if isinstance(model, nn.Module):
+        if getattr(model, "config", None) is not None:
+            refuse_quantized(model.config, type(model).__name__)
         if copy_model:
             model = copy.deepcopy(model)
         model = model.to(device=device, dtype=torch.float32).eval()
@@ -102,7 +74,7 @@ def _resolve_model(model, *, tokenizer, device: str, trust_remote_code: bool, co
         return model, tokenizer, base
     with tqdm(total=2, desc=f"load {model}", disable=bar_disabled(progress), leave=False) as bar:
         loaded = load_model(str(model), device=device, dtype="float32", trust_remote_code=trust_remote_code,
-                            with_tokenizer=False)
+                            with_tokenizer=False, allow_quantized=False)
         bar.update()
         tok = tokenizer
         if tok is None and with_tokenizer:
@@ -112,13 +84,28 @@ def _resolve_model(model, *, tokenizer, device: str, trust_remote_code: bool, co
     return loaded.model, tok, base
 
 
+def _check_history(module: nn.Module, sources, eff, base: BaseModel, *, allow_rebake: bool,
+                   ignore_model_mismatch: bool) -> list[dict]:
+    """Refuse maps learned on another model and maps already baked in; returns the earlier bakes known only
+    from a provenance file (to be carried into the config record)."""
+    config = getattr(module, "config", None)
+    earlier = earlier_bakes(config, base.path)
+    check_model_match(config, sources, earlier, base.display, ignore=ignore_model_mismatch)
+    check_rebake(earlier, sources, maps_digest(eff), allow=allow_rebake)
+    warn_stacked_sites(earlier, eff)
+    return legacy_entries(config, earlier)
+
+
 def plan_bake(model, maps, strength: float = 1.0, *, require_standard: bool = False, untie: bool = False,
-              device: str = "cpu", trust_remote_code: bool = False, progress: bool = False) -> FoldPlan:
-    """Only the plan (what ``--dry-run`` prints); nothing is modified."""
+              device: str = "cpu", trust_remote_code: bool = False, progress: bool = False,
+              allow_rebake: bool = False, ignore_model_mismatch: bool = False) -> FoldPlan:
+    """Only the plan (what ``--dry-run`` prints), after the same input checks as :func:`bake`; nothing is modified."""
     sources = normalise_maps(maps, strength)
-    module, _, _ = _resolve_model(model, tokenizer=None, device=device, trust_remote_code=trust_remote_code,
-                                  copy_model=False, progress=progress, with_tokenizer=False)
-    return make_plan(module, combined(sources), require_standard=require_standard, untie=untie)
+    module, _, base = _resolve_model(model, tokenizer=None, device=device, trust_remote_code=trust_remote_code,
+                                     copy_model=False, progress=progress, with_tokenizer=False)
+    eff = combined(sources)
+    _check_history(module, sources, eff, base, allow_rebake=allow_rebake, ignore_model_mismatch=ignore_model_mismatch)
+    return make_plan(module, eff, require_standard=require_standard, untie=untie)
 
 
 def _site_notes(p: FoldPlan) -> dict[str, str]:
@@ -129,7 +116,8 @@ def _site_notes(p: FoldPlan) -> dict[str, str]:
 
 def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard: bool = False,
          untie: bool = False, verify: bool = True, verify_tokens: int = 8, device: str = "cpu",
-         trust_remote_code: bool = False, copy_model: bool = True, progress: bool = False) -> BakedModel:
+         trust_remote_code: bool = False, copy_model: bool = True, progress: bool = False,
+         allow_rebake: bool = False, ignore_model_mismatch: bool = False) -> BakedModel:
     """Fold steering maps into a model's weights and verify the result.
 
     ``model``: a name/alias/path (loaded in float32) or an ``nn.Module`` (deep-copied
@@ -138,6 +126,10 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
     (bare entries get ``strength``).  Raises ``FoldError``/``MapsFormatError`` on bad
     input and ``VerificationError`` (with ``.report``) when the baked model does
     not reproduce the hooked one.  ``verify=False`` skips the comparison (dangerous).
+    Maps already baked into the model (its config's ``lineas_baked`` record, or the
+    ``lineas_provenance.json`` of its folder) raise ``RebakeError`` unless ``allow_rebake``;
+    maps learned on another ``model_type``/``config_sha256`` raise ``ModelMismatchError``
+    unless ``ignore_model_mismatch`` (then a warning is logged).
     """
     if verify_tokens < 1:
         raise ValueError(f"verify_tokens must be >= 1, got {verify_tokens}")
@@ -146,12 +138,16 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
     module, tok, base = _resolve_model(model, tokenizer=tokenizer, device=device,
                                        trust_remote_code=trust_remote_code, copy_model=copy_model,
                                        progress=progress)
+    legacy = _check_history(module, sources, eff, base, allow_rebake=allow_rebake,
+                            ignore_model_mismatch=ignore_model_mismatch)
     fold_plan = make_plan(module, eff, require_standard=require_standard, untie=untie)
     reference = None
     if verify:
         reference = record_reference(module, {s: (m.scale, m.shift) for s, m in eff.items()}, tokenizer=tok,
                                      n_tokens=verify_tokens, progress=progress)
-    apply_plan(module, fold_plan, eff)
+    apply_plan(module, fold_plan, eff, allow_rebake=allow_rebake, maps_record=maps_records(sources))
+    if legacy:  # an export from before the config record: keep its bake in the record too
+        setattr(module.config, BAKED_KEY, legacy + recorded_bakes(module.config))
     if reference is None:
         log.warning("verification skipped: the baked model was NOT compared with the hooked model")
         report = VerificationReport(skipped=True)

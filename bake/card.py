@@ -43,6 +43,7 @@ class ExportInfo:
     has_tokenizer: bool
     files: list[str] = field(default_factory=list)
     extra_load: list[str] = field(default_factory=list)  # how-to-load snippets added by other exporters
+    bakes: list[dict] = field(default_factory=list)  # config lineas_baked: every bake in the model, this one last
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -66,6 +67,7 @@ def provenance_dict(info: ExportInfo) -> dict:
                    "tokenizer_copied": info.has_tokenizer, "files": sorted(info.files)},
         "verification": {"skipped": info.report.skipped, "passed": info.report.passed and not info.report.skipped,
                          "file": VERIFICATION_FILE},
+        "bakes": info.bakes,
         "plan_summary": info.plan_summary,
         "plan": info.plan,
     }
@@ -104,6 +106,23 @@ def _maps_section(info: ExportInfo) -> str:
         out.append(f"| {i} | `{Path(m['origin']).name}` | `{m['sha256'][:12]}` | {m['method']} | {shown} | "
                    f"{m['strength']:g} | {data} |")
     return "\n".join(out)
+
+
+def _bakes_section(info: ExportInfo) -> str:
+    """Every bake in the model when this one went on top of earlier ones (empty for a first bake)."""
+    if len(info.bakes) < 2:
+        return ""
+    out = ["## Bakes in this model", "",
+           f"This model carries {len(info.bakes)} bakes, applied in this order (recorded in `config.json` as "
+           "`lineas_baked`); the last one is described above.", "",
+           "| # | maps (sha256) | strength λ | sites | effective digest |", "|---|---|---|---|---|"]
+    for i, b in enumerate(info.bakes, 1):
+        maps = "<br>".join(f"`{m.get('origin', '?')}` (`{str(m.get('sha256', ''))[:12]}`)" for m in b.get("maps", []))
+        lam = ", ".join(f"{m['strength']:g}" if isinstance(m.get("strength"), (int, float)) else "?"
+                        for m in b.get("maps", []))
+        out.append(f"| {i} | {maps or '?'} | {lam or '?'} | {b.get('sites', '?')} | "
+                   f"`{str(b.get('effective_digest') or '?')[:12]}` |")
+    return "\n".join(out) + "\n\n"
 
 
 def _load_section(info: ExportInfo, repo: str) -> str:
@@ -159,7 +178,7 @@ attached at strength λ = {strengths}, without hooks{' (a few small affine modul
 At strength λ each map acts as `y -> y + λ (T(y) - y)` on the output of its site; several maps are composed in
 the order listed.
 
-## How it was folded
+{_bakes_section(info)}## How it was folded
 
 {info.plan_summary}
 

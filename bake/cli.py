@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
 from lineas.hooks import SteeringError
 from lineas.io import ExitCode, fail
 from lineas.maps import MapsFormatError
-from lineas.models import ALIASES, ModelLoadError
+from lineas.models import ALIASES, ModelLoadError, checkpoint_numel, resolve_model
 
 from .card import command_line
 from .errors import BakeError, FoldError, VerificationError
-from .export import EXPORT_DTYPES, check_out_dir, known_formats, parse_formats
-from .inputs import parse_maps_arg
+from .export import EXPORT_DTYPES, known_formats, parse_formats
+from .inputs import MAX_PLAIN_STRENGTH, check_strength_magnitude, parse_maps_arg
+from .outdir import Terminated, check_out_dir, export_bytes
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFY = ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.VERIFY
+EXIT_TERMINATED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 PROG = "lineas-bake"
 
 DESCRIPTION = """\
@@ -39,11 +42,20 @@ model aliases: {", ".join(sorted(ALIASES))}; or a local directory / Hub id.
 exit codes:
   0  ok (or --dry-run printed the plan)
   2  bad input: unreadable/invalid maps file, unknown site, wrong dimension,
-     NaN/inf values, non-finite strength, existing --out, unknown model
+     NaN/inf values, non-finite strength or |λ| > {MAX_PLAIN_STRENGTH:g} without --allow-large-strength,
+     unknown model, missing config.json, GGUF file, quantised model, unknown
+     or unavailable --device; --out that exists, is the working directory or
+     the model folder, is not writable or lacks the space for the export;
+     maps already baked into the model (--allow-rebake) or learned on another
+     model (--ignore-model-mismatch); weights that overflow --dtype (e.g.
+     float16) when cast; --push-to-hub with HF_HUB_OFFLINE=1.  Nothing written.
   3  verification failed: the baked model does not reproduce the hooked model;
      nothing was written, the per-site report says where it diverges
   1  --push-to-hub failed (token, permissions, repo not found, Hub unavailable,
      upload mismatch); the verified export stays in --out: lineas-bake push it
+  143 terminated by SIGTERM: the unfinished export was removed (after a SIGKILL,
+     the next export into the same parent folder removes the lineas_tmp_<pid>_*
+     folder of the dead run)
 
 examples:
   {PROG} --model smollm2-135m --maps positive.safetensors --strength 1.0 --dry-run
@@ -78,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-tokens", type=int, default=8, metavar="N",
                    help="greedy tokens generated per verification prompt (default: 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    p.add_argument("--allow-rebake", action="store_true",
+                   help="bake maps that the model already carries (its config.json lineas_baked record or "
+                        "lineas_provenance.json); without it that is refused (exit 2): the steering would double")
+    p.add_argument("--ignore-model-mismatch", action="store_true",
+                   help="bake maps whose metadata names another model_type or config_sha256 than the model "
+                        "(refused by default, exit 2); a warning is printed")
+    p.add_argument("--allow-large-strength", action="store_true",
+                   help=f"allow a strength with |λ| > {MAX_PLAIN_STRENGTH:g} (refused by default, exit 2: "
+                        "almost always a typo such as 1e9)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     danger = p.add_argument_group("dangerous options")
     danger.add_argument("--no-verify", action="store_true",
@@ -98,7 +119,22 @@ def _maps_arg(args) -> list[tuple[str, float]]:
     from lineas.maps import check_strength
 
     default = check_strength(args.strength, "--strength")
-    return [parse_maps_arg(m, default) for m in args.maps]
+    pairs = [parse_maps_arg(m, default) for m in args.maps]
+    for path, lam in pairs:
+        check_strength_magnitude(lam, f"strength for {path}", args.allow_large_strength)
+    return pairs
+
+
+def _checked_out(args):
+    """--out, checked before the model is loaded (writability, free space for the estimated export, not the
+    working directory or the model's folder); the export checks again with the exact size."""
+    from .results import default_out_dir
+
+    local = resolve_model(args.model)  # a folder, or a Hub id (then the export re-checks with the loaded size)
+    n = checkpoint_numel(local)
+    needed = export_bytes(n, EXPORT_DTYPES[args.dtype].itemsize, parse_formats(args.format)) if n else None
+    return check_out_dir(args.out or default_out_dir(args.model), args.overwrite, model_dir=local,
+                         needed_bytes=needed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,31 +167,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), EXIT_BAD_INPUT)
     except BakeError as e:
         return _fail(str(e), EXIT_BAD_INPUT if isinstance(e, ValueError) else 1)
+    except Terminated:
+        return _fail("terminated by SIGTERM; the unfinished export was removed", EXIT_TERMINATED)
 
 
 def _run(args, cmd: str) -> int:
-    from .api import bake, default_out_dir, plan_bake
+    from .api import bake, plan_bake
+    from .results import default_out_dir
 
     maps = _maps_arg(args)
     formats = parse_formats(args.format)
     progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal
     if args.push_to_hub:
-        from .hub import check_repo_id
+        from .hub import check_online, check_repo_id
 
         check_repo_id(args.push_to_hub)  # bad OWNER/NAME: exit 2 before the slow part
+        if not args.dry_run:
+            check_online()
+    history = dict(allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch)
     if args.dry_run:
         plan = plan_bake(args.model, maps, require_standard=args.require_standard, untie=args.untie_embeddings,
-                         device=args.device, trust_remote_code=args.trust_remote_code, progress=progress)
+                         device=args.device, trust_remote_code=args.trust_remote_code, progress=progress, **history)
         print(plan.to_table())
         if args.push_to_hub:
             from .push_cli import describe_push_after_export
 
             print(describe_push_after_export(args.out or default_out_dir(args.model), args))
         return EXIT_OK
-    out = check_out_dir(args.out or default_out_dir(args.model), args.overwrite)  # fail before the slow part
+    out = _checked_out(args)  # fail before the slow part
     baked = bake(args.model, maps, require_standard=args.require_standard, untie=args.untie_embeddings,
                  verify=not args.no_verify, verify_tokens=args.verify_tokens, device=args.device,
-                 trust_remote_code=args.trust_remote_code, progress=progress)
+                 trust_remote_code=args.trust_remote_code, progress=progress, **history)
     print(baked.plan.to_table())
     print()
     folder = baked.save_pretrained(out, dtype=args.dtype, formats=formats, overwrite=args.overwrite, command=cmd,

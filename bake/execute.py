@@ -9,7 +9,7 @@ tensors written and affine modules inserted.  A failure leaves the model as it w
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from .affine import AFFINE_SITES_KEY
 from .affine_module import LineasAffine, wrap_affine_sites
 from .errors import FoldError
 from .fold import fold_input_shift, fold_norm_bias, fold_norm_scale, fold_output_rows
+from .history import BAKED_KEY, RebakeError, new_entry, recorded_bakes
 from .plan import FoldOp, FoldPlan, FoldStep, Layout, _normalise_maps, maps_digest
 
 log = logging.getLogger(__name__)
@@ -89,15 +90,24 @@ def _run_step(w: _Working, step: FoldStep, site: str, m: SiteMap) -> None:
         raise FoldError(f"site {site!r}: unknown fold operation {step.op!r}")
 
 
-def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, SiteMap]) -> nn.Module:
+def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, SiteMap], *,
+               allow_rebake: bool = False, maps_record: Sequence[dict] = ()) -> nn.Module:
     """Bake ``effective_maps`` into ``model`` as ``plan`` says; returns the same model object.
 
     ``effective_maps`` must be the maps the plan was made for (checked by digest).
     After this call the model computes, without hooks, what the hooked model computed.
+    The bake is recorded in ``model.config.lineas_baked`` (with ``maps_record``: what each
+    maps input was); the same effective maps are refused a second time unless ``allow_rebake``.
     """
     maps = _normalise_maps(effective_maps)
     if maps_digest(maps) != plan.maps_digest:
         raise FoldError("these maps are not the ones the plan was made for (maps digest differs); re-run plan()")
+    config = getattr(model, "config", None)
+    for i, entry in enumerate(recorded_bakes(config)):
+        if entry.get("effective_digest") == plan.maps_digest and not allow_rebake:
+            raise RebakeError(f"these maps (effective digest {plan.maps_digest[:12]}) are already baked into this "
+                              f"model (config {BAKED_KEY}[{i}]); applying them again would steer twice. "
+                              "Pass allow_rebake=True if that is what you want")
     if type(model).__name__ != plan.model_class:
         raise FoldError(f"plan was made for a {plan.model_class}, not a {type(model).__name__}")
     modules = dict(model.named_modules())
@@ -122,7 +132,8 @@ def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, Si
         final[name] = cast
 
     # 2. commit
-    config = getattr(model, "config", None)
+    entry = new_entry(config, effective_digest=plan.maps_digest, sites=[p.site for p in plan.sites],
+                      shift_in_consumers=[p.site for p in plan.sites if p.shift_targets], maps=maps_record)
     with torch.no_grad():
         for change in plan.config_changes:
             if config is None:
@@ -157,5 +168,7 @@ def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, Si
                     module.lineas_shift.copy_(m.shift)
             if config is not None:
                 setattr(config, AFFINE_SITES_KEY, specs)
+    if config is not None:  # the record that makes a second bake of the same maps refusable
+        setattr(config, BAKED_KEY, recorded_bakes(config) + [entry])
     return model
 

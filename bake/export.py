@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +33,18 @@ from lineas.models import TOKENIZER_FILES
 
 from .card import ExportInfo, write_card, write_provenance, write_verification
 from .errors import BakeError, VerificationError
+from .outdir import (
+    OWNER_FILE,
+    check_out_dir,
+    export_bytes,
+    move_into_place,
+    sigterm_raises,
+    temp_folder,
+)
 from .verify import CheckResult, bar_disabled, compare, model_device
 
 if TYPE_CHECKING:
-    from .api import BakedModel
+    from .results import BakedModel
 
 log = logging.getLogger(__name__)
 
@@ -116,89 +123,75 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {str(out)!r} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"--out {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
-    return out
-
-
 # ----------------------------------------------------------------------------- orchestration
 def export(baked: BakedModel, out_dir: str | os.PathLike, *, formats: str | Sequence[str] = ("hf",),
            dtype: str = "float32", overwrite: bool = False, command: str = "",
            publish: Publisher | None = None, progress: bool = False) -> Path:
     """Export ``baked`` to ``out_dir`` (atomically). Raises VerificationError when a gating check fails."""
     opts = ExportOptions(dtype=check_dtype(dtype), formats=parse_formats(formats), command=command, progress=progress)
-    out = check_out_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # The temp folder's name becomes a Python module name when transformers imports
-    # remote code from it, so keep it to letters, digits and underscores.
-    tmp = Path(tempfile.mkdtemp(prefix="lineas_tmp_", dir=out.parent))
-    try:
-        report = copy.copy(baked.report)
-        report.checks = list(report.checks)
-        results = []
-        for name in opts.formats:
-            res = EXPORTERS[name](baked, tmp, opts)
-            for c in res.checks:
-                report.add(c)
-            results.append(res)
-        write_verification(tmp, report)
-        if not report.passed:
-            err = VerificationError("exported model does not reproduce the hooked model: "
-                                    + "; ".join(report.failures))
-            err.report = report
-            raise err
-        info = export_info(baked, report, opts, results, tmp)
-        write_provenance(tmp, info)
-        write_card(tmp, info, repo=out.name)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    n_params = sum(p.numel() for p in baked.model.parameters())
+    out = check_out_dir(out_dir, overwrite, needed_bytes=export_bytes(n_params, EXPORT_DTYPES[opts.dtype].itemsize,
+                                                                      opts.formats))
+    with sigterm_raises():
+        tmp = temp_folder(out)
+        try:
+            report = copy.copy(baked.report)
+            report.checks = list(report.checks)
+            results = []
+            for name in opts.formats:
+                res = EXPORTERS[name](baked, tmp, opts)
+                for c in res.checks:
+                    report.add(c)
+                results.append(res)
+            write_verification(tmp, report)
+            if not report.passed:
+                err = VerificationError("exported model does not reproduce the hooked model: "
+                                        + "; ".join(report.failures))
+                err.report = report
+                raise err
+            info = export_info(baked, report, opts, results, tmp)
+            write_provenance(tmp, info)
+            write_card(tmp, info, repo=out.name)
+            move_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     baked.export_report = report
     if publish is not None:
         publish(out, baked, opts)
     return out
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        # Rename the old folder aside first so a crash never leaves neither version.
-        trash = Path(tempfile.mkdtemp(prefix="lineas_old_", dir=out.parent))
-        os.replace(out, trash / "old")
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def export_info(baked: BakedModel, report, opts: ExportOptions, results: Sequence[ExportResult],
                 folder: Path) -> ExportInfo:
-    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != OWNER_FILE]
     return ExportInfo(
         base_model=baked.base.display, base_path=baked.base.path, base_config_sha256=baked.base.config_sha256,
         maps=[m.describe() for m in baked.maps], plan_summary=baked.plan.summary(), plan_table=baked.plan.to_table(),
         plan=baked.plan.to_dict(), report=report, dtype=opts.dtype, formats=opts.formats,
         command=opts.command or "(Python API) bake(...).save_pretrained(...)",
         remote_code=any(r.remote_code for r in results), has_tokenizer=any(r.has_tokenizer for r in results),
-        files=files, extra_load=[s for r in results for s in r.load_snippets],
+        files=files, extra_load=[s for r in results for s in r.load_snippets], bakes=baked.bakes,
     )
 
 
 # ----------------------------------------------------------------------------- the HF exporter
+class NonFiniteCastError(BakeError, ValueError):
+    """Casting the folded weights to the export dtype overflows (e.g. large maps in float16)."""
+
+
 def state_dict_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
     """The state dict cast to ``dtype`` (None for float32: save as is).
 
     Tensors that share storage (tied embeddings) stay shared after the cast, so
     transformers still writes them once.  Affine-fallback parameters stay fp32.
+    Raises :class:`NonFiniteCastError` naming the tensors that become inf/NaN in ``dtype``.
     """
     if dtype == torch.float32:
         return None
     cast: dict[tuple, torch.Tensor] = {}
     out = {}
+    bad: dict[str, int] = {}
     for k, v in model.state_dict().items():
         if not v.is_floating_point() or k.endswith(REMOTE_CODE_PARAM_SUFFIXES):
             out[k] = v
@@ -206,8 +199,32 @@ def state_dict_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
         key = (v.data_ptr(), tuple(v.shape), v.stride())
         if key not in cast:
             cast[key] = v.to(dtype)
+            n_bad = int((~torch.isfinite(cast[key])).sum())
+            if n_bad:
+                bad[k] = n_bad
         out[k] = cast[key]
+    if bad:
+        err = NonFiniteCastError(f"casting to {str(dtype).removeprefix('torch.')} makes "
+                                 + ", ".join(f"{k} ({n} value(s))" for k, n in bad.items()) + " non-finite")
+        err.tensors = tuple(bad)
+        raise err
     return out
+
+
+def _sites_writing(plan, tensors: Sequence[str]) -> list[str]:
+    """The plan's sites whose fold steps write any of ``tensors``."""
+    return [p.site for p in plan.sites if any(t in step.tensors for step in p.steps for t in tensors)]
+
+
+def _cast_state_dict(baked: BakedModel, dtype: str) -> dict[str, torch.Tensor] | None:
+    try:
+        return state_dict_in(baked.model, EXPORT_DTYPES[dtype])
+    except NonFiniteCastError as e:
+        sites = _sites_writing(baked.plan, e.tensors)
+        where = (f"folded from the map(s) at site(s) {', '.join(sites)}" if sites else
+                 "not written by the steering: the base model itself does not fit this dtype")
+        raise NonFiniteCastError(f"--dtype {dtype}: {e} ({where}); nothing was written. Export in float32 or "
+                                 "bfloat16, or use a smaller strength") from None
 
 
 def _patch_config_dtype(folder: Path, dtype: str) -> None:
@@ -274,7 +291,7 @@ def export_hf(baked: BakedModel, folder: Path, opts: ExportOptions) -> ExportRes
     steps = tqdm(total=4, desc="save", disable=bar_disabled(opts.progress), leave=False)
     try:
         steps.set_postfix_str("weights")
-        baked.model.save_pretrained(folder, state_dict=state_dict_in(baked.model, EXPORT_DTYPES[opts.dtype]),
+        baked.model.save_pretrained(folder, state_dict=_cast_state_dict(baked, opts.dtype),
                                     safe_serialization=True, max_shard_size=opts.max_shard_size)
         _patch_config_dtype(folder, opts.dtype)
         steps.update()

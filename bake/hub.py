@@ -163,6 +163,16 @@ def upload_paths(folder: Path) -> list[str]:
     return list(filter_repo_objects(rel, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS)))
 
 
+def check_online() -> None:
+    """Fail at once when huggingface_hub is in offline mode (it would otherwise retry for many seconds)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "")
+    if constants.HF_HUB_OFFLINE or env.strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        raise HubInputError(f"offline mode is on (HF_HUB_OFFLINE={env or '1'}): nothing can be pushed to the Hub; "
+                            "unset HF_HUB_OFFLINE to publish")
+
+
 def default_endpoint() -> str:
     from huggingface_hub import constants
 
@@ -335,6 +345,8 @@ def push(plan: PushPlan, *, token: str | None = None, api=None, retry: RetryPoli
          sleep: Callable[[float], None] = time.sleep) -> PushResult:
     """Create the repo (and branch), upload the folder, verify the commit.  Raises :class:`HubError`."""
     scrub = _Scrubber(token)
+    if api is None:
+        check_online()
     try:
         if api is None:
             api, token = make_api(plan, token)

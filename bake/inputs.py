@@ -82,12 +82,30 @@ def combined(sources: Sequence[MapsSource]) -> dict[str, SiteMap]:
 
 
 def parse_maps_arg(text: str, default_strength: float) -> tuple[str, float]:
-    """CLI ``--maps F`` or ``--maps F:lambda``. An existing path wins over a ``:lambda`` suffix."""
+    """CLI ``--maps F`` or ``--maps F:lambda``. An existing path wins over a ``:lambda`` suffix.
+
+    When ``F`` exists but ``lambda`` is not a number, that is a bad suffix, not a missing file.
+    """
     if Path(text).exists() or ":" not in text:
         return text, check_strength(default_strength, "--strength")
     path, _, lam = text.rpartition(":")
     try:
         value = float(lam)
     except ValueError:
+        if Path(path).exists():
+            raise MapsFormatError(f"--maps {text!r}: bad strength suffix {lam!r} (expected F or F:λ with λ a "
+                                  "number, e.g. F:0.5)") from None
         return text, check_strength(default_strength, "--strength")  # a path containing ':'; load() will complain
     return path, check_strength(value, f"strength for {path!r}")
+
+
+MAX_PLAIN_STRENGTH = 10.0  # |λ| above this needs --allow-large-strength: the steering then dwarfs the model
+
+
+def check_strength_magnitude(strength: float, what: str, allow_large: bool) -> float:
+    """Refuse |strength| > :data:`MAX_PLAIN_STRENGTH` unless ``allow_large`` (a typo like 1e9 is never meant)."""
+    if abs(strength) > MAX_PLAIN_STRENGTH and not allow_large:
+        raise MapsFormatError(f"{what} is {strength:g}: |λ| above {MAX_PLAIN_STRENGTH:g} multiplies the steering "
+                              "far beyond what the maps were learned for. Pass --allow-large-strength if it is "
+                              "intended")
+    return strength

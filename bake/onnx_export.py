@@ -50,7 +50,7 @@ from .export import ExportOptions, ExportResult, copy_base_files, export_info, r
 from .verify import CheckResult, Reference, Runner, bar_disabled, compare
 
 if TYPE_CHECKING:
-    from .api import BakedModel
+    from .results import BakedModel
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lineas.io import ExitCode, fail
 
-from .hub import HubError, format_plan, plan_push, push
+from .hub import HubError, check_online, format_plan, plan_push, push
 
 PROG = "lineas-bake push"
 EXIT_OK, EXIT_HUB, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAIL, ExitCode.BAD_INPUT
@@ -33,7 +33,8 @@ exit codes:
   1  the Hub refused or failed: token rejected (401), no permission (403),
      repo/namespace not found (404), unavailable after retries (5xx, connection),
      or the files at the new commit do not match the local files
-  2  bad input: no such folder, no README.md model card, invalid OWNER/NAME
+  2  bad input: no such folder, no README.md model card, invalid OWNER/NAME,
+     offline mode on (HF_HUB_OFFLINE=1)
 
 examples:
   lineas-bake push smollm2-positive me/smollm2-positive --dry-run
@@ -72,6 +73,8 @@ def run_push(folder: str | Path, repo_id: str, *, revision: str | None = None, p
              commit_message: str | None = None, dry_run: bool = False, prog: str = PROG) -> int:
     """Plan (and unless ``dry_run``) push; prints the outcome, returns the exit code."""
     try:
+        if not dry_run:
+            check_online()  # before hashing the files: offline mode can only fail
         plan = plan_push(folder, repo_id, revision=revision, private=private, commit_message=commit_message)
         if dry_run:
             print(format_plan(plan))

@@ -183,6 +183,8 @@ class SteeringMaps:
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringMaps:
         path = Path(path)
+        if path.is_dir():
+            raise MapsFormatError(f"maps {path} is a directory, expected a lineas-maps .safetensors file")
         if not path.is_file():
             raise MapsFormatError(f"maps file not found: {path}")
         try:

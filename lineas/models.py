@@ -10,6 +10,7 @@ checkpoint under ``$LINEAS_CACHE`` (default ``~/.cache/lineas-bake``).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -112,13 +113,108 @@ def smollm2_checkpoint() -> Path:
     return target
 
 
+def _looks_like_path(name: str) -> bool:
+    """True for what can only be a local path (a Hub id is ``name`` or ``owner/name``)."""
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or name.count("/") > 1
+            or os.sep != "/" and os.sep in name or Path(name).expanduser().exists())
+
+
 def resolve_model(name: str) -> str:
-    """Alias -> local directory or Hub id. Local directories win over aliases."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+    """Alias -> local directory or Hub id. Local directories win over aliases.
+
+    Raises :class:`ModelLoadError` for what is clearly meant as a local path but is
+    not a checkpoint folder (missing directory, a file, a GGUF file, no config.json),
+    so the message never talks about Hub repo ids for a typo in a path.
+    """
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"no config.json in {local}: --model must be a transformers checkpoint folder "
+                                 "(config.json plus *.safetensors weights)")
+        return str(local)
     if name == SMOLLM2_ALIAS:
         return str(smollm2_checkpoint())
-    return ALIASES.get(name, name)
+    if name in ALIASES:
+        return ALIASES[name]
+    if name.lower().endswith(".gguf"):
+        raise ModelLoadError(f"GGUF files are not supported as --model: {name}; convert it to a transformers "
+                             "checkpoint first (AutoModelForCausalLM.from_pretrained(folder, gguf_file=...) "
+                             "then save_pretrained) and pass that folder")
+    if _looks_like_path(name):
+        what = "is a file, not a checkpoint folder" if local.exists() else "no such directory"
+        raise ModelLoadError(f"--model {name}: {what} (expected a transformers checkpoint folder with "
+                             "config.json, an alias, or a Hub id OWNER/NAME)")
+    return name
+
+
+def checkpoint_numel(path: str | os.PathLike) -> int | None:
+    """Number of weights in a local checkpoint folder, from its safetensors headers (no tensor is read);
+    None when it has no safetensors files or a header is unreadable."""
+    files = sorted(Path(path).expanduser().glob("*.safetensors")) if Path(path).expanduser().is_dir() else []
+    total = 0
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError):
+            return None
+        for key, info in header.items():
+            if key != "__metadata__":
+                n = 1
+                for d in info.get("shape", []):
+                    n *= int(d)
+                total += n
+    return total or None
+
+
+def check_device(name: str) -> torch.device:
+    """``name`` as a torch device that exists on this machine, else a :class:`ModelLoadError` saying why."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {name!r}: CUDA is not available on this machine "
+                                 "(no GPU, or torch was built without CUDA); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelLoadError(f"--device {name!r}: MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise ModelLoadError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def quantization_method(config) -> str | None:
+    """The quantisation a config declares (``bitsandbytes``, ``fp8``, ``gptq``, ...), or None."""
+    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config",
+                                                                                     None)
+    if not q:
+        return None
+    q = q if isinstance(q, dict) else (q.to_dict() if hasattr(q, "to_dict") else vars(q))
+    return str(q.get("quant_method") or "unknown method")
+
+
+def refuse_quantized(config, name: str) -> None:
+    """Raise :class:`ModelLoadError` when ``config`` declares a quantisation: its weights cannot be folded."""
+    method = quantization_method(config)
+    if method is not None:
+        raise ModelLoadError(f"model {name!r} is quantised ({method}, quantization_config in config.json): "
+                             "steering cannot be folded into quantised weights. Bake the unquantised base model, "
+                             "then quantise the baked export")
+
+
+def _local_config(path: str) -> dict | None:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{cfg} is not readable JSON ({e})") from None
 
 
 def display_name(name: str) -> str:
@@ -162,16 +258,28 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
-               trust_remote_code: bool = False, with_tokenizer: bool = True) -> LoadedModel:
+               trust_remote_code: bool = False, with_tokenizer: bool = True,
+               allow_quantized: bool = True) -> LoadedModel:
+    """Load ``name`` in ``dtype`` on ``device``; ``allow_quantized=False`` refuses quantised checkpoints
+    (from the config, before any weights are read)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    device = check_device(str(device))
     path = resolve_model(name)
+    local_cfg = _local_config(path)
+    if local_cfg is not None and not allow_quantized:
+        refuse_quantized(local_cfg, name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        hint = "" if Path(path).is_dir() else " (the Hugging Face Hub may be unreachable; pass a local directory)"
-        raise ModelLoadError(f"cannot load model {name!r} from {path!r}: {e}{hint}") from None
+        if Path(path).is_dir():
+            raise ModelLoadError(f"cannot load model {name!r} from {path!r}: {e}") from None
+        raise ModelLoadError(f"--model {name!r}: no such directory and not an alias ({', '.join(sorted(ALIASES))}); "
+                             f"loading it as a Hugging Face Hub id failed too (the Hub may be unreachable): "
+                             f"{str(e).splitlines()[0][:300]}") from None
+    if not allow_quantized:
+        refuse_quantized(model.config, name)  # a Hub model: its config was only seen now
     model.to(device).eval()
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code) if with_tokenizer else None
     return LoadedModel(model, tok, path, name)

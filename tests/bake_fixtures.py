@@ -92,8 +92,8 @@ def corrupt_bake(monkeypatch, proj: str = "up_proj", factor: float = 1.02) -> No
 
     real = api.apply_plan
 
-    def corrupt(model, plan, eff):
-        real(model, plan, eff)
+    def corrupt(model, plan, eff, **kw):
+        real(model, plan, eff, **kw)
         with torch.no_grad():
             getattr(model.model.layers[1].mlp, proj).weight.mul_(factor)
         return model

@@ -196,3 +196,20 @@ def test_tokenizer_files_are_copied_verbatim(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("The capital of France is")["input_ids"]
+
+
+def test_float16_overflow_names_the_site_and_writes_nothing(tmp_path):
+    """Scale 1e5 folds into a norm weight that float16 cannot hold: the cast is refused, not written as inf."""
+    from bake.export import NonFiniteCastError
+    from lineas.maps import SiteMap, SteeringMaps
+
+    model_dir, _ = setup_model(tmp_path)
+    site = "model.layers.0.post_attention_layernorm"
+    maps = SteeringMaps({site: SiteMap(torch.full((64,), 1e5), torch.zeros(64))})
+    baked = bake(str(model_dir), maps, verify_tokens=2)
+    assert baked.verified  # float32 holds it: only the float16 cast overflows
+    with pytest.raises(NonFiniteCastError, match=f"{site}.weight .* non-finite .*site\\(s\\) {site}"):
+        baked.save_pretrained(tmp_path / "fp16", dtype="float16")
+    assert not (tmp_path / "fp16").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("lineas_")]
+    assert baked.save_pretrained(tmp_path / "bf16", dtype="bfloat16").is_dir()  # bfloat16 has float32's range

@@ -1,0 +1,74 @@
+"""The result types of a bake: :class:`BaseModel` (where the model came from) and
+:class:`BakedModel` (the folded model plus how it got there).
+
+They live apart from :mod:`bake.api` so that the exporters (:mod:`bake.export`,
+:mod:`bake.onnx_export`) can name them without importing the API that calls them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lineas.maps import SiteMap
+from lineas.models import display_name
+
+from .inputs import MapsSource
+from .plan import FoldPlan
+from .verify import Reference, VerificationReport
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """Where the original model came from (for provenance and copying its tokenizer)."""
+
+    name: str  # what the user gave
+    path: str  # resolved directory or Hub id ("" for an in-memory module without one)
+    display: str  # Hub-style name for the model card
+    config_sha256: str  # of the original config, before any fold changed a flag
+
+
+@dataclass
+class BakedModel:
+    """A model with the steering folded into its weights, plus how it got there."""
+
+    model: nn.Module
+    tokenizer: object | None
+    plan: FoldPlan
+    report: VerificationReport
+    maps: list[MapsSource]
+    base: BaseModel
+    effective: dict[str, SiteMap]
+    reference: Reference | None  # hooked outputs on the probes; None with verify=False
+    export_report: VerificationReport | None = None  # the report of the last save_pretrained (with reload checks)
+
+    @property
+    def verified(self) -> bool:
+        return not self.report.skipped and self.report.passed
+
+    @property
+    def bakes(self) -> list[dict]:
+        """Every bake recorded in the model's config (earlier ones first, this one last)."""
+        from .history import recorded_bakes
+
+        return recorded_bakes(getattr(self.model, "config", None))
+
+    def save_pretrained(self, out_dir: str | Path | None = None, *, dtype: str = "float32",
+                        formats: str | Sequence[str] = "hf", overwrite: bool = False, command: str = "",
+                        publish=None, progress: bool = False) -> Path:
+        """Write the export folder (atomically) and return its path; see :func:`bake.export.export`."""
+        from .export import (
+            export,  # the exporter imports this module, not the other way round
+        )
+
+        out = Path(out_dir) if out_dir is not None else Path(default_out_dir(self.base.display))
+        return export(self, out, formats=formats, dtype=dtype, overwrite=overwrite, command=command,
+                      publish=publish, progress=progress)
+
+
+def default_out_dir(model_name: str) -> str:
+    """``<model-name>-steered`` in the current directory (last path / Hub-id component)."""
+    return display_name(model_name).rstrip("/").split("/")[-1] + "-steered"
