@@ -110,6 +110,21 @@ def record_outputs(model: nn.Module, names: Sequence[str]):
 
 
 # ----------------------------------------------------------------------------- reference
+def _ulp_step(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    x = x.detach().to(torch.float32)
+    up = torch.rand(x.shape, generator=gen) < 0.5
+    toward = torch.where(up, torch.tensor(math.inf), torch.tensor(-math.inf)).to(x.device)
+    return torch.nextafter(x, toward)
+
+
+def rounding_perturbed(affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, seed: int = 0
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``affines`` with every scale and shift entry moved by one float32 ulp in a random direction:
+    a change of the size a fold's single rounding makes, and nothing more."""
+    gen = torch.Generator().manual_seed(seed)
+    return {site: (_ulp_step(s, gen), _ulp_step(t, gen)) for site, (s, t) in affines.items()}
+
+
 @dataclass
 class Reference:
     probes: list[Probe]
