@@ -5,9 +5,11 @@ import json
 
 import pytest
 import torch
+from bake_fixtures import uniform_maps, wrong_convention_bake, wrong_shift_bake
 from tiny import ARCHS, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
+from bake import VerificationError, bake
 from bake.affine import MODELING_FILE, write_remote_code
 from bake.execute import apply_plan
 from bake.plan import plan
@@ -212,6 +214,43 @@ def test_bf16_bake_is_as_accurate_as_bf16_hooks():
     baked = _logits(model, ids).float()
     assert _rel(hooked, reference) < 2e-2
     assert _rel(baked, reference) <= 1.5 * _rel(hooked, reference)
+
+
+# ----------------------------------------------------------------------------- the verification limit, both ways
+@pytest.mark.parametrize("arch", ARCHS + ["llama_tied"])
+def test_random_maps_up_to_0_2_on_every_foldable_site_are_not_refused(arch):
+    """Section 5: scale 1 +- 0.2, shift +- 0.2 on every foldable site is rounding noise, never a refusal."""
+    model = tiny_model(arch)
+    maps = uniform_maps(model, _norm_and_producer_sites(model), 0.2, seed=3)
+    with attach_maps(model, maps, 1.0):
+        hooked = _logits(model, random_ids())
+    assert _rel(hooked, _logits(model, random_ids())) > 1e-2
+    baked = bake(model, maps, 1.0, verify_tokens=4)
+    check = baked.report.checks[0]
+    assert baked.verified, baked.report.failures
+    assert check.max_rel <= check.max_rel_limit < 1e-5  # the limit stays tight on a 2-layer model
+    assert _rel(_logits(baked.model, random_ids()), hooked) <= TOL
+
+
+def test_each_site_with_its_shift_off_by_one_percent_is_refused(monkeypatch):
+    model = tiny_model("llama")
+    sites = _norm_and_producer_sites(model)
+    maps = uniform_maps(model, sites, 0.2, seed=3)
+    for site in sites:
+        with monkeypatch.context() as m:
+            wrong_shift_bake(m, site, 1.01)
+            with pytest.raises(VerificationError, match="max relative logit error"):
+                bake(model, maps, 1.0, verify_tokens=2)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3_text"])
+def test_gemma_one_plus_w_folded_as_w_is_refused(arch, monkeypatch):
+    model = tiny_model(arch)
+    maps = uniform_maps(model, _norm_and_producer_sites(model), 0.2, seed=3)
+    assert bake(model, maps, 1.0, verify_tokens=2).verified
+    wrong_convention_bake(monkeypatch)
+    with pytest.raises(VerificationError, match="max relative logit error"):
+        bake(model, maps, 1.0, verify_tokens=2)
 
 
 @pytest.mark.slow

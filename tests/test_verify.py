@@ -114,10 +114,23 @@ def test_every_tolerance_row_has_a_reason_and_fp32_is_strict():
     for tol in TOLERANCES.values():
         assert len(tol.reason) > 40, tol.name
     fp32 = get_tolerance("torch-float32")
-    assert fp32.max_rel == 1e-5 and fp32.greedy_identical and fp32.min_top1 == 1.0 and fp32.gating
+    assert fp32.greedy_identical and fp32.min_top1 == 1.0 and fp32.gating and fp32.noise_multiple
     assert not get_tolerance("reload-bfloat16").gating
     with pytest.raises(KeyError, match="no tolerance row"):
         get_tolerance("onnx-int4")
+
+
+def test_max_rel_limit_is_a_multiple_of_the_noise_floor_between_bounds():
+    tol = Tolerance(name="t", max_rel=1e-6, max_mean_kl=None, min_top1=None, greedy_identical=False, gating=True,
+                    reason="test", noise_multiple=4.0, max_rel_ceiling=1e-4)
+    assert tol.max_rel_limit(None) == 1e-6  # not measured: the fixed bound
+    assert tol.max_rel_limit(1e-8) == 1e-6  # a floor of ~0 cannot make the limit vanish
+    assert tol.max_rel_limit(5e-6) == pytest.approx(2e-5)
+    assert tol.max_rel_limit(1.0) == 1e-4  # a model too noisy to verify in fp32 does not pass everything
+    assert tol.max_rel_limit(float("nan")) == 1e-6
+    fixed = Tolerance(name="f", max_rel=1e-4, max_mean_kl=None, min_top1=None, greedy_identical=False,
+                      gating=True, reason="test")
+    assert fixed.max_rel_limit(1.0) == 1e-4
 
 
 def test_table_is_extensible():
