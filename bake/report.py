@@ -147,8 +147,11 @@ class VerificationReport:
                       f"max rel {self.noise_floor.max_rel:.3g}")
         return table
 
-    def site_table(self, limit: float = 1e-5) -> str:
-        """Per-module divergence on the diagnostic probe; marks the first module over ``limit``."""
+    def site_table(self, limit: float | None = None) -> str:
+        """Per-module divergence on the diagnostic probe; marks the first module over ``limit``
+        (default: the first check's max-relative limit, which scales with the noise floor)."""
+        if limit is None:
+            limit = next((c.max_rel_limit for c in self.checks if c.max_rel_limit is not None), 1e-5)
         rows = [("module", "site", "max abs", "max rel", "")]
         first = True
         for s in self.sites:

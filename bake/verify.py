@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lineas.evaluate import model_logits
 from lineas.hooks import attach_affine
 
 from .errors import FoldError
@@ -60,13 +61,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def torch_runner(model: nn.Module) -> Runner:
-    device = model_device(model)
-
-    @torch.no_grad()
+    """A torch model as a :data:`Runner` (logits on the CPU, for comparing with the reference)."""
     def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits.detach().to("cpu", torch.float32)
+        return model_logits(model, input_ids, attention_mask).detach().to("cpu", torch.float32)
 
     return run
 

@@ -64,10 +64,10 @@ def load(model_dir, **kw):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw).eval()
 
 
-@torch.no_grad()
 def logits(model, ids=None) -> torch.Tensor:
-    ids = random_ids(2, 16, 128, seed=7) if ids is None else ids
-    return model(input_ids=ids).logits.float()
+    from lineas.evaluate import model_logits
+
+    return model_logits(model, random_ids(2, 16, 128, seed=7) if ids is None else ids)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from bake_fixtures import (
     logits,
     make_maps,
     save_tokenizer,
+    setup_model,
 )
 from tiny import tiny_model
 
@@ -29,7 +30,7 @@ from bake.verify import (
     watch_modules,
 )
 from lineas.hooks import count_forward_hooks, steered
-from lineas.maps import effective_maps
+from lineas.maps import SiteMap, SteeringMaps, effective_maps
 
 
 def affines(maps, strength=1.0):
@@ -219,3 +220,49 @@ def test_no_verify_marks_the_report_skipped(llama, maps):
     baked = bake(llama, maps, verify=False)
     assert baked.report.skipped and not baked.verified and baked.reference is None
     assert "SKIPPED" in baked.report.to_table()
+
+
+# ----------------------------------------------------------------------------- noise floor and bad references
+def test_reference_measures_a_noise_floor_and_the_check_uses_it(llama, maps):
+    baked = bake(llama, maps, strength=1.0, verify_tokens=2)
+    floor = baked.reference.noise_floor
+    assert 0 < floor.max_rel < 1e-5
+    check = baked.report.checks[0]
+    assert check.max_rel_limit == get_tolerance("torch-float32").max_rel_limit(floor.max_rel)
+    data = baked.report.to_dict()
+    assert data["noise_floor"]["max_rel"] == floor.max_rel
+    assert data["checks"][0]["max_rel_limit"] == check.max_rel_limit
+    assert "noise floor" in baked.report.to_table()
+
+
+def test_non_finite_hooked_reference_is_bad_input_naming_where(llama):
+    from bake import FoldError
+    from bake.verify import NonFiniteReferenceError
+
+    site = "model.layers.0.input_layernorm"
+    huge = SteeringMaps({site: SiteMap(torch.full((64,), 1e30), torch.zeros(64))}, {"method": "test"})
+    with torch.no_grad():  # the hooked model really is non-finite: not a fold problem
+        ids = build_probes(llama, None)[0].input_ids
+        with steered(llama, huge, 1.0):
+            assert not torch.isfinite(llama(input_ids=ids).logits).all()
+    with pytest.raises(NonFiniteReferenceError) as e:
+        bake(llama, huge, strength=1.0, verify_tokens=2)
+    assert isinstance(e.value, FoldError)
+    msg = str(e.value)
+    assert "hooked model" in msg and "itself not finite" in msg and "first at module 'model.layers.0." in msg
+    assert repr(site) in msg and "1e+30" in msg
+
+
+def test_cli_non_finite_reference_exits_2_and_writes_nothing(tmp_path, capsys):
+    from bake.cli import EXIT_BAD_INPUT, main
+
+    model_dir, _ = setup_model(tmp_path)
+    site = "model.layers.0.input_layernorm"
+    maps_path = tmp_path / "huge.safetensors"
+    SteeringMaps({site: SiteMap(torch.full((64,), 1e30), torch.zeros(64))}, {"method": "test"}).save(maps_path)
+    out = tmp_path / "out"
+    code = main(["--model", str(model_dir), "--maps", str(maps_path), "--out", str(out), "--verify-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert "itself not finite" in err and "does not reproduce" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("lineas_")]
