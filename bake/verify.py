@@ -9,6 +9,10 @@ memory of a bake while still comparing against the original weights, and lets
 every later candidate (the in-memory bake, the exported folder reloaded from
 disk in fp32 or bf16/fp16, an ONNX session) be checked against the same numbers.
 
+The reference also records its own rounding-noise floor (:mod:`bake.noise_floor`),
+which the fp32 rows scale their max-relative limit with, and refuses maps that make
+the hooked model itself non-finite (bad input, not a verification failure).
+
 Metric definitions and thresholds live in :mod:`bake.tolerances`.
 """
 
@@ -27,6 +31,7 @@ from lineas.evaluate import model_logits
 from lineas.hooks import attach_affine
 
 from .errors import FoldError
+from .noise_floor import SAMPLES as FLOOR_SAMPLES
 from .noise_floor import NoiseFloor, rounding_perturbed
 from .probes import Probe, build_greedy_prompts, build_probes
 from .report import (  # noqa: F401  (re-exported: callers import the report types from here)
@@ -173,7 +178,7 @@ def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor,
     """Run the probes through ``model`` with ``affines`` hooked; hooks are removed afterwards.
 
     Raises :class:`NonFiniteReferenceError` when the hooked logits are not finite.
-    ``noise_floor``: also measure :class:`bake.noise_floor.NoiseFloor` (one more pass over the probes).
+    ``noise_floor``: also measure :class:`bake.noise_floor.NoiseFloor` (one more pass over the probes per sample).
     """
     probes = build_probes(model, tokenizer)
     prompts = build_greedy_prompts(model, tokenizer)
@@ -186,12 +191,17 @@ def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor,
         handle.remove()
     floor = None
     if noise_floor:
-        with attach_affine(model, rounding_perturbed(affines)):
-            run = torch_runner(model)
-            cand = [run(p.input_ids, p.attention_mask)
-                    for p in tqdm(probes, desc="verify: noise floor", disable=bar_disabled(progress), leave=False)]
-        stats = logit_stats(probes, logits, cand)
-        floor = NoiseFloor(max_rel=stats.max_rel, max_abs=stats.max_abs, mean_kl=stats.mean_kl)
+        samples = []
+        for seed in range(FLOOR_SAMPLES):
+            with attach_affine(model, rounding_perturbed(affines, seed=seed)):
+                run = torch_runner(model)
+                cand = [run(p.input_ids, p.attention_mask) for p in tqdm(
+                    probes, desc=f"verify: noise floor {seed + 1}/{FLOOR_SAMPLES}", disable=bar_disabled(progress),
+                    leave=False)]
+            samples.append(logit_stats(probes, logits, cand))
+        worst = max(samples, key=lambda st: st.max_rel)
+        floor = NoiseFloor(max_rel=worst.max_rel, max_abs=worst.max_abs, mean_kl=worst.mean_kl,
+                           samples=tuple(st.max_rel for st in samples))
     return Reference(probes, logits, prompts, greedy, n_tokens, watch, acts, probes[_diag_index(probes)].name,
                      noise_floor=floor)
 
@@ -206,12 +216,15 @@ def _check_finite_reference(model: nn.Module, probes: Sequence[Probe], logits: S
         return
     first = first_nonfinite_module(model, probes[bad])
     where = f"first at module {first!r}" if first else "first in the logits"
-    largest = max(affines, key=lambda k: float(affines[k][0].abs().max() + affines[k][1].abs().max()))
-    s, t = affines[largest]
+    largest = ""
+    if affines:
+        site = max(affines, key=lambda k: float(affines[k][0].abs().max() + affines[k][1].abs().max()))
+        s, t = affines[site]
+        largest = (f" (largest map: {site!r}, max |scale| {float(s.abs().max()):.3g}, "
+                   f"max |shift| {float(t.abs().max()):.3g})")
     raise NonFiniteReferenceError(
         f"the hooked model (original weights + steering maps) is itself not finite on probe {probes[bad].name!r}, "
-        f"{where}: these maps overflow float32 activations at this strength (largest map: {largest!r}, "
-        f"max |scale| {float(s.abs().max()):.3g}, max |shift| {float(t.abs().max()):.3g}); there is nothing "
+        f"{where}: these maps overflow float32 activations at this strength{largest}; there is nothing "
         "correct to bake, so check the maps and the strength")
 
 

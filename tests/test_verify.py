@@ -19,6 +19,7 @@ from bake_fixtures import (
 from tiny import tiny_model
 
 from bake import VerificationError, bake
+from bake.noise_floor import SAMPLES
 from bake.probes import build_greedy_prompts, build_probes
 from bake.tolerances import TOLERANCES, Tolerance, get_tolerance, register_tolerance
 from bake.verify import (
@@ -227,6 +228,7 @@ def test_reference_measures_a_noise_floor_and_the_check_uses_it(llama, maps):
     baked = bake(llama, maps, strength=1.0, verify_tokens=2)
     floor = baked.reference.noise_floor
     assert 0 < floor.max_rel < 1e-5
+    assert len(floor.samples) == SAMPLES and floor.max_rel == max(floor.samples) and len(set(floor.samples)) > 1
     check = baked.report.checks[0]
     assert check.max_rel_limit == get_tolerance("torch-float32").max_rel_limit(floor.max_rel)
     data = baked.report.to_dict()
@@ -266,3 +268,16 @@ def test_cli_non_finite_reference_exits_2_and_writes_nothing(tmp_path, capsys):
     assert code == EXIT_BAD_INPUT
     assert "itself not finite" in err and "does not reproduce" not in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("lineas_")]
+
+
+def test_rounding_perturbation_moves_every_entry_by_exactly_one_ulp():
+    from bake.noise_floor import rounding_perturbed
+
+    g = torch.Generator().manual_seed(0)
+    s, t = 1 + 0.2 * torch.randn(256, generator=g), 0.2 * torch.randn(256, generator=g)
+    (ps, pt), = rounding_perturbed({"site": (s, t)}, seed=0).values()
+    for x, y in ((s, ps), (t, pt)):
+        assert (x != y).all() and torch.equal(torch.nextafter(y, x), x)  # one representable step, no more
+        assert (y > x).any() and (y < x).any()  # random direction
+    (qs, _), = rounding_perturbed({"site": (s, t)}, seed=1).values()
+    assert not torch.equal(ps, qs)
