@@ -11,7 +11,8 @@ the hooked reference is recorded as ``bake.bake`` records it, then
 * ``floor_f64``   -- the hooked model in float64 compared with the fp32 reference;
 * ``baked_vs_f64``-- the baked fp32 model compared with the float64 hooked reference;
 * ``wrong_shift`` -- per tested site, a bake whose maps have that site's shift off by 1 %
-                     (and ``wrong_scale``: the site's scale deviation s-1 off by 1 %).
+                     (and ``wrong_scale``: the site's scale deviation s-1 off by 1 %);
+* ``wrong_convention`` -- Gemma models only: (1 + w) norms folded as w.
 
 Prints one JSON object per line.  Examples:
     python benchmarks/verify_limits.py --model tiny-llama --magnitudes 0.2
@@ -24,6 +25,7 @@ import argparse
 import copy
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -81,6 +83,19 @@ def row(check) -> dict:
             "limit": check.max_rel_limit}
 
 
+@contextmanager
+def _one_plus_w_folded_as_w():
+    """Gemma's ``(1 + w)`` norms folded as if they were ``w``: the classic convention bug."""
+    from bake import execute, fold
+
+    real = execute.fold_norm_scale
+    execute.fold_norm_scale = lambda weight, scale, one_plus=False: fold.fold_norm_scale(weight, scale)
+    try:
+        yield
+    finally:
+        execute.fold_norm_scale = real
+
+
 def rowwise(model):
     @torch.no_grad()
     def run(ids, mask):
@@ -134,6 +149,9 @@ def main(argv=None) -> int:
                     _, check = baked_check(model, {**eff, s: bad}, ref, f"wrong {kind} {s}")
                     errs[s] = row(check)
                 out[f"wrong_{kind}"] = errs
+            if any(type(m).__name__.startswith("Gemma") for m in model.modules()):
+                with _one_plus_w_folded_as_w():
+                    out["wrong_convention"] = row(baked_check(model, eff, ref, "1+w as w")[1])
             print(json.dumps(out), flush=True)
     return 0
 
