@@ -1,9 +1,9 @@
 """Carry out a :class:`bake.plan.FoldPlan` on a model, in place.
 
-All new tensor values are computed first, in float32 on working copies, then
-cast to their target dtypes and checked for finiteness; only when every value
-is good are config flags flipped, zero biases created, tied weights untied,
-tensors written and affine modules inserted.  A failure leaves the model as it was.
+All new tensor values are computed first, in float64 on working copies (see
+:mod:`bake.fold` for why), then cast once to their target dtypes and checked
+for finiteness; only when every value is good are config flags flipped, zero
+biases created, tied weights untied, tensors written and affine modules inserted.  A failure leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from lineas.maps import SiteMap
 from .affine import AFFINE_SITES_KEY
 from .affine_module import LineasAffine, wrap_affine_sites
 from .errors import FoldError
-from .fold import fold_input_shift, fold_norm_bias, fold_norm_scale, fold_output_rows
+from .fold import fold_input_shift, fold_norm_bias, fold_norm_scale, fold_output_rows, work_dtype
 from .history import BAKED_KEY, RebakeError, new_entry, recorded_bakes
 from .plan import FoldOp, FoldPlan, FoldStep, Layout, _normalise_maps, maps_digest
 
@@ -32,7 +32,9 @@ def _split(name: str) -> tuple[str, str]:
 
 
 class _Working:
-    """float32 working copies of the tensors a plan touches."""
+    """float64 working copies of the tensors a plan touches (a site's tensor may be folded by
+    several steps, e.g. a q_proj that is a site and a consumer: the steps chain in float64 and
+    the result is cast once)."""
 
     def __init__(self, model: nn.Module, plan: FoldPlan):
         self.model = model
@@ -48,11 +50,12 @@ class _Working:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.values:
             if name in self.params:
-                self.values[name] = self.params[name].detach().to(torch.float32).clone()
+                p = self.params[name]
+                self.values[name] = p.detach().to(work_dtype(p.device), copy=True)
             elif name in self.new_bias:
                 w = self.params[_split(name)[0] + ".weight"]
                 n_out = w.shape[1] if type(self.model.get_submodule(_split(name)[0])).__name__ == "Conv1D" else w.shape[0]
-                self.values[name] = torch.zeros(n_out, dtype=torch.float32, device=w.device)
+                self.values[name] = torch.zeros(n_out, dtype=work_dtype(w.device), device=w.device)
             else:
                 raise FoldError(f"plan refers to {name!r}, which the model does not have "
                                 f"(was the plan made for another model?)")
@@ -117,7 +120,7 @@ def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, Si
         if isinstance(modules[p.site], LineasAffine) and p.affine is not None:
             raise FoldError(f"site {p.site!r} already carries an affine module (model baked twice?)")
 
-    # 1. compute everything on float32 working copies
+    # 1. compute everything on float64 working copies
     work = _Working(model, plan)
     for p in plan.sites:
         for step in p.steps:

@@ -1,8 +1,14 @@
 """Pure tensor math for folding an affine map ``y -> s * y + t`` into weights.
 
-Every function takes all its inputs explicitly, computes in float32 and returns
-new tensors in the dtype of the tensor it replaces (modelled on
-``torch.nn.utils.fusion.fuse_linear_bn_weights``).  Nothing here touches a
+Every function takes all its inputs explicitly, computes in float64 (float32 on
+devices without float64, e.g. MPS) and returns new tensors in the dtype of the
+tensor it replaces (modelled on ``torch.nn.utils.fusion.fuse_linear_bn_weights``).
+Why float64: the hooked model rounds ``s*y`` and ``y+t`` at run time, the folded
+model rounds the folded weight once when it is stored.  Computing ``s*w`` or
+``b + W t`` in float64 makes that single cast the only rounding the fold adds
+(half an ulp of the stored value), so the baked model's distance from the hooked
+one is the smallest fp32 allows (see the ``torch-float32`` row of
+:mod:`bake.tolerances`).  Nothing here touches a
 module: finding the tensors, checking ties and committing the results is the
 job of :mod:`bake.plan` and :mod:`bake.execute`.
 
@@ -24,8 +30,13 @@ import torch
 LAYOUTS = ("linear", "conv1d", "conv", "embedding")
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().to(torch.float32)
+def work_dtype(device: torch.device | str) -> torch.dtype:
+    """float64, except on devices that have none (MPS), where float32 is the best there is."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(work_dtype(x.device))
 
 
 def _check_len(name: str, vec: torch.Tensor, n: int) -> None:
@@ -39,7 +50,7 @@ def fold_norm_scale(weight: torch.Tensor, scale: torch.Tensor, *, one_plus: bool
     ``one_plus`` selects the Gemma convention ``out = (1 + w) * x_hat``.
     """
     _check_len("scale", scale, weight.numel())
-    w, s = _f32(weight), _f32(scale).view(weight.shape)
+    w, s = _wide(weight), _wide(scale).view(weight.shape)
     out = s * (1.0 + w) - 1.0 if one_plus else s * w
     return out.to(weight.dtype)
 
@@ -48,7 +59,7 @@ def fold_norm_bias(bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor)
     """Norm bias after ``y -> s*y + t`` (the weight is handled by :func:`fold_norm_scale`)."""
     _check_len("scale", scale, bias.numel())
     _check_len("shift", shift, bias.numel())
-    return (_f32(scale) * _f32(bias) + _f32(shift)).to(bias.dtype)
+    return (_wide(scale) * _wide(bias) + _wide(shift)).to(bias.dtype)
 
 
 def fold_output_rows(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
@@ -66,25 +77,25 @@ def fold_output_rows(weight: torch.Tensor, bias: torch.Tensor | None, scale: tor
     _check_len("scale", scale, n_out)
     shape = [1] * weight.dim()
     shape[out_axis] = n_out
-    s = _f32(scale)
-    w = _f32(weight) * s.view(shape)
+    s = _wide(scale)
+    w = _wide(weight) * s.view(shape)
     if layout == "embedding":
         # An embedding has no bias: the shift is added to every row of the table.
         if bias is not None:
             raise ValueError("an embedding table has no bias")
         if shift is not None:
             _check_len("shift", shift, n_out)
-            w = w + _f32(shift).view(shape)
+            w = w + _wide(shift).view(shape)
         return w.to(weight.dtype), None
     if bias is None:
         if shift is not None:
             raise ValueError("a shift needs a bias to fold into; this layer has none")
         return w.to(weight.dtype), None
     _check_len("bias", bias, n_out)
-    b = s * _f32(bias)
+    b = s * _wide(bias)
     if shift is not None:
         _check_len("shift", shift, n_out)
-        b = b + _f32(shift)
+        b = b + _wide(shift)
     return w.to(weight.dtype), b.to(bias.dtype)
 
 
@@ -94,15 +105,15 @@ def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tens
     if layout == "linear":
         n_in, n_out = weight.shape[1], weight.shape[0]
         _check_len("shift", shift, n_in)
-        wt = _f32(weight) @ _f32(shift)
+        wt = _wide(weight) @ _wide(shift)
     elif layout == "conv1d":
         n_in, n_out = weight.shape[0], weight.shape[1]
         _check_len("shift", shift, n_in)
-        wt = _f32(shift) @ _f32(weight)
+        wt = _wide(shift) @ _wide(weight)
     else:
         raise ValueError(f"input-shift fold supports layouts 'linear' and 'conv1d', not {layout!r}")
     _check_len("bias", bias, n_out)
-    return (_f32(bias) + wt).to(bias.dtype)
+    return (_wide(bias) + wt).to(bias.dtype)
 
 
 def is_identity_scale(scale: torch.Tensor) -> bool:

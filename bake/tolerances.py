@@ -18,6 +18,11 @@ Metric definitions (computed in :mod:`bake.verify`, on non-padding positions):
 * ``greedy``   -- greedy continuation of ``N`` new tokens from each greedy
   prompt, token-identical to the reference's.
 
+The ``max_rel`` limit of the fp32 rows scales with the measured noise floor of
+the hooked reference (:mod:`bake.noise_floor`): ``limit = clamp(noise_multiple *
+floor, max_rel, max_rel_ceiling)``; see :meth:`Tolerance.max_rel_limit` and the
+rows' reasons for the numbers behind the constants.
+
 A row with ``gating=False`` is advisory: the numbers are reported and a
 warning is printed when they exceed the row, but the bake is not rejected.
 Add rows for new backends (ONNX, ...) with :func:`register_tolerance`.
@@ -25,12 +30,17 @@ Add rows for new backends (ONNX, ...) with :func:`register_tolerance`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Acceptance limits for one (backend, dtype) pair. ``None`` means "not checked"."""
+    """Acceptance limits for one (backend, dtype) pair. ``None`` means "not checked".
+
+    ``max_rel`` is the fixed max-relative limit, or, with ``noise_multiple``, the least
+    the limit can be; ``max_rel_ceiling`` the most.
+    """
 
     name: str
     max_rel: float | None
@@ -39,6 +49,24 @@ class Tolerance:
     greedy_identical: bool
     gating: bool
     reason: str
+    noise_multiple: float | None = None
+    max_rel_ceiling: float | None = None
+
+    def max_rel_limit(self, noise_floor: float | None) -> float | None:
+        """The max-relative limit given the reference's measured noise floor (None: not measured).
+
+        Why a multiple of the floor: the baked model's error *is* rounding noise of the same
+        kind (one rounding per folded value, amplified by the layers after the site), so it
+        scales with the floor from model to model and map to map, while a wrong fold does not.
+        The lower bound keeps a floor measured as ~0 from refusing sound bakes; the ceiling keeps
+        a model too noisy to verify in float32 from accepting anything.
+        """
+        if self.max_rel is None or self.noise_multiple is None or noise_floor is None:
+            return self.max_rel
+        if not math.isfinite(noise_floor):
+            return self.max_rel
+        limit = max(self.max_rel, self.noise_multiple * noise_floor)
+        return min(limit, self.max_rel_ceiling) if self.max_rel_ceiling is not None else limit
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,21 +88,35 @@ def get_tolerance(name: str) -> Tolerance:
         raise KeyError(f"no tolerance row {name!r}; known rows: {sorted(TOLERANCES)}") from None
 
 
+# The fp32 fold rule (section 5 of issue 8).  Numbers from benchmarks/verify_limits.py and
+# benchmarks/bake_random_maps.py; maps: scale ~ U(1-a, 1+a), shift ~ U(-a, a) on every site.
+FP32_FOLD_RULE = dict(max_rel=1e-6, noise_multiple=5.0, max_rel_ceiling=5e-4)
+
 register_tolerance(Tolerance(
     name="torch-float32",
-    max_rel=1e-5, max_mean_kl=1e-6, min_top1=1.0, greedy_identical=True, gating=True,
-    reason="In-memory baked fp32 model vs the hooked fp32 model. A fold only re-associates fp32 products "
-           "(s*(W x) becomes (s*W) x, W(x+t) becomes W x + W t), so errors are rounding noise: measured "
-           "3e-7 on the tiny test models and 6.6e-6 on SmolLM2-135M with 20 steered sites (3.3e-6 when "
-           "the fold is computed in float64), against a noise floor of 1.7e-6 from merely changing the batch "
-           "shape. A wrong scale, shift or convention moves logits by >1e-3 relative.",
+    max_mean_kl=1e-6, min_top1=1.0, greedy_identical=True, gating=True, **FP32_FOLD_RULE,
+    reason="In-memory baked fp32 model vs the hooked fp32 model. The fold computes s*w, s*b+t and b+W t in "
+           "float64 and rounds once (bake.fold), so the difference is fp32 rounding amplified by every layer "
+           "after a site; it grows with depth, logit size and the maps, so no fixed limit fits: on SmolLM2-135M "
+           "(60 norm sites, a = 0.05..0.2, 12 draws) it was 4.1e-6..9.3e-5 (the former fixed 1e-5 refused a = "
+           "0.1 and 0.2), on the 2-layer test models <= 5.1e-7. The hooked reference is no more exact: against a"
+           " float64 hooked model it is off by 1.9e-5 at a = 0.2, the baked model by 1.5e-5. So the limit is 5 x"
+           " the reference's measured noise floor (bake.noise_floor: the hooked model with every map entry moved"
+           " one fp32 ulp, worst of 2 draws), at least 1e-6, at most 5e-4. Measured baked/floor: <= 2.05 on "
+           "SmolLM2 (11 draws), <= 1.52 over 90 tiny-model bakes (every registry architecture, a = 0.05..0.5). A"
+           " wrong fold, one site's shift off by 1 %, gave >= 1.5e-4 on SmolLM2 (model.norm at a = 0.05; >= "
+           "6.9e-4 on the layer norms) against limits 5.1e-5 (a = 0.05) and 1.3e-4 (a = 0.2), and >= 1.5e-5 on "
+           "the tiny models against <= 3.5e-6; Gemma's 1+w folded as w by >= 1.4e-2 (27 tiny gemma/gemma2/gemma3"
+           " bakes). The ceiling: above 5e-4 rounding noise (5x the largest good bake seen) is not told from a 1"
+           " % shift error, so such a model is refused, not passed. KL <= 1e-6, top-1 1.0 and identical greedy "
+           "tokens stay fixed (rounding gives KL ~1e-10).",
 ))
 
 register_tolerance(Tolerance(
     name="reload-float32",
-    max_rel=1e-5, max_mean_kl=1e-6, min_top1=1.0, greedy_identical=True, gating=True,
+    max_mean_kl=1e-6, min_top1=1.0, greedy_identical=True, gating=True, **FP32_FOLD_RULE,
     reason="The exported fp32 folder reloaded with transformers vs the hooked fp32 model. safetensors "
-           "round-trips fp32 bit-exactly, so the bar is the same as for the in-memory bake; a failure here "
+           "round-trips fp32 bit-exactly, so the rule is the same as for the in-memory bake; a failure here "
            "means the export lost a config flag, a tied weight or the affine remote code.",
 ))
 

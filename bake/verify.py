@@ -9,24 +9,40 @@ memory of a bake while still comparing against the original weights, and lets
 every later candidate (the in-memory bake, the exported folder reloaded from
 disk in fp32 or bf16/fp16, an ONNX session) be checked against the same numbers.
 
+The reference also records its own rounding-noise floor (:mod:`bake.noise_floor`),
+which the fp32 rows scale their max-relative limit with, and refuses maps that make
+the hooked model itself non-finite (bad input, not a verification failure).
+
 Metric definitions and thresholds live in :mod:`bake.tolerances`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lineas.evaluate import model_logits
 from lineas.hooks import attach_affine
 
+from .errors import FoldError
+from .noise_floor import SAMPLES as FLOOR_SAMPLES
+from .noise_floor import NoiseFloor, rounding_perturbed
 from .probes import Probe, build_greedy_prompts, build_probes
+from .report import (  # noqa: F401  (re-exported: callers import the report types from here)
+    METRIC_DEFINITIONS,
+    CheckResult,
+    ProbeStats,
+    SiteDivergence,
+    VerificationReport,
+    _le,
+    format_table,
+)
 from .tolerances import Tolerance, get_tolerance
 
 DIAG_PROBE_KIND = "random"  # the first random probe has no padding: every position is comparable
@@ -50,13 +66,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def torch_runner(model: nn.Module) -> Runner:
-    device = model_device(model)
-
-    @torch.no_grad()
+    """A torch model as a :data:`Runner` (logits on the CPU, for comparing with the reference)."""
     def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits.detach().to("cpu", torch.float32)
+        return model_logits(model, input_ids, attention_mask).detach().to("cpu", torch.float32)
 
     return run
 
@@ -120,6 +132,11 @@ class Reference:
     watch: list[str]
     activations: dict[str, torch.Tensor]  # diagnostic probe, execution order
     diag_probe: str
+    noise_floor: NoiseFloor | None = None  # see bake.noise_floor; None: not measured
+
+
+class NonFiniteReferenceError(FoldError):
+    """The hooked model itself produces inf/NaN: the maps are bad input, there is nothing to bake."""
 
 
 def _diag_index(probes: Sequence[Probe]) -> int:
@@ -156,87 +173,86 @@ def _counting(run: Runner, bar) -> Runner:
 
 
 def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
-                     tokenizer=None, n_tokens: int = 8, progress: bool = False) -> Reference:
-    """Run the probes through ``model`` with ``affines`` hooked; hooks are removed afterwards."""
+                     tokenizer=None, n_tokens: int = 8, progress: bool = False,
+                     noise_floor: bool = True) -> Reference:
+    """Run the probes through ``model`` with ``affines`` hooked; hooks are removed afterwards.
+
+    Raises :class:`NonFiniteReferenceError` when the hooked logits are not finite.
+    ``noise_floor``: also measure :class:`bake.noise_floor.NoiseFloor` (one more pass over the probes per sample).
+    """
     probes = build_probes(model, tokenizer)
     prompts = build_greedy_prompts(model, tokenizer)
     watch = watch_modules(model, affines)
     handle = attach_affine(model, affines)
     try:
         logits, greedy, acts = _run_all(model, probes, prompts, n_tokens, watch, progress, "verify: hooked reference")
+        _check_finite_reference(model, probes, logits, affines)
     finally:
         handle.remove()
-    return Reference(probes, logits, prompts, greedy, n_tokens, watch, acts, probes[_diag_index(probes)].name)
+    floor = None
+    if noise_floor:
+        samples = []
+        for seed in range(FLOOR_SAMPLES):
+            with attach_affine(model, rounding_perturbed(affines, seed=seed)):
+                run = torch_runner(model)
+                cand = [run(p.input_ids, p.attention_mask) for p in tqdm(
+                    probes, desc=f"verify: noise floor {seed + 1}/{FLOOR_SAMPLES}", disable=bar_disabled(progress),
+                    leave=False)]
+            samples.append(logit_stats(probes, logits, cand))
+        worst = max(samples, key=lambda st: st.max_rel)
+        floor = NoiseFloor(max_rel=worst.max_rel, max_abs=worst.max_abs, mean_kl=worst.mean_kl,
+                           samples=tuple(st.max_rel for st in samples))
+    return Reference(probes, logits, prompts, greedy, n_tokens, watch, acts, probes[_diag_index(probes)].name,
+                     noise_floor=floor)
+
+
+def _check_finite_reference(model: nn.Module, probes: Sequence[Probe], logits: Sequence[torch.Tensor],
+                            affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Refuse maps that make the hooked model itself overflow, naming the first module whose
+    (steered) output is not finite; call with the steering hooks attached."""
+    bad = next((i for i, (p, x) in enumerate(zip(probes, logits))
+                if not torch.isfinite(x[p.attention_mask.bool()]).all()), None)
+    if bad is None:
+        return
+    first = first_nonfinite_module(model, probes[bad])
+    where = f"first at module {first!r}" if first else "first in the logits"
+    largest = ""
+    if affines:
+        site = max(affines, key=lambda k: float(affines[k][0].abs().max() + affines[k][1].abs().max()))
+        s, t = affines[site]
+        largest = (f" (largest map: {site!r}, max |scale| {float(s.abs().max()):.3g}, "
+                   f"max |shift| {float(t.abs().max()):.3g})")
+    raise NonFiniteReferenceError(
+        f"the hooked model (original weights + steering maps) is itself not finite on probe {probes[bad].name!r}, "
+        f"{where}: these maps overflow float32 activations at this strength{largest}; there is nothing "
+        "correct to bake, so check the maps and the strength")
+
+
+@torch.no_grad()
+def first_nonfinite_module(model: nn.Module, probe: Probe) -> str | None:
+    """The first module, in execution order, whose output has inf/NaN on ``probe`` (hooks that only look)."""
+    found: list[str] = []
+    handles = []
+
+    def look(name):
+        def hook(_m, _i, output):
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            if not found and isinstance(y, torch.Tensor) and y.is_floating_point() and not torch.isfinite(y).all():
+                found.append(name)
+        return hook
+
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_hook(look(name)))
+    try:
+        torch_runner(model)(probe.input_ids, probe.attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
 
 
 # ----------------------------------------------------------------------------- comparison
-@dataclass(frozen=True)
-class ProbeStats:
-    name: str
-    max_abs: float
-    max_rel: float
-    mean_kl: float
-    top1: float
-    positions: int
-
-
-@dataclass(frozen=True)
-class SiteDivergence:
-    module: str
-    is_site: bool
-    max_abs: float | None
-    max_rel: float | None
-    note: str = ""
-
-
-@dataclass
-class CheckResult:
-    label: str
-    tolerance: Tolerance
-    max_abs: float
-    max_rel: float
-    mean_kl: float
-    top1: float
-    greedy_matched: int
-    greedy_total: int
-    per_probe: list[ProbeStats]
-    failures: list[str]
-    greedy_detail: list[dict] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def gating(self) -> bool:
-        return self.tolerance.gating
-
-    def to_dict(self) -> dict:
-        return {
-            "label": self.label, "tolerance": self.tolerance.to_dict(), "passed": self.passed,
-            "gating": self.gating, "max_abs": _num(self.max_abs), "max_rel": _num(self.max_rel),
-            "mean_kl": _num(self.mean_kl), "top1": _num(self.top1),
-            "greedy_matched": self.greedy_matched, "greedy_total": self.greedy_total,
-            "failures": list(self.failures), "per_probe": [_clean(asdict(p)) for p in self.per_probe],
-            "greedy": self.greedy_detail,
-        }
-
-
-def _num(x):
-    """JSON has no NaN/inf: write them as strings so a failing report stays valid JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
-
-
-def _clean(d: dict) -> dict:
-    return {k: _num(v) for k, v in d.items()}
-
-
-def _le(x: float, limit: float) -> bool:
-    return x <= limit  # False for NaN, which must fail
-
-
 def probe_stats(name: str, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor):
     """Per-probe metrics over valid positions; also returns (kl_sum, agree, n) for pooling."""
     if cand.shape != ref.shape:
@@ -260,25 +276,46 @@ def probe_stats(name: str, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Te
     return stats, (float(kl.sum()), agree, n)
 
 
-def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, label: str,
-            progress: bool = False) -> tuple[CheckResult, dict[str, torch.Tensor]]:
-    """Run ``candidate`` (a torch model or a :data:`Runner`) on the reference probes and judge it.
+@dataclass(frozen=True)
+class LogitStats:
+    """The logit metrics of a candidate over all probes (pooled as :data:`METRIC_DEFINITIONS` says)."""
 
-    Returns the check and the candidate's activations on the diagnostic probe
-    (empty for non-torch runners) for :func:`site_divergence`.
-    """
-    tol = get_tolerance(tolerance) if isinstance(tolerance, str) else tolerance
-    logits, greedy, acts = _run_all(candidate, reference.probes, reference.greedy_prompts, reference.n_tokens,
-                                    reference.watch, progress, f"verify: {label}")
+    per_probe: list[ProbeStats]
+    max_abs: float
+    max_rel: float
+    mean_kl: float
+    top1: float
+
+
+def logit_stats(probes: Sequence[Probe], ref_logits: Sequence[torch.Tensor],
+                cand_logits: Sequence[torch.Tensor]) -> LogitStats:
     per_probe, kl_sum, agree, total = [], 0.0, 0, 0
-    for probe, ref, cand in zip(reference.probes, reference.logits, logits):
+    for probe, ref, cand in zip(probes, ref_logits, cand_logits):
         stats, (k, a, n) = probe_stats(probe.name, ref, cand, probe.attention_mask)
         per_probe.append(stats)
         kl_sum, agree, total = kl_sum + k, agree + a, total + n
     max_abs = max(p.max_abs for p in per_probe) if all(math.isfinite(p.max_abs) for p in per_probe) else float("inf")
     max_rel = max(p.max_rel for p in per_probe) if math.isfinite(max_abs) else float("inf")
-    mean_kl = kl_sum / total if total else 0.0
-    top1 = agree / total if total else 1.0
+    return LogitStats(per_probe=per_probe, max_abs=max_abs, max_rel=max_rel,
+                      mean_kl=kl_sum / total if total else 0.0, top1=agree / total if total else 1.0)
+
+
+def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, label: str,
+            progress: bool = False) -> tuple[CheckResult, dict[str, torch.Tensor]]:
+    """Run ``candidate`` (a torch model or a :data:`Runner`) on the reference probes and judge it.
+
+    The max-relative limit comes from the tolerance row and the reference's measured
+    noise floor (:meth:`bake.tolerances.Tolerance.max_rel_limit`).  Returns the check and
+    the candidate's activations on the diagnostic probe (empty for non-torch runners)
+    for :func:`site_divergence`.
+    """
+    tol = get_tolerance(tolerance) if isinstance(tolerance, str) else tolerance
+    logits, greedy, acts = _run_all(candidate, reference.probes, reference.greedy_prompts, reference.n_tokens,
+                                    reference.watch, progress, f"verify: {label}")
+    st = logit_stats(reference.probes, reference.logits, logits)
+    max_abs, max_rel, mean_kl, top1 = st.max_abs, st.max_rel, st.mean_kl, st.top1
+    floor = reference.noise_floor.max_rel if reference.noise_floor is not None else None
+    rel_limit = tol.max_rel_limit(floor)
     detail, matched = [], 0
     for prompt, want, got in zip(reference.greedy_prompts, reference.greedy, greedy):
         same = want == got
@@ -287,8 +324,9 @@ def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, labe
         detail.append({"prompt_len": int(prompt.numel()), "identical": same, "first_mismatch": first,
                        "reference": want, "candidate": got})
     failures = []
-    if tol.max_rel is not None and not _le(max_rel, tol.max_rel):
-        failures.append(f"max relative logit error {max_rel:.3g} > {tol.max_rel:g}")
+    if rel_limit is not None and not _le(max_rel, rel_limit):
+        floor_note = f" (limit from noise floor {floor:.3g})" if floor is not None and tol.noise_multiple else ""
+        failures.append(f"max relative logit error {max_rel:.3g} > {rel_limit:.3g}{floor_note}")
     if tol.max_mean_kl is not None and not _le(mean_kl, tol.max_mean_kl):
         failures.append(f"mean KL {mean_kl:.3g} > {tol.max_mean_kl:g}")
     if tol.min_top1 is not None and not top1 >= tol.min_top1:
@@ -296,8 +334,9 @@ def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, labe
     if tol.greedy_identical and matched != len(detail):
         failures.append(f"greedy generation differs on {len(detail) - matched}/{len(detail)} prompts "
                         f"({reference.n_tokens} new tokens)")
-    check = CheckResult(label, tol, max_abs, max_rel, mean_kl, top1, matched, len(detail), per_probe, failures,
-                        detail)
+    check = CheckResult(label=label, tolerance=tol, max_abs=max_abs, max_rel=max_rel, mean_kl=mean_kl, top1=top1,
+                        greedy_matched=matched, greedy_total=len(detail), per_probe=st.per_probe, failures=failures,
+                        greedy_detail=detail, max_rel_limit=rel_limit)
     return check, acts
 
 
@@ -328,87 +367,3 @@ def site_divergence(reference: Reference, candidate_acts: Mapping[str, torch.Ten
     return rows
 
 
-# ----------------------------------------------------------------------------- report
-@dataclass
-class VerificationReport:
-    checks: list[CheckResult] = field(default_factory=list)
-    sites: list[SiteDivergence] = field(default_factory=list)
-    probes: list[dict] = field(default_factory=list)
-    n_tokens: int = 0
-    diag_probe: str = ""
-    skipped: bool = False
-
-    @classmethod
-    def for_reference(cls, ref: Reference) -> VerificationReport:
-        probes = [{"name": p.name, "kind": p.kind, "shape": list(p.input_ids.shape),
-                   "positions": int(p.attention_mask.sum())} for p in ref.probes]
-        return cls(probes=probes, n_tokens=ref.n_tokens, diag_probe=ref.diag_probe)
-
-    def add(self, check: CheckResult) -> CheckResult:
-        self.checks.append(check)
-        return check
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks if c.gating)
-
-    @property
-    def warnings(self) -> list[str]:
-        return [f"{c.label}: {f}" for c in self.checks if not c.gating for f in c.failures]
-
-    @property
-    def failures(self) -> list[str]:
-        return [f"{c.label}: {f}" for c in self.checks if c.gating for f in c.failures]
-
-    def to_dict(self) -> dict:
-        return {
-            "skipped": self.skipped, "passed": self.passed and not self.skipped,
-            "metric_definitions": METRIC_DEFINITIONS, "probes": self.probes, "greedy_new_tokens": self.n_tokens,
-            "checks": [c.to_dict() for c in self.checks],
-            "site_divergence": {"probe": self.diag_probe, "modules": [_clean(asdict(s)) for s in self.sites]},
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def to_table(self) -> str:
-        if self.skipped:
-            return "verification SKIPPED (--no-verify): the baked model was not compared with the hooked model"
-        head = ("check", "max abs", "max rel", "mean KL", "top-1", "greedy", "limit (rel/KL/top-1)", "result")
-        rows = [head]
-        for c in self.checks:
-            t = c.tolerance
-            limit = "/".join("-" if v is None else f"{v:g}" for v in (t.max_rel, t.max_mean_kl, t.min_top1))
-            result = "ok" if c.passed else ("FAIL" if c.gating else "warn")
-            rows.append((c.label, f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.mean_kl:.3g}", f"{c.top1:.4f}",
-                         f"{c.greedy_matched}/{c.greedy_total}", limit, result))
-        return format_table(rows)
-
-    def site_table(self, limit: float = 1e-5) -> str:
-        """Per-module divergence on the diagnostic probe; marks the first module over ``limit``."""
-        rows = [("module", "site", "max abs", "max rel", "")]
-        first = True
-        for s in self.sites:
-            mark = s.note
-            if s.max_rel is not None and not s.note and not _le(s.max_rel, limit):
-                mark = "<- first divergence" if first else "diverges"
-                first = False
-            rows.append((s.module, "yes" if s.is_site else "", "-" if s.max_abs is None else f"{s.max_abs:.3g}",
-                         "-" if s.max_rel is None else f"{s.max_rel:.3g}", mark))
-        return format_table(rows)
-
-
-METRIC_DEFINITIONS = {
-    "max_abs": "max |candidate - reference| logit over probes, valid positions and vocabulary",
-    "max_rel": "max over probes of (max |candidate - reference| / max |reference|) on that probe",
-    "mean_kl": "mean over valid positions of KL(softmax(reference) || softmax(candidate)), nats, float64",
-    "top1": "fraction of valid positions whose argmax token agrees",
-    "greedy": "greedy prompts whose N new tokens are identical to the reference's",
-}
-
-
-def format_table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -209,9 +209,15 @@ def sentiment(texts: Sequence[str]) -> SentimentStats:
 
 
 # -- fluency ------------------------------------------------------------------
-def _logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
-    return out.logits.float()
+@torch.no_grad()
+def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The one ids -> logits runner (fluency here, bake verification too): float32 ``[B, L, V]``
+    on the model's device, inputs moved there, no KV cache."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    mask = None if attention_mask is None else attention_mask.to(device)
+    out = model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+    return (out.logits if hasattr(out, "logits") else out[0]).float()
 
 
 @torch.no_grad()
@@ -232,7 +238,7 @@ def sequence_nll(model, rows: Sequence[Sequence[int]], score_from: Sequence[int]
             ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
             mask[i, :len(r)] = 1
             target_mask[i, max(f, 1):len(r)] = True  # token 0 has no context to be predicted from
-        logp = torch.log_softmax(_logits(model, ids, mask)[:, :-1], dim=-1)
+        logp = torch.log_softmax(model_logits(model, ids, mask)[:, :-1].cpu(), dim=-1)
         tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
         sel = target_mask[:, 1:]
         total += float(-tok_logp[sel].sum())

@@ -64,10 +64,10 @@ def load(model_dir, **kw):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw).eval()
 
 
-@torch.no_grad()
 def logits(model, ids=None) -> torch.Tensor:
-    ids = random_ids(2, 16, 128, seed=7) if ids is None else ids
-    return model(input_ids=ids).logits.float()
+    from lineas.evaluate import model_logits
+
+    return model_logits(model, random_ids(2, 16, 128, seed=7) if ids is None else ids)
 
 
 @torch.no_grad()
@@ -99,3 +99,39 @@ def corrupt_bake(monkeypatch, proj: str = "up_proj", factor: float = 1.02) -> No
         return model
 
     monkeypatch.setattr(api, "apply_plan", corrupt)
+
+
+def uniform_maps(model, sites, magnitude: float, seed: int = 0) -> SteeringMaps:
+    """Realistic random maps: scale ~ U(1 - a, 1 + a), shift ~ U(-a, a) per feature of each site."""
+    from lineas.hooks import module_feature_dim
+
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    out = {}
+    for s in sites:
+        d = module_feature_dim(modules[s])
+        out[s] = SiteMap(1 + magnitude * (2 * torch.rand(d, generator=g) - 1),
+                         magnitude * (2 * torch.rand(d, generator=g) - 1))
+    return SteeringMaps(out, dict(META))
+
+
+def wrong_shift_bake(monkeypatch, site: str, factor: float = 1.01) -> None:
+    """Make every bake fold ``site``'s shift times ``factor`` (1 % off by default): a subtly wrong fold."""
+    from bake import api
+    from bake.plan import plan
+
+    real = api.apply_plan
+
+    def wrong(model, fold_plan, eff):
+        bad = {**eff, site: SiteMap(eff[site].scale, eff[site].shift * factor)}
+        return real(model, plan(model, bad), bad)
+
+    monkeypatch.setattr(api, "apply_plan", wrong)
+
+
+def wrong_convention_bake(monkeypatch) -> None:
+    """Make every bake fold Gemma's ``(1 + w)`` norms as if they were ``w`` (w' = s*w instead of s*(1+w) - 1)."""
+    from bake import execute, fold
+
+    monkeypatch.setattr(execute, "fold_norm_scale", lambda weight, scale, one_plus=False:
+                        fold.fold_norm_scale(weight, scale, one_plus=False))

@@ -5,13 +5,16 @@ import json
 
 import pytest
 import torch
+from bake_fixtures import uniform_maps, wrong_convention_bake, wrong_shift_bake
 from tiny import ARCHS, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
+from bake import VerificationError, bake
 from bake.affine import MODELING_FILE, write_remote_code
 from bake.execute import apply_plan
 from bake.plan import ScaleFold, plan
 from bake.registry import entry_for
+from lineas.evaluate import model_logits
 from lineas.hooks import attach_maps, count_forward_hooks, module_feature_dim
 from lineas.maps import SiteMap, SteeringMaps, effective_maps
 
@@ -43,24 +46,19 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
 def bake_and_reload(model, maps: SteeringMaps, lam: float, tmp_path, *, untie=False):
     """Returns (plan, base, hooked, baked-in-memory, reloaded) logits."""
     ids = random_ids()
-    base = _logits(model, ids)
+    base = model_logits(model, ids)
     with attach_maps(model, maps, lam):
-        hooked = _logits(model, ids)
+        hooked = model_logits(model, ids)
     assert count_forward_hooks(model) == 0
     assert _rel(hooked, base) > 1e-2, "the maps must change the output, or the test proves nothing"
     eff = effective_maps([(maps, lam)])
     p = plan(model, eff, untie=untie)
     apply_plan(model, p, eff)
     assert count_forward_hooks(model) == 0
-    baked = _logits(model, ids)
+    baked = model_logits(model, ids)
     out = tmp_path / "baked"
     model.save_pretrained(out)
     written = write_remote_code(model, out)
@@ -73,7 +71,7 @@ def bake_and_reload(model, maps: SteeringMaps, lam: float, tmp_path, *, untie=Fa
         assert written is None and not (out / MODELING_FILE).exists() and "auto_map" not in cfg
         reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert count_forward_hooks(reloaded) == 0
-    return p, reloaded, base, hooked, baked, _logits(reloaded, ids)
+    return p, reloaded, base, hooked, baked, model_logits(reloaded, ids)
 
 
 @pytest.mark.parametrize("lam", [0.5, 1.0])
@@ -202,16 +200,53 @@ def test_bf16_bake_is_as_accurate_as_bf16_hooks():
     sites = _norm_and_producer_sites(ref_model)
     maps = _random_maps(ref_model, sites)
     with attach_maps(ref_model, maps, 1.0):
-        reference = _logits(ref_model, ids)
+        reference = model_logits(ref_model, ids)
     model = tiny_model("llama").to(torch.bfloat16)
     with attach_maps(model, maps, 1.0):
-        hooked = _logits(model, ids).float()
+        hooked = model_logits(model, ids).float()
     eff = effective_maps([(maps, 1.0)])
     apply_plan(model, plan(model, eff), eff)
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "lineas" not in n)
-    baked = _logits(model, ids).float()
+    baked = model_logits(model, ids).float()
     assert _rel(hooked, reference) < 2e-2
     assert _rel(baked, reference) <= 1.5 * _rel(hooked, reference)
+
+
+# ----------------------------------------------------------------------------- the verification limit, both ways
+@pytest.mark.parametrize("arch", ARCHS + ["llama_tied"])
+def test_random_maps_up_to_0_2_on_every_foldable_site_are_not_refused(arch):
+    """Section 5: scale 1 +- 0.2, shift +- 0.2 on every foldable site is rounding noise, never a refusal."""
+    model = tiny_model(arch)
+    maps = uniform_maps(model, _norm_and_producer_sites(model), 0.2, seed=3)
+    with attach_maps(model, maps, 1.0):
+        hooked = model_logits(model, random_ids())
+    assert _rel(hooked, model_logits(model, random_ids())) > 1e-2
+    baked = bake(model, maps, 1.0, verify_tokens=4)
+    check = baked.report.checks[0]
+    assert baked.verified, baked.report.failures
+    assert check.max_rel <= check.max_rel_limit < 1e-5  # the limit stays tight on a 2-layer model
+    assert _rel(model_logits(baked.model, random_ids()), hooked) <= TOL
+
+
+def test_each_site_with_its_shift_off_by_one_percent_is_refused(monkeypatch):
+    model = tiny_model("llama")
+    sites = _norm_and_producer_sites(model)
+    maps = uniform_maps(model, sites, 0.2, seed=3)
+    for site in sites:
+        with monkeypatch.context() as m:
+            wrong_shift_bake(m, site, 1.01)
+            with pytest.raises(VerificationError, match="max relative logit error"):
+                bake(model, maps, 1.0, verify_tokens=2)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3_text"])
+def test_gemma_one_plus_w_folded_as_w_is_refused(arch, monkeypatch):
+    model = tiny_model(arch)
+    maps = uniform_maps(model, _norm_and_producer_sites(model), 0.2, seed=3)
+    assert bake(model, maps, 1.0, verify_tokens=2).verified
+    wrong_convention_bake(monkeypatch)
+    with pytest.raises(VerificationError, match="max relative logit error"):
+        bake(model, maps, 1.0, verify_tokens=2)
 
 
 @pytest.mark.slow
@@ -229,9 +264,9 @@ def test_smollm2_norms_fold_completely():
     assert p.summary() == (f"{2 * n} sites: {2 * n} scales folded, {n} shifts folded into gate/up biases, "
                            f"{n} into q/k/v biases, 0 affine modules; config: attention_bias=True, mlp_bias=True")
     ids = random_ids(vocab=model.config.vocab_size)
-    base = _logits(model, ids)
+    base = model_logits(model, ids)
     with attach_maps(model, maps, 1.0):
-        hooked = _logits(model, ids)
+        hooked = model_logits(model, ids)
     assert _rel(hooked, base) > 1e-2
     apply_plan(model, p, eff)
-    assert _rel(_logits(model, ids), hooked) <= TOL
+    assert _rel(model_logits(model, ids), hooked) <= TOL

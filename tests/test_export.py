@@ -158,7 +158,8 @@ def test_bfloat16_export_reports_top1_and_kl(llama_baked):
     tmp, _, _, baked = llama_baked
     out = baked.save_pretrained(tmp / "bf16", dtype="bfloat16")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict) == {torch.bfloat16}
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert dtypes == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     rep = json.loads((out / "lineas_verification.json").read_text())
     check = next(c for c in rep["checks"] if c["label"] == "exported bfloat16, reloaded")

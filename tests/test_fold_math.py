@@ -112,25 +112,29 @@ def test_linear_input_shift():
     _close(F.linear(x, W, fold_input_shift(W, b, t)), F.linear(x + t, W, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fn", ["norm_scale", "norm_scale_1p", "norm_bias", "rows", "input_shift"])
-def test_bf16_computed_in_fp32_and_rounded_once(fn):
-    """bf16 in -> bf16 out, equal to the fp32 result rounded once (not a bf16 computation)."""
+def test_computed_in_float64_and_rounded_once(fn, dtype):
+    """Out in the input dtype, equal to the float64 result rounded once: the fold adds one rounding
+    (half an ulp of the stored value), not one per operation (s*(1+w)-1, s*b+t and W@t have several)."""
     g = _g()
-    W = torch.randn(D_OUT, D_IN, generator=g).bfloat16()
-    w, b = torch.randn(D_OUT, generator=g).bfloat16(), torch.randn(D_OUT, generator=g).bfloat16()
+    W = torch.randn(D_OUT, D_IN, generator=g).to(dtype)
+    w, b = torch.randn(D_OUT, generator=g).to(dtype), torch.randn(D_OUT, generator=g).to(dtype)
     s, t = _st(D_OUT)
     _, t_in = _st(D_IN)
-    calls = {
-        "norm_scale": lambda w, b, W: fold_norm_scale(w, s),
-        "norm_scale_1p": lambda w, b, W: fold_norm_scale(w, s, one_plus=True),
-        "norm_bias": lambda w, b, W: fold_norm_bias(b, s, t),
-        "rows": lambda w, b, W: fold_output_rows(W, b, s, t)[0],
-        "input_shift": lambda w, b, W: fold_input_shift(W, b, t_in),
+    folds = {  # what bake.fold computes, and the same formula written out in float64
+        "norm_scale": (lambda: fold_norm_scale(w, s), lambda w, b, W, s, t, ti: s * w),
+        "norm_scale_1p": (lambda: fold_norm_scale(w, s, one_plus=True), lambda w, b, W, s, t, ti: s * (1 + w) - 1),
+        "norm_bias": (lambda: fold_norm_bias(b, s, t), lambda w, b, W, s, t, ti: s * b + t),
+        "rows": (lambda: fold_output_rows(W, b, s, t), lambda w, b, W, s, t, ti: (s[:, None] * W, s * b + t)),
+        "input_shift": (lambda: fold_input_shift(W, b, t_in), lambda w, b, W, s, t, ti: b + W @ ti),
     }
-    got = calls[fn](w, b, W)
-    want = calls[fn](w.float(), b.float(), W.float()).bfloat16()
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got, want)
+    fold, formula = folds[fn]
+    got = fold()
+    exact = formula(*(x.double() for x in (w, b, W, s, t, t_in)))
+    for g_, e_ in zip(*((got, exact) if fn == "rows" else ((got,), (exact,)))):
+        assert g_.dtype == dtype
+        assert torch.equal(g_, e_.to(dtype))
 
 
 def test_bf16_linear_identity_within_rounding():

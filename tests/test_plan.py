@@ -10,6 +10,7 @@ from tiny import random_ids, tiny_model
 from bake.errors import FoldError
 from bake.execute import apply_plan
 from bake.plan import FoldOp, Layout, ScaleFold, ShiftFold, SiteKind, SitePlan, plan
+from lineas.hooks import attach_affine
 from lineas.maps import SiteMap
 
 
@@ -205,9 +206,13 @@ def test_unknown_arch_plans_by_module_type():
     ids = random_ids()
     with torch.no_grad():
         base = model(ids).logits
+        with attach_affine(model, {s: (m.scale, m.shift) for s, m in maps.items()}):
+            hooked = model(ids).logits
+    assert not torch.allclose(hooked, base, atol=1e-3)  # the maps change the output
     apply_plan(model, p, maps)
     with torch.no_grad():
-        assert not torch.allclose(model(ids).logits, base)
+        baked = model(ids).logits
+    assert float((baked - hooked).abs().max() / hooked.abs().max()) <= 1e-5  # and the bake reproduces it
 
 
 def test_own_bias_and_states_are_enums():

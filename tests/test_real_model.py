@@ -67,3 +67,32 @@ def test_learn_bake_reload_generates_like_hooked_and_steers_positive(smollm2, tm
     base_s = E.sentiment(E.generate(model, tok, held, max_new_tokens=24).texts)
     steered_s = E.sentiment(E.generate(reloaded, tok, held, max_new_tokens=24).texts)
     assert steered_s.mean_compound > base_s.mean_compound + 0.1, (base_s.mean_compound, steered_s.mean_compound)
+
+
+NORM_SITES = [f"model.layers.{i}.{k}" for i in range(30) for k in ("input_layernorm", "post_attention_layernorm")]
+
+
+@pytest.mark.parametrize("magnitude", [0.05, 0.2])
+def test_random_maps_on_all_60_norms_are_not_refused(smollm2, magnitude):
+    """Section 5: scale 1 +- a, shift +- a on every norm is fp32 rounding, not a wrong fold.
+    Before the noise-floor limit, a = 0.1 and 0.2 were refused (max rel 1.1e-5, 2.1e-5 > 1e-5)."""
+    from bake import bake
+    from bake_fixtures import uniform_maps
+
+    maps = uniform_maps(smollm2.model, NORM_SITES, magnitude, seed=0)
+    baked = bake(smollm2.model, maps, 1.0, tokenizer=smollm2.tokenizer)
+    check = baked.report.checks[0]
+    assert baked.verified, baked.report.failures
+    assert check.max_rel > 1e-6 and check.max_rel <= check.max_rel_limit  # real rounding, under the limit
+    assert check.top1 == 1.0 and check.greedy_matched == check.greedy_total
+
+
+@pytest.mark.parametrize("site", ["model.layers.0.input_layernorm", "model.layers.29.post_attention_layernorm"])
+def test_one_norm_shift_off_by_one_percent_is_refused(smollm2, site, monkeypatch):
+    from bake import VerificationError, bake
+    from bake_fixtures import uniform_maps, wrong_shift_bake
+
+    maps = uniform_maps(smollm2.model, NORM_SITES, 0.05, seed=0)  # the smallest shifts: the subtlest error
+    wrong_shift_bake(monkeypatch, site, 1.01)
+    with pytest.raises(VerificationError, match="max relative logit error"):
+        bake(smollm2.model, maps, 1.0, tokenizer=smollm2.tokenizer)

@@ -14,10 +14,12 @@ from bake_fixtures import (
     logits,
     make_maps,
     save_tokenizer,
+    setup_model,
 )
 from tiny import tiny_model
 
 from bake import VerificationError, bake
+from bake.noise_floor import SAMPLES
 from bake.probes import build_greedy_prompts, build_probes
 from bake.tolerances import TOLERANCES, Tolerance, get_tolerance, register_tolerance
 from bake.verify import (
@@ -29,7 +31,7 @@ from bake.verify import (
     watch_modules,
 )
 from lineas.hooks import count_forward_hooks, steered
-from lineas.maps import effective_maps
+from lineas.maps import SiteMap, SteeringMaps, effective_maps
 
 
 def affines(maps, strength=1.0):
@@ -114,10 +116,23 @@ def test_every_tolerance_row_has_a_reason_and_fp32_is_strict():
     for tol in TOLERANCES.values():
         assert len(tol.reason) > 40, tol.name
     fp32 = get_tolerance("torch-float32")
-    assert fp32.max_rel == 1e-5 and fp32.greedy_identical and fp32.min_top1 == 1.0 and fp32.gating
+    assert fp32.greedy_identical and fp32.min_top1 == 1.0 and fp32.gating and fp32.noise_multiple
     assert not get_tolerance("reload-bfloat16").gating
     with pytest.raises(KeyError, match="no tolerance row"):
         get_tolerance("onnx-int4")
+
+
+def test_max_rel_limit_is_a_multiple_of_the_noise_floor_between_bounds():
+    tol = Tolerance(name="t", max_rel=1e-6, max_mean_kl=None, min_top1=None, greedy_identical=False, gating=True,
+                    reason="test", noise_multiple=4.0, max_rel_ceiling=1e-4)
+    assert tol.max_rel_limit(None) == 1e-6  # not measured: the fixed bound
+    assert tol.max_rel_limit(1e-8) == 1e-6  # a floor of ~0 cannot make the limit vanish
+    assert tol.max_rel_limit(5e-6) == pytest.approx(2e-5)
+    assert tol.max_rel_limit(1.0) == 1e-4  # a model too noisy to verify in fp32 does not pass everything
+    assert tol.max_rel_limit(float("nan")) == 1e-6
+    fixed = Tolerance(name="f", max_rel=1e-4, max_mean_kl=None, min_top1=None, greedy_identical=False,
+                      gating=True, reason="test")
+    assert fixed.max_rel_limit(1.0) == 1e-4
 
 
 def test_table_is_extensible():
@@ -206,3 +221,63 @@ def test_no_verify_marks_the_report_skipped(llama, maps):
     baked = bake(llama, maps, verify=False)
     assert baked.report.skipped and not baked.verified and baked.reference is None
     assert "SKIPPED" in baked.report.to_table()
+
+
+# ----------------------------------------------------------------------------- noise floor and bad references
+def test_reference_measures_a_noise_floor_and_the_check_uses_it(llama, maps):
+    baked = bake(llama, maps, strength=1.0, verify_tokens=2)
+    floor = baked.reference.noise_floor
+    assert 0 < floor.max_rel < 1e-5
+    assert len(floor.samples) == SAMPLES and floor.max_rel == max(floor.samples) and len(set(floor.samples)) > 1
+    check = baked.report.checks[0]
+    assert check.max_rel_limit == get_tolerance("torch-float32").max_rel_limit(floor.max_rel)
+    data = baked.report.to_dict()
+    assert data["noise_floor"]["max_rel"] == floor.max_rel
+    assert data["checks"][0]["max_rel_limit"] == check.max_rel_limit
+    assert "noise floor" in baked.report.to_table()
+
+
+def test_non_finite_hooked_reference_is_bad_input_naming_where(llama):
+    from bake import FoldError
+    from bake.verify import NonFiniteReferenceError
+
+    site = "model.layers.0.input_layernorm"
+    huge = SteeringMaps({site: SiteMap(torch.full((64,), 1e30), torch.zeros(64))}, {"method": "test"})
+    with torch.no_grad():  # the hooked model really is non-finite: not a fold problem
+        ids = build_probes(llama, None)[0].input_ids
+        with steered(llama, huge, 1.0):
+            assert not torch.isfinite(llama(input_ids=ids).logits).all()
+    with pytest.raises(NonFiniteReferenceError) as e:
+        bake(llama, huge, strength=1.0, verify_tokens=2)
+    assert isinstance(e.value, FoldError)
+    msg = str(e.value)
+    assert "hooked model" in msg and "itself not finite" in msg and "first at module 'model.layers.0." in msg
+    assert repr(site) in msg and "1e+30" in msg
+
+
+def test_cli_non_finite_reference_exits_2_and_writes_nothing(tmp_path, capsys):
+    from bake.cli import EXIT_BAD_INPUT, main
+
+    model_dir, _ = setup_model(tmp_path)
+    site = "model.layers.0.input_layernorm"
+    maps_path = tmp_path / "huge.safetensors"
+    SteeringMaps({site: SiteMap(torch.full((64,), 1e30), torch.zeros(64))}, {"method": "test"}).save(maps_path)
+    out = tmp_path / "out"
+    code = main(["--model", str(model_dir), "--maps", str(maps_path), "--out", str(out), "--verify-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert "itself not finite" in err and "does not reproduce" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("lineas_")]
+
+
+def test_rounding_perturbation_moves_every_entry_by_exactly_one_ulp():
+    from bake.noise_floor import rounding_perturbed
+
+    g = torch.Generator().manual_seed(0)
+    s, t = 1 + 0.2 * torch.randn(256, generator=g), 0.2 * torch.randn(256, generator=g)
+    (ps, pt), = rounding_perturbed({"site": (s, t)}, seed=0).values()
+    for x, y in ((s, ps), (t, pt)):
+        assert (x != y).all() and torch.equal(torch.nextafter(y, x), x)  # one representable step, no more
+        assert (y > x).any() and (y < x).any()  # random direction
+    (qs, _), = rounding_perturbed({"site": (s, t)}, seed=1).values()
+    assert not torch.equal(ps, qs)
