@@ -122,9 +122,9 @@ def wrong_shift_bake(monkeypatch, site: str, factor: float = 1.01) -> None:
 
     real = api.apply_plan
 
-    def wrong(model, fold_plan, eff):
+    def wrong(model, fold_plan, eff, **kw):
         bad = {**eff, site: SiteMap(eff[site].scale, eff[site].shift * factor)}
-        return real(model, plan(model, bad), bad)
+        return real(model, plan(model, bad), bad, **kw)
 
     monkeypatch.setattr(api, "apply_plan", wrong)
 
