@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lineas.io import ExitCode
+from lineas.io import ExitCode, human_size
 
 from .errors import BakeError
 
@@ -215,14 +215,6 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None =
         files.append(LocalFile(rel, size, sha256, sha1))
     message = commit_message or f"Upload steered model baked with lineas-bake ({folder.name})"
     return PushPlan(folder, repo_id, revision, bool(private), message, configured, tuple(files))
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def format_plan(plan: PushPlan) -> str:

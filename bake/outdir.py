@@ -29,6 +29,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from lineas.io import human_size
+
 from .errors import BakeError
 
 log = logging.getLogger(__name__)
@@ -56,14 +58,6 @@ def _nearest_existing(path: Path) -> Path:
     while not p.exists() and p != p.parent:
         p = p.parent
     return p
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def export_bytes(n_params: int, dtype_bytes: int, formats=("hf",)) -> int:
@@ -106,8 +100,8 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, *, model_dir: str
     if needed_bytes:
         free = shutil.disk_usage(anchor).free
         if free < needed_bytes:
-            raise OutputPathError(f"--out {str(out)!r}: the export needs about {human_bytes(needed_bytes)} but "
-                                  f"only {human_bytes(free)} is free on the file system of {anchor}")
+            raise OutputPathError(f"--out {str(out)!r}: the export needs about {human_size(needed_bytes)} but "
+                                  f"only {human_size(free)} is free on the file system of {anchor}")
     return out
 
 
