@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LinEAS optimiser (default: %(default)s)")
     tr.add_argument("--lr", type=float, default=d.lr, help="LinEAS learning rate (default: %(default)s)")
     tr.add_argument("--betas", type=float, nargs=2, default=d.betas, metavar=("B1", "B2"),
-                    help="Adam betas (default: %(default)s, as apple/ml-lineas)")
+                    help="Adam betas (default: %(default)s, ml-lineas uses 0.9 0.9)")
     tr.add_argument("--schedule", choices=[c.value for c in Schedule], default=d.schedule.value,
                     help="learning-rate schedule; cosine anneals to 0 over --steps (default: %(default)s)")
     tr.add_argument("--batch-size", type=int, default=d.batch_size,
