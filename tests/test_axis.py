@@ -120,3 +120,25 @@ def test_training_on_q_norm_learns_head_dim_maps(length):
     rep = lineas.report[0]
     assert lineas.maps[QNORM].scale.shape == (HEAD_DIM,)
     assert rep.w2_before > 1e-3 and rep.w2_after < 0.5 * rep.w2_before, rep
+
+
+def test_exported_remote_code_inlines_the_axis_rule_and_imports_only_torch():
+    import ast
+
+    from bake.affine import _affine_source
+
+    source = _affine_source()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported == {"torch"}, imported
+    namespace: dict = {}
+    exec(compile(source, "modeling_lineas.py", "exec"), namespace)  # standalone: no lineas needed
+    y = torch.randn(2, 3, 4, 5)
+    module = namespace["LineasAffine"](nn.Identity(), 5, axis=-1)
+    with torch.no_grad():
+        module.lineas_scale.fill_(2.0)
+    assert torch.allclose(module(y), 2 * y)
