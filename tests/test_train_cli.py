@@ -64,6 +64,20 @@ def test_end_to_end_lineas(workdir, capsys):
     assert len(report["sites"]) == 2 and len(report["losses"]) == 15
 
 
+def test_init_linear_act_from_the_command_line(workdir, tmp_path):
+    out, report = tmp_path / "m.safetensors", tmp_path / "r.json"
+    assert main(_args(workdir, out, "--init", "linear-act", "--steps", "5", "--report-json", str(report))) == 0
+    hp = json.loads(SteeringMaps.load(out).metadata["hyperparameters"])
+    assert hp["init"] == "linear-act" and hp["optimizer"] == "adam"
+    data = json.loads(report.read_text())
+    assert data["config"]["init"] == "linear-act" and isinstance(data["fell_back_to_linear_act"], bool)
+    after = sum(r["w2_after"] for r in data["sites"]) / len(data["sites"])
+    act_out, act_report = tmp_path / "a.safetensors", tmp_path / "a.json"
+    assert main(_args(workdir, act_out, "--method", "linear-act", "--report-json", str(act_report))) == 0
+    act = json.loads(act_report.read_text())
+    assert after <= sum(r["w2_after"] for r in act["sites"]) / len(act["sites"]) * (1 + 1e-9)
+
+
 def test_end_to_end_linear_act_with_json_prompts(workdir):
     out = workdir / "act.safetensors"
     args = _args(workdir, out, "--method", "linear-act")
