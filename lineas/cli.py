@@ -60,7 +60,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from .prompts import builtin_names
-    from .train import Init, Method, Optimizer, Schedule, TrainConfig
+    from .train_config import Init, Method, Optimizer, Schedule, TrainConfig
 
     p = argparse.ArgumentParser(
         prog="lineas-train", description=DESCRIPTION,
@@ -160,7 +160,7 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
 
 def train_config(args):
     """The ``TrainConfig`` of parsed arguments; its own checks are the only ones (a ``ConfigError``)."""
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
     return TrainConfig(method=args.method, init=args.init, steps=args.steps, optimizer=args.optimizer, lr=args.lr,
                        betas=tuple(args.betas), schedule=args.schedule, batch_size=args.batch_size,
@@ -195,7 +195,8 @@ def _train(args) -> int:
     from .hooks import SteeringError
     from .models import ModelLoadError, display_name, load_model
     from .prompts import PromptError, load_prompts
-    from .train import ConfigError, learn_maps
+    from .train import learn_maps
+    from .train_config import ConfigError
 
     try:
         config = train_config(args)

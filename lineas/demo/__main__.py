@@ -10,7 +10,7 @@ from pathlib import Path
 from dataclasses import replace
 from typing import Sequence
 
-from ..train import ConfigError
+from ..train_config import ConfigError
 
 from .pipeline import METHODS, DemoConfig, DemoError, pick_threads, run_demo, set_threads
 

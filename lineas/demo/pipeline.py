@@ -27,7 +27,7 @@ from .. import evaluate as E
 from ..hooks import steered
 from ..io import atomic_write_text
 from ..maps import SteeringMaps
-from ..train import TrainConfig
+from ..train_config import TrainConfig
 
 log = logging.getLogger("lineas.demo")
 
