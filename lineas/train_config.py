@@ -56,7 +56,7 @@ class TrainConfig:
     """Hyperparameters, with THE defaults (``lineas-train``, :func:`learn_maps` and the demo read them
     from here); stored as JSON in the maps metadata.
 
-    The optimiser defaults are measured (issue 8; commands in the closing note): Adam, lr 5e-3,
+    The optimiser defaults are measured (issue 8, `benchmarks/train_defaults.py`): Adam, lr 5e-3,
     torch's betas (0.9, 0.999), cosine schedule, batches of 32.  In 100 steps they cut the pooled W2
     of a tiny Llama (24+24 random prompts, both norms of both layers) by 63% (lr 1e-2: 66%, 2e-3:
     54%, 1e-3 -- apple/ml-lineas' lr -- 41%; betas (0.9, 0.9) changed it by under 2 points) and move
