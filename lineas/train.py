@@ -190,14 +190,13 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
 
         src_after = collect(model, src_tok, affines)
         if cfg.method is Method.LINEAS and start is not None:
-            w2_start = mean_w2(collect(model, src_tok, start), tgt)
-            w2_end = mean_w2(src_after, tgt)
+            src_start = collect(model, src_tok, start)
+            w2_start, w2_end = mean_w2(src_start, tgt), mean_w2(src_after, tgt)
             if w2_end > w2_start:
                 log.warning("LinEAS from Linear-AcT ended at training W2 %.4g > %.4g of its Linear-AcT start; "
                             "returning the Linear-AcT maps", w2_end, w2_start)
                 fallback = {"lineas_w2": w2_end, "linear_act_w2": w2_start}
-                affines = start
-                src_after = collect(model, src_tok, affines)
+                affines, src_after = start, src_start
         if held:
             held_after = collect(model, held[0], affines)
         reports = []
