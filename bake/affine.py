@@ -83,8 +83,17 @@ def _base_class_name(model: nn.Module) -> str:
                     f"require_standard=True) or use another export")
 
 
+_AXIS_IMPORT = "from lineas.axis import affine_on_axis  # lineas-bake: inline lineas/axis.py\n"
+
+
 def _affine_source() -> str:
-    return resources.files("bake").joinpath("affine_module.py").read_text(encoding="utf-8")
+    """``bake/affine_module.py`` with its one lineas import replaced by the source of ``lineas/axis.py``
+    (torch only), so the exported ``modeling_lineas.py`` is standalone and applies the same axis rule."""
+    source = resources.files("bake").joinpath("affine_module.py").read_text(encoding="utf-8")
+    axis = resources.files("lineas").joinpath("axis.py").read_text(encoding="utf-8")
+    if source.count(_AXIS_IMPORT) != 1:
+        raise BakeError("bake/affine_module.py must import lineas.axis exactly once, on the marked line")
+    return source.replace(_AXIS_IMPORT, f"# --- inlined from lineas/axis.py ---\n{axis}# --- end of lineas/axis.py ---\n")
 
 
 

@@ -1,7 +1,9 @@
 """The affine fallback module: ``y -> s * y + t`` after a module whose output cannot be folded.
 
-This file imports only torch: its source is copied verbatim into the
-``modeling_lineas.py`` written next to an exported checkpoint, so the baked
+This file imports only torch and the torch-only :mod:`lineas.axis` (the one
+feature-axis rule): its source, with that import replaced by the source of
+``lineas/axis.py``, is copied into the ``modeling_lineas.py`` written next to
+an exported checkpoint, so the baked
 model loads with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
 without lineas-bake installed.  It is plain torch (no hooks), so tracing and
 ONNX export see it as ordinary graph ops.
@@ -10,6 +12,8 @@ ONNX export see it as ordinary graph ops.
 import torch
 from torch import nn
 
+from lineas.axis import affine_on_axis  # lineas-bake: inline lineas/axis.py
+
 LINEAS_AFFINE_VERSION = 1
 
 
@@ -17,8 +21,8 @@ class LineasAffine(nn.Module):
     """Wraps ``inner`` and applies ``scale * y + shift`` to its output on the feature axis.
 
     * computed in float32 and cast back to the output dtype, exactly as the steering hooks do;
-    * ``axis``: -1 (last dim) or 1 (channels of ``[B, C, H, W]``); None means 1 for 4-D
-      outputs and -1 otherwise (the hooks' default rule);
+    * ``axis``: -1 (last dim) or 1 (channels of ``[B, C, H, W]``); None means the rank rule
+      (1 for 4-D outputs, else -1), as in the hooks (:func:`lineas.axis.feature_axis`);
     * tuple/list outputs: the map acts on element 0;
     * ``scale=False`` keeps only the shift (used when the scale was folded into weights).
 
@@ -42,17 +46,7 @@ class LineasAffine(nn.Module):
         self.lineas_shift = nn.Parameter(torch.zeros(dim, dtype=torch.float32), requires_grad=False) if shift else None
 
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
-        axis = self.axis
-        if axis is None:
-            axis = 1 if y.dim() == 4 else -1
-        shape = [1] * y.dim()
-        shape[axis] = -1
-        z = y.to(torch.float32)
-        if self.lineas_scale is not None:
-            z = z * self.lineas_scale.to(torch.float32).view(shape)
-        if self.lineas_shift is not None:
-            z = z + self.lineas_shift.to(torch.float32).view(shape)
-        return z.to(y.dtype)
+        return affine_on_axis(y, self.lineas_scale, self.lineas_shift, self.axis)
 
     def forward(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)

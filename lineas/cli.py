@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,8 +29,9 @@ Learn per-neuron affine steering maps T(y) = scale*y + shift at chosen modules
 prompts match those on TARGET prompts, and write them to a lineas-maps file.
 
 Methods:
-  lineas      (default) all maps trained jointly from identity by gradient
-              descent on the per-neuron 2-Wasserstein loss (LinEAS).
+  lineas      (default) all maps trained jointly from identity (or, with
+              --init linear-act, from the Linear-AcT maps) by Adam on the
+              per-neuron 2-Wasserstein loss (LinEAS).
   linear-act  closed-form per-site fit, incremental over sites (Linear-AcT).
 """
 
@@ -49,7 +52,7 @@ subcommand:
 examples:
   lineas-train --model smollm2-135m --source negative --target positive \\
       --sites 'model\\.layers\\.\\d+\\.(input|post_attention)_layernorm' \\
-      --steps 200 --optimizer adam --lr 0.01 --out maps.safetensors
+      --steps 100 --out maps.safetensors
   lineas-train --model ./my-model --source a.txt --target b.jsonl \\
       --sites 'model\\.layers\\.1[0-9]\\.mlp' --method linear-act --out act.safetensors
 """
@@ -57,6 +60,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from .prompts import builtin_names
+    from .train_config import Init, Method, Optimizer, Schedule, TrainConfig
 
     p = argparse.ArgumentParser(
         prog="lineas-train", description=DESCRIPTION,
@@ -76,22 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
                          "'model\\.layers\\.\\d+\\.post_attention_layernorm'")
     io.add_argument("--out", required=True, metavar="maps.safetensors", help="output maps file (written atomically)")
 
+    d = TrainConfig()  # the defaults live there; they are shown, not repeated, here
     tr = p.add_argument_group("training")
-    tr.add_argument("--method", choices=["lineas", "linear-act"], default="lineas", help="learning method (default: lineas)")
-    tr.add_argument("--steps", type=int, default=1000, help="LinEAS optimiser steps (default: 1000)")
-    tr.add_argument("--lr", type=float, default=0.1, help="LinEAS learning rate, cosine-annealed to 0 (default: 0.1). The loss is a mean over neurons, so "
-                         "plain SGD moves wide models slowly; on SmolLM2-size models use --optimizer adam --lr 2e-3 --sparsity-group 0.1")
-    tr.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="LinEAS optimiser (default: sgd)")
-    tr.add_argument("--batch-size", type=int, default=32,
-                    help="source prompts per LinEAS step, and batch size for activation collection (default: 32)")
-    tr.add_argument("--max-length", type=int, default=64, help="truncate prompts to this many tokens (default: 64)")
-    tr.add_argument("--sparsity-l1", type=float, default=0.0, metavar="X",
-                    help="LinEAS: L1 weight of the sparse-group-lasso proximal step on (scale-1, shift) (default: 0)")
-    tr.add_argument("--sparsity-group", type=float, default=0.0, metavar="X",
-                    help="LinEAS: group-L2 weight (per site and parameter) of the proximal step (default: 0)")
-    tr.add_argument("--holdout", type=float, default=0.0, metavar="FRAC",
-                    help="hold out this fraction of source and target prompts and report W2 on them too (default: 0)")
-    tr.add_argument("--seed", type=int, default=0, help="seed for batching and splits (default: 0)")
+    tr.add_argument("--method", choices=[m.value for m in Method], default=d.method.value,
+                    help="learning method (default: %(default)s)")
+    tr.add_argument("--init", choices=[i.value for i in Init], default=d.init.value,
+                    help="where LinEAS starts: identity maps, or the closed-form Linear-AcT maps (then the result is "
+                         "never worse than Linear-AcT on the training W2: if LinEAS ends worse, the Linear-AcT maps "
+                         "are written) (default: %(default)s)")
+    tr.add_argument("--steps", type=int, default=d.steps, help="LinEAS optimiser steps (default: %(default)s)")
+    tr.add_argument("--optimizer", choices=[o.value for o in Optimizer], default=d.optimizer.value,
+                    help="LinEAS optimiser (default: %(default)s)")
+    tr.add_argument("--lr", type=float, default=d.lr, help="LinEAS learning rate (default: %(default)s)")
+    tr.add_argument("--betas", type=float, nargs=2, default=d.betas, metavar=("B1", "B2"),
+                    help="Adam betas (default: %(default)s, ml-lineas uses 0.9 0.9)")
+    tr.add_argument("--schedule", choices=[c.value for c in Schedule], default=d.schedule.value,
+                    help="learning-rate schedule; cosine anneals to 0 over --steps (default: %(default)s)")
+    tr.add_argument("--batch-size", type=int, default=d.batch_size,
+                    help="source prompts per LinEAS step, and batch size for activation collection (default: %(default)s)")
+    tr.add_argument("--max-length", type=int, default=d.max_length,
+                    help="truncate prompts to this many tokens (default: %(default)s)")
+    tr.add_argument("--sparsity-l1", type=float, default=d.sparsity_l1, metavar="X",
+                    help="LinEAS: L1 weight of the sparse-group-lasso proximal step on (scale-1, shift) "
+                         "(default: %(default)s)")
+    tr.add_argument("--sparsity-group", type=float, default=d.sparsity_group, metavar="X",
+                    help="LinEAS: group-L2 weight (per site and parameter) of the proximal step (default: %(default)s)")
+    tr.add_argument("--holdout", type=float, default=d.holdout, metavar="FRAC",
+                    help="hold out this fraction of source and target prompts and report W2 on them too "
+                         "(default: %(default)s)")
+    tr.add_argument("--seed", type=int, default=d.seed, help="seed for batching and splits (default: %(default)s)")
 
     rt = p.add_argument_group("runtime")
     rt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
@@ -141,15 +158,54 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
     return fail("lineas-train", msg, code)
 
 
+def train_config(args):
+    """The ``TrainConfig`` of parsed arguments; its own checks are the only ones (a ``ConfigError``)."""
+    from .train_config import TrainConfig
+
+    return TrainConfig(method=args.method, init=args.init, steps=args.steps, optimizer=args.optimizer, lr=args.lr,
+                       betas=tuple(args.betas), schedule=args.schedule, batch_size=args.batch_size,
+                       max_length=args.max_length, sparsity_l1=args.sparsity_l1, sparsity_group=args.sparsity_group,
+                       seed=args.seed, holdout=args.holdout)
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, before any work, an output file that cannot be written: a directory, a path under a
+    file, or a folder where a probe file cannot be created (read-only).  Missing folders are made at
+    write time, so the probe goes to the nearest existing one; it is removed at once, so nothing is
+    left on disk."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a directory; give a file name such as "
+                         f"{str(out / 'maps.safetensors')!r}")
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists() or p == Path(p.anchor or "."))
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.lineas-probe-", dir=folder)
+    except OSError as e:
+        raise ValueError(f"{flag} {str(path)!r}: cannot write in folder {str(folder)!r} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"{flag} {str(path)!r} exists and is read-only")
+
+
 def _train(args) -> int:
     from .collect import SiteMatchError, match_sites
     from .hooks import SteeringError
     from .models import ModelLoadError, display_name, load_model
     from .prompts import PromptError, load_prompts
     from .train import learn_maps
+    from .train_config import ConfigError
 
     try:
-        _check_args(args)
+        config = train_config(args)
+    except ConfigError as e:
+        return _fail(e.for_flag())
+    try:
+        check_output_file(args.out)
+        if args.report_json:
+            check_output_file(args.report_json, "--report-json")
         source = load_prompts(args.source)
         target = load_prompts(args.target)
     except (PromptError, ValueError) as e:
@@ -170,46 +226,30 @@ def _train(args) -> int:
     log.info("%d site(s): %s", len(sites), ", ".join(sites[:4]) + (" ..." if len(sites) > 4 else ""))
     try:
         result = learn_maps(
-            loaded.model, loaded.tokenizer, source.texts, target.texts, sites, method=args.method, steps=args.steps,
-            lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size, max_length=args.max_length,
-            sparsity_l1=args.sparsity_l1, sparsity_group=args.sparsity_group, seed=args.seed, holdout=args.holdout,
-            progress=not args.quiet, base_model=display_name(args.model), source_desc=source.description,
-            target_desc=target.description, source_sha256=source.sha256, target_sha256=target.sha256)
+            loaded.model, loaded.tokenizer, source.texts, target.texts, sites, config, progress=not args.quiet,
+            base_model=display_name(args.model), source_desc=source.description, target_desc=target.description,
+            source_sha256=source.sha256, target_sha256=target.sha256)
     except (SteeringError, ValueError) as e:
         return _fail(str(e))
     except FloatingPointError as e:
         return _fail(str(e), EXIT_FAIL)
     out = result.maps.save(args.out)
     print(result.table())
+    if result.fell_back_to_linear_act:
+        print("--init linear-act: LinEAS ended with a higher training W2 than its Linear-AcT start; "
+              "wrote the Linear-AcT maps")
     print(f"wrote {len(result.maps)} site map(s) to {out} ({result.seconds:.1f} s)")
     if args.report_json:
         _write_report(args.report_json, result)
     return EXIT_OK
 
 
-def _check_args(args) -> None:
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_length < 1:
-        raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    if args.sparsity_l1 < 0 or args.sparsity_group < 0:
-        raise ValueError("--sparsity-l1 and --sparsity-group must be >= 0")
-    if not 0 <= args.holdout < 1:
-        raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
-        raise ValueError(f"--out {args.out!r} is a directory")
-
-
 def _write_report(path: str, result) -> None:
     from dataclasses import asdict
 
     data = {"support": result.support, "sites": [asdict(r) for r in result.report], "losses": list(result.losses),
-            "seconds": result.seconds, "config": asdict(result.config)}
+            "seconds": result.seconds, "config": json.loads(result.config.to_json()),
+            "fell_back_to_linear_act": result.fell_back_to_linear_act}
     atomic_write_text(path, json.dumps(data, indent=2))
 
 

@@ -1,8 +1,11 @@
 """Pooled activation collection at steering sites.
 
 The learners compare *pooled* activations: per sequence, the mean of a site's
-output over its non-padding tokens (4-D outputs ``[B, C, H, W]``: the spatial
-mean).  Pooling is only for the loss -- the maps themselves act per token.
+output over every axis but the batch and feature axes, leaving out padding
+tokens (:func:`lineas.axis.pool_features`; the feature axis is
+:func:`lineas.axis.feature_axis`, the rule the hooks and the baker use, so a
+Qwen3 ``q_norm`` ``[B, L, heads, head_dim]`` pools to ``[B, head_dim]``).
+Pooling is only for the loss -- the maps themselves act per token.
 
 A forward pass only needs to reach the last site, so :func:`run_to_sites`
 raises a private exception from the last site's hook and catches it: the
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .axis import feature_axis, pool_features
 from .hooks import SteeringError, apply_affine, similar_names
 
 
@@ -118,26 +122,6 @@ def tokenize(tokenizer, prompts: Sequence, max_length: int | None) -> TokenSet:
     return TokenSet(tuple(rows), int(pad))
 
 
-# -- pooling ---------------------------------------------------------------------
-def pool(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Per-sequence pooled features ``[B, D]`` in float32.
-
-    ``[B, T, D]``: mean over tokens where ``mask`` is 1; ``[B, C, H, W]``: spatial
-    mean; ``[B, D]``: unchanged.
-    """
-    y = y.float()
-    if y.dim() == 4:
-        return y.mean(dim=(2, 3))
-    if y.dim() == 2:
-        return y
-    if y.dim() == 3:
-        if mask is None or mask.shape[:2] != y.shape[:2]:
-            return y.mean(dim=1)
-        m = mask.to(y.dtype).unsqueeze(-1)
-        return (y * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-    raise SteeringError(f"cannot pool an output of shape {tuple(y.shape)} (expected 2-D, 3-D or 4-D)")
-
-
 # -- forward to the last site -------------------------------------------------------
 class _StopForward(Exception):
     """Raised by the last site's hook to end the forward pass early."""
@@ -149,10 +133,14 @@ class _PoolHook:
 
     def __call__(self, module, inputs, output):
         head = output[0] if isinstance(output, (tuple, list)) else output
+        axis = feature_axis(module, head.dim())  # the rule the hooks and the baker use
         if self.affine is not None:
-            head = apply_affine(head, self.affine[0], self.affine[1], self.site)
+            head = apply_affine(head, self.affine[0], self.affine[1], self.site, axis)
         if self.site not in self.store:  # a module called twice: keep its first call
-            self.store[self.site] = pool(head, self.mask_ref[0])
+            try:
+                self.store[self.site] = pool_features(head, axis, self.mask_ref[0])
+            except ValueError as e:
+                raise SteeringError(f"site {self.site!r}: {e}") from None
         if self.stop:
             raise _StopForward
         if self.affine is None:

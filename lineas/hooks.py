@@ -7,8 +7,9 @@ computes exactly what a fold computes: ``y' = s * y + t`` with the effective
 cast back to the activation dtype, so bf16/fp16 models are steered with fp32
 parameters and one rounding at the end.
 
-Feature axis: the last dimension of ``[..., D]`` outputs, dimension 1 of 4-D
-``[B, C, H, W]`` outputs.  For tuple/list outputs the map acts on element 0.
+Feature axis: :func:`lineas.axis.feature_axis` (re-exported here), the one rule that
+collection and the baker's fallback module use too.  For tuple/list outputs the map acts on
+element 0.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .axis import affine_on_axis, feature_axis, resolve_axis
 from .maps import SiteMap, SteeringMaps, effective_maps
+
+__all__ = ["SteeringError", "feature_axis", "apply_affine", "attach_affine", "attach_maps", "steered",
+           "SteeringHandle", "resolve_sites", "module_feature_dim", "similar_names", "count_forward_hooks"]
 
 
 class SteeringError(ValueError):
@@ -45,37 +50,21 @@ def module_feature_dim(module: nn.Module) -> int | None:
     return None
 
 
-def feature_axis(module: nn.Module) -> int | None:
-    """The output feature axis a module type fixes, or None to decide by rank (dim 1 of 4-D, else last).
-
-    Linear layers and last-dim norms (LayerNorm, any ``*RMSNorm``) put features last whatever
-    the rank: Qwen3/Gemma3 ``q_norm`` outputs ``[B, L, heads, head_dim]``, which the rank rule
-    would misread as channels-first.
-    """
-    if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)) or type(module).__name__ in ("Conv1D",):
-        return -1
-    if type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, getattr(nn, "RMSNorm", ())):
-        return -1
-    return None
-
-
 def apply_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, site: str = "?",
                  axis: int | None = None) -> torch.Tensor:
     """``scale * y + shift`` on the feature axis, computed in fp32, returned in ``y.dtype``.
 
-    ``axis`` None means dim 1 of 4-D outputs, else the last dim (see :func:`feature_axis`).
+    ``axis`` None means the rank rule (see :func:`lineas.axis.feature_axis`); a map whose length
+    is not the axis' size is a :class:`SteeringError` naming the site.
     """
-    if axis is None:
-        axis = 1 if y.dim() == 4 else -1
-    d = y.shape[axis]
+    try:
+        d = y.shape[resolve_axis(axis, y.dim())]
+    except ValueError as e:
+        raise SteeringError(f"site {site!r}: {e}") from None
     if d != scale.numel():
         raise SteeringError(f"site {site!r}: map has length {scale.numel()} but the output feature axis has size {d} "
                             f"(output shape {tuple(y.shape)})")
-    shape = [1] * y.dim()
-    shape[axis] = d
-    s = scale.to(device=y.device, dtype=torch.float32).view(shape)
-    t = shift.to(device=y.device, dtype=torch.float32).view(shape)
-    return (y.float() * s + t).to(y.dtype)
+    return affine_on_axis(y, scale, shift, axis)
 
 
 class _AffineHook:

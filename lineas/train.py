@@ -18,8 +18,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -38,46 +38,12 @@ from .maps import SiteMap, SteeringMaps
 from .ot import sparse_group_prox, w2, w2_to_sorted_target
 from .prompts import split_texts, texts_sha256
 from .provenance import model_provenance
+from .train_config import ConfigError, Init, Method, Optimizer, Schedule, TrainConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lineas", "linear-act")
-OPTIMIZERS = ("sgd", "adam")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters; stored as JSON in the maps metadata."""
-
-    method: str = "lineas"
-    steps: int = 1000
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    schedule: str = "cosine"
-    batch_size: int = 32
-    max_length: int | None = 64
-    sparsity_l1: float = 0.0
-    sparsity_group: float = 0.0
-    seed: int = 0
-    holdout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        for name in ("steps", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
-        for name in ("lr", "sparsity_l1", "sparsity_group"):
-            v = float(getattr(self, name))
-            if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
-                raise ValueError(f"{name} must be {'> 0' if name == 'lr' else '>= 0'} and finite, got {v}")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+__all__ = ["ConfigError", "Init", "Method", "Optimizer", "Schedule", "TrainConfig", "SiteReport", "TrainResult",
+           "learn_maps", "train_lineas"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +66,7 @@ class TrainResult:
     losses: tuple[float, ...] = ()  # LinEAS: loss per step
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)  # collect_s, fit_s, steps_per_s (LinEAS)
+    fell_back_to_linear_act: bool = False  # init=linear-act and LinEAS ended worse: the Linear-AcT maps
 
     @property
     def w2_before(self) -> float:
@@ -143,15 +110,17 @@ def _bar(progress: bool, **kw):
     return tqdm(disable=not progress, file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
 
 
-def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts: Sequence, sites: Sequence[str], *,
-               method: str = "lineas", steps: int = 1000, lr: float = 0.1, optimizer: str = "sgd",
-               batch_size: int = 32, max_length: int | None = 64, sparsity_l1: float = 0.0,
-               sparsity_group: float = 0.0, seed: int = 0, holdout: float = 0.0, progress: bool = True,
+def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts: Sequence, sites: Sequence[str],
+               config: TrainConfig | None = None, *, progress: bool = True,
                eval_batch_size: int | None = None, base_model: str | None = None,
                source_desc: str | None = None, target_desc: str | None = None,
                source_sha256: str | None = None, target_sha256: str | None = None,
-               metadata: dict[str, str] | None = None, target_model: nn.Module | None = None) -> TrainResult:
+               metadata: dict[str, str] | None = None, target_model: nn.Module | None = None,
+               **hyperparameters) -> TrainResult:
     """Learn per-site affine maps that move source activations towards target activations.
+
+    Hyperparameters: ``config`` (default ``TrainConfig()``, where the defaults live) with any
+    ``TrainConfig`` field given as a keyword on top (``steps=100, lr=3e-3``).
 
     ``sites``: exact module names or full-match regexes (see :func:`match_sites`);
     the maps are applied in forward-execution order.  Prompts are strings (needs a
@@ -159,57 +128,78 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     training and its ``requires_grad`` flags are restored).  Runs on the model's
     device; the maps come back as float32 on CPU.
 
+    ``init="linear-act"`` starts LinEAS from the closed-form Linear-AcT maps.  Its result is then
+    never worse than Linear-AcT on the reported training W2 (the mean over sites of the full-data
+    W2, the figure in the report): after training both are measured on the full training set and,
+    if LinEAS ended worse, the Linear-AcT maps are returned (metadata ``init_fallback``).  One end
+    check costs one collection pass; tracking the best iterate would cost one per step, and
+    mini-batch losses cannot show it.
+
     ``target_model`` (default: ``model``) is the model whose activations on the
     target prompts define the target distribution -- e.g. a copy of the model
     with known maps attached (ground-truth tests) or a fine-tuned sibling with
     the same module names.
     """
-    cfg = TrainConfig(method=method, steps=steps, lr=lr, optimizer=optimizer, batch_size=batch_size,
-                      max_length=max_length, sparsity_l1=sparsity_l1, sparsity_group=sparsity_group, seed=seed,
-                      holdout=holdout)
+    cfg = replace(config or TrainConfig(), **hyperparameters)
     t0 = time.perf_counter()
     device = _model_device(model)
-    eval_bs = eval_batch_size or max(batch_size, 16)
+    eval_bs = eval_batch_size or max(cfg.batch_size, 16)
     site_names = _resolve(model, sites)
 
-    src_train, src_held = split_texts(source_texts, holdout, seed)
-    tgt_train, tgt_held = split_texts(target_texts, holdout, seed + 1)
-    src_tok = tokenize(tokenizer, src_train, max_length)
-    tgt_tok = tokenize(tokenizer, tgt_train, max_length)
+    src_train, src_held = split_texts(source_texts, cfg.holdout, cfg.seed)
+    tgt_train, tgt_held = split_texts(target_texts, cfg.holdout, cfg.seed + 1)
+    src_tok = tokenize(tokenizer, src_train, cfg.max_length)
+    tgt_tok = tokenize(tokenizer, tgt_train, cfg.max_length)
     held = None
-    if holdout > 0:
-        held = (tokenize(tokenizer, src_held, max_length), tokenize(tokenizer, tgt_held, max_length))
+    if cfg.holdout > 0:
+        held = (tokenize(tokenizer, src_held, cfg.max_length), tokenize(tokenizer, tgt_held, cfg.max_length))
+
+    def collect(m, tokens, affines=None, bar=None):
+        return collect_pooled(m, tokens, site_names, batch_size=eval_bs, affines=affines, device=device, progress=bar)
+
+    def mean_w2(pooled, target):
+        return sum(w2(pooled[s], target[s]) for s in site_names) / len(site_names)
 
     was_training = model.training
     model.eval()
+    fallback = None
     try:
         site_names = forward_order(model, src_tok.batch(range(min(2, len(src_tok))), device), site_names)
         n_collect = len(src_tok) + len(tgt_tok) + (len(held[0]) + len(held[1]) if held else 0)
         with _bar(progress, total=n_collect, desc="collecting activations", unit="prompt") as bar:
             tgt_model = model if target_model is None else target_model
-            tgt = collect_pooled(tgt_model, tgt_tok, site_names, batch_size=eval_bs, device=device, progress=bar)
-            src_before = collect_pooled(model, src_tok, site_names, batch_size=eval_bs, device=device, progress=bar)
+            tgt = collect(tgt_model, tgt_tok, bar=bar)
+            src_before = collect(model, src_tok, bar=bar)
             if held:
-                held_tgt = collect_pooled(tgt_model, held[1], site_names, batch_size=eval_bs, device=device,
-                                          progress=bar)
-                held_before = collect_pooled(model, held[0], site_names, batch_size=eval_bs, device=device,
-                                             progress=bar)
+                held_tgt = collect(tgt_model, held[1], bar=bar)
+                held_before = collect(model, held[0], bar=bar)
         t_collect = time.perf_counter() - t0
         losses: list[float] = []
         t1 = time.perf_counter()
-        if cfg.method == "linear-act":
+        start = None
+        if cfg.method is Method.LINEAR_ACT or cfg.init is Init.LINEAR_ACT:
             with _bar(progress, total=len(site_names), desc="Linear-AcT (incremental)", unit="site") as bar:
-                affines = fit_linear_act(model, src_tok, tgt, site_names, batch_size=eval_bs, device=device,
-                                         progress=bar)
+                start = fit_linear_act(model, src_tok, tgt, site_names, batch_size=eval_bs, device=device,
+                                       progress=bar)
+        if cfg.method is Method.LINEAR_ACT:
+            affines = start
         else:
-            affines, losses = train_lineas(model, src_tok, tgt, site_names, cfg, device=device, progress=progress)
+            affines, losses = train_lineas(model, src_tok, tgt, site_names, cfg, device=device, progress=progress,
+                                           init=start)
         t_fit = time.perf_counter() - t1
 
-        src_after = collect_pooled(model, src_tok, site_names, batch_size=eval_bs, affines=affines, device=device)
-        reports = []
+        src_after = collect(model, src_tok, affines)
+        if cfg.method is Method.LINEAS and start is not None:
+            src_start = collect(model, src_tok, start)
+            w2_start, w2_end = mean_w2(src_start, tgt), mean_w2(src_after, tgt)
+            if w2_end > w2_start:
+                log.warning("LinEAS from Linear-AcT ended at training W2 %.4g > %.4g of its Linear-AcT start; "
+                            "returning the Linear-AcT maps", w2_end, w2_start)
+                fallback = {"lineas_w2": w2_end, "linear_act_w2": w2_start}
+                affines, src_after = start, src_start
         if held:
-            held_after = collect_pooled(model, held[0], site_names, batch_size=eval_bs, affines=affines,
-                                        device=device)
+            held_after = collect(model, held[0], affines)
+        reports = []
         for s in site_names:
             r = SiteReport(s, w2(src_before[s], tgt[s]), w2(src_after[s], tgt[s]))
             if held:
@@ -219,10 +209,10 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     finally:
         model.train(was_training)
 
-    site_maps = {s: SiteMap(sc.detach(), sh.detach()) for s, (sc, sh) in affines.items()}
+    site_maps = {s: SiteMap(sc.detach().float().cpu(), sh.detach().float().cpu()) for s, (sc, sh) in affines.items()}
     meta = model_provenance(model, base_model)
     meta.update({
-        "method": cfg.method,
+        "method": cfg.method.value,
         "sites": json.dumps(site_names),
         "pooling": "mean",
         "hyperparameters": cfg.to_json(),
@@ -232,6 +222,8 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
         "target_sha256": target_sha256 or texts_sha256(target_texts),
         "created_by": f"lineas-bake {__version__}",
     })
+    if fallback:
+        meta["init_fallback"] = json.dumps(fallback)
     maps_obj = SteeringMaps(site_maps, meta)
     support = maps_obj.support()
     meta["support"] = f"{support:.6f}"
@@ -241,7 +233,8 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     timing = {"collect_s": t_collect, "fit_s": t_fit}
     if losses:
         timing["steps_per_s"] = len(losses) / t_fit
-    return TrainResult(maps_obj, tuple(reports), support, cfg, tuple(losses), time.perf_counter() - t0, timing)
+    return TrainResult(maps_obj, tuple(reports), support, cfg, tuple(losses), time.perf_counter() - t0, timing,
+                       fell_back_to_linear_act=fallback is not None)
 
 
 def _resolve(model: nn.Module, sites: Sequence[str]) -> list[str]:
@@ -261,9 +254,11 @@ def _model_device(model: nn.Module) -> torch.device:
 
 # -- LinEAS -----------------------------------------------------------------------
 def train_lineas(model: nn.Module, source: TokenSet, target_pooled: dict[str, torch.Tensor], sites: Sequence[str],
-                 cfg: TrainConfig, *, device="cpu", progress: bool = False
+                 cfg: TrainConfig, *, device="cpu", progress: bool = False,
+                 init: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[float]]:
-    """Jointly train all maps from identity; returns ``({site: (scale, shift)}, losses)``.
+    """Jointly train all maps from identity (or from ``init``, ``{site: (scale, shift)}``);
+    returns ``({site: (scale, shift)}, losses)``.
 
     ``sites`` must be in forward order (the forward stops after the last one).
     """
@@ -273,10 +268,14 @@ def train_lineas(model: nn.Module, source: TokenSet, target_pooled: dict[str, to
     params: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
     for s in sites:
         d = target_pooled[s].shape[1]
-        params[s] = (nn.Parameter(torch.ones(d, device=device)), nn.Parameter(torch.zeros(d, device=device)))
+        scale, shift = init[s] if init is not None else (torch.ones(d), torch.zeros(d))
+        params[s] = (nn.Parameter(scale.detach().to(device=device, dtype=torch.float32).clone()),
+                     nn.Parameter(shift.detach().to(device=device, dtype=torch.float32).clone()))
     flat = [p for pair in params.values() for p in pair]
-    opt = (torch.optim.SGD(flat, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.Adam(flat, lr=cfg.lr))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    opt = (torch.optim.SGD(flat, lr=cfg.lr) if cfg.optimizer is Optimizer.SGD
+           else torch.optim.Adam(flat, lr=cfg.lr, betas=cfg.betas))
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps) if cfg.schedule is Schedule.COSINE
+             else None)
     prox = cfg.sparsity_l1 > 0 or cfg.sparsity_group > 0
     bs = min(cfg.batch_size, len(source))
     order: list[int] = []
@@ -302,7 +301,8 @@ def train_lineas(model: nn.Module, source: TokenSet, target_pooled: dict[str, to
                                                                      cfg.sparsity_group)
                             scale.copy_(new_scale)
                             shift.copy_(new_shift)
-                sched.step()
+                if sched is not None:
+                    sched.step()
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"LinEAS loss became {value} at step {step}; lower --lr")

@@ -182,3 +182,44 @@ def test_smollm2_lineas_reduces_w2():
     r = learn_maps(lm.model, lm.tokenizer, neg, pos, sites, steps=30, lr=0.01, optimizer="adam", batch_size=8,
                    max_length=16, progress=False)
     assert r.w2_after < 0.5 * r.w2_before
+
+
+# -- defaults that learn (issue 8) ---------------------------------------------------------------
+NORM_SITES = [r"model\.layers\.\d+\.(input|post_attention)_layernorm"]
+
+
+def _two_prompt_sets():
+    """24 + 24 unrelated random prompts: no ground truth, the target is just another distribution."""
+    return _prompts(24, seed=0), _prompts(24, seed=1000)
+
+
+def test_defaults_learn_halve_w2_in_100_steps():
+    """Only ``steps`` is given: the optimiser settings are the defaults (the old SGD lr 0.1 gave -24%)."""
+    src, tgt = _two_prompt_sets()
+    r = learn_maps(tiny_model("llama"), None, src, tgt, NORM_SITES, steps=100, progress=False)
+    assert r.config.optimizer == TrainConfig().optimizer and r.config.lr == TrainConfig().lr
+    assert r.w2_before > 1e-3
+    assert r.w2_after <= 0.5 * r.w2_before, (r.w2_before, r.w2_after)
+
+
+def test_init_linear_act_is_never_worse_than_linear_act():
+    src, tgt = _two_prompt_sets()
+    act = learn_maps(tiny_model("llama"), None, src, tgt, NORM_SITES, method="linear-act", progress=False)
+    both = learn_maps(tiny_model("llama"), None, src, tgt, NORM_SITES, steps=50, init="linear-act", progress=False)
+    assert not both.fell_back_to_linear_act and "init_fallback" not in both.maps.metadata
+    assert both.w2_after <= act.w2_after
+    assert any(not torch.equal(both.maps[s].scale, act.maps[s].scale) for s in act.maps.sites)  # it trained on
+
+
+def test_init_linear_act_falls_back_when_lineas_ends_worse():
+    """A learning rate far too large walks away from the closed-form start: the Linear-AcT maps come back."""
+    src, tgt = _two_prompt_sets()
+    act = learn_maps(tiny_model("llama"), None, src, tgt, NORM_SITES, method="linear-act", progress=False)
+    r = learn_maps(tiny_model("llama"), None, src, tgt, NORM_SITES, steps=3, lr=0.5, schedule="constant",
+                   init="linear-act", progress=False)
+    assert r.fell_back_to_linear_act
+    fallback = json.loads(r.maps.metadata["init_fallback"])
+    assert fallback["lineas_w2"] > fallback["linear_act_w2"]
+    assert r.w2_after == pytest.approx(act.w2_after, rel=1e-6)
+    for s in act.maps.sites:
+        assert torch.allclose(r.maps[s].scale, act.maps[s].scale) and torch.allclose(r.maps[s].shift, act.maps[s].shift)

@@ -1,6 +1,7 @@
 """``lineas-train`` end to end on a tiny model saved to tmp_path (with an offline-built tokenizer)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny import save_tiny
@@ -61,6 +62,20 @@ def test_end_to_end_lineas(workdir, capsys):
     assert "W2 before" in printed and "held before" in printed and "support:" in printed
     report = json.loads((workdir / "report.json").read_text())
     assert len(report["sites"]) == 2 and len(report["losses"]) == 15
+
+
+def test_init_linear_act_from_the_command_line(workdir, tmp_path):
+    out, report = tmp_path / "m.safetensors", tmp_path / "r.json"
+    assert main(_args(workdir, out, "--init", "linear-act", "--steps", "5", "--report-json", str(report))) == 0
+    hp = json.loads(SteeringMaps.load(out).metadata["hyperparameters"])
+    assert hp["init"] == "linear-act" and hp["optimizer"] == "adam"
+    data = json.loads(report.read_text())
+    assert data["config"]["init"] == "linear-act" and isinstance(data["fell_back_to_linear_act"], bool)
+    after = sum(r["w2_after"] for r in data["sites"]) / len(data["sites"])
+    act_out, act_report = tmp_path / "a.safetensors", tmp_path / "a.json"
+    assert main(_args(workdir, act_out, "--method", "linear-act", "--report-json", str(act_report))) == 0
+    act = json.loads(act_report.read_text())
+    assert after <= sum(r["w2_after"] for r in act["sites"]) / len(act["sites"]) * (1 + 1e-9)
 
 
 def test_end_to_end_linear_act_with_json_prompts(workdir):
@@ -130,3 +145,96 @@ def test_prompt_files_and_builtins(workdir, tmp_path):
     for name in builtin_names():
         a, b = load_prompts(name), load_prompts("builtin:" + name)
         assert a.texts == b.texts and len(a) > 0 and a.description == "builtin:" + name
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["parent-is-a-file", "is-a-directory", "under-a-file-deeper"])
+def test_bad_out_fails_before_loading_the_model(workdir, capsys, tmp_path, case):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    out = {"parent-is-a-file": tmp_path / "afile" / "m.safetensors", "is-a-directory": tmp_path / "adir",
+           "under-a-file-deeper": tmp_path / "afile" / "sub" / "m.safetensors"}[case]
+    before = _listing(tmp_path)
+    args = _args(workdir, out)
+    args[args.index("--model") + 1] = str(tmp_path / "no-such-model")  # loading it would fail with another message
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "no-such-model" not in err, err
+    assert _listing(tmp_path) == before
+
+
+def _main_as_unprivileged_user(args) -> tuple[int, str]:
+    """``main(args)`` in a forked child that drops to user ``nobody`` when the tests run as root
+    (root may write into a 0o555 folder); returns its exit code and stderr."""
+    import io
+    import os
+    import sys
+
+    import lineas.collect, lineas.hooks, lineas.models, lineas.prompts, lineas.train  # noqa: E401,F401  (no imports as nobody)
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 99
+        try:
+            os.close(read_fd)
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            sys.stderr = io.StringIO()
+            code = main(args)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os.write(write_fd, sys.stderr.getvalue().encode())
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        err = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
+
+
+def test_out_under_a_read_only_folder_fails_up_front(workdir):
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="lineas-ro-"))  # not under tmp_path: user nobody must reach it
+    base.chmod(0o755)
+    ro = base / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        out = ro / "m.safetensors"
+        args = _args(workdir, out)
+        args[args.index("--model") + 1] = str(base / "no-such-model")
+        code, err = _main_as_unprivileged_user(args)
+        assert code == 2, err
+        assert str(out) in err and "cannot write" in err, err
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_bad_config_names_the_flag(workdir, capsys, tmp_path):
+    for extra, flag in ((["--batch-size", "0"], "--batch-size"), (["--holdout", "1.5"], "--holdout"),
+                        (["--lr", "nan"], "--lr"), (["--betas", "0.9", "1.0"], "--betas"),
+                        (["--sparsity-group", "-1"], "--sparsity-group")):
+        assert main(_args(workdir, tmp_path / "m.safetensors", *extra)) == 2
+        assert flag in capsys.readouterr().err, extra
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_cli_defaults_are_the_train_config_defaults():
+    from lineas.cli import train_config
+    from lineas.train import TrainConfig
+
+    args = build_parser().parse_args(["--model", "m", "--source", "a", "--target", "b", "--sites", "x",
+                                      "--out", "o.safetensors"])
+    assert train_config(args) == TrainConfig()

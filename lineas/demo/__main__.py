@@ -7,7 +7,10 @@ import datetime as _dt
 import logging
 import sys
 from pathlib import Path
+from dataclasses import replace
 from typing import Sequence
+
+from ..train_config import ConfigError
 
 from .pipeline import METHODS, DemoConfig, DemoError, pick_threads, run_demo, set_threads
 
@@ -61,15 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--methods", default=",".join(d.methods),
                    help=f"comma-separated, from {', '.join(METHODS)}; the first LinEAS one is baked "
                         f"(default: {','.join(d.methods)})")
-    t.add_argument("--steps", type=int, default=d.steps, help=f"LinEAS steps (default: {d.steps})")
-    t.add_argument("--lr", type=float, default=d.lr, help=f"LinEAS learning rate (default: {d.lr})")
-    t.add_argument("--optimizer", default=d.optimizer, choices=["adam", "sgd"],
-                   help=f"LinEAS optimizer (default: {d.optimizer})")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"LinEAS batch (default: {d.batch_size})")
-    t.add_argument("--sparsity-group", type=float, default=d.sparsity_group,
-                   help=f"LinEAS group-lasso weight (default: {d.sparsity_group})")
-    t.add_argument("--sparsity-l1", type=float, default=d.sparsity_l1,
-                   help=f"LinEAS L1 weight (default: {d.sparsity_l1})")
+    tc = d.train
+    t.add_argument("--steps", type=int, default=tc.steps, help="LinEAS steps (default: %(default)s)")
+    t.add_argument("--lr", type=float, help=f"LinEAS learning rate (default: lineas-train's, {tc.lr})")
+    t.add_argument("--optimizer", choices=["adam", "sgd"],
+                   help=f"LinEAS optimizer (default: lineas-train's, {tc.optimizer.value})")
+    t.add_argument("--batch-size", type=int, help=f"LinEAS batch (default: lineas-train's, {tc.batch_size})")
+    t.add_argument("--sparsity-group", type=float,
+                   help=f"LinEAS group-lasso weight (default: lineas-train's, {tc.sparsity_group})")
+    t.add_argument("--sparsity-l1", type=float, help=f"LinEAS L1 weight (default: lineas-train's, {tc.sparsity_l1})")
     t.add_argument("--maps", action="append", default=[], metavar="METHOD=FILE",
                    help="skip learning METHOD and use FILE (e.g. lineas=maps.safetensors); repeatable")
 
@@ -105,19 +108,19 @@ def config_from_args(args) -> tuple[DemoConfig, dict[str, Path]]:
                         ("--check-prompts", args.check_prompts, n_fig + n_held)):
         if not 1 <= v <= hi:
             raise ValueError(f"{name} must be in 1..{hi}, got {v}")
-    for name, v in (("--steps", args.steps), ("--batch-size", args.batch_size),
-                    ("--max-new-tokens", args.max_new_tokens), ("--check-tokens", args.check_tokens)):
+    for name, v in (("--max-new-tokens", args.max_new_tokens), ("--check-tokens", args.check_tokens)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
-    if args.sparsity_group < 0 or args.sparsity_l1 < 0:
-        raise ValueError("--sparsity-group and --sparsity-l1 must be >= 0")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    given = {k: getattr(args, k) for k in ("steps", "lr", "optimizer", "batch_size", "sparsity_group", "sparsity_l1")
+             if getattr(args, k) is not None}
+    try:  # lineas-train's own checks, the only ones
+        train = replace(DemoConfig().train, **given)
+    except ConfigError as e:
+        raise ValueError(e.for_flag()) from None
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     cfg = DemoConfig(model=args.model, source=args.source, target=args.target, sites=args.sites,
-                     steps=args.steps, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
-                     sparsity_group=args.sparsity_group, sparsity_l1=args.sparsity_l1,
+                     train=train,
                      methods=methods, max_new_tokens=args.max_new_tokens, n_eval=args.n_eval,
                      n_figure=args.n_figure, n_samples=min(3, args.n_figure), check_prompts=args.check_prompts,
                      check_tokens=args.check_tokens, formats=args.formats, threads=pick_threads(args.threads),
