@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from lineas.io import human_size
+from lineas.io import human_size, writable_anchor
 
 from .errors import BakeError
 
@@ -51,13 +51,6 @@ class OutputPathError(BakeError, ValueError):
 
 class Terminated(BaseException):
     """SIGTERM arrived during an export (a BaseException, so no ``except Exception`` swallows it)."""
-
-
-def _nearest_existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
 
 
 def export_bytes(n_params: int, dtype_bytes: int, formats=("hf",)) -> int:
@@ -89,14 +82,10 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, *, model_dir: str
         raise OutputExistsError(f"--out {str(out)!r} exists and is a file")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"--out {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
-    anchor = _nearest_existing(full.parent)
-    if not anchor.is_dir():
-        raise OutputPathError(f"--out {str(out)!r}: {anchor} is a file, so no folder can be created under it")
-    try:  # os.access is not enough: root passes it on read-only file systems
-        probe = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}_probe", dir=anchor)
-        os.rmdir(probe)
-    except OSError as e:
-        raise OutputPathError(f"--out {str(out)!r}: cannot write in {anchor} ({e.strerror or e})") from None
+    try:
+        anchor = writable_anchor(full)
+    except ValueError as e:
+        raise OutputPathError(f"--out {str(out)!r}: {e}") from None
     if needed_bytes:
         free = shutil.disk_usage(anchor).free
         if free < needed_bytes:

@@ -12,12 +12,11 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .io import ExitCode, atomic_write_text, fail
+from .io import ExitCode, atomic_write_text, fail, writable_anchor
 
 log = logging.getLogger("lineas.cli")
 
@@ -177,15 +176,10 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
     if out.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a directory; give a file name such as "
                          f"{str(out / 'maps.safetensors')!r}")
-    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists() or p == Path(p.anchor or "."))
-    if not folder.is_dir():
-        raise ValueError(f"{flag} {str(path)!r}: {str(folder)!r} is a file, not a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.lineas-probe-", dir=folder)
-    except OSError as e:
-        raise ValueError(f"{flag} {str(path)!r}: cannot write in folder {str(folder)!r} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
+        writable_anchor(out)
+    except ValueError as e:
+        raise ValueError(f"{flag} {str(path)!r}: {e}") from None
     if out.exists() and not os.access(out, os.W_OK):
         raise ValueError(f"{flag} {str(path)!r} exists and is read-only")
 

@@ -63,3 +63,20 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"  # pragma: no cover
+
+
+def writable_anchor(path: str | os.PathLike) -> Path:
+    """The nearest existing folder above ``path`` (where writing ``path`` would create what is missing),
+    checked by creating and removing a probe in it: ``os.access`` says yes for root on read-only file
+    systems.  Raises ``ValueError`` naming the folder when it is a file or cannot be written; leaves
+    nothing on disk."""
+    anchor = Path(path).expanduser().absolute().parent
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise ValueError(f"{str(anchor)!r} is a file, so no folder can be created under it")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lineas-probe-", dir=anchor))
+    except OSError as e:
+        raise ValueError(f"cannot write in {str(anchor)!r} ({e.strerror or e})") from None
+    return anchor
