@@ -1,15 +1,21 @@
-"""The Python API, mirroring ``lineas-bake``::
+"""The Python API, mirroring ``lineas-bake``.  Two entry points, one engine:
 
-    from bake import bake
-    baked = bake("smollm2-135m", "positive.safetensors", strength=1.0)
-    print(baked.plan.to_table()); print(baked.report.to_table())
-    baked.save_pretrained("smollm2-positive", dtype="bfloat16")
+* :func:`bake_folder` (what ``lineas-bake`` runs on a local checkpoint): memory that does
+  not grow with the model.  Plan on a skeleton on the meta device, fold the touched tensors
+  read from the shards, record the hooked reference with at most ``max_memory`` bytes of
+  weights resident; ``save_pretrained`` then writes the shards one by one and verifies the
+  written export against the reference::
+
+      baked = bake_folder("./gemma-2-2b", "tox.safetensors", strength=1.0)
+      baked.save_pretrained("gemma-2-2b-detox")   # raises VerificationError, writes nothing, if it differs
+
+* :func:`bake`: an ``nn.Module`` (or a name loaded in float32) folded in memory and verified
+  at once; ``baked.model`` is the baked model, ready to use.
 
 Order of work (all in float32): plan (nothing modified) -> record the hooked
-reference (original weights + hooks, hooks removed afterwards) -> fold in
-place -> compare the baked model with the reference.  The reference is
-recorded *before* the fold from the untouched weights, so it never sees a
-folded tensor, and no second copy of the model is held in memory.
+reference (original weights + hooks, hooks removed afterwards) -> fold -> compare
+with the reference.  The reference is recorded *before* the fold from the untouched
+weights, so it never sees a folded tensor, and no second copy of the model is held.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lineas.models import (
     check_device,
+    resolve_model,
     display_name,
     load_model,
     load_tokenizer,
@@ -30,8 +37,9 @@ from lineas.models import (
 )
 from lineas.provenance import config_fingerprint
 
-from .errors import VerificationError
-from .execute import apply_plan
+from .errors import BakeError, VerificationError
+from .checkpoint import DEFAULT_MAX_MEMORY, load_bounded, load_config, load_skeleton, safetensors_folder
+from .execute import apply_plan, check_applicable, commit_plan, compute_folded
 from .history import (
     BAKED_KEY,
     check_model_match,
@@ -45,7 +53,9 @@ from .history import (
 from .inputs import combined, normalise_maps
 from .plan import FoldPlan, ShiftFold, maps_digest
 from .plan import plan as make_plan
-from .results import BakedModel, BaseModel
+from .results import BakedModel, BaseModel, StreamSource
+from .shards import ShardFolder
+from .store import FolderStore, checkpoint_keys
 from .verify import (
     VerificationReport,
     bar_disabled,
@@ -163,3 +173,72 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
             err.plan = fold_plan
             raise err
     return BakedModel(module, tok, fold_plan, report, sources, base, eff, reference)
+
+
+# ----------------------------------------------------------------------------- the out-of-core path
+class NotAFolderError(BakeError, ValueError):
+    """bake_folder() was given something that is not a local safetensors checkpoint folder."""
+
+
+def _open_folder(model, *, trust_remote_code: bool, progress) -> tuple[nn.Module, ShardFolder, BaseModel]:
+    path = resolve_model(str(model))
+    folder = safetensors_folder(path)
+    if folder is None:
+        raise NotAFolderError(f"{model!r} is not a local checkpoint folder with safetensors weights; "
+                              "bake it with bake(), which loads it whole with transformers")
+    config = load_config(folder, trust_remote_code=trust_remote_code)
+    refuse_quantized(config, str(model))
+    skeleton = load_skeleton(folder, trust_remote_code=trust_remote_code, config=config)
+    base = BaseModel(str(model), str(folder), display_name(str(model)), config_fingerprint(config))
+    return skeleton, ShardFolder(folder), base
+
+
+def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = False, untie: bool = False,
+                verify: bool = True, verify_tokens: int = 8, device: str = "cpu", trust_remote_code: bool = False,
+                progress: bool | None = False, allow_rebake: bool = False, ignore_model_mismatch: bool = False,
+                max_memory: int = DEFAULT_MAX_MEMORY, plan_only: bool = False) -> BakedModel | FoldPlan:
+    """Bake a local checkpoint folder (or alias) with memory that does not grow with the model.
+
+    Same checks and errors as :func:`bake`.  Returns a :class:`BakedModel` whose ``model`` is a
+    skeleton on the meta device with the baked structure and config; its ``save_pretrained``
+    writes the export shard by shard from the source folder and verifies the *written* export
+    against the hooked reference (``VerificationError`` and nothing written when it differs).
+    ``max_memory``: bytes of weights resident while verifying (the rest is read per layer).
+    ``plan_only``: return the plan (what ``--dry-run`` prints); reads no weight unless a site's
+    output size can only be measured by running the model.
+    """
+    if verify_tokens < 1:
+        raise ValueError(f"verify_tokens must be >= 1, got {verify_tokens}")
+    check_device(device)
+    sources = normalise_maps(maps, strength)
+    eff = combined(sources)
+    skeleton, folder, base = _open_folder(model, trust_remote_code=trust_remote_code, progress=progress)
+
+    def runnable():
+        return load_bounded(folder.folder, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
+
+    legacy = _check_history(skeleton, sources, eff, base, allow_rebake=allow_rebake,
+                            ignore_model_mismatch=ignore_model_mismatch)
+    fold_plan = make_plan(skeleton, eff, require_standard=require_standard, untie=untie, runnable=runnable)
+    if plan_only:
+        return fold_plan
+    eff_maps = check_applicable(skeleton, fold_plan, eff, allow_rebake=allow_rebake)
+    store = FolderStore(folder, checkpoint_keys(skeleton, folder))
+    final = compute_folded(skeleton, fold_plan, eff_maps, store)  # bad maps fail here, before the slow part
+    tok = load_tokenizer(str(folder.folder), trust_remote_code=trust_remote_code)
+    reference = None
+    if verify:
+        with runnable() as m:
+            reference = record_reference(m, {s: (x.scale, x.shift) for s, x in eff.items()}, tokenizer=tok,
+                                         n_tokens=verify_tokens, progress=progress)
+    commit_plan(skeleton, fold_plan, eff_maps, final, maps_record=maps_records(sources))
+    if legacy:
+        setattr(skeleton.config, BAKED_KEY, legacy + recorded_bakes(skeleton.config))
+    if reference is None:
+        log.warning("verification skipped: the baked model will NOT be compared with the hooked model")
+        report = VerificationReport(skipped=True)
+    else:
+        report = VerificationReport.for_reference(reference)
+    source = StreamSource(store=store, maps=eff_maps, device=device, max_memory=max_memory,
+                          trust_remote_code=trust_remote_code, site_notes=_site_notes(fold_plan))
+    return BakedModel(skeleton, tok, fold_plan, report, sources, base, eff, reference, source=source)

@@ -14,6 +14,7 @@ from lineas.maps import MapsFormatError
 from lineas.models import ALIASES, ModelLoadError, checkpoint_numel, resolve_model
 
 from .card import command_line
+from .checkpoint import parse_memory, safetensors_folder
 from .errors import BakeError, FoldError, VerificationError
 from .export import EXPORT_DTYPES, known_formats, parse_formats
 from .inputs import MAX_PLAIN_STRENGTH, check_strength_magnitude, parse_maps_arg
@@ -22,6 +23,7 @@ from .outdir import Terminated, check_out_dir, export_bytes
 EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFY = ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.VERIFY
 EXIT_TERMINATED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 PROG = "lineas-bake"
+DEFAULT_MAX_MEMORY_TEXT = "2GiB"  # bake.checkpoint.DEFAULT_MAX_MEMORY, as the user would type it
 
 DESCRIPTION = """\
 Bake steering maps into a model: fold each map y -> s*y + t into the weights
@@ -82,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the exported weights (default: float32); bfloat16/float16 exports are also "
                         "reloaded and measured (top-1 agreement, KL) against the hooked float32 model")
     p.add_argument("--device", default="cpu", help="torch device for folding and verification (default: cpu)")
+    p.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY_TEXT, metavar="SIZE",
+                   help="weights kept in memory while verifying a local checkpoint, e.g. 2GiB or 8GB (default: "
+                        f"{DEFAULT_MAX_MEMORY_TEXT}); the rest is read from its shards as each layer runs, so "
+                        "any model size bakes. More is faster when the model fits")
     p.add_argument("--dry-run", action="store_true", help="print the fold plan and exit without writing anything")
     p.add_argument("--require-standard", action="store_true",
                    help="fail (exit 2) if any site needs an affine module, so the export never needs remote code")
@@ -172,10 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args, cmd: str) -> int:
-    from .api import bake, plan_bake
+    from .api import bake, bake_folder, plan_bake
     from .results import default_out_dir
 
     maps = _maps_arg(args)
+    max_memory = parse_memory(args.max_memory)
     formats = parse_formats(args.format)
     progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal
     if args.push_to_hub:
@@ -185,9 +192,14 @@ def _run(args, cmd: str) -> int:
         if not args.dry_run:
             check_online()
     history = dict(allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch)
+    common = dict(require_standard=args.require_standard, untie=args.untie_embeddings, device=args.device,
+                  trust_remote_code=args.trust_remote_code, progress=progress, **history)
+    # A local safetensors checkpoint bakes out of core (memory bounded by --max-memory); anything
+    # else (a Hub id) is loaded whole by transformers.
+    local = safetensors_folder(resolve_model(args.model))
     if args.dry_run:
-        plan = plan_bake(args.model, maps, require_standard=args.require_standard, untie=args.untie_embeddings,
-                         device=args.device, trust_remote_code=args.trust_remote_code, progress=progress, **history)
+        plan = (bake_folder(args.model, maps, plan_only=True, max_memory=max_memory, **common) if local
+                else plan_bake(args.model, maps, **common))
         print(plan.to_table())
         if args.push_to_hub:
             from .push_cli import describe_push_after_export
@@ -195,9 +207,15 @@ def _run(args, cmd: str) -> int:
             print(describe_push_after_export(args.out or default_out_dir(args.model), args))
         return EXIT_OK
     out = _checked_out(args)  # fail before the slow part
-    baked = bake(args.model, maps, require_standard=args.require_standard, untie=args.untie_embeddings,
-                 verify=not args.no_verify, verify_tokens=args.verify_tokens, device=args.device,
-                 trust_remote_code=args.trust_remote_code, progress=progress, **history)
+    if local and "onnx" in formats:  # the ONNX graph needs the whole model: refuse now, not OOM-killed later
+        from .checkpoint import check_whole_model_fits, load_skeleton
+        from .stream import ONNX_MEMORY_COPIES
+
+        check_whole_model_fits(load_skeleton(local, trust_remote_code=args.trust_remote_code),
+                               step="the ONNX export", copies=ONNX_MEMORY_COPIES)
+    run = dict(verify=not args.no_verify, verify_tokens=args.verify_tokens, **common)
+    baked = (bake_folder(args.model, maps, max_memory=max_memory, **run) if local
+             else bake(args.model, maps, **run))
     print(baked.plan.to_table())
     print()
     folder = baked.save_pretrained(out, dtype=args.dtype, formats=formats, overwrite=args.overwrite, command=cmd,

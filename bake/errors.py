@@ -14,5 +14,17 @@ class FoldError(BakeError, ValueError):
     or ``require_standard=True`` with sites that need an affine module)."""
 
 
+class NonFiniteCastError(FoldError):
+    """Casting weights to their stored or export dtype overflows (e.g. large maps in float16);
+    ``tensors`` names them."""
+
+    def __init__(self, dtype, counts: dict[str, int], note: str = ""):
+        self.dtype = str(dtype).removeprefix("torch.")
+        self.counts = dict(counts)
+        self.tensors = tuple(counts)
+        super().__init__(f"casting to {self.dtype} makes " + ", ".join(f"{k} ({n} value(s))" for k, n in counts.items())
+                         + " non-finite" + note)
+
+
 class VerificationError(BakeError):
     """The baked model does not reproduce the hooked model within tolerance."""

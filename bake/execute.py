@@ -18,9 +18,10 @@ from lineas.maps import SiteMap
 
 from .affine import AFFINE_SITES_KEY
 from .affine_module import LineasAffine, wrap_affine_sites
-from .errors import FoldError
+from .errors import FoldError, NonFiniteCastError
 from .fold import fold_input_shift, fold_norm_bias, fold_norm_scale, fold_output_rows, work_dtype
 from .history import BAKED_KEY, RebakeError, new_entry, recorded_bakes
+from .store import ModuleStore, TensorStore
 from .plan import FoldOp, FoldPlan, FoldStep, Layout, _normalise_maps, maps_digest
 
 log = logging.getLogger(__name__)
@@ -32,33 +33,41 @@ def _split(name: str) -> tuple[str, str]:
 
 
 class _Working:
-    """float64 working copies of the tensors a plan touches (a site's tensor may be folded by
+    """float64 working copies of the tensors a plan writes (a site's tensor may be folded by
     several steps, e.g. a q_proj that is a site and a consumer: the steps chain in float64 and
-    the result is cast once)."""
+    the result is cast once).  ``model`` gives the structure (it may be a skeleton on the meta
+    device), ``store`` the values."""
 
-    def __init__(self, model: nn.Module, plan: FoldPlan):
+    def __init__(self, model: nn.Module, plan: FoldPlan, store: TensorStore):
         self.model = model
-        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.store = store
+        self.work = work_dtype(store.device)
         self.new_bias = {f"{m}.bias" for c in plan.config_changes for m in c.adds_bias_to}
         self.values: dict[str, torch.Tensor] = {}
 
     def target_dtype(self, name: str) -> torch.dtype:
-        if name in self.params:
-            return self.params[name].dtype
-        return self.params[_split(name)[0] + ".weight"].dtype
+        if self.store.has(name):
+            return self.store.dtype(name)
+        return self.store.dtype(_split(name)[0] + ".weight")
+
+    def read(self, name: str) -> torch.Tensor:
+        """The current value of a tensor that is only read (not kept: a consumer's weight)."""
+        if name in self.values:
+            return self.values[name]
+        if not self.store.has(name):
+            raise FoldError(f"plan refers to {name!r}, which the model does not have "
+                            f"(was the plan made for another model?)")
+        return self.store.read(name).to(self.work, copy=True)
 
     def get(self, name: str) -> torch.Tensor:
+        """The working value of a tensor the plan writes (a new bias starts at zero)."""
         if name not in self.values:
-            if name in self.params:
-                p = self.params[name]
-                self.values[name] = p.detach().to(work_dtype(p.device), copy=True)
-            elif name in self.new_bias:
-                w = self.params[_split(name)[0] + ".weight"]
-                n_out = w.shape[1] if type(self.model.get_submodule(_split(name)[0])).__name__ == "Conv1D" else w.shape[0]
-                self.values[name] = torch.zeros(n_out, dtype=work_dtype(w.device), device=w.device)
+            if name in self.new_bias and not self.store.has(name):
+                mod = self.model.get_submodule(_split(name)[0])
+                n_out = mod.weight.shape[1] if type(mod).__name__ == "Conv1D" else mod.weight.shape[0]
+                self.values[name] = torch.zeros(n_out, dtype=self.work, device=self.store.device)
             else:
-                raise FoldError(f"plan refers to {name!r}, which the model does not have "
-                                f"(was the plan made for another model?)")
+                self.values[name] = self.read(name)
         return self.values[name]
 
 
@@ -87,26 +96,20 @@ def _run_step(w: _Working, step: FoldStep, site: str, m: SiteMap) -> None:
             w.values[bname] = new_b
     elif step.op is FoldOp.INPUT_SHIFT:
         wname, bname = f"{mod}.weight", f"{mod}.bias"
-        weight = w.get(wname)
+        weight = w.read(wname)
         w.values[bname] = fold_input_shift(weight, w.get(bname), t.to(weight.device), layout=layout)
     else:
         raise FoldError(f"site {site!r}: unknown fold operation {step.op!r}")
 
 
-def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, SiteMap], *,
-               allow_rebake: bool = False, maps_record: Sequence[dict] = ()) -> nn.Module:
-    """Bake ``effective_maps`` into ``model`` as ``plan`` says; returns the same model object.
-
-    ``effective_maps`` must be the maps the plan was made for (checked by digest).
-    After this call the model computes, without hooks, what the hooked model computed.
-    The bake is recorded in ``model.config.lineas_baked`` (with ``maps_record``: what each
-    maps input was); the same effective maps are refused a second time unless ``allow_rebake``.
-    """
+def check_applicable(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, SiteMap], *,
+                     allow_rebake: bool = False) -> dict[str, SiteMap]:
+    """The maps, after checking that ``plan`` was made for them and for this model, and that they
+    are not already baked into it (unless ``allow_rebake``)."""
     maps = _normalise_maps(effective_maps)
     if maps_digest(maps) != plan.maps_digest:
         raise FoldError("these maps are not the ones the plan was made for (maps digest differs); re-run plan()")
-    config = getattr(model, "config", None)
-    for i, entry in enumerate(recorded_bakes(config)):
+    for i, entry in enumerate(recorded_bakes(getattr(model, "config", None))):
         if entry.get("effective_digest") == plan.maps_digest and not allow_rebake:
             raise RebakeError(f"these maps (effective digest {plan.maps_digest[:12]}) are already baked into this "
                               f"model (config {BAKED_KEY}[{i}]); applying them again would steer twice. "
@@ -119,22 +122,42 @@ def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, Si
             raise FoldError(f"plan site {p.site!r} is not a module of this model")
         if isinstance(modules[p.site], LineasAffine) and p.affine is not None:
             raise FoldError(f"site {p.site!r} already carries an affine module (model baked twice?)")
+    return maps
 
-    # 1. compute everything on float64 working copies
-    work = _Working(model, plan)
+
+def compute_folded(model: nn.Module, plan: FoldPlan, maps: Mapping[str, SiteMap], store: TensorStore, *,
+                   out_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor the plan writes (and every zero bias a config flag adds), folded in float64 from
+    ``store``'s values and cast once to ``out_dtype`` (default: each tensor's stored dtype).  Raises :class:`FoldError` naming a tensor
+    that the cast makes non-finite.  Reads only the tensors the plan touches."""
+    work = _Working(model, plan, store)
+    for name in sorted(work.new_bias):  # a flag adds biases to every module it governs, folded into or not
+        work.get(name)
     for p in plan.sites:
         for step in p.steps:
             _run_step(work, step, p.site, maps[p.site])
     final: dict[str, torch.Tensor] = {}
+    bad: dict[str, int] = {}
     for name, v in work.values.items():
-        cast = v.to(work.target_dtype(name))
-        bad = ~torch.isfinite(cast)
-        if bad.any():
-            raise FoldError(f"folding would make {name} non-finite at {int(bad.sum())} position(s) "
-                            f"in {cast.dtype} (map values too large for this dtype?); nothing was changed")
-        final[name] = cast
+        final[name] = v.to(out_dtype or work.target_dtype(name))
+        n_bad = int((~torch.isfinite(final[name])).sum())
+        if n_bad:
+            bad[name] = n_bad
+    if bad:
+        raise NonFiniteCastError(final[next(iter(bad))].dtype, bad,
+                                 " (map values too large for this dtype?); nothing was changed")
+    return final
 
-    # 2. commit
+
+def commit_plan(model: nn.Module, plan: FoldPlan, maps: Mapping[str, SiteMap], final: Mapping[str, torch.Tensor],
+                *, maps_record: Sequence[dict] = ()) -> nn.Module:
+    """Change ``model`` as the plan says: config flags, new zero biases, untied copies, the folded
+    values ``final`` (from :func:`compute_folded`), affine modules, and the ``lineas_baked`` record.
+
+    On a skeleton on the meta device the values are not copied (there is no storage): the
+    skeleton then has the structure and config of the baked model, which is what the
+    streaming writer (:mod:`bake.stream`) needs."""
+    config = getattr(model, "config", None)
     entry = new_entry(config, effective_digest=plan.maps_digest, sites=[p.site for p in plan.sites],
                       shift_in_consumers=[p.site for p in plan.sites if p.shift_targets], maps=maps_record)
     with torch.no_grad():
@@ -159,19 +182,34 @@ def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, Si
             setattr(mod, attr, nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad))
         for name, value in final.items():
             mname, attr = _split(name)
-            getattr(model.get_submodule(mname), attr).copy_(value)
+            param = getattr(model.get_submodule(mname), attr)
+            if param.device.type != "meta":
+                param.copy_(value)
         specs = [p.affine.to_config() for p in plan.sites if p.affine is not None]
         if specs:
             wrapped = wrap_affine_sites(model, specs)
             for spec in specs:
                 module, m = wrapped[spec["site"]], maps[spec["site"]]
-                if module.lineas_scale is not None:
-                    module.lineas_scale.copy_(m.scale)
-                if module.lineas_shift is not None:
-                    module.lineas_shift.copy_(m.shift)
+                for param, value in ((module.lineas_scale, m.scale), (module.lineas_shift, m.shift)):
+                    if param is not None and param.device.type != "meta":
+                        param.copy_(value)
             if config is not None:
                 setattr(config, AFFINE_SITES_KEY, specs)
     if config is not None:  # the record that makes a second bake of the same maps refusable
         setattr(config, BAKED_KEY, recorded_bakes(config) + [entry])
     return model
 
+
+def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, SiteMap], *,
+               allow_rebake: bool = False, maps_record: Sequence[dict] = ()) -> nn.Module:
+    """Bake ``effective_maps`` into ``model`` (in memory) as ``plan`` says; returns the same model object.
+
+    ``effective_maps`` must be the maps the plan was made for (checked by digest).
+    After this call the model computes, without hooks, what the hooked model computed.
+    The bake is recorded in ``model.config.lineas_baked`` (with ``maps_record``: what each
+    maps input was); the same effective maps are refused a second time unless ``allow_rebake``.
+    Everything is computed before anything is changed: a failure leaves the model as it was.
+    """
+    maps = check_applicable(model, plan, effective_maps, allow_rebake=allow_rebake)
+    final = compute_folded(model, plan, maps, ModuleStore(model))
+    return commit_plan(model, plan, maps, final, maps_record=maps_record)

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +33,8 @@ from tqdm.auto import tqdm
 from lineas.models import TOKENIZER_FILES
 
 from .card import ExportInfo, write_card, write_provenance, write_verification
-from .errors import BakeError, VerificationError
+from .checkpoint import load_bounded
+from .errors import BakeError, NonFiniteCastError, VerificationError
 from .outdir import (
     OWNER_FILE,
     check_out_dir,
@@ -41,7 +43,9 @@ from .outdir import (
     sigterm_raises,
     temp_folder,
 )
-from .verify import CheckResult, bar_disabled, compare, model_device
+from .execute import compute_folded
+from .stream import set_config_dtype, write_baked_folder
+from .verify import CheckResult, bar_disabled, compare, model_device, site_divergence
 
 if TYPE_CHECKING:
     from .results import BakedModel
@@ -77,6 +81,7 @@ class ExportResult:
     load_snippets: list[str] = field(default_factory=list)
     remote_code: bool = False
     has_tokenizer: bool = False
+    sites: list = field(default_factory=list)  # per-site divergence of a checked candidate (streamed export)
 
 
 Exporter = Callable[["BakedModel", Path, ExportOptions], ExportResult]
@@ -130,8 +135,10 @@ def export(baked: BakedModel, out_dir: str | os.PathLike, *, formats: str | Sequ
     """Export ``baked`` to ``out_dir`` (atomically). Raises VerificationError when a gating check fails."""
     opts = ExportOptions(dtype=check_dtype(dtype), formats=parse_formats(formats), command=command, progress=progress)
     n_params = sum(p.numel() for p in baked.model.parameters())
-    out = check_out_dir(out_dir, overwrite, needed_bytes=export_bytes(n_params, EXPORT_DTYPES[opts.dtype].itemsize,
-                                                                      opts.formats))
+    needed = export_bytes(n_params, EXPORT_DTYPES[opts.dtype].itemsize, opts.formats)
+    if baked.source is not None and opts.dtype != "float32" and baked.reference is not None:
+        needed += n_params * 4  # the float32 scratch copy the fold is checked on (see _export_hf_streamed)
+    out = check_out_dir(out_dir, overwrite, needed_bytes=needed)
     with sigterm_raises():
         tmp = temp_folder(out)
         try:
@@ -142,6 +149,8 @@ def export(baked: BakedModel, out_dir: str | os.PathLike, *, formats: str | Sequ
                 res = EXPORTERS[name](baked, tmp, opts)
                 for c in res.checks:
                     report.add(c)
+                if res.sites and not report.sites:
+                    report.sites = res.sites
                 results.append(res)
             write_verification(tmp, report)
             if not report.passed:
@@ -176,10 +185,6 @@ def export_info(baked: BakedModel, report, opts: ExportOptions, results: Sequenc
 
 
 # ----------------------------------------------------------------------------- the HF exporter
-class NonFiniteCastError(BakeError, ValueError):
-    """Casting the folded weights to the export dtype overflows (e.g. large maps in float16)."""
-
-
 def state_dict_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
     """The state dict cast to ``dtype`` (None for float32: save as is).
 
@@ -204,10 +209,7 @@ def state_dict_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
                 bad[k] = n_bad
         out[k] = cast[key]
     if bad:
-        err = NonFiniteCastError(f"casting to {str(dtype).removeprefix('torch.')} makes "
-                                 + ", ".join(f"{k} ({n} value(s))" for k, n in bad.items()) + " non-finite")
-        err.tensors = tuple(bad)
-        raise err
+        raise NonFiniteCastError(dtype, bad)
     return out
 
 
@@ -216,25 +218,22 @@ def _sites_writing(plan, tensors: Sequence[str]) -> list[str]:
     return [p.site for p in plan.sites if any(t in step.tensors for step in p.steps for t in tensors)]
 
 
-def _cast_state_dict(baked: BakedModel, dtype: str) -> dict[str, torch.Tensor] | None:
+@contextmanager
+def explained_cast_failure(plan, dtype: str):
+    """Re-raise a :class:`NonFiniteCastError` saying which maps (or the base model) overflow ``dtype``."""
     try:
-        return state_dict_in(baked.model, EXPORT_DTYPES[dtype])
+        yield
     except NonFiniteCastError as e:
-        sites = _sites_writing(baked.plan, e.tensors)
+        sites = _sites_writing(plan, e.tensors)
         where = (f"folded from the map(s) at site(s) {', '.join(sites)}" if sites else
                  "not written by the steering: the base model itself does not fit this dtype")
-        raise NonFiniteCastError(f"--dtype {dtype}: {e} ({where}); nothing was written. Export in float32 or "
+        raise NonFiniteCastError(e.dtype, e.counts, f" ({where}); nothing was written. Export in float32 or "
                                  "bfloat16, or use a smaller strength") from None
 
 
-def _patch_config_dtype(folder: Path, dtype: str) -> None:
-    """save_pretrained records the in-memory dtype (fp32); record the dtype actually written."""
-    path = folder / "config.json"
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
-    for k in keys:
-        cfg[k] = dtype
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def _cast_state_dict(baked: BakedModel, dtype: str) -> dict[str, torch.Tensor] | None:
+    with explained_cast_failure(baked.plan, dtype):
+        return state_dict_in(baked.model, EXPORT_DTYPES[dtype])
 
 
 def _source_file(base_path: str, name: str) -> Path | None:
@@ -286,6 +285,8 @@ def reload_hf(folder: Path, dtype: str, device, trust_remote_code: bool):
 
 
 def export_hf(baked: BakedModel, folder: Path, opts: ExportOptions) -> ExportResult:
+    if baked.source is not None:
+        return _export_hf_streamed(baked, folder, opts)
     from .affine import write_remote_code
 
     steps = tqdm(total=4, desc="save", disable=bar_disabled(opts.progress), leave=False)
@@ -293,7 +294,7 @@ def export_hf(baked: BakedModel, folder: Path, opts: ExportOptions) -> ExportRes
         steps.set_postfix_str("weights")
         baked.model.save_pretrained(folder, state_dict=_cast_state_dict(baked, opts.dtype),
                                     safe_serialization=True, max_shard_size=opts.max_shard_size)
-        _patch_config_dtype(folder, opts.dtype)
+        set_config_dtype(folder, opts.dtype)
         steps.update()
         steps.set_postfix_str("remote code")
         write_remote_code(baked.model, folder)
@@ -315,6 +316,57 @@ def export_hf(baked: BakedModel, folder: Path, opts: ExportOptions) -> ExportRes
     finally:
         steps.close()
     return ExportResult("hf", checks=checks, remote_code=remote, has_tokenizer=tok)
+
+
+FP32_CHECK_DIR = ".lineas-fp32-check"  # inside the temporary export folder; removed before the rename
+
+
+def _check_written(baked: BakedModel, folder: Path, dtype: str, tolerance: str, label: str,
+                   opts: ExportOptions) -> tuple[CheckResult, list]:
+    """Load a written folder with bounded memory and compare it with the hooked reference."""
+    src = baked.source
+    with load_bounded(folder, dtype=EXPORT_DTYPES[dtype], device=src.device, max_memory=src.max_memory,
+                      trust_remote_code=has_remote_code(folder)) as model:  # our own freshly written code
+        check, acts = compare(model, baked.reference, tolerance, label=label, progress=opts.progress)
+    sites = site_divergence(baked.reference, acts, baked.effective, src.site_notes)
+    return check, sites
+
+
+def _export_hf_streamed(baked: BakedModel, folder: Path, opts: ExportOptions) -> ExportResult:
+    """The out-of-core HF export: shards written one by one from the source checkpoint, then the
+    written folder itself is what gets verified.  A float32 export is checked with the exact fp32
+    rule; another dtype is first written in float32 to a scratch folder and checked exactly there
+    (the fold), then written in its dtype and measured (the export precision), as in memory."""
+    checks, sites = [], []
+
+    def folded(dtype: str):
+        return compute_folded(baked.model, baked.plan, baked.source.maps, baked.source.store,
+                              out_dtype=EXPORT_DTYPES[dtype])
+
+    with explained_cast_failure(baked.plan, opts.dtype):  # an overflow fails now, before any slow step
+        final = folded(opts.dtype)
+    if opts.dtype != "float32" and baked.reference is not None:
+        scratch = folder / FP32_CHECK_DIR
+        scratch.mkdir()
+        try:
+            write_baked_folder(baked, scratch, folded("float32"), torch.float32, progress=opts.progress)
+            check, sites = _check_written(baked, scratch, "float32", "torch-float32",
+                                          "baked float32 (written, out of core)", opts)
+            checks.append(check)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if not check.passed:  # the fold is wrong: do not spend the time writing the real export
+            return ExportResult("hf", checks=checks, sites=sites)
+    with explained_cast_failure(baked.plan, opts.dtype):  # the base weights may overflow too
+        write_baked_folder(baked, folder, final, EXPORT_DTYPES[opts.dtype], progress=opts.progress)
+    remote = has_remote_code(folder)
+    tok = copy_base_files(baked, folder)
+    if baked.reference is not None:
+        check, written_sites = _check_written(baked, folder, opts.dtype, f"reload-{opts.dtype}",
+                                              f"exported {opts.dtype}, reloaded", opts)
+        checks.append(check)
+        sites = sites or written_sites
+    return ExportResult("hf", checks=checks, remote_code=remote, has_tokenizer=tok, sites=sites)
 
 
 register_exporter("hf", export_hf)

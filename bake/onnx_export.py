@@ -46,6 +46,7 @@ import torch
 
 from .card import write_json, write_provenance, write_verification
 from .errors import BakeError
+from .stream import materialised
 from .export import ExportOptions, ExportResult, copy_base_files, export_info, register_exporter
 from .verify import CheckResult, Reference, Runner, bar_disabled, compare
 
@@ -349,7 +350,8 @@ def export_onnx(baked: BakedModel, folder: Path, opts: ExportOptions, *,
     steps = tqdm(total=3, desc="onnx", disable=bar_disabled(opts.progress), leave=False)
     try:
         steps.set_postfix_str("export")
-        art = export_graph(baked.model, out, external_data_threshold=threshold)
+        with materialised(baked, step="the ONNX export") as model:
+            art = export_graph(model, out, external_data_threshold=threshold)
         steps.update()
         steps.set_postfix_str("checker")
         check_graph(art.onnx_path)

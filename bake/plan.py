@@ -357,7 +357,7 @@ def _resolve(model: nn.Module, sites: Iterable[str]) -> dict[str, nn.Module]:
 
 
 def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_standard: bool = False,
-         untie: bool = False) -> FoldPlan:
+         untie: bool = False, runnable=None) -> FoldPlan:
     """Plan how to bake ``effective_maps`` (site -> effective ``SiteMap``, e.g. from
     :func:`lineas.maps.effective_maps`) into ``model``.  Nothing is modified.
 
@@ -367,9 +367,11 @@ def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_sta
     ``require_standard``: raise :class:`FoldError` naming every site that would need an
     affine module (so the result loads with plain transformers, no remote code).
     ``untie``: allow giving a tied output/input embedding its own copy so it can be folded.
+    ``model`` may be a skeleton on the meta device (nothing here reads a weight); ``runnable``
+    then opens a runnable copy for the one check forward pass, if a site needs it.
     """
     maps = _normalise_maps(effective_maps)
-    check_site_outputs(model, _resolve(model, maps), maps)
+    check_site_outputs(model, _resolve(model, maps), maps, runnable=runnable)
     planner = _Planner(model, untie=untie)
     sites, flags, untied = planner.plan_sites(maps)
     config = getattr(model, "config", None)

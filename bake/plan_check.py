@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 
 from lineas.collect import run_hooked
+from lineas.evaluate import input_device
 from lineas.hooks import SteeringError, apply_affine, feature_axis, module_feature_dim
 from lineas.maps import SiteMap, SteeringMaps
 
@@ -78,8 +80,12 @@ class _AllSitesSeen(Exception):
     """Raised by the last checking hook: the rest of the forward pass has nothing to tell."""
 
 
-def check_site_outputs(model: nn.Module, modules: Mapping[str, nn.Module], maps: Mapping[str, SiteMap]) -> None:
-    """Raise :class:`FoldError` naming every site whose output does not fit its map (length or type)."""
+def check_site_outputs(model: nn.Module, modules: Mapping[str, nn.Module], maps: Mapping[str, SiteMap], *,
+                       runnable: Callable[[], AbstractContextManager[nn.Module]] | None = None) -> None:
+    """Raise :class:`FoldError` naming every site whose output does not fit its map (length or type).
+
+    ``runnable``: for a ``model`` on the meta device (a skeleton), opens a runnable copy for the
+    check forward pass; it is called only when a site's type does not tell its output size."""
     for site, m in maps.items():
         d = module_feature_dim(modules[site])
         if d is not None and d != m.dim:
@@ -87,7 +93,16 @@ def check_site_outputs(model: nn.Module, modules: Mapping[str, nn.Module], maps:
                             f"outputs {d} features")
     unknown = [site for site in maps if module_feature_dim(modules[site]) is None]
     if unknown:
-        _check_by_forward(model, {site: (modules[site], maps[site]) for site in unknown})
+        checks = {site: (modules[site], maps[site]) for site in unknown}
+        if runnable is not None and _on_meta(model):
+            with runnable() as real:
+                _check_by_forward(real, checks)
+        else:
+            _check_by_forward(model, checks)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
 
 
 def _check_batch(model: nn.Module) -> tuple[dict | None, str]:
@@ -96,10 +111,7 @@ def _check_batch(model: nn.Module) -> tuple[dict | None, str]:
         vocab = model_vocab_size(model)
     except (AttributeError, NotImplementedError, TypeError):
         return None, "it reads no token ids"
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = input_device(model)
     if device.type == "meta":  # weights not loaded: nothing can run, and nothing can be baked either
         return None, "its weights are on the meta device"
     ids = ((torch.arange(CHECK_TOKENS) + 3) % vocab).unsqueeze(0).to(device)  # skip ids 0-2 (special tokens)

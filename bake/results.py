@@ -18,6 +18,7 @@ from lineas.models import display_name
 
 from .inputs import MapsSource
 from .plan import FoldPlan
+from .store import FolderStore
 from .verify import Reference, VerificationReport
 
 
@@ -29,6 +30,18 @@ class BaseModel:
     path: str  # resolved directory or Hub id ("" for an in-memory module without one)
     display: str  # Hub-style name for the model card
     config_sha256: str  # of the original config, before any fold changed a flag
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """What the streaming exporter needs to write a baked folder from its source checkpoint."""
+
+    store: FolderStore  # the source shards, addressed by parameter name
+    maps: dict[str, SiteMap]  # the effective maps (affine-module parameters come from them)
+    device: str
+    max_memory: int  # bytes of weights resident while verifying
+    trust_remote_code: bool
+    site_notes: dict[str, str]  # sites whose own output differs by design (see bake.api._site_notes)
 
 
 @dataclass
@@ -44,6 +57,7 @@ class BakedModel:
     effective: dict[str, SiteMap]
     reference: Reference | None  # hooked outputs on the probes; None with verify=False
     export_report: VerificationReport | None = None  # the report of the last save_pretrained (with reload checks)
+    source: StreamSource | None = None  # set by bake_folder: ``model`` is a meta skeleton, weights stay on disk
 
     @property
     def verified(self) -> bool:

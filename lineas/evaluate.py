@@ -210,11 +210,19 @@ def sentiment(texts: Sequence[str]) -> SentimentStats:
 
 # -- fluency ------------------------------------------------------------------
 @torch.no_grad()
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its first parameter's device; the CPU for a model dispatched by
+    accelerate with offloaded weights (its hooks move inputs to each layer's execution device)."""
+    param = next(model.parameters(), None)
+    if param is None or (param.device.type == "meta" and getattr(model, "hf_device_map", None)):
+        return torch.device("cpu")
+    return param.device
+
+
 def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The one ids -> logits runner (fluency here, bake verification too): float32 ``[B, L, V]``
     on the model's device, inputs moved there, no KV cache."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = input_device(model)
     mask = None if attention_mask is None else attention_mask.to(device)
     out = model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
     return (out.logits if hasattr(out, "logits") else out[0]).float()

@@ -87,8 +87,14 @@ def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> Non
 
 
 def corrupt_bake(monkeypatch, proj: str = "up_proj", factor: float = 1.02) -> None:
-    """Make every bake wrong after folding: scale layer 1's ``mlp.<proj>`` weight, so verification must fail."""
+    """Make every bake wrong after folding: scale layer 1's ``mlp.<proj>`` weight, so verification must fail.
+    In memory (``bake``) the folded model is changed; out of core (``bake_folder``) the tensors the
+    exporter writes are (as a wrong fold would)."""
+    import importlib
+
     from bake import api
+
+    export = importlib.import_module("bake.export")  # the module, not the function bake.export
 
     real = api.apply_plan
 
@@ -98,7 +104,16 @@ def corrupt_bake(monkeypatch, proj: str = "up_proj", factor: float = 1.02) -> No
             getattr(model.model.layers[1].mlp, proj).weight.mul_(factor)
         return model
 
+    real_compute = export.compute_folded
+    name = f"model.layers.1.mlp.{proj}.weight"
+
+    def corrupt_written(model, plan, maps, store, *, out_dtype=None):
+        final = dict(real_compute(model, plan, maps, store, out_dtype=out_dtype))
+        final[name] = (store.read(name).double() * factor).to(out_dtype or store.dtype(name))
+        return final
+
     monkeypatch.setattr(api, "apply_plan", corrupt)
+    monkeypatch.setattr(export, "compute_folded", corrupt_written)
 
 
 def uniform_maps(model, sites, magnitude: float, seed: int = 0) -> SteeringMaps:

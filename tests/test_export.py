@@ -201,7 +201,7 @@ def test_tokenizer_files_are_copied_verbatim(tmp_path):
 
 def test_float16_overflow_names_the_site_and_writes_nothing(tmp_path):
     """Scale 1e5 folds into a norm weight that float16 cannot hold: the cast is refused, not written as inf."""
-    from bake.export import NonFiniteCastError
+    from bake.errors import NonFiniteCastError
     from lineas.maps import SiteMap, SteeringMaps
 
     model_dir, _ = setup_model(tmp_path)

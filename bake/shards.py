@@ -1,0 +1,232 @@
+"""A folder of safetensors shards, read lazily and written as a stream.
+
+Reading: the headers are parsed once (8-byte length, JSON); a tensor is read only when
+asked for (``safe_open``), and an untouched tensor can be copied as its raw bytes, so its
+sha256 in the output is the input's.  Writing: :class:`ShardWriter` writes a shard's
+header first (every entry's dtype and shape is known from the plan) and then the
+tensors one at a time, so no shard is ever held in memory; big tensors that change
+dtype are converted in row blocks.  The file layout is the safetensors format
+(https://github.com/huggingface/safetensors#format): header padded with spaces to a
+multiple of 8, data in offset order, no gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+COPY_BLOCK = 64 << 20  # bytes per read/convert block: bounds the memory of copying one tensor
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+class ShardFormatError(ValueError):
+    """A checkpoint folder whose safetensors files or index cannot be read."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset of the data in ``file``
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _read_header(path: Path) -> tuple[dict, dict, int]:
+    """(entries, metadata, data start) of one safetensors file."""
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, struct.error) as e:
+        raise ShardFormatError(f"{path} is not a readable safetensors file ({e})") from None
+    meta = header.pop("__metadata__", None) or {}
+    return header, meta, 8 + size
+
+
+class ShardFolder:
+    """The safetensors weights of a checkpoint folder: ``model.safetensors`` or shards + index."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                raise ShardFormatError(f"{index} is not a valid safetensors index ({e})") from None
+        elif (self.folder / SINGLE_FILE).is_file():
+            files = [SINGLE_FILE]
+        else:
+            raise ShardFormatError(f"{self.folder} has no {SINGLE_FILE} nor {INDEX_FILE}")
+        self.sharded = index.is_file()
+        self.files: list[str] = files
+        self.infos: dict[str, TensorInfo] = {}
+        self.file_keys: dict[str, list[str]] = {}
+        for name in files:
+            path = self.folder / name
+            entries, _, start = _read_header(path)
+            keys = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
+            self.file_keys[name] = keys
+            for k in keys:
+                e = entries[k]
+                if e["dtype"] not in ST_DTYPES:
+                    raise ShardFormatError(f"{path}: tensor {k!r} has dtype {e['dtype']}, which lineas-bake "
+                                           "cannot fold (quantised or unusual checkpoint?)")
+                b, en = e["data_offsets"]
+                self.infos[k] = TensorInfo(k, path, ST_DTYPES[e["dtype"]], tuple(e["shape"]), start + b, start + en)
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def file_of(self, key: str) -> str:
+        return self.infos[key].file.name
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.infos
+
+    def info(self, key: str) -> TensorInfo:
+        return self.infos[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` (read now, from its shard)."""
+        from safetensors import safe_open
+
+        info = self.infos[key]
+        with safe_open(str(info.file), framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+
+def raw_blocks(info: TensorInfo, block: int = COPY_BLOCK) -> Iterator[bytes]:
+    """The stored bytes of one tensor, in blocks (no decoding)."""
+    with open(info.file, "rb") as fh:
+        fh.seek(info.begin)
+        left = info.nbytes
+        while left:
+            chunk = fh.read(min(block, left))
+            if not chunk:
+                raise ShardFormatError(f"{info.file} ends inside tensor {info.key!r}")
+            left -= len(chunk)
+            yield chunk
+
+
+def converted_blocks(src: ShardFolder, info: TensorInfo, dtype: torch.dtype,
+                     block: int = COPY_BLOCK) -> Iterator[torch.Tensor]:
+    """``info``'s tensor cast to ``dtype`` in row blocks (a 2 GB embedding never sits in memory whole).
+    Raises :class:`bake.errors.NonFiniteCastError` when the cast overflows."""
+    from safetensors import safe_open
+
+    from .errors import NonFiniteCastError
+
+    with safe_open(str(info.file), framework="pt", device="cpu") as f:
+        if len(info.shape) == 0:
+            blocks = [f.get_tensor(info.key)]
+        else:
+            sl = f.get_slice(info.key)
+            rows = max(1, block // max(1, info.nbytes // max(1, info.shape[0])))
+            blocks = (sl[r:r + rows] for r in range(0, info.shape[0], rows))
+        for b in blocks:
+            out = b.to(dtype)
+            n_bad = int((~torch.isfinite(out)).sum()) - int((~torch.isfinite(b)).sum())
+            if n_bad > 0:
+                raise NonFiniteCastError(dtype, {info.key: n_bad})
+            yield out
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of an output shard: its name, dtype and shape (the header is written before the data)."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class ShardWriter:
+    """Writes one safetensors file: the header at once, then each entry's data in order."""
+
+    def __init__(self, path: Path, entries: Sequence[Entry], metadata: dict[str, str] | None = None):
+        self.path = path
+        self.entries = list(entries)
+        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for e in self.entries:
+            header[e.key] = {"dtype": ST_NAMES[e.dtype], "shape": list(e.shape),
+                             "data_offsets": [offset, offset + e.nbytes]}
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(path, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+        self._next = 0
+        self.data_bytes = offset
+
+    def write(self, key: str, data: torch.Tensor | Iterable[torch.Tensor | bytes]) -> None:
+        """Write entry ``key`` (must be the next one) from a tensor or from blocks (tensors or raw bytes)."""
+        e = self.entries[self._next]
+        if e.key != key:
+            raise RuntimeError(f"{self.path.name}: expected tensor {e.key!r} next, got {key!r}")
+        written = 0
+        for block in ([data] if isinstance(data, torch.Tensor) else data):
+            if isinstance(block, torch.Tensor):
+                if block.dtype != e.dtype:
+                    raise RuntimeError(f"{key}: writing {block.dtype} into a {e.dtype} entry")
+                block = _tensor_bytes(block)
+            self._fh.write(block)
+            written += len(block)
+        if written != e.nbytes:
+            raise RuntimeError(f"{self.path.name}: tensor {key!r} has {written} bytes, header says {e.nbytes}")
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.entries):
+            missing = [e.key for e in self.entries[self._next:]]
+            self._fh.close()
+            raise RuntimeError(f"{self.path.name}: {len(missing)} tensor(s) never written, e.g. {missing[0]!r}")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Little-endian bytes of ``t`` (contiguous, CPU), without a copy when possible."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """``model.safetensors.index.json`` as transformers writes it."""
+    from lineas.io import atomic_write_text
+
+    body = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_text(folder / INDEX_FILE, json.dumps(body, indent=2) + "\n")
