@@ -64,7 +64,10 @@ class LineasAffine(nn.Module):
 
     def __setattr__(self, name, value):
         inner = self.__dict__.get("_modules", {}).get("inner")
-        owned = (name in LineasAffine._own or name in self.__dict__
+        # The wrapper's own methods (forward) and private state (accelerate's _hf_hook/_old_forward when
+        # it dispatches a model) stay on the wrapper: handing them to inner would make forward recurse.
+        owned = (name in LineasAffine._own or name in self.__dict__ or name.startswith("_")
+                 or hasattr(type(self), name)
                  or name in self.__dict__.get("_parameters", {}) or name in self.__dict__.get("_buffers", {}))
         if inner is not None and not owned and hasattr(inner, name):
             setattr(inner, name, value)

@@ -38,7 +38,7 @@ from lineas.models import (
 from lineas.provenance import config_fingerprint
 
 from .errors import BakeError, VerificationError
-from .checkpoint import DEFAULT_MAX_MEMORY, load_bounded, load_config, load_skeleton, safetensors_folder
+from .checkpoint import load_bounded, load_config, load_skeleton, safetensors_folder
 from .execute import apply_plan, check_applicable, commit_plan, compute_folded
 from .history import (
     BAKED_KEY,
@@ -196,14 +196,15 @@ def _open_folder(model, *, trust_remote_code: bool, progress) -> tuple[nn.Module
 def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = False, untie: bool = False,
                 verify: bool = True, verify_tokens: int = 8, device: str = "cpu", trust_remote_code: bool = False,
                 progress: bool | None = False, allow_rebake: bool = False, ignore_model_mismatch: bool = False,
-                max_memory: int = DEFAULT_MAX_MEMORY, plan_only: bool = False) -> BakedModel | FoldPlan:
+                max_memory: int | None = None, plan_only: bool = False) -> BakedModel | FoldPlan:
     """Bake a local checkpoint folder (or alias) with memory that does not grow with the model.
 
     Same checks and errors as :func:`bake`.  Returns a :class:`BakedModel` whose ``model`` is a
     skeleton on the meta device with the baked structure and config; its ``save_pretrained``
     writes the export shard by shard from the source folder and verifies the *written* export
     against the hooked reference (``VerificationError`` and nothing written when it differs).
-    ``max_memory``: bytes of weights resident while verifying (the rest is read per layer).
+    ``max_memory``: bytes of weights in memory while verifying, the block being read included (None:
+    the largest block plus 1 GiB, :func:`bake.checkpoint.default_max_memory`); the rest is read per block.
     ``plan_only``: return the plan (what ``--dry-run`` prints); reads no weight unless a site's
     output size can only be measured by running the model.
     """

@@ -30,7 +30,7 @@ from .shards import INDEX_FILE, SINGLE_FILE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MEMORY = 2 << 30  # bytes of weights kept resident while verifying (--max-memory)
+RESIDENT_BYTES = 1 << 30  # --max-memory auto: resident blocks beyond the largest one (see default_max_memory)
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "TB": 1000 ** 4,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
@@ -65,51 +65,108 @@ def load_config(path: str | os.PathLike, *, trust_remote_code: bool = False):
     return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
-def load_skeleton(path: str | os.PathLike, *, trust_remote_code: bool = False, config=None) -> nn.Module:
-    """The causal LM of ``path`` on the meta device (no weights read, no memory used), tied like the real one."""
+def load_skeleton(path: str | os.PathLike, *, trust_remote_code: bool = False, config=None,
+                  dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM of ``path`` on the meta device in ``dtype`` (no weights read, no memory used),
+    tied like the real one."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     config = config if config is not None else load_config(path, trust_remote_code=trust_remote_code)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     model.tie_weights()  # from_config under init_empty_weights leaves tied weights as two meta tensors
     model.config._name_or_path = str(path)
     return model.eval()
 
 
-def _device_map(folder: Path, dtype: torch.dtype, device: torch.device, max_memory: int,
-                trust_remote_code: bool) -> dict | str:
-    """Where each block lives: ``device`` up to ``max_memory`` bytes, then disk (read when it runs)."""
-    from accelerate.utils import compute_module_sizes, infer_auto_device_map
+def _units(model: nn.Module, no_split: set[str]) -> list[str]:
+    """The blocks a device map places whole: decoder layers (``_no_split_modules``), modules that own
+    parameters directly, leaves; in execution order."""
+    out: list[str] = []
 
-    skeleton = load_skeleton(folder, trust_remote_code=trust_remote_code)
-    total = compute_module_sizes(skeleton, dtype=dtype)[""]
-    if total <= max_memory:
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            own = any(True for _ in child.parameters(recurse=False))
+            if type(child).__name__ in no_split or own or not any(True for _ in child.children()):
+                out.append(full)
+            else:
+                walk(full + ".", child)
+
+    walk("", model)
+    return out
+
+
+def device_map_for(skeleton: nn.Module, device: torch.device, max_memory: int) -> dict | str:
+    """Where each block of ``skeleton`` (in its run dtype) lives while verifying: ``device`` while the
+    budget lasts, else "disk" (read from the checkpoint each time the block runs).
+
+    ``max_memory`` covers the resident blocks *and* the largest block being read, as accelerate's
+    ``max_memory`` does.  Unlike ``infer_auto_device_map``, a block that does not fit is skipped, not the
+    end of the resident part: a 2 GB embedding first in the model must not send every layer to disk.
+    Tied blocks share a device."""
+    from accelerate.utils import compute_module_sizes, find_tied_parameters
+
+    sizes = compute_module_sizes(skeleton)
+    if sizes[""] <= max_memory:
         return str(device)
-    key = device.index if device.type == "cuda" and device.index is not None else (0 if device.type == "cuda"
-                                                                                   else "cpu")
-    budget = {key: max_memory} if key == "cpu" else {key: max_memory, "cpu": 0}
-    dmap = infer_auto_device_map(skeleton, max_memory=budget, dtype=dtype,
-                                 no_split_module_classes=getattr(skeleton, "_no_split_modules", None) or [])
-    if all(v == "disk" for v in dmap.values()):
-        raise MemoryBudgetError(f"--max-memory {human_size(max_memory)} holds no part of the model "
-                                f"({human_size(total)} in {str(dtype).removeprefix('torch.')}); raise it")
-    log.info("verification runs with %s of %s resident, the rest read from %s as each layer runs",
-             human_size(max_memory), human_size(total), folder)
+    units = [u for u in _units(skeleton, set(getattr(skeleton, "_no_split_modules", None) or [])) if sizes.get(u)]
+    groups: list[list[str]] = [[u] for u in units]
+    for tied in find_tied_parameters(skeleton):  # e.g. [["lm_head.weight", "model.embed_tokens.weight"]]
+        members = [g for g in groups if any(p.startswith(u + ".") for u in g for p in tied)]
+        if len(members) > 1:
+            merged = [u for g in members for u in g]
+            groups = [g for g in groups if g not in members] + [merged]
+    largest = max(sizes[u] for u in units)
+    if max_memory <= largest:
+        raise MemoryBudgetError(f"--max-memory {human_size(max_memory)} is below the largest block of the model "
+                                f"({human_size(largest)}), which must fit while it runs; raise it")
+    where = device.index if device.type == "cuda" else "cpu"
+    left, dmap = max_memory - largest, {}
+    for group in sorted(groups, key=lambda g: units.index(g[0])):
+        size = sum(sizes[u] for u in group)
+        fits = size <= left
+        left -= size if fits else 0
+        dmap.update({u: where if fits else "disk" for u in group})
+    if where not in dmap.values():  # accelerate needs one resident block to know the execution device
+        dmap[min(units, key=lambda u: sizes[u])] = where
+    # Modules the walk did not reach (buffers only, e.g. rotary embeddings) stay resident.
+    rest = [n for n, _ in skeleton.named_children() if not any(u == n or u.startswith(n + ".") for u in dmap)]
+    dmap.update({n: where for n in rest})
     return dmap
+
+
+def largest_block_bytes(skeleton: nn.Module) -> int:
+    """Bytes of the largest block a device map places whole (in the skeleton's dtype)."""
+    from accelerate.utils import compute_module_sizes
+
+    sizes = compute_module_sizes(skeleton)
+    units = _units(skeleton, set(getattr(skeleton, "_no_split_modules", None) or []))
+    return max((sizes.get(u, 0) for u in units), default=0)
+
+
+def default_max_memory(skeleton: nn.Module) -> int:
+    """``--max-memory auto``: the largest block of the model (it must fit while it runs) plus
+    :data:`RESIDENT_BYTES` of blocks kept resident; a model that fits in that runs whole."""
+    return largest_block_bytes(skeleton) + RESIDENT_BYTES
 
 
 @contextmanager
 def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 max_memory: int = DEFAULT_MAX_MEMORY, trust_remote_code: bool = False):
-    """Yield the model of ``folder`` in ``dtype``, ready to run with about ``max_memory`` bytes of
-    weights resident; the model is released on exit."""
+                 max_memory: int | None = None, trust_remote_code: bool = False):
+    """Yield the model of ``folder`` in ``dtype``, ready to run with at most ``max_memory`` bytes of
+    weights in memory (None: :func:`default_max_memory`); the model is released on exit."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    dev = torch.device(device)
-    dmap = _device_map(folder, dtype, dev, max_memory, trust_remote_code)
+    skeleton = load_skeleton(folder, trust_remote_code=trust_remote_code, dtype=dtype)
+    budget = default_max_memory(skeleton) if max_memory is None else max_memory
+    dmap = device_map_for(skeleton, torch.device(device), budget)
+    if isinstance(dmap, dict):
+        log.info("verification keeps %s of %s of weights resident; the rest is read from %s as each block runs",
+                 human_size(budget), human_size(whole_model_bytes(skeleton, dtype)), folder)
+    del skeleton
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=dmap,
                                                  trust_remote_code=trust_remote_code)
     try:

@@ -23,7 +23,6 @@ from .outdir import Terminated, check_out_dir, export_bytes
 EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFY = ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.VERIFY
 EXIT_TERMINATED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 PROG = "lineas-bake"
-DEFAULT_MAX_MEMORY_TEXT = "2GiB"  # bake.checkpoint.DEFAULT_MAX_MEMORY, as the user would type it
 
 DESCRIPTION = """\
 Bake steering maps into a model: fold each map y -> s*y + t into the weights
@@ -84,10 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the exported weights (default: float32); bfloat16/float16 exports are also "
                         "reloaded and measured (top-1 agreement, KL) against the hooked float32 model")
     p.add_argument("--device", default="cpu", help="torch device for folding and verification (default: cpu)")
-    p.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY_TEXT, metavar="SIZE",
-                   help="weights kept in memory while verifying a local checkpoint, e.g. 2GiB or 8GB (default: "
-                        f"{DEFAULT_MAX_MEMORY_TEXT}); the rest is read from its shards as each layer runs, so "
-                        "any model size bakes. More is faster when the model fits")
+    p.add_argument("--max-memory", default="auto", metavar="SIZE",
+                   help="weights held in memory while verifying a local checkpoint, e.g. 4GiB or 8GB; blocks "
+                        "beyond it are read from the checkpoint's shards as they run, so any model size bakes. "
+                        "auto (default): the model's largest block plus 1 GiB. More is faster, up to the model's "
+                        "size (then it runs whole)")
     p.add_argument("--dry-run", action="store_true", help="print the fold plan and exit without writing anything")
     p.add_argument("--require-standard", action="store_true",
                    help="fail (exit 2) if any site needs an affine module, so the export never needs remote code")
@@ -182,7 +182,7 @@ def _run(args, cmd: str) -> int:
     from .results import default_out_dir
 
     maps = _maps_arg(args)
-    max_memory = parse_memory(args.max_memory)
+    max_memory = None if args.max_memory == "auto" else parse_memory(args.max_memory)
     formats = parse_formats(args.format)
     progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal
     if args.push_to_hub:

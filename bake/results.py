@@ -39,7 +39,7 @@ class StreamSource:
     store: FolderStore  # the source shards, addressed by parameter name
     maps: dict[str, SiteMap]  # the effective maps (affine-module parameters come from them)
     device: str
-    max_memory: int  # bytes of weights resident while verifying
+    max_memory: int | None  # bytes of weights in memory while verifying (None: bake.checkpoint's default)
     trust_remote_code: bool
     site_notes: dict[str, str]  # sites whose own output differs by design (see bake.api._site_notes)
 

@@ -1,0 +1,182 @@
+"""The out-of-core engine: a sharded checkpoint folded shard by shard and verified with bounded memory.
+
+The tiny checkpoints are saved with a small ``max_shard_size`` so that a module's weight and
+its bias land in different shards, and the verification budget is set so small that layers
+are read from disk as they run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from bake_fixtures import assert_close_rel, hooked_and_base, load, logits, make_maps
+from tiny import tiny_model
+
+from bake.api import bake, bake_folder
+from bake.checkpoint import largest_block_bytes, load_bounded, load_skeleton
+from bake.cli import main
+from bake.shards import INDEX_FILE, ShardFolder, raw_blocks
+
+# Qwen2 has q/k/v biases of its own: every one of these folds into standard weights.
+QWEN2_SITES = ("model.layers.0.input_layernorm", "model.layers.1.input_layernorm",
+               "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
+GEMMA2_SITES = ("model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                "model.layers.1.pre_feedforward_layernorm", "model.norm")
+
+
+def sharded_checkpoint(tmp_path: Path, arch: str, sites, *, dtype=torch.float32, shard: str = "12KB"):
+    model = tiny_model(arch).to(dtype)
+    src = tmp_path / f"src-{arch}"
+    model.save_pretrained(src, max_shard_size=shard)
+    maps_path = tmp_path / f"{arch}.maps.safetensors"
+    make_maps(sites, magnitude=0.2).save(maps_path)
+    return model, src, maps_path
+
+
+def tight_budget(folder: Path) -> int:
+    """A --max-memory that holds the largest block and one or two more: the rest runs from disk."""
+    return int(largest_block_bytes(load_skeleton(folder)) * 1.8)
+
+
+def tensor_sha(folder: ShardFolder, key: str) -> str:
+    h = hashlib.sha256()
+    for block in raw_blocks(folder.info(key)):
+        h.update(block)
+    return h.hexdigest()
+
+
+def written_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    sf = ShardFolder(folder)
+    return {k: sf.get(k) for k in sf.keys()}
+
+
+def test_sharded_bake_matches_hooks_keeps_bytes_and_writes_a_true_index(tmp_path):
+    model, src, maps_path = sharded_checkpoint(tmp_path, "qwen2", QWEN2_SITES)
+    source = ShardFolder(src)
+    split = [m for m in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj")
+             if source.file_of(f"{m}.weight") != source.file_of(f"{m}.bias")]
+    assert split, "test setup: no module has its weight and bias in different shards"
+    assert len(source.files) > 3
+
+    baked = bake_folder(src, maps_path, max_memory=tight_budget(src))
+    assert not baked.plan.affine_sites
+    out = baked.save_pretrained(tmp_path / "out")
+    assert baked.export_report.passed and baked.export_report.sites
+
+    hooked, base = hooked_and_base(src, maps_path, 1.0)
+    assert (hooked - base).abs().max() > 1e-2  # the maps steer: the comparison below can fail
+    assert_close_rel(logits(load(out)), hooked)  # plain transformers, no remote code
+
+    result = ShardFolder(out)
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert sorted(index["weight_map"]) == sorted(result.keys())
+    assert all(result.file_of(k) == f for k, f in index["weight_map"].items())
+    assert index["metadata"]["total_size"] == result.total_bytes()
+    assert result.files == source.files  # every shard keeps its name
+
+    touched = {t for p in baked.plan.sites for s in p.steps for t in s.tensors}
+    untouched = [k for k in source.keys() if k not in touched]
+    assert untouched and all(tensor_sha(result, k) == tensor_sha(source, k) for k in untouched)
+    assert any(tensor_sha(result, k) != tensor_sha(source, k) for k in touched if k in source)
+
+
+@pytest.mark.parametrize("arch,sites", [("qwen2", QWEN2_SITES), ("gemma2", GEMMA2_SITES)])
+def test_folder_and_in_memory_bakes_write_identical_tensors(tmp_path, arch, sites):
+    model, src, maps_path = sharded_checkpoint(tmp_path, arch, sites)
+    folder_out = bake_folder(src, maps_path).save_pretrained(tmp_path / "folder")
+    memory_out = bake(model, maps_path).save_pretrained(tmp_path / "memory")
+    a, b = written_tensors(folder_out), written_tensors(memory_out)
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different
+    cfg_a = json.loads((folder_out / "config.json").read_text())
+    cfg_b = json.loads((memory_out / "config.json").read_text())
+    for key in ("attention_bias", "lineas_affine_sites", "auto_map", "tie_word_embeddings"):
+        assert cfg_a.get(key) == cfg_b.get(key), key
+    assert [b["effective_digest"] for b in cfg_a["lineas_baked"]] == [b["effective_digest"]
+                                                                     for b in cfg_b["lineas_baked"]]
+
+
+def test_gemma2_affine_modules_stream_and_reload_with_remote_code(tmp_path):
+    _, src, maps_path = sharded_checkpoint(tmp_path, "gemma2", GEMMA2_SITES)
+    baked = bake_folder(src, maps_path, max_memory=tight_budget(src))
+    assert baked.plan.affine_sites
+    out = baked.save_pretrained(tmp_path / "out")
+    hooked, base = hooked_and_base(src, maps_path, 1.0)
+    assert (hooked - base).abs().max() > 1e-2
+    assert_close_rel(logits(load(out, trust_remote_code=True)), hooked)
+    assert "model.embed_tokens.weight" in ShardFolder(out) and "lm_head.weight" not in ShardFolder(out)
+
+
+def test_bounded_load_offloads_layers_and_hooks_still_fire(tmp_path):
+    model, src, _ = sharded_checkpoint(tmp_path, "llama", ("model.norm",))
+    seen = []
+    with load_bounded(src, max_memory=tight_budget(src)) as m:
+        assert "disk" in set(m.hf_device_map.values())
+        handle = m.model.layers[1].mlp.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+        got = logits(m)
+        handle.remove()
+    assert seen
+    assert_close_rel(got, logits(load(src)), rel=1e-6)
+
+
+def test_bfloat16_checkpoint_exports_in_float32_and_in_bfloat16(tmp_path):
+    _, src, maps_path = sharded_checkpoint(tmp_path, "qwen2", QWEN2_SITES, dtype=torch.bfloat16)
+    baked = bake_folder(src, maps_path)
+    source = ShardFolder(src)
+    touched = {t for p in baked.plan.sites for s in p.steps for t in s.tensors}
+
+    up = baked.save_pretrained(tmp_path / "f32", dtype="float32")
+    converted = ShardFolder(up)
+    for k in source.keys():
+        assert converted.info(k).dtype == torch.float32
+        if k not in touched:
+            assert torch.equal(converted.get(k), source.get(k).float())
+
+    same = baked.save_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    kept = ShardFolder(same)
+    assert all(tensor_sha(kept, k) == tensor_sha(source, k) for k in source.keys() if k not in touched)
+    labels = [c.label for c in baked.export_report.checks]
+    assert any("float32" in x and c.gating for x, c in zip(labels, baked.export_report.checks))
+    assert any("bfloat16" in x for x in labels)
+    assert not any(p.name.startswith(".lineas") for p in same.iterdir())
+
+
+def test_dry_run_reads_no_weight(tmp_path, capsys, monkeypatch):
+    _, src, maps_path = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",
+                                                               "model.layers.1.mlp.down_proj"))
+    import safetensors
+    import transformers.modeling_utils as mu
+
+    def refuse(*a, **k):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(mu, "safe_open", refuse)
+    rc = main(["--model", str(src), "--maps", str(maps_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "model.layers.0.input_layernorm" in out
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "2XB"])
+def test_bad_max_memory_exits_2_naming_it(tmp_path, capsys, text):
+    _, src, maps_path = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",))
+    rc = main(["--model", str(src), "--maps", str(maps_path), "--out", str(tmp_path / "o"), f"--max-memory={text}"])
+    assert rc == 2 and text in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_onnx_refused_up_front_when_the_model_cannot_fit(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("optimum.onnxruntime")
+    _, src, maps_path = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",))
+    import bake.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)
+    rc = main(["--model", str(src), "--maps", str(maps_path), "--out", str(tmp_path / "o"), "--format", "hf,onnx"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the ONNX export needs the whole model in memory" in err
+    assert not (tmp_path / "o").exists()
