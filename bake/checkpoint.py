@@ -105,40 +105,53 @@ def device_map_for(skeleton: nn.Module, device: torch.device, max_memory: int) -
     ``max_memory`` covers the resident blocks *and* the largest block being read, as accelerate's
     ``max_memory`` does.  Unlike ``infer_auto_device_map``, a block that does not fit is skipped, not the
     end of the resident part: a 2 GB embedding first in the model must not send every layer to disk.
-    Tied blocks share a device."""
+    Tied blocks (an input embedding shared with the output head) stay resident."""
     from accelerate.utils import compute_module_sizes, find_tied_parameters
 
     sizes = compute_module_sizes(skeleton)
     if sizes[""] <= max_memory:
         return str(device)
-    units = [u for u in _units(skeleton, set(getattr(skeleton, "_no_split_modules", None) or [])) if sizes.get(u)]
+    # Sizes count a tied weight once (under its first name): a unit holding only a tied copy has size 0
+    # but still needs its weight where it runs, hence the grouping of tied units below.
+    units = [u for u in _units(skeleton, set(getattr(skeleton, "_no_split_modules", None) or []))
+             if any(True for _ in skeleton.get_submodule(u).parameters())]
     groups: list[list[str]] = [[u] for u in units]
     for tied in find_tied_parameters(skeleton):  # e.g. [["lm_head.weight", "model.embed_tokens.weight"]]
         members = [g for g in groups if any(p.startswith(u + ".") for u in g for p in tied)]
         if len(members) > 1:
             merged = [u for g in members for u in g]
             groups = [g for g in groups if g not in members] + [merged]
-    largest = max(sizes[u] for u in units)
-    if max_memory <= largest:
-        raise MemoryBudgetError(f"--max-memory {human_size(max_memory)} is below the largest block of the model "
-                                f"({human_size(largest)}), which must fit while it runs; raise it")
     where = device.index if device.type == "cuda" else "cpu"
-    left, dmap = max_memory - largest, {}
-    for group in sorted(groups, key=lambda g: units.index(g[0])):
-        size = sum(sizes[u] for u in group)
-        fits = size <= left
-        left -= size if fits else 0
-        dmap.update({u: where if fits else "disk" for u in group})
+    # Tied blocks stay resident: accelerate reads a disk-offloaded weight under each module's own name,
+    # and the checkpoint stores a tied weight under one name only.
+    tied = [g for g in groups if len(g) > 1]
+    free = [g for g in groups if len(g) == 1]
+    tied_bytes = sum(sizes.get(u, 0) for g in tied for u in g)
+    largest = max((sizes.get(g[0], 0) for g in free), default=0)
+    if max_memory < tied_bytes + largest:
+        raise MemoryBudgetError(f"--max-memory {human_size(max_memory)} is too small for this model: its tied "
+                                f"embeddings ({human_size(tied_bytes)}) stay in memory and its largest other block "
+                                f"({human_size(largest)}) must fit while it runs; raise it to at least "
+                                f"{human_size(tied_bytes + largest)}")
+    dmap = {u: where for g in tied for u in g}
+    left = max_memory - tied_bytes - largest
+    for (u,) in free:
+        fits = sizes.get(u, 0) <= left
+        left -= sizes.get(u, 0) if fits else 0
+        dmap[u] = where if fits else "disk"
     if where not in dmap.values():  # accelerate needs one resident block to know the execution device
-        dmap[min(units, key=lambda u: sizes[u])] = where
-    # Modules the walk did not reach (buffers only, e.g. rotary embeddings) stay resident.
-    rest = [n for n, _ in skeleton.named_children() if not any(u == n or u.startswith(n + ".") for u in dmap)]
-    dmap.update({n: where for n in rest})
+        dmap[min((g[0] for g in free), key=lambda u: sizes.get(u, 0))] = where
+    # Modules with buffers only (rotary embeddings) stay resident.
+    for name, module in skeleton.named_modules():
+        covered = any(name == u or name.startswith(u + ".") for u in dmap)
+        if name and not covered and any(True for _ in module.buffers(recurse=False)):
+            dmap[name] = where
     return dmap
 
 
 def largest_block_bytes(skeleton: nn.Module) -> int:
-    """Bytes of the largest block a device map places whole (in the skeleton's dtype)."""
+    """Bytes of the largest block a device map places whole (in the skeleton's dtype; a tied weight
+    is counted once, with the first module that holds it)."""
     from accelerate.utils import compute_module_sizes
 
     sizes = compute_module_sizes(skeleton)
@@ -147,8 +160,8 @@ def largest_block_bytes(skeleton: nn.Module) -> int:
 
 
 def default_max_memory(skeleton: nn.Module) -> int:
-    """``--max-memory auto``: the largest block of the model (it must fit while it runs) plus
-    :data:`RESIDENT_BYTES` of blocks kept resident; a model that fits in that runs whole."""
+    """``--max-memory auto``: the largest block of the model (it must fit while it runs; tied embeddings
+    stay resident) plus :data:`RESIDENT_BYTES` of blocks kept resident; a model that fits runs whole."""
     return largest_block_bytes(skeleton) + RESIDENT_BYTES
 
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -73,9 +74,21 @@ def torch_runner(model: nn.Module) -> Runner:
     return run
 
 
+def run_batches(run: Runner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Several ``(input_ids, attention_mask)`` batches in ONE forward pass, right-padded to the longest
+    (padding is masked and never compared; causal models give every real position the same inputs as
+    alone).  A model whose weights are read from disk as it runs pays that read once, not per batch."""
+    width = max(ids.shape[1] for ids, _ in batches)
+    ids = torch.cat([F.pad(i.to(torch.int64), (0, width - i.shape[1])) for i, _ in batches])
+    mask = torch.cat([F.pad(m.to(torch.int64), (0, width - m.shape[1])) for _, m in batches])
+    out = run(ids, mask)
+    rows = torch.tensor([0] + [i.shape[0] for i, _ in batches]).cumsum(0).tolist()
+    return [out[a:b, :i.shape[1]] for a, b, (i, _) in zip(rows, rows[1:], batches)]
+
+
 def greedy_tokens(run: Runner, prompts: torch.Tensor, n_new: int) -> list[list[int]]:
-    """Greedy continuation of each row of ``prompts`` ``[P, L]`` (one batch, no padding, no KV cache:
-    the same code path for every candidate, ONNX included)."""
+    """Greedy continuation of each row of ``prompts`` ``[P, L]`` (one batch, no padding, no KV cache),
+    for the reference; candidates are teacher-forced on its tokens (see :func:`_run_all`)."""
     ids = prompts.to(torch.int64)
     for _ in range(n_new):
         logits = run(ids, torch.ones_like(ids))[:, -1]
@@ -143,25 +156,48 @@ def _diag_index(probes: Sequence[Probe]) -> int:
     return next((i for i, p in enumerate(probes) if p.kind == DIAG_PROBE_KIND), 0)
 
 
-def _run_all(model_or_runner, probes, greedy_prompts, n_tokens, watch, progress, desc):
-    run = torch_runner(model_or_runner) if isinstance(model_or_runner, nn.Module) else model_or_runner
+def _diag_rows(probes: Sequence[Probe]) -> tuple[int, int, int]:
+    """(first row, end row, length) of the diagnostic probe in the batch of all probes."""
     diag = _diag_index(probes)
-    logits, acts = [], {}
-    bar = tqdm(total=len(probes) + n_tokens, desc=desc, disable=bar_disabled(progress), leave=False)
+    start = sum(p.input_ids.shape[0] for p in probes[:diag])
+    p = probes[diag]
+    return start, start + p.input_ids.shape[0], p.input_ids.shape[1]
+
+
+def _run_all(model_or_runner, probes, greedy_prompts, n_tokens, watch, progress, desc, greedy_of=None):
+    """Logits on every probe, greedy tokens, and the diagnostic probe's module outputs.
+
+    The probes run as one batch.  ``greedy_of``: the reference's greedy tokens; the candidate is then
+    *teacher-forced* on them in the same batch: its argmax after each reference prefix.  Up to the first
+    mismatch these are exactly the tokens its own greedy decoding would produce, so "identical greedy
+    tokens" and the first divergence are decided without decoding token by token."""
+    run = torch_runner(model_or_runner) if isinstance(model_or_runner, nn.Module) else model_or_runner
+    batches = [(p.input_ids, p.attention_mask) for p in probes]
+    if greedy_of is not None:
+        forced = torch.cat([greedy_prompts.to(torch.int64), torch.tensor(greedy_of, dtype=torch.int64)], dim=1)
+        batches.append((forced, torch.ones_like(forced)))
+    acts = {}
+    bar = tqdm(total=1 + (0 if greedy_of is not None else n_tokens), desc=desc, disable=bar_disabled(progress),
+               leave=False)
     try:
-        for i, p in enumerate(probes):
-            if i == diag and isinstance(model_or_runner, nn.Module) and watch:
-                with record_outputs(model_or_runner, watch) as store:
-                    logits.append(run(p.input_ids, p.attention_mask))
-                acts = dict(store)
-            else:
-                logits.append(run(p.input_ids, p.attention_mask))
-            bar.update()
-        counted = run if bar.disable else _counting(run, bar)
-        greedy = greedy_tokens(counted, greedy_prompts, n_tokens)
+        if isinstance(model_or_runner, nn.Module) and watch:
+            with record_outputs(model_or_runner, watch) as store:
+                outs = run_batches(run, batches)
+            a, b, length = _diag_rows(probes)
+            total = sum(i.shape[0] for i, _ in batches)
+            acts = {k: (v[a:b, :length] if v.dim() >= 2 and v.shape[0] == total else v) for k, v in store.items()}
+        else:
+            outs = run_batches(run, batches)
+        bar.update()
+        if greedy_of is not None:
+            width = greedy_prompts.shape[1]
+            greedy = outs.pop()[:, width - 1:width - 1 + n_tokens].argmax(-1).tolist()
+        else:
+            counted = run if bar.disable else _counting(run, bar)
+            greedy = greedy_tokens(counted, greedy_prompts, n_tokens)
     finally:
         bar.close()
-    return logits, greedy, acts
+    return outs, greedy, acts
 
 
 def _counting(run: Runner, bar) -> Runner:
@@ -194,10 +230,7 @@ def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor,
         samples = []
         for seed in range(FLOOR_SAMPLES):
             with attach_affine(model, rounding_perturbed(affines, seed=seed)):
-                run = torch_runner(model)
-                cand = [run(p.input_ids, p.attention_mask) for p in tqdm(
-                    probes, desc=f"verify: noise floor {seed + 1}/{FLOOR_SAMPLES}", disable=bar_disabled(progress),
-                    leave=False)]
+                cand = run_batches(torch_runner(model), [(p.input_ids, p.attention_mask) for p in probes])
             samples.append(logit_stats(probes, logits, cand))
         worst = max(samples, key=lambda st: st.max_rel)
         floor = NoiseFloor(max_rel=worst.max_rel, max_abs=worst.max_abs, mean_kl=worst.mean_kl,
@@ -311,7 +344,7 @@ def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, labe
     """
     tol = get_tolerance(tolerance) if isinstance(tolerance, str) else tolerance
     logits, greedy, acts = _run_all(candidate, reference.probes, reference.greedy_prompts, reference.n_tokens,
-                                    reference.watch, progress, f"verify: {label}")
+                                    reference.watch, progress, f"verify: {label}", greedy_of=reference.greedy)
     st = logit_stats(reference.probes, reference.logits, logits)
     max_abs, max_rel, mean_kl, top1 = st.max_abs, st.max_rel, st.mean_kl, st.top1
     floor = reference.noise_floor.max_rel if reference.noise_floor is not None else None
@@ -321,8 +354,9 @@ def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, labe
         same = want == got
         matched += same
         first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        # Teacher-forced: after its first divergence the candidate's own decoding is unknown, so stop there.
         detail.append({"prompt_len": int(prompt.numel()), "identical": same, "first_mismatch": first,
-                       "reference": want, "candidate": got})
+                       "reference": want, "candidate": got if first is None else got[:first + 1]})
     failures = []
     if rel_limit is not None and not _le(max_rel, rel_limit):
         floor_note = f" (limit from noise floor {floor:.3g})" if floor is not None and tol.noise_multiple else ""
