@@ -26,7 +26,9 @@ from bake.verify import (
     VerificationReport,
     compare,
     probe_stats,
+    greedy_tokens,
     record_reference,
+    torch_runner,
     site_divergence,
     watch_modules,
 )
@@ -281,3 +283,24 @@ def test_rounding_perturbation_moves_every_entry_by_exactly_one_ulp():
         assert (y > x).any() and (y < x).any()  # random direction
     (qs, _), = rounding_perturbed({"site": (s, t)}, seed=1).values()
     assert not torch.equal(ps, qs)
+
+
+def test_teacher_forced_greedy_finds_the_candidates_own_first_divergence(llama, maps):
+    """Candidates are not decoded token by token: they are teacher-forced on the reference's greedy
+    tokens.  The first divergence found that way must be where the candidate's own greedy decoding
+    first differs."""
+    aff = affines(maps)
+    ref = record_reference(llama, aff, n_tokens=6)
+    broken = copy.deepcopy(llama)
+    chosen = ref.greedy[0][2]
+    other = 7 if chosen != 7 else 8
+    with torch.no_grad():  # another token takes twice the logit of the one chosen at step 2: decoding changes
+        broken.lm_head.weight[other] = broken.lm_head.weight[chosen] * 2
+    with steered(broken, maps, 1.0):
+        check, _ = compare(broken, ref, "torch-float32", label="broken")
+        own = greedy_tokens(torch_runner(broken), ref.greedy_prompts, ref.n_tokens)
+    firsts = [next((i for i, (a, b) in enumerate(zip(w, o)) if a != b), None) for w, o in zip(ref.greedy, own)]
+    assert any(f is not None for f in firsts)  # the corruption changed decoding: the check below can fail
+    assert [d["first_mismatch"] for d in check.greedy_detail] == firsts
+    for d, o, f in zip(check.greedy_detail, own, firsts):
+        assert d["candidate"] == (o if f is None else o[:f + 1])
