@@ -204,7 +204,7 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     writes the export shard by shard from the source folder and verifies the *written* export
     against the hooked reference (``VerificationError`` and nothing written when it differs).
     ``max_memory``: bytes of weights in memory while verifying, the block being read included (None:
-    the largest block plus 1 GiB, :func:`bake.checkpoint.default_max_memory`); the rest is read per block.
+    the largest block plus 512 MiB, :func:`bake.checkpoint.default_max_memory`); the rest is read per block.
     ``plan_only``: return the plan (what ``--dry-run`` prints); reads no weight unless a site's
     output size can only be measured by running the model.
     """

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", default="auto", metavar="SIZE",
                    help="weights held in memory while verifying a local checkpoint, e.g. 4GiB or 8GB; blocks "
                         "beyond it are read from the checkpoint's shards as they run, so any model size bakes. "
-                        "auto (default): the model's largest block plus 1 GiB. More is faster, up to the model's "
+                        "auto (default): the model's largest block plus 512 MiB. More is faster, up to the model's "
                         "size (then it runs whole)")
     p.add_argument("--dry-run", action="store_true", help="print the fold plan and exit without writing anything")
     p.add_argument("--require-standard", action="store_true",

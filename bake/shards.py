@@ -211,8 +211,8 @@ class ShardWriter:
             missing = [e.key for e in self.entries[self._next:]]
             self._fh.close()
             raise RuntimeError(f"{self.path.name}: {len(missing)} tensor(s) never written, e.g. {missing[0]!r}")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        # No fsync: like save_pretrained, durability is the file system's; what matters here is that a
+        # killed run leaves no partial export, which the temporary folder and its rename guarantee.
         self._fh.close()
 
 

@@ -173,11 +173,12 @@ def _run_all(model_or_runner, probes, greedy_prompts, n_tokens, watch, progress,
     tokens" and the first divergence are decided without decoding token by token."""
     run = torch_runner(model_or_runner) if isinstance(model_or_runner, nn.Module) else model_or_runner
     batches = [(p.input_ids, p.attention_mask) for p in probes]
-    if greedy_of is not None:
-        forced = torch.cat([greedy_prompts.to(torch.int64), torch.tensor(greedy_of, dtype=torch.int64)], dim=1)
-        batches.append((forced, torch.ones_like(forced)))
+    prompts = greedy_prompts.to(torch.int64)
+    # The reference's first greedy step rides along with the probes; a candidate's whole check does.
+    forced = prompts if greedy_of is None else torch.cat([prompts, torch.tensor(greedy_of, dtype=torch.int64)], 1)
+    batches.append((forced, torch.ones_like(forced)))
     acts = {}
-    bar = tqdm(total=1 + (0 if greedy_of is not None else n_tokens), desc=desc, disable=bar_disabled(progress),
+    bar = tqdm(total=1 + (0 if greedy_of is not None else n_tokens - 1), desc=desc, disable=bar_disabled(progress),
                leave=False)
     try:
         if isinstance(model_or_runner, nn.Module) and watch:
@@ -189,12 +190,14 @@ def _run_all(model_or_runner, probes, greedy_prompts, n_tokens, watch, progress,
         else:
             outs = run_batches(run, batches)
         bar.update()
+        width = prompts.shape[1]
         if greedy_of is not None:
-            width = greedy_prompts.shape[1]
             greedy = outs.pop()[:, width - 1:width - 1 + n_tokens].argmax(-1).tolist()
         else:
+            first = outs.pop()[:, -1].argmax(-1, keepdim=True)
             counted = run if bar.disable else _counting(run, bar)
-            greedy = greedy_tokens(counted, greedy_prompts, n_tokens)
+            rest = greedy_tokens(counted, torch.cat([prompts, first], 1), n_tokens - 1)
+            greedy = [[f, *r] for f, r in zip(first[:, 0].tolist(), rest)]
     finally:
         bar.close()
     return outs, greedy, acts

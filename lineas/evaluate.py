@@ -219,9 +219,11 @@ def input_device(model) -> torch.device:
     return param.device
 
 
+@torch.no_grad()
 def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The one ids -> logits runner (fluency here, bake verification too): float32 ``[B, L, V]``
-    on the model's device, inputs moved there, no KV cache."""
+    on the model's device, inputs moved there, no KV cache.  Without gradients: a graph would keep
+    every weight of the pass alive, and an offloaded model would then hold all of its layers at once."""
     device = input_device(model)
     mask = None if attention_mask is None else attention_mask.to(device)
     out = model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
