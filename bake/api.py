@@ -38,7 +38,7 @@ from lineas.models import (
 from lineas.provenance import config_fingerprint
 
 from .errors import BakeError, VerificationError
-from .checkpoint import load_bounded, load_config, load_skeleton, safetensors_folder
+from .checkpoint import load_bounded, load_config, load_skeleton, release_memory, safetensors_folder
 from .execute import apply_plan, check_applicable, commit_plan, compute_folded
 from .history import (
     BAKED_KEY,
@@ -201,8 +201,9 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
 
     Same checks and errors as :func:`bake`.  Returns a :class:`BakedModel` whose ``model`` is a
     skeleton on the meta device with the baked structure and config; its ``save_pretrained``
-    writes the export shard by shard from the source folder and verifies the *written* export
-    against the hooked reference (``VerificationError`` and nothing written when it differs).
+    records the hooked reference while it writes the export shard by shard from the source
+    folder, then verifies the *written* export against it (``VerificationError``, or
+    ``NonFiniteReferenceError`` for maps that overflow the hooked model, and nothing written).
     ``max_memory``: bytes of weights in memory while verifying, the block being read included (None:
     the largest block plus 512 MiB, :func:`bake.checkpoint.default_max_memory`); the rest is read per block.
     ``plan_only``: return the plan (what ``--dry-run`` prints); reads no weight unless a site's
@@ -226,20 +227,17 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     eff_maps = check_applicable(skeleton, fold_plan, eff, allow_rebake=allow_rebake)
     store = FolderStore(folder, checkpoint_keys(skeleton, folder))
     final = compute_folded(skeleton, fold_plan, eff_maps, store)  # bad maps fail here, before the slow part
+    release_memory()  # the consumer weights read by the fold
     tok = load_tokenizer(str(folder.folder), trust_remote_code=trust_remote_code)
-    reference = None
-    if verify:
-        with runnable() as m:
-            reference = record_reference(m, {s: (x.scale, x.shift) for s, x in eff.items()}, tokenizer=tok,
-                                         n_tokens=verify_tokens, progress=progress)
     commit_plan(skeleton, fold_plan, eff_maps, final, maps_record=maps_records(sources))
     if legacy:
         setattr(skeleton.config, BAKED_KEY, legacy + recorded_bakes(skeleton.config))
-    if reference is None:
+    if not verify:
         log.warning("verification skipped: the baked model will NOT be compared with the hooked model")
-        report = VerificationReport(skipped=True)
-    else:
-        report = VerificationReport.for_reference(reference)
+    # The hooked reference is recorded by save_pretrained, while the shards are written (see
+    # bake.export._export_hf_streamed): the two take about as long, and neither needs the other.
+    report = VerificationReport(skipped=not verify)
     source = StreamSource(store=store, maps=eff_maps, device=device, max_memory=max_memory,
-                          trust_remote_code=trust_remote_code, site_notes=_site_notes(fold_plan))
-    return BakedModel(skeleton, tok, fold_plan, report, sources, base, eff, reference, source=source)
+                          trust_remote_code=trust_remote_code, site_notes=_site_notes(fold_plan), verify=verify,
+                          verify_tokens=verify_tokens, progress=progress)
+    return BakedModel(skeleton, tok, fold_plan, report, sources, base, eff, None, source=source)

@@ -47,7 +47,14 @@ import torch
 from .card import write_json, write_provenance, write_verification
 from .errors import BakeError
 from .stream import materialised
-from .export import ExportOptions, ExportResult, copy_base_files, export_info, register_exporter
+from .export import (
+    ExportOptions,
+    ExportResult,
+    copy_base_files,
+    ensure_reference,
+    export_info,
+    register_exporter,
+)
 from .verify import CheckResult, Reference, Runner, bar_disabled, compare
 
 if TYPE_CHECKING:
@@ -342,6 +349,7 @@ def export_onnx(baked: BakedModel, folder: Path, opts: ExportOptions, *,
     from tqdm.auto import tqdm
 
     require_onnx_extra()
+    ensure_reference(baked)
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     out = Path(folder) / ONNX_SUBDIR
     if opts.dtype != "float32":

@@ -42,6 +42,9 @@ class StreamSource:
     max_memory: int | None  # bytes of weights in memory while verifying (None: bake.checkpoint's default)
     trust_remote_code: bool
     site_notes: dict[str, str]  # sites whose own output differs by design (see bake.api._site_notes)
+    verify: bool = True  # record the hooked reference and verify the written export
+    verify_tokens: int = 8
+    progress: bool | None = False
 
 
 @dataclass
@@ -61,7 +64,9 @@ class BakedModel:
 
     @property
     def verified(self) -> bool:
-        return not self.report.skipped and self.report.passed
+        """True once the baked model was compared with the hooked one and passed (for
+        :func:`bake.api.bake_folder`, that happens in ``save_pretrained``)."""
+        return not self.report.skipped and self.report.passed and self.reference is not None
 
     @property
     def bakes(self) -> list[dict]:

@@ -106,51 +106,52 @@ class ShardFolder:
         return self.infos[key]
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor ``key`` (read now, from its shard)."""
-        from safetensors import safe_open
-
+        """The tensor ``key``, read now from its shard (with plain reads: a memory map would count the
+        file's pages in this process's memory until it is closed)."""
         info = self.infos[key]
-        with safe_open(str(info.file), framework="pt", device="cpu") as f:
-            return f.get_tensor(key)
+        return decode(next(raw_blocks(info, max(1, info.nbytes)), bytearray()), info.dtype, info.shape)
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
 
 
-def raw_blocks(info: TensorInfo, block: int = COPY_BLOCK) -> Iterator[bytes]:
-    """The stored bytes of one tensor, in blocks (no decoding)."""
+def raw_blocks(info: TensorInfo, block: int = COPY_BLOCK) -> Iterator[bytearray]:
+    """The stored bytes of one tensor, in fresh blocks of at most ``block`` bytes (no decoding)."""
     with open(info.file, "rb") as fh:
         fh.seek(info.begin)
         left = info.nbytes
         while left:
-            chunk = fh.read(min(block, left))
-            if not chunk:
-                raise ShardFormatError(f"{info.file} ends inside tensor {info.key!r}")
-            left -= len(chunk)
-            yield chunk
+            buf = bytearray(min(block, left))
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise ShardFormatError(f"{info.file} ends inside tensor {info.key!r}")
+                got += n
+            left -= len(buf)
+            yield buf
 
 
-def converted_blocks(src: ShardFolder, info: TensorInfo, dtype: torch.dtype,
-                     block: int = COPY_BLOCK) -> Iterator[torch.Tensor]:
-    """``info``'s tensor cast to ``dtype`` in row blocks (a 2 GB embedding never sits in memory whole).
+def decode(data: bytearray, dtype: torch.dtype, shape: Sequence[int] = (-1,)) -> torch.Tensor:
+    """Little-endian safetensors bytes as a tensor that shares ``data`` (no copy)."""
+    if not data:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(tuple(shape))
+
+
+def converted_blocks(info: TensorInfo, dtype: torch.dtype, block: int = COPY_BLOCK) -> Iterator[torch.Tensor]:
+    """``info``'s tensor cast to ``dtype``, block by block (a 2 GB embedding never sits in memory whole).
     Raises :class:`bake.errors.NonFiniteCastError` when the cast overflows."""
-    from safetensors import safe_open
-
     from .errors import NonFiniteCastError
 
-    with safe_open(str(info.file), framework="pt", device="cpu") as f:
-        if len(info.shape) == 0:
-            blocks = [f.get_tensor(info.key)]
-        else:
-            sl = f.get_slice(info.key)
-            rows = max(1, block // max(1, info.nbytes // max(1, info.shape[0])))
-            blocks = (sl[r:r + rows] for r in range(0, info.shape[0], rows))
-        for b in blocks:
-            out = b.to(dtype)
-            n_bad = int((~torch.isfinite(out)).sum()) - int((~torch.isfinite(b)).sum())
-            if n_bad > 0:
-                raise NonFiniteCastError(dtype, {info.key: n_bad})
-            yield out
+    item = torch.empty((), dtype=info.dtype).element_size()
+    for raw in raw_blocks(info, block - block % item):
+        b = decode(raw, info.dtype)
+        out = b.to(dtype)
+        n_bad = int((~torch.isfinite(out)).sum()) - int((~torch.isfinite(b)).sum())
+        if n_bad > 0:
+            raise NonFiniteCastError(dtype, {info.key: n_bad})
+        yield out
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ def _data(t: OutTensor, src: ShardFolder, final: Mapping[str, torch.Tensor], map
     if t.source is Source.COPY:
         return raw_blocks(src.info(t.src_key))
     if t.source is Source.CONVERT:
-        return converted_blocks(src, src.info(t.src_key), t.dtype)
+        return converted_blocks(src.info(t.src_key), t.dtype)
     if t.source is Source.AFFINE:
         site, _, attr = t.key.rpartition(".")
         m = maps[site]

@@ -289,27 +289,35 @@ def first_nonfinite_module(model: nn.Module, probe: Probe) -> str | None:
 
 
 # ----------------------------------------------------------------------------- comparison
+STATS_CHUNK = 16  # positions per float64 block in probe_stats: a 256k vocabulary stays ~33 MB per temporary
+
+
 def probe_stats(name: str, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor):
-    """Per-probe metrics over valid positions; also returns (kl_sum, agree, n) for pooling."""
+    """Per-probe metrics over valid positions; also returns (kl_sum, agree, n) for pooling.
+    Computed in float64, a few positions at a time (the logits of a large vocabulary are big)."""
     if cand.shape != ref.shape:
         nan = float("nan")
         return ProbeStats(name, nan, nan, nan, 0.0, 0), (nan, 0, int(mask.sum()))
     valid = mask.bool()
-    r = ref[valid].double()  # [N, V]
-    c = cand[valid].double()
-    diff = (c - r).abs()
-    max_abs = float(diff.max()) if diff.numel() else 0.0
-    if not torch.isfinite(c).all():
+    r_all, c_all = ref[valid], cand[valid]  # [N, V]
+    n = r_all.shape[0]
+    max_abs, denom, kl_sum, agree = 0.0, 0.0, 0.0, 0
+    for i in range(0, n, STATS_CHUNK):
+        r = r_all[i:i + STATS_CHUNK].double()
+        c = c_all[i:i + STATS_CHUNK].double()
+        max_abs = max(max_abs, float((c - r).abs().max()))
+        denom = max(denom, float(r.abs().max()))
+        lp_r = torch.log_softmax(r, -1)
+        lp_c = torch.log_softmax(c, -1)
+        kl_sum += float((lp_r.exp() * (lp_r - lp_c)).sum())
+        agree += int((r.argmax(-1) == c.argmax(-1)).sum())
+    if not torch.isfinite(c_all).all():
         max_abs = float("inf")
-    denom = float(r.abs().max()) if r.numel() else 1.0
+    if n == 0:
+        denom = 1.0
     max_rel = max_abs / denom if denom > 0 else max_abs
-    lp_r = torch.log_softmax(r, -1)
-    lp_c = torch.log_softmax(c, -1)
-    kl = (lp_r.exp() * (lp_r - lp_c)).sum(-1)  # [N]
-    agree = int((r.argmax(-1) == c.argmax(-1)).sum())
-    n = r.shape[0]
-    stats = ProbeStats(name, max_abs, max_rel, float(kl.mean()) if n else 0.0, agree / n if n else 1.0, n)
-    return stats, (float(kl.sum()), agree, n)
+    stats = ProbeStats(name, max_abs, max_rel, kl_sum / n if n else 0.0, agree / n if n else 1.0, n)
+    return stats, (kl_sum, agree, n)
 
 
 @dataclass(frozen=True)
