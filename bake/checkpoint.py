@@ -173,7 +173,8 @@ def default_max_memory(skeleton: nn.Module) -> int:
 def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  max_memory: int | None = None, trust_remote_code: bool = False):
     """Yield the model of ``folder`` in ``dtype``, ready to run with at most ``max_memory`` bytes of
-    weights in memory (None: :func:`default_max_memory`); the model is released on exit."""
+    weights in memory (None: :func:`default_max_memory`).  On exit the model is freed and its memory
+    handed back to the OS, provided the caller holds no reference to it any more (``del`` it in the block)."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)

@@ -334,6 +334,7 @@ def _check_written(baked: BakedModel, folder: Path, dtype: str, tolerance: str, 
     with load_bounded(folder, dtype=EXPORT_DTYPES[dtype], device=src.device, max_memory=src.max_memory,
                       trust_remote_code=has_remote_code(folder)) as model:  # our own freshly written code
         check, acts = compare(model, baked.reference, tolerance, label=label, progress=opts.progress)
+        del model  # the last reference: load_bounded frees it and hands the memory back
     sites = site_divergence(baked.reference, acts, baked.effective, src.site_notes)
     return check, sites
 
@@ -365,8 +366,10 @@ def _record_source_reference(baked: BakedModel):
     src = baked.source
     with load_bounded(src.store.folder.folder, device=src.device, max_memory=src.max_memory,
                       trust_remote_code=src.trust_remote_code) as model:
-        return record_reference(model, {s: (m.scale, m.shift) for s, m in baked.effective.items()},
-                                tokenizer=baked.tokenizer, n_tokens=src.verify_tokens, progress=src.progress)
+        reference = record_reference(model, {s: (m.scale, m.shift) for s, m in baked.effective.items()},
+                                     tokenizer=baked.tokenizer, n_tokens=src.verify_tokens, progress=src.progress)
+        del model  # the last reference: load_bounded frees it and hands the memory back
+    return reference
 
 
 def ensure_reference(baked: BakedModel) -> None:

@@ -97,6 +97,7 @@ def check_site_outputs(model: nn.Module, modules: Mapping[str, nn.Module], maps:
         if runnable is not None and _on_meta(model):
             with runnable() as real:
                 _check_by_forward(real, checks)
+                del real  # freed on leaving the block
         else:
             _check_by_forward(model, checks)
 

@@ -34,7 +34,7 @@ from lineas.hooks import attach_affine
 from .errors import FoldError
 from .noise_floor import SAMPLES as FLOOR_SAMPLES
 from .noise_floor import NoiseFloor, rounding_perturbed
-from .probes import Probe, build_greedy_prompts, build_probes
+from .probes import Probe, build_greedy_prompts, build_probes, model_vocab_size
 from .report import (  # noqa: F401  (re-exported: callers import the report types from here)
     METRIC_DEFINITIONS,
     CheckResult,
@@ -84,6 +84,49 @@ def run_batches(run: Runner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]
     out = run(ids, mask)
     rows = torch.tensor([0] + [i.shape[0] for i, _ in batches]).cumsum(0).tolist()
     return [out[a:b, :i.shape[1]] for a, b, (i, _) in zip(rows, rows[1:], batches)]
+
+
+LOGITS_BUDGET = 256 << 20  # bytes of float32 logits per forward pass (a 256k vocabulary: ~260 positions)
+
+
+def _groups(batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab: int, first: int) -> list[list[int]]:
+    """Batch indices packed into as few forward passes as keep each pass's padded logits under
+    :data:`LOGITS_BUDGET`; batch ``first`` opens the first pass."""
+    cap = max(1, LOGITS_BUDGET // (4 * max(1, vocab)))
+    order = [first] + sorted((i for i in range(len(batches)) if i != first), key=lambda i: -batches[i][0].shape[1])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1] + [i]
+            width = max(batches[j][0].shape[1] for j in g)
+            if sum(batches[j][0].shape[0] for j in g) * width <= cap:
+                groups[-1] = g
+                continue
+        groups.append([i])
+    return groups
+
+
+def run_grouped(run: Runner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab: int, *,
+                first: int = 0, record=None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Logits of every batch, in as few passes as :func:`_groups` allows.  ``record``: a context manager
+    factory (:func:`record_outputs`) active during the first pass; returns batch ``first``'s rows of
+    what it recorded."""
+    outs: list[torch.Tensor | None] = [None] * len(batches)
+    acts: dict[str, torch.Tensor] = {}
+    for g, idxs in enumerate(_groups(batches, vocab, first)):
+        sub = [batches[i] for i in idxs]
+        if g == 0 and record is not None:
+            with record() as store:
+                res = run_batches(run, sub)
+            rows, length = batches[first][0].shape
+            total = sum(b[0].shape[0] for b in sub)
+            acts = {k: (v[:rows, :length].clone() if v.dim() >= 2 and v.shape[0] == total else v)
+                    for k, v in store.items()}
+        else:
+            res = run_batches(run, sub)
+        for i, r in zip(idxs, res):
+            outs[i] = r
+    return outs, acts
 
 
 def greedy_tokens(run: Runner, prompts: torch.Tensor, n_new: int) -> list[list[int]]:
@@ -156,18 +199,12 @@ def _diag_index(probes: Sequence[Probe]) -> int:
     return next((i for i, p in enumerate(probes) if p.kind == DIAG_PROBE_KIND), 0)
 
 
-def _diag_rows(probes: Sequence[Probe]) -> tuple[int, int, int]:
-    """(first row, end row, length) of the diagnostic probe in the batch of all probes."""
-    diag = _diag_index(probes)
-    start = sum(p.input_ids.shape[0] for p in probes[:diag])
-    p = probes[diag]
-    return start, start + p.input_ids.shape[0], p.input_ids.shape[1]
-
-
-def _run_all(model_or_runner, probes, greedy_prompts, n_tokens, watch, progress, desc, greedy_of=None):
+def _run_all(model_or_runner, probes, greedy_prompts, n_tokens, watch, progress, desc, greedy_of=None,
+             reference_vocab: int | None = None):
     """Logits on every probe, greedy tokens, and the diagnostic probe's module outputs.
 
-    The probes run as one batch.  ``greedy_of``: the reference's greedy tokens; the candidate is then
+    The probes run as one batch (:func:`run_grouped`; the logits of a large vocabulary are split over a
+    few passes).  ``reference_vocab``: the logits' width, for runners that are not torch models.  ``greedy_of``: the reference's greedy tokens; the candidate is then
     *teacher-forced* on them in the same batch: its argmax after each reference prefix.  Up to the first
     mismatch these are exactly the tokens its own greedy decoding would produce, so "identical greedy
     tokens" and the first divergence are decided without decoding token by token."""
@@ -177,18 +214,13 @@ def _run_all(model_or_runner, probes, greedy_prompts, n_tokens, watch, progress,
     # The reference's first greedy step rides along with the probes; a candidate's whole check does.
     forced = prompts if greedy_of is None else torch.cat([prompts, torch.tensor(greedy_of, dtype=torch.int64)], 1)
     batches.append((forced, torch.ones_like(forced)))
-    acts = {}
+    vocab = reference_vocab if reference_vocab else model_vocab_size(model_or_runner)
     bar = tqdm(total=1 + (0 if greedy_of is not None else n_tokens - 1), desc=desc, disable=bar_disabled(progress),
                leave=False)
     try:
-        if isinstance(model_or_runner, nn.Module) and watch:
-            with record_outputs(model_or_runner, watch) as store:
-                outs = run_batches(run, batches)
-            a, b, length = _diag_rows(probes)
-            total = sum(i.shape[0] for i, _ in batches)
-            acts = {k: (v[a:b, :length] if v.dim() >= 2 and v.shape[0] == total else v) for k, v in store.items()}
-        else:
-            outs = run_batches(run, batches)
+        record = (lambda: record_outputs(model_or_runner, watch)) if (
+            isinstance(model_or_runner, nn.Module) and watch) else None
+        outs, acts = run_grouped(run, batches, vocab, first=_diag_index(probes), record=record)
         bar.update()
         width = prompts.shape[1]
         if greedy_of is not None:
@@ -233,7 +265,8 @@ def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor,
         samples = []
         for seed in range(FLOOR_SAMPLES):
             with attach_affine(model, rounding_perturbed(affines, seed=seed)):
-                cand = run_batches(torch_runner(model), [(p.input_ids, p.attention_mask) for p in probes])
+                cand, _ = run_grouped(torch_runner(model), [(p.input_ids, p.attention_mask) for p in probes],
+                                      model_vocab_size(model))
             samples.append(logit_stats(probes, logits, cand))
         worst = max(samples, key=lambda st: st.max_rel)
         floor = NoiseFloor(max_rel=worst.max_rel, max_abs=worst.max_abs, mean_kl=worst.mean_kl,
@@ -355,7 +388,8 @@ def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, labe
     """
     tol = get_tolerance(tolerance) if isinstance(tolerance, str) else tolerance
     logits, greedy, acts = _run_all(candidate, reference.probes, reference.greedy_prompts, reference.n_tokens,
-                                    reference.watch, progress, f"verify: {label}", greedy_of=reference.greedy)
+                                    reference.watch, progress, f"verify: {label}", greedy_of=reference.greedy,
+                                    reference_vocab=reference.logits[0].shape[-1])
     st = logit_stats(reference.probes, reference.logits, logits)
     max_abs, max_rel, mean_kl, top1 = st.max_abs, st.max_rel, st.mean_kl, st.top1
     floor = reference.noise_floor.max_rel if reference.noise_floor is not None else None
