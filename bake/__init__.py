@@ -7,7 +7,7 @@ The public API mirrors the ``lineas-bake`` CLI::
     baked.save_pretrained("out-dir", dtype="bfloat16")
 """
 
-from .api import bake, plan_bake
+from .api import bake, bake_folder, plan_bake
 from .errors import BakeError, FoldError, VerificationError
 from .export import (
     EXPORTERS,
@@ -38,6 +38,7 @@ __all__ = [
     "VerificationError",
     "VerificationReport",
     "bake",
+    "bake_folder",
     "default_out_dir",
     "export",
     "plan_bake",

@@ -91,9 +91,10 @@ LOGITS_BUDGET = 256 << 20  # bytes of float32 logits per forward pass (a 256k vo
 
 def _groups(batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab: int, first: int) -> list[list[int]]:
     """Batch indices packed into as few forward passes as keep each pass's padded logits under
-    :data:`LOGITS_BUDGET`; batch ``first`` opens the first pass."""
+    :data:`LOGITS_BUDGET`, widest first."""
     cap = max(1, LOGITS_BUDGET // (4 * max(1, vocab)))
-    order = [first] + sorted((i for i in range(len(batches)) if i != first), key=lambda i: -batches[i][0].shape[1])
+    # Widest first (padding wastes least); ``first`` leads its width class so that it opens the first pass.
+    order = sorted(range(len(batches)), key=lambda i: (-batches[i][0].shape[1], i != first))
     groups: list[list[int]] = []
     for i in order:
         if groups:
@@ -109,18 +110,19 @@ def _groups(batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab: int, fi
 def run_grouped(run: Runner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab: int, *,
                 first: int = 0, record=None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Logits of every batch, in as few passes as :func:`_groups` allows.  ``record``: a context manager
-    factory (:func:`record_outputs`) active during the first pass; returns batch ``first``'s rows of
-    what it recorded."""
+    factory (:func:`record_outputs`) active during the pass that holds batch ``first``; returns that
+    batch's rows of what it recorded."""
     outs: list[torch.Tensor | None] = [None] * len(batches)
     acts: dict[str, torch.Tensor] = {}
-    for g, idxs in enumerate(_groups(batches, vocab, first)):
+    for idxs in _groups(batches, vocab, first):
         sub = [batches[i] for i in idxs]
-        if g == 0 and record is not None:
+        if first in idxs and record is not None:
             with record() as store:
                 res = run_batches(run, sub)
+            start = sum(batches[i][0].shape[0] for i in idxs[:idxs.index(first)])
             rows, length = batches[first][0].shape
             total = sum(b[0].shape[0] for b in sub)
-            acts = {k: (v[:rows, :length].clone() if v.dim() >= 2 and v.shape[0] == total else v)
+            acts = {k: (v[start:start + rows, :length].clone() if v.dim() >= 2 and v.shape[0] == total else v)
                     for k, v in store.items()}
         else:
             res = run_batches(run, sub)
