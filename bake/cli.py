@@ -139,6 +139,8 @@ def _checked_out(args):
     local = resolve_model(args.model)  # a folder, or a Hub id (then the export re-checks with the loaded size)
     n = checkpoint_numel(local)
     needed = export_bytes(n, EXPORT_DTYPES[args.dtype].itemsize, parse_formats(args.format)) if n else None
+    if needed and args.dtype != "float32" and not args.no_verify:
+        needed += n * 4  # out of core, the fold is checked on a float32 scratch copy (bake.export_stream)
     return check_out_dir(args.out or default_out_dir(args.model), args.overwrite, model_dir=local,
                          needed_bytes=needed)
 

@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import shutil
-import sys
-import threading
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,27 +33,21 @@ from tqdm.auto import tqdm
 from lineas.models import TOKENIZER_FILES
 
 from .card import ExportInfo, write_card, write_provenance, write_verification
-from .checkpoint import load_bounded
 from .errors import BakeError, NonFiniteCastError, VerificationError
 from .outdir import (
     OWNER_FILE,
-    Terminated,
     check_out_dir,
     export_bytes,
     move_into_place,
     sigterm_raises,
     temp_folder,
 )
-from .execute import compute_folded
-from .stream import set_config_dtype, write_baked_folder
+from .stream import set_config_dtype
 from .verify import (
     CheckResult,
-    VerificationReport,
     bar_disabled,
     compare,
     model_device,
-    record_reference,
-    site_divergence,
 )
 
 if TYPE_CHECKING:
@@ -148,7 +140,7 @@ def export(baked: BakedModel, out_dir: str | os.PathLike, *, formats: str | Sequ
     n_params = sum(p.numel() for p in baked.model.parameters())
     needed = export_bytes(n_params, EXPORT_DTYPES[opts.dtype].itemsize, opts.formats)
     if baked.source is not None and opts.dtype != "float32" and baked.source.verify:
-        needed += n_params * 4  # the float32 scratch copy the fold is checked on (see _export_hf_streamed)
+        needed += n_params * 4  # the float32 scratch copy the fold is checked on (bake.export_stream)
     out = check_out_dir(out_dir, overwrite, needed_bytes=needed)
     with sigterm_raises():
         tmp = temp_folder(out)
@@ -291,8 +283,10 @@ def reload_hf(folder: Path, dtype: str, device, trust_remote_code: bool):
 
 
 def export_hf(baked: BakedModel, folder: Path, opts: ExportOptions) -> ExportResult:
-    if baked.source is not None:
-        return _export_hf_streamed(baked, folder, opts)
+    if baked.source is not None:  # bake_folder: written shard by shard from the source checkpoint
+        from .export_stream import export_hf_streamed
+
+        return export_hf_streamed(baked, folder, opts)
     from .affine import write_remote_code
 
     steps = tqdm(total=4, desc="save", disable=bar_disabled(opts.progress), leave=False)
@@ -322,113 +316,6 @@ def export_hf(baked: BakedModel, folder: Path, opts: ExportOptions) -> ExportRes
     finally:
         steps.close()
     return ExportResult("hf", checks=checks, remote_code=remote, has_tokenizer=tok)
-
-
-FP32_CHECK_DIR = ".lineas-fp32-check"  # inside the temporary export folder; removed before the rename
-
-
-def _check_written(baked: BakedModel, folder: Path, dtype: str, tolerance: str, label: str,
-                   opts: ExportOptions) -> tuple[CheckResult, list]:
-    """Load a written folder with bounded memory and compare it with the hooked reference."""
-    src = baked.source
-    with load_bounded(folder, dtype=EXPORT_DTYPES[dtype], device=src.device, max_memory=src.max_memory,
-                      trust_remote_code=has_remote_code(folder)) as model:  # our own freshly written code
-        check, acts = compare(model, baked.reference, tolerance, label=label, progress=opts.progress)
-        del model  # the last reference: load_bounded frees it and hands the memory back
-    sites = site_divergence(baked.reference, acts, baked.effective, src.site_notes)
-    return check, sites
-
-
-class _InBackground:
-    """``fn()`` in a daemon thread (a SIGTERM of the main thread does not wait for it); :meth:`result`
-    joins and re-raises its error."""
-
-    def __init__(self, fn):
-        self._value, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name="lineas-reference")
-        self._thread.start()
-
-    def _run(self, fn) -> None:
-        try:
-            self._value = fn()
-        except BaseException as e:  # handed to the main thread by result()
-            self._error = e
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-def _record_source_reference(baked: BakedModel):
-    """The hooked reference of a streamed bake: the source checkpoint with bounded memory, hooks attached."""
-    src = baked.source
-    with load_bounded(src.store.folder.folder, device=src.device, max_memory=src.max_memory,
-                      trust_remote_code=src.trust_remote_code) as model:
-        reference = record_reference(model, {s: (m.scale, m.shift) for s, m in baked.effective.items()},
-                                     tokenizer=baked.tokenizer, n_tokens=src.verify_tokens, progress=src.progress)
-        del model  # the last reference: load_bounded frees it and hands the memory back
-    return reference
-
-
-def ensure_reference(baked: BakedModel) -> None:
-    """Record the hooked reference of a streamed bake now, if no exporter has (an export without ``hf``)."""
-    if baked.reference is None and baked.source is not None and baked.source.verify:
-        baked.reference = _record_source_reference(baked)
-        baked.report = VerificationReport.for_reference(baked.reference)
-
-
-def _export_hf_streamed(baked: BakedModel, folder: Path, opts: ExportOptions) -> ExportResult:
-    """The out-of-core HF export: shards written one by one from the source checkpoint while the hooked
-    reference is recorded (in a second thread: writing waits on the disk, the reference on the CPU), then
-    the written folder itself is what gets verified.  A float32 export is checked with the exact fp32
-    rule; another dtype is first written in float32 to a scratch folder and checked exactly there
-    (the fold), then written in its dtype and measured (the export precision), as in memory."""
-    checks, sites = [], []
-    src = baked.source
-
-    def folded(dtype: str):
-        return compute_folded(baked.model, baked.plan, src.maps, src.store, out_dtype=EXPORT_DTYPES[dtype])
-
-    with explained_cast_failure(baked.plan, opts.dtype):  # an overflow fails now, before any slow step
-        final = folded(opts.dtype)
-    pending = _InBackground(lambda: _record_source_reference(baked)) if (
-        src.verify and baked.reference is None) else None
-
-    def reference():
-        if pending is not None and baked.reference is None:
-            baked.reference = pending.result()
-            baked.report = VerificationReport.for_reference(baked.reference)
-        return baked.reference
-
-    try:
-        if opts.dtype != "float32" and src.verify:
-            scratch = folder / FP32_CHECK_DIR
-            scratch.mkdir()
-            try:
-                write_baked_folder(baked, scratch, folded("float32"), torch.float32, progress=opts.progress)
-                reference()
-                check, sites = _check_written(baked, scratch, "float32", "torch-float32",
-                                              "baked float32 (written, out of core)", opts)
-                checks.append(check)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-            if not check.passed:  # the fold is wrong: do not spend the time writing the real export
-                return ExportResult("hf", checks=checks, sites=sites)
-        with explained_cast_failure(baked.plan, opts.dtype):  # the base weights may overflow too
-            write_baked_folder(baked, folder, final, EXPORT_DTYPES[opts.dtype], progress=opts.progress)
-    finally:
-        if pending is not None and not isinstance(sys.exc_info()[1], Terminated):
-            reference()  # a bad-maps error of the reference comes first; then the writer's own error
-    remote = has_remote_code(folder)
-    tok = copy_base_files(baked, folder)
-    if src.verify:
-        check, written_sites = _check_written(baked, folder, opts.dtype, f"reload-{opts.dtype}",
-                                              f"exported {opts.dtype}, reloaded", opts)
-        checks.append(check)
-        sites = sites or written_sites
-    return ExportResult("hf", checks=checks, remote_code=remote, has_tokenizer=tok, sites=sites)
 
 
 register_exporter("hf", export_hf)

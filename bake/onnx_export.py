@@ -46,12 +46,12 @@ import torch
 
 from .card import write_json, write_provenance, write_verification
 from .errors import BakeError
+from .export_stream import ensure_reference
 from .stream import materialised
 from .export import (
     ExportOptions,
     ExportResult,
     copy_base_files,
-    ensure_reference,
     export_info,
     register_exporter,
 )

@@ -82,9 +82,12 @@ def _renamed(name: str, sites: list[str]) -> str:
     return name
 
 
-def _pre(name: str) -> str:
+def _pre(name: str, sites: list[str]) -> str:
     """The pre-commit name of a committed parameter name (``S.inner.weight`` -> ``S.weight``)."""
-    return name.replace(".inner.", ".", 1) if ".inner." in name else name
+    for s in sites:
+        if name.startswith(s + ".inner."):
+            return f"{s}.{name[len(s) + 7:]}"
+    return name
 
 
 def output_layout(committed: nn.Module, store: FolderStore, final: Mapping[str, torch.Tensor],
@@ -105,7 +108,8 @@ def output_layout(committed: nn.Module, store: FolderStore, final: Mapping[str, 
         for key in src.file_keys[fname]:
             info = src.info(key)
             out_key = _renamed(key, sites)
-            folded = next((_pre(n) for n in tied_with.get(out_key, [out_key]) if _pre(n) in final), None)
+            names = [_pre(n, sites) for n in tied_with.get(out_key, [out_key])]
+            folded = next((n for n in names if n in final), None)
             if folded is not None:
                 t = OutTensor(out_key, Source.FOLDED, folded, final[folded].dtype, tuple(final[folded].shape))
             elif out_dtype is not None and info.dtype.is_floating_point and info.dtype != out_dtype:
@@ -124,7 +128,7 @@ def output_layout(committed: nn.Module, store: FolderStore, final: Mapping[str, 
             continue
         name = names[0]
         p = committed.get_parameter(name)
-        pre = _pre(name)
+        pre = _pre(name, sites)
         site = next((s for s in sites if name in (f"{s}.lineas_scale", f"{s}.lineas_shift")), None)
         fname = file_of.get(site if site is not None else pre.rpartition(".")[0], last)
         if site is not None:

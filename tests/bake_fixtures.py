@@ -94,7 +94,7 @@ def corrupt_bake(monkeypatch, proj: str = "up_proj", factor: float = 1.02) -> No
 
     from bake import api
 
-    export = importlib.import_module("bake.export")  # the module, not the function bake.export
+    streamed = importlib.import_module("bake.export_stream")
 
     real = api.apply_plan
 
@@ -104,7 +104,7 @@ def corrupt_bake(monkeypatch, proj: str = "up_proj", factor: float = 1.02) -> No
             getattr(model.model.layers[1].mlp, proj).weight.mul_(factor)
         return model
 
-    real_compute = export.compute_folded
+    real_compute = streamed.compute_folded
     name = f"model.layers.1.mlp.{proj}.weight"
 
     def corrupt_written(model, plan, maps, store, *, out_dtype=None):
@@ -113,7 +113,7 @@ def corrupt_bake(monkeypatch, proj: str = "up_proj", factor: float = 1.02) -> No
         return final
 
     monkeypatch.setattr(api, "apply_plan", corrupt)
-    monkeypatch.setattr(export, "compute_folded", corrupt_written)
+    monkeypatch.setattr(streamed, "compute_folded", corrupt_written)
 
 
 def uniform_maps(model, sites, magnitude: float, seed: int = 0) -> SteeringMaps:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +184,39 @@ def test_onnx_refused_up_front_when_the_model_cannot_fit(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert rc == 2 and "the ONNX export needs the whole model in memory" in err
     assert not (tmp_path / "o").exists()
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+import bake.stream as stream
+
+real = stream.write_layout
+
+def slow(layout, src, dst, final, maps, **kw):  # the shards are written; the reference thread may still run
+    real(layout, src, dst, final, maps, **kw)
+    (Path(dst) / "written").write_text("x")
+    time.sleep(120)
+
+stream.write_layout = slow
+from bake.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_streaming_removes_everything_at_once(tmp_path):
+    _, src, maps_path = sharded_checkpoint(tmp_path, "qwen2", QWEN2_SITES)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, "--model", str(src), "--maps", str(maps_path),
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not list(tmp_path.glob("lineas_tmp_*/written")):
+        time.sleep(0.05)
+    written = list(tmp_path.glob("lineas_tmp_*/written"))
+    assert written, proc.communicate()[1][-2000:]
+    assert list(written[0].parent.glob("*.safetensors"))  # a real partial export
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated by SIGTERM" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob("lineas_*"))

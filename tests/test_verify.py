@@ -308,16 +308,16 @@ def test_teacher_forced_greedy_finds_the_candidates_own_first_divergence(llama, 
 
 def test_passes_split_by_the_logits_budget_give_the_same_reference(llama, maps, monkeypatch):
     """A large vocabulary splits the probes over several passes: same logits, same recorded activations."""
-    import bake.verify as verify
+    import bake.passes as passes
 
     aff = affines(maps)
     whole = record_reference(llama, aff, n_tokens=3, noise_floor=False)
-    passes = []
-    real = verify.run_batches
-    monkeypatch.setattr(verify, "run_batches", lambda run, batches: passes.append(len(batches)) or real(run, batches))
-    monkeypatch.setattr(verify, "LOGITS_BUDGET", 4 * 128 * 40)  # 40 positions of the tiny vocabulary per pass
+    real = passes.run_batches
+    calls = []
+    monkeypatch.setattr(passes, "run_batches", lambda run, batches: calls.append(len(batches)) or real(run, batches))
+    monkeypatch.setattr(passes, "LOGITS_BUDGET", 4 * 128 * 40)  # 40 positions of the tiny vocabulary per pass
     split = record_reference(llama, aff, n_tokens=3, noise_floor=False)
-    assert len(passes) > 3  # several passes for the probes, then one per greedy step
+    assert len(calls) > 3  # several passes for the probes, then one per greedy step
     for a, b in zip(whole.logits, split.logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert whole.greedy == split.greedy
