@@ -219,5 +219,7 @@ def test_smollm2_end_to_end(tmp_path, capsys):
     rc = main(["--model", "smollm2-135m", "--maps", str(maps_path), "--out", str(out_dir), "--verify-tokens", "4"])
     assert rc == EXIT_OK, capsys.readouterr().err
     rep = json.loads((out_dir / "lineas_verification.json").read_text())
-    assert rep["passed"] and len(rep["checks"]) == 2
+    # Out of core, the written export is the one candidate: checked with the exact fp32 rule.
+    assert rep["passed"] and [c["tolerance"]["name"] for c in rep["checks"]] == ["reload-float32"]
+    assert rep["checks"][0]["gating"] and rep["site_divergence"]["modules"]
     assert (out_dir / "tokenizer.json").is_file()
