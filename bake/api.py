@@ -180,7 +180,7 @@ class NotAFolderError(BakeError, ValueError):
     """bake_folder() was given something that is not a local safetensors checkpoint folder."""
 
 
-def _open_folder(model, *, trust_remote_code: bool, progress) -> tuple[nn.Module, ShardFolder, BaseModel]:
+def _open_folder(model, *, trust_remote_code: bool) -> tuple[nn.Module, ShardFolder, BaseModel]:
     path = resolve_model(str(model))
     folder = safetensors_folder(path)
     if folder is None:
@@ -214,7 +214,7 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     check_device(device)
     sources = normalise_maps(maps, strength)
     eff = combined(sources)
-    skeleton, folder, base = _open_folder(model, trust_remote_code=trust_remote_code, progress=progress)
+    skeleton, folder, base = _open_folder(model, trust_remote_code=trust_remote_code)
 
     def runnable():
         return load_bounded(folder.folder, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
@@ -235,7 +235,7 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     if not verify:
         log.warning("verification skipped: the baked model will NOT be compared with the hooked model")
     # The hooked reference is recorded by save_pretrained, while the shards are written (see
-    # bake.export._export_hf_streamed): the two take about as long, and neither needs the other.
+    # bake.export_stream): the two take about as long, and neither needs the other.
     report = VerificationReport(skipped=not verify)
     source = StreamSource(store=store, maps=eff_maps, device=device, max_memory=max_memory,
                           trust_remote_code=trust_remote_code, site_notes=_site_notes(fold_plan), verify=verify,

@@ -210,6 +210,10 @@ class ShardWriter:
             raise RuntimeError(f"{self.path.name}: tensor {key!r} has {written} bytes, header says {e.nbytes}")
         self._next += 1
 
+    def abort(self) -> None:
+        """Close the file without checking it is complete (after an error; the file is then garbage)."""
+        self._fh.close()
+
     def close(self) -> None:
         if self._next != len(self.entries):
             missing = [e.key for e in self.entries[self._next:]]

@@ -38,6 +38,7 @@ from .shards import (
     write_index,
 )
 from .store import FolderStore
+from .verify import bar_disabled
 
 
 class Source(Enum):
@@ -148,7 +149,7 @@ def write_layout(layout: Layout, src: ShardFolder, dst: Path, final: Mapping[str
     """Write the files of ``layout`` into ``dst`` (and the index when the source was sharded)."""
     total = layout.total_bytes()
     weight_map: dict[str, str] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="write shards", disable=progress is False,
+    with tqdm(total=total, unit="B", unit_scale=True, desc="write shards", disable=bar_disabled(progress),
               leave=False) as bar:
         for fname, tensors in layout.files.items():
             writer = ShardWriter(dst / fname, [Entry(t.key, t.dtype, t.shape) for t in tensors])
@@ -157,8 +158,10 @@ def write_layout(layout: Layout, src: ShardFolder, dst: Path, final: Mapping[str
                     writer.write(t.key, _data(t, src, final, maps))
                     bar.update(Entry(t.key, t.dtype, t.shape).nbytes)
                     weight_map[t.key] = fname
-            finally:
-                writer.close()
+            except BaseException:
+                writer.abort()  # the caller removes the folder; keep the original error
+                raise
+            writer.close()
     if layout.sharded:
         write_index(dst, weight_map, total)
 

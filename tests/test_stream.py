@@ -220,3 +220,17 @@ def test_sigterm_while_streaming_removes_everything_at_once(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated by SIGTERM" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob("lineas_*"))
+
+
+def test_base_weight_overflowing_float16_fails_naming_it_and_writes_nothing(tmp_path, capsys):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = 1e6  # not a site: the base itself overflows float16
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="12KB")
+    maps_path = make_maps(("model.layers.0.input_layernorm",), magnitude=0.2).save(tmp_path / "m.safetensors")
+    rc = main(["--model", str(src), "--maps", str(maps_path), "--out", str(tmp_path / "o"), "--dtype", "float16"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "model.layers.1.mlp.up_proj.weight" in err and "the base model itself does not fit" in err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("lineas_*"))
