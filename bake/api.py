@@ -38,7 +38,15 @@ from lineas.models import (
 from lineas.provenance import config_fingerprint
 
 from .errors import BakeError, VerificationError
-from .checkpoint import load_bounded, load_config, load_skeleton, release_memory, safetensors_folder
+from .checkpoint import (
+    check_whole_model_fits,
+    device_map_for,
+    load_bounded,
+    load_config,
+    load_skeleton,
+    release_memory,
+    safetensors_folder,
+)
 from .execute import apply_plan, check_applicable, commit_plan, compute_folded
 from .history import (
     BAKED_KEY,
@@ -65,6 +73,7 @@ from .verify import (
 )
 
 log = logging.getLogger(__name__)
+IN_MEMORY_COPIES = 2.0  # the float32 model and, while its export is checked, the reloaded copy
 
 
 def _resolve_model(model, *, tokenizer, device: str, trust_remote_code: bool, copy_model: bool, progress: bool,
@@ -82,6 +91,11 @@ def _resolve_model(model, *, tokenizer, device: str, trust_remote_code: bool, co
         base = BaseModel(name, path, display_name(name) if path else name,
                          config_fingerprint(cfg) if cfg is not None else "")
         return model, tokenizer, base
+    local = safetensors_folder(resolve_model(str(model)))
+    if local is not None:  # its config is at hand: refuse a model this machine cannot hold, before loading it
+        check_whole_model_fits(load_skeleton(local, trust_remote_code=trust_remote_code),
+                               step=f"bake({str(model)!r}) (in memory; bake_folder() bakes out of core)",
+                               copies=IN_MEMORY_COPIES)
     with tqdm(total=2, desc=f"load {model}", disable=bar_disabled(progress), leave=False) as bar:
         loaded = load_model(str(model), device=device, dtype="float32", trust_remote_code=trust_remote_code,
                             with_tokenizer=False, allow_quantized=False)
@@ -215,6 +229,8 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     sources = normalise_maps(maps, strength)
     eff = combined(sources)
     skeleton, folder, base = _open_folder(model, trust_remote_code=trust_remote_code)
+    if verify and max_memory is not None:
+        device_map_for(skeleton, torch.device(device), max_memory)  # a budget too small fails now, not mid-export
 
     def runnable():
         return load_bounded(folder.folder, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)

@@ -131,10 +131,10 @@ def device_map_for(skeleton: nn.Module, device: torch.device, max_memory: int) -
     tied_bytes = sum(sizes.get(u, 0) for g in tied for u in g)
     largest = max((sizes.get(g[0], 0) for g in free), default=0)
     if max_memory < tied_bytes + largest:
-        raise MemoryBudgetError(f"--max-memory {human_size(max_memory)} is too small for this model: its tied "
-                                f"embeddings ({human_size(tied_bytes)}) stay in memory and its largest other block "
-                                f"({human_size(largest)}) must fit while it runs; raise it to at least "
-                                f"{human_size(tied_bytes + largest)}")
+        tied_note = f"its tied embeddings ({human_size(tied_bytes)}) stay in memory and " if tied_bytes else ""
+        raise MemoryBudgetError(f"--max-memory {human_size(max_memory)} is too small for this model: {tied_note}"
+                                f"its largest block ({human_size(largest)}) must fit while it runs; raise it to at "
+                                f"least {human_size(tied_bytes + largest)}")
     dmap = {u: where for g in tied for u in g}
     left = max_memory - tied_bytes - largest
     for (u,) in free:

@@ -49,7 +49,9 @@ exit codes:
      the model folder, is not writable or lacks the space for the export;
      maps already baked into the model (--allow-rebake) or learned on another
      model (--ignore-model-mismatch); weights that overflow --dtype (e.g.
-     float16) when cast; --push-to-hub with HF_HUB_OFFLINE=1.  Nothing written.
+     float16) when cast; a --max-memory that is unreadable or too small
+     for the model's largest block; --format onnx for a model that cannot fit in RAM;
+     --push-to-hub with HF_HUB_OFFLINE=1.  Nothing written.
   3  verification failed: the baked model does not reproduce the hooked model;
      nothing was written, the per-site report says where it diverges
   1  --push-to-hub failed (token, permissions, repo not found, Hub unavailable,
@@ -62,6 +64,7 @@ examples:
   {PROG} --model smollm2-135m --maps positive.safetensors --strength 1.0 --dry-run
   {PROG} --model smollm2-135m --maps positive.safetensors --strength 1.0 --out smollm2-positive
   {PROG} --model ./my-model --maps a.safetensors --maps b.safetensors:0.5 --dtype bfloat16
+  {PROG} --model ./llama-3-8b --maps tox.safetensors --max-memory 4GiB     (out of core: any size)
   {PROG} --model smollm2-135m --maps positive.safetensors --format hf,onnx --push-to-hub me/smollm2-positive
   {PROG} push smollm2-positive me/smollm2-positive     (upload an existing export; see {PROG} push --help)
 """

@@ -166,12 +166,14 @@ def test_dry_run_reads_no_weight(tmp_path, capsys, monkeypatch):
     assert rc == 0 and "model.layers.0.input_layernorm" in out
 
 
-@pytest.mark.parametrize("text", ["lots", "-1GB", "2XB"])
-def test_bad_max_memory_exits_2_naming_it(tmp_path, capsys, text):
+@pytest.mark.parametrize("text,says", [("lots", "lots"), ("-1GB", "-1GB"), ("2XB", "2XB"),
+                                       ("10KB", "too small for this model")])
+def test_bad_max_memory_exits_2_naming_it(tmp_path, capsys, text, says):
     _, src, maps_path = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",))
     rc = main(["--model", str(src), "--maps", str(maps_path), "--out", str(tmp_path / "o"), f"--max-memory={text}"])
-    assert rc == 2 and text in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert rc == 2 and says in err, err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("lineas_*"))
 
 
 def test_onnx_refused_up_front_when_the_model_cannot_fit(tmp_path, capsys, monkeypatch):
@@ -234,3 +236,14 @@ def test_base_weight_overflowing_float16_fails_naming_it_and_writes_nothing(tmp_
     assert rc == 2, err
     assert "model.layers.1.mlp.up_proj.weight" in err and "the base model itself does not fit" in err
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob("lineas_*"))
+
+
+def test_in_memory_bake_of_a_folder_too_big_for_ram_is_refused_before_loading(tmp_path, monkeypatch):
+    _, src, maps_path = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",))
+    import bake.checkpoint as checkpoint
+    from bake.checkpoint import MemoryBudgetError
+
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)
+    with pytest.raises(MemoryBudgetError, match="bake_folder"):
+        bake(str(src), maps_path)
+    assert bake_folder(src, maps_path).save_pretrained(tmp_path / "out").is_dir()  # out of core it bakes
