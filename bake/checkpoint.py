@@ -123,7 +123,7 @@ def device_map_for(skeleton: nn.Module, device: torch.device, max_memory: int) -
         if len(members) > 1:
             merged = [u for g in members for u in g]
             groups = [g for g in groups if g not in members] + [merged]
-    where = device.index if device.type == "cuda" else "cpu"
+    where = (device.index or 0) if device.type == "cuda" else "cpu"
     # Tied blocks stay resident: accelerate reads a disk-offloaded weight under each module's own name,
     # and the checkpoint stores a tied weight under one name only.
     tied = [g for g in groups if len(g) > 1]

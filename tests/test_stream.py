@@ -247,3 +247,25 @@ def test_in_memory_bake_of_a_folder_too_big_for_ram_is_refused_before_loading(tm
     with pytest.raises(MemoryBudgetError, match="bake_folder"):
         bake(str(src), maps_path)
     assert bake_folder(src, maps_path).save_pretrained(tmp_path / "out").is_dir()  # out of core it bakes
+
+
+def test_device_map_keeps_tied_embeddings_and_what_fits_on_the_device(tmp_path):
+    """The bounded map, computed on the meta skeleton (no GPU needed to plan one for CUDA)."""
+    from bake.checkpoint import device_map_for
+
+    gemma = tmp_path / "g"
+    tiny_model("gemma2").save_pretrained(gemma)  # tied embeddings
+    skeleton = load_skeleton(gemma)
+    largest = largest_block_bytes(skeleton)
+    from accelerate.utils import compute_module_sizes
+
+    sizes = compute_module_sizes(skeleton)
+    budget = int(largest * 1.8)
+    for device, where in ((torch.device("cpu"), "cpu"), (torch.device("cuda"), 0), (torch.device("cuda:1"), 1)):
+        dmap = device_map_for(skeleton, device, budget)
+        assert dmap["model.embed_tokens"] == where and dmap["lm_head"] == where
+        assert set(dmap.values()) == {where, "disk"}
+        resident = sum(sizes[k] for k, v in dmap.items() if v == where)
+        biggest_read = max(sizes[k] for k, v in dmap.items() if v == "disk")
+        assert resident + biggest_read <= budget
+    assert device_map_for(skeleton, torch.device("cpu"), 1 << 40) == "cpu"  # fits: loaded whole, no hooks
