@@ -4,11 +4,11 @@
   (accelerate's ``init_empty_weights``): every module, parameter name and shape, no storage.
   Planning and ``--dry-run`` need nothing more.
 * :func:`load_bounded` loads a folder for running with at most ``max_memory`` bytes of
-  weights resident: transformers + accelerate big-model inference (``device_map`` from
-  ``infer_auto_device_map``, the rest offloaded to disk).  Disk-offloaded weights are read
-  straight from the folder's safetensors shards when a layer runs (no copy is made), and
-  torch forward hooks (steering, recording) still fire.  A model that fits is loaded whole,
-  without any accelerate hook.
+  weights in memory: transformers + accelerate big-model inference, with a ``device_map``
+  from :func:`device_map_for` (blocks that fit stay resident, the others are offloaded to
+  disk).  Disk-offloaded weights are read straight from the folder's safetensors shards when
+  a block runs (no copy of the checkpoint is made), and torch forward hooks (steering,
+  recording) still fire.  A model that fits is loaded whole, without any accelerate hook.
 """
 
 from __future__ import annotations
@@ -186,8 +186,15 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
                  "from %s each time they run", human_size(budget), human_size(whole_model_bytes(skeleton, dtype)),
                  folder)
     del skeleton
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=dmap,
-                                                 trust_remote_code=trust_remote_code)
+    # accelerate warns that offloaded parameters sit on the meta device: that is the point here.
+    quiet = logging.getLogger("accelerate.big_modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=dmap,
+                                                     trust_remote_code=trust_remote_code)
+    finally:
+        quiet.setLevel(level)
     try:
         yield model.eval()
     finally:
