@@ -146,8 +146,8 @@ def export_hf_streamed(baked: BakedModel, folder: Path, opts: ExportOptions) -> 
             try:
                 write_baked_folder(baked, scratch, folded("float32"), torch.float32, progress=opts.progress)
                 reference()
-                check, sites = _check_written(baked, scratch, "float32", "torch-float32",
-                                              "baked float32 (written, out of core)", opts)
+                check, sites = _check_written(baked, scratch, "float32", "reload-float32",
+                                              "float32 scratch copy, reloaded (the fold)", opts)
                 checks.append(check)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
