@@ -91,6 +91,13 @@ def _pre(name: str, sites: list[str]) -> str:
     return name
 
 
+def _from_source(out_key: str, key: str, info, out_dtype: torch.dtype | None) -> OutTensor:
+    """A tensor taken from the source as it is: its bytes, or converted to ``out_dtype``."""
+    if out_dtype is not None and info.dtype.is_floating_point and info.dtype != out_dtype:
+        return OutTensor(out_key, Source.CONVERT, key, out_dtype, info.shape)
+    return OutTensor(out_key, Source.COPY, key, info.dtype, info.shape)
+
+
 def output_layout(committed: nn.Module, store: FolderStore, final: Mapping[str, torch.Tensor],
                   out_dtype: torch.dtype | None) -> Layout:
     """Plan the output files: every source tensor (folded or copied) plus the new tensors of the
@@ -113,16 +120,14 @@ def output_layout(committed: nn.Module, store: FolderStore, final: Mapping[str, 
             folded = next((n for n in names if n in final), None)
             if folded is not None:
                 t = OutTensor(out_key, Source.FOLDED, folded, final[folded].dtype, tuple(final[folded].shape))
-            elif out_dtype is not None and info.dtype.is_floating_point and info.dtype != out_dtype:
-                t = OutTensor(out_key, Source.CONVERT, key, out_dtype, info.shape)
             else:
-                t = OutTensor(out_key, Source.COPY, key, info.dtype, info.shape)
+                t = _from_source(out_key, key, info, out_dtype)
             files[fname].append(t)
             written.add(out_key)
             file_of.setdefault(key.rpartition(".")[0], fname)
     for name, key in store.keys.items():
         file_of.setdefault(name.rpartition(".")[0], src.file_of(key))
-    # A group none of whose names was written is new: an untied copy, a new bias, affine parameters.
+    # A group none of whose names was written is new: a new bias, affine parameters, an untied copy.
     last = src.files[-1]
     for names in groups.values():
         if any(n in written for n in names):
@@ -136,6 +141,8 @@ def output_layout(committed: nn.Module, store: FolderStore, final: Mapping[str, 
             t = OutTensor(name, Source.AFFINE, None, torch.float32, tuple(p.shape))
         elif pre in final:
             t = OutTensor(name, Source.FOLDED, pre, final[pre].dtype, tuple(final[pre].shape))
+        elif store.has(pre):  # an untied copy that keeps the value it was tied to
+            t = _from_source(name, store.key(pre), src.info(store.key(pre)), out_dtype)
         else:
             raise BakeError(f"the baked model has a parameter {name!r} that neither the checkpoint "
                             f"{src.folder} nor the fold provides")

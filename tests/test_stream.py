@@ -269,3 +269,24 @@ def test_device_map_keeps_tied_embeddings_and_what_fits_on_the_device(tmp_path):
         biggest_read = max(sizes[k] for k, v in dmap.items() if v == "disk")
         assert resident + biggest_read <= budget
     assert device_map_for(skeleton, torch.device("cpu"), 1 << 40) == "cpu"  # fits: loaded whole, no hooks
+
+
+def test_untied_embeddings_stream_like_in_memory(tmp_path):
+    """--untie-embeddings: the folded embedding gets its own tensor; lm_head keeps the original values
+    under a new key (the checkpoint stored the tied weight once)."""
+    model = tiny_model("llama_tied")
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="12KB")
+    assert "lm_head.weight" not in ShardFolder(src)
+    maps_path = make_maps(("model.embed_tokens", "model.layers.0.input_layernorm"), magnitude=0.2).save(
+        tmp_path / "m.safetensors")
+    baked = bake_folder(src, maps_path, untie=True)
+    assert baked.plan.untied
+    out = baked.save_pretrained(tmp_path / "out")
+    hooked, base = hooked_and_base(src, maps_path, 1.0)
+    assert (hooked - base).abs().max() > 1e-2
+    assert_close_rel(logits(load(out)), hooked)
+    a, b = written_tensors(out), written_tensors(bake(model, maps_path, untie=True).save_pretrained(tmp_path / "m"))
+    assert sorted(a) == sorted(b) and "lm_head.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["lm_head.weight"], ShardFolder(src).get("model.embed_tokens.weight"))
