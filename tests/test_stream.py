@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from bake_fixtures import assert_close_rel, hooked_and_base, load, logits, make_maps
-from tiny import tiny_model
+from tiny import ARCHS, tiny_model
 
 from bake.api import bake, bake_folder
 from bake.checkpoint import largest_block_bytes, load_bounded, load_skeleton
@@ -290,3 +290,17 @@ def test_untied_embeddings_stream_like_in_memory(tmp_path):
     assert sorted(a) == sorted(b) and "lm_head.weight" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(a["lm_head.weight"], ShardFolder(src).get("model.embed_tokens.weight"))
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["llama_tied"])
+def test_every_registry_architecture_streams_the_same_tensors_as_in_memory(arch, tmp_path):
+    from test_bake_archs import _norm_and_producer_sites, _random_maps
+
+    model = tiny_model(arch)
+    maps_path = _random_maps(model, _norm_and_producer_sites(model)).save(tmp_path / "m.safetensors")
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="12KB")
+    streamed = bake_folder(src, maps_path).save_pretrained(tmp_path / "folder")
+    a, b = written_tensors(streamed), written_tensors(bake(model, maps_path).save_pretrained(tmp_path / "memory"))
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])] == []
