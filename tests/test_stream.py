@@ -304,3 +304,14 @@ def test_every_registry_architecture_streams_the_same_tensors_as_in_memory(arch,
     a, b = written_tensors(streamed), written_tensors(bake(model, maps_path).save_pretrained(tmp_path / "memory"))
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])] == []
+
+
+def test_onnx_only_export_of_a_streamed_bake_is_checked_against_a_recorded_reference(tmp_path):
+    pytest.importorskip("optimum.onnxruntime")
+    _, src, maps_path = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",
+                                                               "model.layers.1.post_attention_layernorm"))
+    baked = bake_folder(src, maps_path)
+    out = baked.save_pretrained(tmp_path / "out", formats="onnx")
+    assert baked.reference is not None and (out / "onnx" / "model.onnx").is_file()
+    onnx_checks = [c for c in baked.export_report.checks if c.tolerance.name.startswith("onnx")]
+    assert onnx_checks and all(c.passed and c.gating for c in onnx_checks)
