@@ -44,10 +44,9 @@ from .checkpoint import (
     load_bounded,
     load_config,
     load_skeleton,
-    release_memory,
     safetensors_folder,
 )
-from .execute import apply_plan, check_applicable, commit_plan, compute_folded
+from .execute import apply_plan, check_applicable, commit_plan
 from .history import (
     BAKED_KEY,
     check_model_match,
@@ -59,7 +58,7 @@ from .history import (
     warn_stacked_sites,
 )
 from .inputs import combined, normalise_maps
-from .plan import FoldPlan, ShiftFold, maps_digest
+from .plan import FoldPlan, maps_digest
 from .plan import plan as make_plan
 from .results import BakedModel, BaseModel, StreamSource
 from .shards import ShardFolder
@@ -132,12 +131,6 @@ def plan_bake(model, maps, strength: float = 1.0, *, require_standard: bool = Fa
     return make_plan(module, eff, require_standard=require_standard, untie=untie)
 
 
-def _site_notes(p: FoldPlan) -> dict[str, str]:
-    """Sites whose own output legitimately differs after the fold (the shift moved to consumers)."""
-    return {s.site: "shift folded into " + ", ".join(t.rsplit(".", 1)[-1] for t in s.shift_targets)
-            for s in p.sites if s.shift is ShiftFold.CONSUMERS}
-
-
 def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard: bool = False,
          untie: bool = False, verify: bool = True, verify_tokens: int = 8, device: str = "cpu",
          trust_remote_code: bool = False, copy_model: bool = True, progress: bool = False,
@@ -180,7 +173,7 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
         check, acts = compare(module, reference, "torch-float32", label="baked float32 (in memory)",
                               progress=progress)
         report.add(check)
-        report.sites = site_divergence(reference, acts, eff, _site_notes(fold_plan))
+        report.sites = site_divergence(reference, acts, eff, fold_plan.differs_by_design())
         if not report.passed:
             err = VerificationError("baked model does not reproduce the hooked model: " + "; ".join(report.failures))
             err.report = report
@@ -242,10 +235,10 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
         return fold_plan
     eff_maps = check_applicable(skeleton, fold_plan, eff, allow_rebake=allow_rebake)
     store = FolderStore(folder, checkpoint_keys(skeleton, folder))
-    final = compute_folded(skeleton, fold_plan, eff_maps, store)  # bad maps fail here, before the slow part
-    release_memory()  # the consumer weights read by the fold
     tok = load_tokenizer(str(folder.folder), trust_remote_code=trust_remote_code)
-    commit_plan(skeleton, fold_plan, eff_maps, final, maps_record=maps_records(sources))
+    # The skeleton takes the baked structure and config; the folded values are computed by the exporter,
+    # in the export's dtype (a value that overflows it fails there, before any slow step).
+    commit_plan(skeleton, fold_plan, eff_maps, {}, maps_record=maps_records(sources))
     if legacy:
         setattr(skeleton.config, BAKED_KEY, legacy + recorded_bakes(skeleton.config))
     if not verify:
@@ -253,7 +246,6 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     # The hooked reference is recorded by save_pretrained, while the shards are written (see
     # bake.export_stream): the two take about as long, and neither needs the other.
     report = VerificationReport(skipped=not verify)
-    source = StreamSource(store=store, maps=eff_maps, device=device, max_memory=max_memory,
-                          trust_remote_code=trust_remote_code, site_notes=_site_notes(fold_plan), verify=verify,
-                          verify_tokens=verify_tokens, progress=progress)
+    source = StreamSource(store=store, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code,
+                          verify=verify, verify_tokens=verify_tokens, progress=progress)
     return BakedModel(skeleton, tok, fold_plan, report, sources, base, eff, None, source=source)

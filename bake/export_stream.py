@@ -39,7 +39,7 @@ def _check_written(baked: BakedModel, folder: Path, dtype: str, tolerance: str, 
                       trust_remote_code=has_remote_code(folder)) as model:  # our own freshly written code
         check, acts = compare(model, baked.reference, tolerance, label=label, progress=opts.progress)
         del model  # the last reference: load_bounded frees it and hands the memory back
-    sites = site_divergence(baked.reference, acts, baked.effective, src.site_notes)
+    sites = site_divergence(baked.reference, acts, baked.effective, baked.plan.differs_by_design())
     return check, sites
 
 
@@ -126,7 +126,7 @@ def export_hf_streamed(baked: BakedModel, folder: Path, opts: ExportOptions) -> 
     src = baked.source
 
     def folded(dtype: str):
-        return compute_folded(baked.model, baked.plan, src.maps, src.store, out_dtype=EXPORT_DTYPES[dtype])
+        return compute_folded(baked.model, baked.plan, baked.effective, src.store, out_dtype=EXPORT_DTYPES[dtype])
 
     with explained_cast_failure(baked.plan, opts.dtype):  # an overflow fails now, before any slow step
         final = folded(opts.dtype)

@@ -167,6 +167,12 @@ class FoldPlan:
     def fully_folded(self) -> bool:
         return not self.affine_sites
 
+    def differs_by_design(self) -> dict[str, str]:
+        """Sites whose own output legitimately differs after the fold (the shift moved to consumers),
+        with the reason, for the per-site divergence report."""
+        return {p.site: "shift folded into " + ", ".join(t.rsplit(".", 1)[-1] for t in p.shift_targets)
+                for p in self.sites if p.shift is ShiftFold.CONSUMERS}
+
     def site(self, name: str) -> SitePlan:
         for p in self.sites:
             if p.site == name:

@@ -37,11 +37,9 @@ class StreamSource:
     """What the streaming exporter needs to write a baked folder from its source checkpoint."""
 
     store: FolderStore  # the source shards, addressed by parameter name
-    maps: dict[str, SiteMap]  # the effective maps (affine-module parameters come from them)
     device: str
     max_memory: int | None  # bytes of weights in memory while verifying (None: bake.checkpoint's default)
     trust_remote_code: bool
-    site_notes: dict[str, str]  # sites whose own output differs by design (see bake.api._site_notes)
     verify: bool = True  # record the hooked reference and verify the written export
     verify_tokens: int = 8
     progress: bool | None = False

@@ -194,7 +194,7 @@ def write_baked_folder(baked, dst: Path, final: Mapping[str, torch.Tensor], dtyp
 
     src = baked.source
     layout = output_layout(baked.model, src.store, final, dtype)
-    write_layout(layout, src.store.folder, dst, final, src.maps, progress=progress)
+    write_layout(layout, src.store.folder, dst, final, baked.effective, progress=progress)
     config = baked.model.config
     config.save_pretrained(dst)
     set_config_dtype(dst, str(dtype).removeprefix("torch."))
@@ -233,6 +233,6 @@ def materialised(baked, *, step: str):
     model = AutoModelForCausalLM.from_pretrained(src.store.folder.folder, dtype=torch.float32,
                                                  trust_remote_code=src.trust_remote_code).to(src.device).eval()
     try:
-        yield apply_plan(model, baked.plan, src.maps, allow_rebake=True)
+        yield apply_plan(model, baked.plan, baked.effective, allow_rebake=True)
     finally:
         del model
