@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import module_output, tiny_model
 from torch import nn
 
 from bake.affine_module import LineasAffine
@@ -53,14 +53,7 @@ def test_pool_features_masks_tokens_and_averages_heads():
 
 
 def _qnorm_output(model, ids):
-    got = {}
-    h = model.get_submodule(QNORM).register_forward_hook(lambda m, i, o: got.__setitem__("y", o.clone()))
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        h.remove()
-    return got["y"]
+    return module_output(model, QNORM, ids)
 
 
 def test_hooks_collection_and_lineas_affine_agree_on_per_head_output():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import random_ids, tiny_model
+from tiny import module_output, random_ids, tiny_model
 from torch import nn
 
 from lineas.hooks import (
@@ -38,16 +38,8 @@ def _capture(model, site, ids):
 
 
 def _raw_output(model, site, ids):
-    """The module's own output, before steering, via a hook registered first (prepend)."""
-    got = {}
-    module = dict(model.named_modules())[site]
-    h = module.register_forward_hook(lambda m, i, o: got.__setitem__("y", o.clone()), prepend=True)
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        h.remove()
-    return got["y"]
+    """The module's own output, before steering."""
+    return module_output(model, site, ids, before_hooks=True)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])

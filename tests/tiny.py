@@ -63,6 +63,20 @@ def save_tiny(arch: str, path, seed: int = 0):
     return model
 
 
+def module_output(model, site: str, ids, *, before_hooks: bool = False):
+    """The output of module ``site`` on ``ids``, recorded by a forward hook: after any steering hook
+    already attached, or before them all with ``before_hooks`` (the module's own output)."""
+    got = {}
+    h = model.get_submodule(site).register_forward_hook(lambda m, i, o: got.__setitem__("y", o.clone()),
+                                                        prepend=before_hooks)
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        h.remove()
+    return got["y"]
+
+
 def random_ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)
