@@ -31,6 +31,14 @@ class Init(str, enum.Enum):
     LINEAR_ACT = "linear-act"
 
 
+class Foldable(str, enum.Enum):
+    """Train only the parts of the maps that fold into standard weights (see :mod:`lineas.foldable`)?"""
+
+    AUTO = "auto"  # on when a registry entry (bake/archs) describes the model: the planner then knows its folds
+    ON = "on"      # also without a registry entry (planned by module type: conservative)
+    OFF = "off"    # train every scale and shift; the bake may need affine modules (trust_remote_code)
+
+
 class Schedule(str, enum.Enum):
     COSINE = "cosine"      # learning rate annealed to 0 over the run
     CONSTANT = "constant"
@@ -48,7 +56,7 @@ class ConfigError(ValueError):
         return f"--{self.field.replace('_', '-')} {self.problem}"
 
 
-_ENUMS = {"method": Method, "optimizer": Optimizer, "init": Init, "schedule": Schedule}
+_ENUMS = {"method": Method, "optimizer": Optimizer, "init": Init, "schedule": Schedule, "foldable": Foldable}
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class TrainConfig:
     sparsity_group: float = 0.0
     seed: int = 0
     holdout: float = 0.0
+    foldable: Foldable = Foldable.AUTO
 
     def __post_init__(self) -> None:
         for name, kind in _ENUMS.items():
