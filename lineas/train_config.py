@@ -70,6 +70,11 @@ class TrainConfig:
     54%, 1e-3 -- apple/ml-lineas' lr -- 41%; betas (0.9, 0.9) changed it by under 2 points) and move
     SmolLM2-135M's sentiment (see README).  Plain SGD at lr 0.1, the old default, cut it by 24%:
     the loss is a mean over neurons, so every neuron's gradient is divided by the width.
+
+    ``foldable`` defaults to ``auto`` because the product is a steered checkpoint that any standard
+    runtime serves: on a model the registry knows, maps that need affine modules would force
+    ``trust_remote_code`` (no llama.cpp, vLLM, TGI), so the learner trains only what folds and says
+    what it froze; ``off`` is one flag away.  Where everything folds (Llama-style norms) it changes nothing.
     """
 
     method: Method = Method.LINEAS
