@@ -71,7 +71,11 @@ def test_onnx_folder_is_self_contained(onnx_export):
     assert card.startswith("---\n") and "- onnx" in card and "ORTModelForCausalLM" in card
     assert "onnx float32 (CPU)" in card
     # the parent card points at the ONNX folder
-    assert 'subfolder="onnx"' in (out / "README.md").read_text()
+    parent_card = (out / "README.md").read_text()
+    if arch == "gemma2":  # optimum-onnx sizes its KV cache wrongly: the card loads through bake.load_onnx
+        assert 'load_onnx("path/to/this/folder")' in parent_card and "`onnx/` subfolder" in parent_card
+    else:
+        assert 'subfolder="onnx"' in parent_card
 
 
 def test_checker_passes(onnx_export):
