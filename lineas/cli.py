@@ -53,7 +53,11 @@ examples:
       --sites 'model\\.layers\\.\\d+\\.(input|post_attention)_layernorm' \\
       --steps 100 --out maps.safetensors
   lineas-train --model ./my-model --source a.txt --target b.jsonl \\
-      --sites 'model\\.layers\\.1[0-9]\\.mlp' --method linear-act --out act.safetensors
+      --sites 'model\\.layers\\.1[0-9]\\.mlp' --method linear-act --foldable off \\
+      --out act.safetensors   # an MLP output folds nowhere: train it anyway
+  lineas-train --model gemma-2-2b --source negative --target positive --foldable \\
+      --sites 'model\\.layers\\.\\d+\\.(input|post_attention|pre_feedforward|post_feedforward)_layernorm' \\
+      --out g2.safetensors   # post_*/pre_feedforward shifts frozen: bakes with --require-standard
 """
 
 

@@ -167,3 +167,7 @@ def test_cli_gemma2_four_norms_bake_standard(tmp_path, capsys):
                     "--out", str(tmp_path / "refused")])
     assert rc == 2 and "post_attention_layernorm" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+    bad = [*common, "--out", str(tmp_path / "none.safetensors")]
+    bad[bad.index(GEMMA2_NORMS)] = r"model\.layers\.\d+\.mlp"
+    assert train_main(bad) == 2
+    assert "model.layers.1.mlp: left out" in capsys.readouterr().err and not (tmp_path / "none.safetensors").exists()
