@@ -88,8 +88,9 @@ class FoldableSites:
             return f"foldable ({self.mode.value}): not applied, every scale and shift is trained: {self.note}"
         n_scale = sum(not p.scale for p in self.partly_frozen)
         n_shift = sum(not p.shift for p in self.partly_frozen)
-        head = (f"foldable ({self.mode.value}, planned with {'registry ' + repr(self.registry) if self.registry else 'module types'}): "
-                f"{len(self.trained)} site(s) trained, {n_shift} shift(s) frozen at 0, {n_scale} scale(s) frozen at 1, "
+        planned = f"registry {self.registry!r}" if self.registry else "module types"
+        head = (f"foldable ({self.mode.value}, planned with {planned}): {len(self.trained)} site(s) trained, "
+                f"{n_shift} shift(s) frozen at 0, {n_scale} scale(s) frozen at 1, "
                 f"{len(self.excluded)} site(s) left out")
         lines = [head]
         for p in self.partly_frozen:

@@ -39,7 +39,8 @@ def _registry_sites(model) -> list[str]:
     templates = [n.site for n in entry.norms] + [p.site for p in entry.producers]
     names = [n for n, _ in model.named_modules() if n]
     sites = [n for n in names if any(match_template(t, n) is not False for t in templates)]
-    layer = next(n for n in names if n.rsplit(".", 1)[-1] == "0" and n.count(".") <= 2)  # model.layers.0 / transformer.h.0
+    # the first decoder layer: model.layers.0, transformer.h.0
+    layer = next(n for n in names if n.rsplit(".", 1)[-1] == "0" and n.count(".") <= 2)
     return sites + [layer]
 
 
