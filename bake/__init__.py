@@ -5,6 +5,9 @@ The public API mirrors the ``lineas-bake`` CLI::
     from bake import bake
     baked = bake("smollm2-135m", "maps.safetensors", strength=1.0)
     baked.save_pretrained("out-dir", dtype="bfloat16")
+
+``bake.load_onnx(out_dir)`` loads an ONNX export in ONNX Runtime, ready to generate (needs the onnx
+extra, so it is imported on first use and left out of ``__all__``).
 """
 
 from .api import bake, bake_folder, plan_bake
@@ -45,3 +48,12 @@ __all__ = [
     "register_exporter",
     "register_tolerance",
 ]
+
+
+def __getattr__(name: str):
+    # load_onnx needs the onnx extra, so bake.onnx_export is imported on first use, not with the package.
+    if name == "load_onnx":
+        from .onnx_export import load_onnx
+
+        return load_onnx
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -202,6 +202,24 @@ def load_ort(folder: Path, provider: str = "CPUExecutionProvider"):
     return load_ort_with_fix(folder, provider)[0]
 
 
+def load_onnx(path: str | os.PathLike, *, provider: str | None = None):
+    """An ONNX export of ``lineas-bake`` in ONNX Runtime, ready for ``generate``: ``bake.load_onnx(path)``.
+
+    ``path``: the export folder (its ``onnx/`` subfolder is loaded) or that subfolder itself.
+    ``provider``: an ONNX Runtime execution provider (default: CUDA when available, else CPU).
+    Unlike a bare ``ORTModelForCausalLM.from_pretrained``, the empty KV cache is sized from the
+    graph, so Gemma-2 (which optimum-onnx 0.1.0 sizes wrongly, see :func:`load_ort`) generates.
+    """
+    require_onnx_extra()
+    folder = Path(path)
+    if not (folder / ONNX_FILE).is_file() and (folder / ONNX_SUBDIR / ONNX_FILE).is_file():
+        folder = folder / ONNX_SUBDIR
+    if not (folder / ONNX_FILE).is_file():
+        raise OnnxExportError(f"{str(path)!r} holds no {ONNX_FILE} (nor {ONNX_SUBDIR}/{ONNX_FILE}): "
+                              "not an ONNX export of lineas-bake")
+    return load_ort(folder, provider or pick_provider())
+
+
 def load_ort_with_fix(folder: Path, provider: str = "CPUExecutionProvider"):
     """:func:`load_ort`, also returning the cache-shape fix it applied (see :func:`cache_shape_fix`)."""
     from optimum.onnxruntime import ORTModelForCausalLM
@@ -320,12 +338,18 @@ Details: `lineas_verification.json`.
 
 ## How to run
 
-```python
-from optimum.onnxruntime import ORTModelForCausalLM
-
-model = ORTModelForCausalLM.from_pretrained("path/to/this/folder")  # or (repo, subfolder="onnx")
-```
+{_run_snippet(fix, "path/to/this/folder")}
 {_cache_note(fix)}"""
+
+
+def _run_snippet(fix: dict | None, folder: str, subfolder: str = "") -> str:
+    """How to load the graph: plain Optimum, or ``bake.load_onnx`` where Optimum sizes the KV cache wrongly."""
+    if fix is None:
+        sub = f', subfolder="{subfolder}"' if subfolder else ""
+        return ("```python\nfrom optimum.onnxruntime import ORTModelForCausalLM\n\n"
+                f'model = ORTModelForCausalLM.from_pretrained("{folder}"{sub})\n```')
+    return ("```python\nfrom bake import load_onnx   # pip install 'lineas-bake[onnx]'\n\n"
+            f'model = load_onnx("{folder}")   # ORTModelForCausalLM, KV cache sized from the graph\n```')
 
 
 def _cache_note(fix: dict | None) -> str:
@@ -333,9 +357,10 @@ def _cache_note(fix: dict | None) -> str:
         return ""
     (h0, d0), (h1, d1) = fix["optimum"], fix["graph"]
     return (f"""
-Note: the optimum version used here sizes this architecture's empty KV cache as {h0} heads x {d0}, but the
-graph's cache inputs are {h1} heads x {d1}, so generation fails with "invalid dimensions for input
-past_key_values". Until optimum fixes it, set the sizes after loading (the verification above did this):
+Why `load_onnx`: the optimum-onnx version used here sizes this architecture's empty KV cache as {h0} heads x
+{d0}, but the graph's cache inputs are {h1} heads x {d1}, so a bare `ORTModelForCausalLM.from_pretrained`
+fails to generate ("invalid dimensions for input past_key_values"). `load_onnx` takes the sizes from the
+graph (the verification above did the same). Without lineas-bake, set them after loading:
 
 ```python
 model.num_key_value_heads, model.embed_size_per_head = {h1}, {d1}
@@ -370,6 +395,8 @@ def export_onnx(baked: BakedModel, folder: Path, opts: ExportOptions, *,
             steps.set_postfix_str(f"ORT vs hooked ({provider_used})")
             check, cached, fix = check_ort(out, baked.reference, provider=provider_used, progress=opts.progress)
             checks.append(check)
+        else:  # not verified: still find out whether the card must point to load_onnx
+            fix = load_ort_with_fix(out, provider_used)[1]
         steps.update()
     finally:
         steps.close()
@@ -384,9 +411,8 @@ def export_onnx(baked: BakedModel, folder: Path, opts: ExportOptions, *,
         "export_seconds": round(art.export_seconds, 3), "checker": "onnx.checker.check_model(path, full_check=True)",
         "kv_cache_greedy": cached, "ort_cache_shape_fix": fix,
     })
-    snippet = ("ONNX (generation-ready, with past key/values) is in the `onnx/` subfolder:\n\n```python\n"
-               "from optimum.onnxruntime import ORTModelForCausalLM\n\n"
-               'model = ORTModelForCausalLM.from_pretrained("path/to/this/folder", subfolder="onnx")\n```')
+    snippet = ("ONNX (generation-ready, with past key/values) is in the `onnx/` subfolder:\n\n"
+               + _run_snippet(fix, "path/to/this/folder", ONNX_SUBDIR))
     result = ExportResult("onnx", checks=checks, has_tokenizer=tok, load_snippets=[snippet])
     info = export_info(baked, report, opts, [result], out)
     write_provenance(out, info)
@@ -409,6 +435,7 @@ __all__ = [
     "export_graph",
     "export_onnx",
     "greedy_with_cache",
+    "load_onnx",
     "load_ort",
     "ort_runner",
     "parameter_bytes",

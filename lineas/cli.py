@@ -53,13 +53,17 @@ examples:
       --sites 'model\\.layers\\.\\d+\\.(input|post_attention)_layernorm' \\
       --steps 100 --out maps.safetensors
   lineas-train --model ./my-model --source a.txt --target b.jsonl \\
-      --sites 'model\\.layers\\.1[0-9]\\.mlp' --method linear-act --out act.safetensors
+      --sites 'model\\.layers\\.1[0-9]\\.mlp' --method linear-act --foldable off \\
+      --out act.safetensors   # an MLP output folds nowhere: train it anyway
+  lineas-train --model gemma-2-2b --source negative --target positive --foldable \\
+      --sites 'model\\.layers\\.\\d+\\.(input|post_attention|pre_feedforward|post_feedforward)_layernorm' \\
+      --out g2.safetensors   # post_*/pre_feedforward shifts frozen: bakes with --require-standard
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .prompts import builtin_names
-    from .train_config import Init, Method, Optimizer, Schedule, TrainConfig
+    from .train_config import Foldable, Init, Method, Optimizer, Schedule, TrainConfig
 
     p = argparse.ArgumentParser(
         prog="lineas-train", description=DESCRIPTION,
@@ -104,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     tr.add_argument("--sparsity-group", type=float, default=d.sparsity_group, metavar="X",
                     help="LinEAS: group-L2 weight (per site and parameter) of the proximal step (default: %(default)s)")
+    tr.add_argument("--foldable", nargs="?", const=Foldable.ON.value, choices=[f.value for f in Foldable],
+                    default=d.foldable.value, metavar="{auto,on,off}",
+                    help="train only what lineas-bake can fold into standard weights: the bake planner (same "
+                         "registry, bake/archs) says, per site, whether its scale and its shift fold; a part that "
+                         "would need an affine module stays at scale 1 / shift 0 (also for Linear-AcT and --init "
+                         "linear-act), a site where nothing folds is left out, and the maps then bake with "
+                         "lineas-bake --require-standard. 'auto' (default): on when a registry entry describes the "
+                         "model; '--foldable' alone: on; 'off': train every part (the bake may need affine modules "
+                         "and trust_remote_code) (default: %(default)s)")
     tr.add_argument("--holdout", type=float, default=d.holdout, metavar="FRAC",
                     help="hold out this fraction of source and target prompts and report W2 on them too "
                          "(default: %(default)s)")
@@ -164,7 +177,7 @@ def train_config(args):
     return TrainConfig(method=args.method, init=args.init, steps=args.steps, optimizer=args.optimizer, lr=args.lr,
                        betas=tuple(args.betas), schedule=args.schedule, batch_size=args.batch_size,
                        max_length=args.max_length, sparsity_l1=args.sparsity_l1, sparsity_group=args.sparsity_group,
-                       seed=args.seed, holdout=args.holdout)
+                       seed=args.seed, holdout=args.holdout, foldable=args.foldable)
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
@@ -232,6 +245,7 @@ def _train(args) -> int:
     if result.fell_back_to_linear_act:
         print("--init linear-act: LinEAS ended with a higher training W2 than its Linear-AcT start; "
               "wrote the Linear-AcT maps")
+    print(result.foldable.summary())
     print(f"wrote {len(result.maps)} site map(s) to {out} ({result.seconds:.1f} s)")
     if args.report_json:
         _write_report(args.report_json, result)
@@ -243,7 +257,8 @@ def _write_report(path: str, result) -> None:
 
     data = {"support": result.support, "sites": [asdict(r) for r in result.report], "losses": list(result.losses),
             "seconds": result.seconds, "config": json.loads(result.config.to_json()),
-            "fell_back_to_linear_act": result.fell_back_to_linear_act}
+            "fell_back_to_linear_act": result.fell_back_to_linear_act,
+            "foldable": result.foldable.to_dict() if result.foldable is not None else None}
     atomic_write_text(path, json.dumps(data, indent=2))
 
 

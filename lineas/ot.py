@@ -59,20 +59,31 @@ def w2_to_sorted_target(src: torch.Tensor, sorted_tgt: torch.Tensor) -> torch.Te
     return (s - t).pow(2).mean()
 
 
-def fit_affine_1d(src: torch.Tensor, tgt: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_affine_1d(src: torch.Tensor, tgt: torch.Tensor, eps: float = 1e-12, *, fit_scale: bool = True,
+                  fit_shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear-AcT closed form: per-neuron least squares ``tgt ~ scale * src + shift``
     on rank-paired samples, in float64.  Returns ``(scale, shift)`` ``[D]`` float64.
 
     A neuron whose source samples are constant gets ``scale = 1`` and the
     mean difference as shift (the only affine map the data can determine).
+    ``fit_scale=False`` / ``fit_shift=False``: the least-squares fit with the scale held at 1
+    (``shift = mean(tgt - src)``) / the shift held at 0 (``scale = E[src*tgt] / E[src^2]``),
+    the projection of the fit onto maps that keep that part at the identity.
     """
     x, y = matched_quantiles(src.double(), tgt.double())
     mx, my = x.mean(dim=0), y.mean(dim=0)
+    ones = torch.ones_like(mx)
+    if not fit_scale:
+        return ones, (my - mx) if fit_shift else torch.zeros_like(mx)
+    if not fit_shift:
+        sq = x.pow(2).mean(dim=0)
+        flat = sq <= eps
+        return torch.where(flat, ones, (x * y).mean(dim=0) / torch.where(flat, ones, sq)), torch.zeros_like(mx)
     xc, yc = x - mx, y - my
     var = xc.pow(2).mean(dim=0)
     cov = (xc * yc).mean(dim=0)
     flat = var <= eps * (1.0 + mx.abs()).pow(2)
-    scale = torch.where(flat, torch.ones_like(var), cov / torch.where(flat, torch.ones_like(var), var))
+    scale = torch.where(flat, ones, cov / torch.where(flat, ones, var))
     shift = my - scale * mx
     return scale, shift
 

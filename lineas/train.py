@@ -33,17 +33,18 @@ from .collect import (
     run_to_sites,
     tokenize,
 )
+from .foldable import METADATA_KEY, FoldableSites, SiteParts, check_standard, plan_foldable
 from .linear_act import fit_linear_act
 from .maps import SiteMap, SteeringMaps
 from .ot import sparse_group_prox, w2, w2_to_sorted_target
 from .prompts import split_texts, texts_sha256
 from .provenance import model_provenance
-from .train_config import ConfigError, Init, Method, Optimizer, Schedule, TrainConfig
+from .train_config import ConfigError, Foldable, Init, Method, Optimizer, Schedule, TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "Init", "Method", "Optimizer", "Schedule", "TrainConfig", "SiteReport", "TrainResult",
-           "learn_maps", "train_lineas"]
+__all__ = ["ConfigError", "Foldable", "Init", "Method", "Optimizer", "Schedule", "TrainConfig", "SiteReport",
+           "TrainResult", "learn_maps", "train_lineas"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class TrainResult:
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)  # collect_s, fit_s, steps_per_s (LinEAS)
     fell_back_to_linear_act: bool = False  # init=linear-act and LinEAS ended worse: the Linear-AcT maps
+    foldable: FoldableSites | None = None  # what was frozen so that the maps bake into standard weights
 
     @property
     def w2_before(self) -> float:
@@ -135,6 +137,12 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     check costs one collection pass; tracking the best iterate would cost one per step, and
     mini-batch losses cannot show it.
 
+    ``foldable`` (default ``auto``, see :mod:`lineas.foldable`): before training, the bake planner
+    says which parts of each site's map fold into standard weights; only those are trained (the
+    rest stays exactly at ``scale = 1`` / ``shift = 0``, for Linear-AcT too), sites where nothing
+    folds are left out (``ValueError`` if none is left), and the trained maps are planned with
+    ``require_standard`` before they are returned.  Metadata ``foldable`` records what was frozen.
+
     ``target_model`` (default: ``model``) is the model whose activations on the
     target prompts define the target distribution -- e.g. a copy of the model
     with known maps attached (ground-truth tests) or a fine-tuned sibling with
@@ -164,7 +172,11 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     model.eval()
     fallback = None
     try:
-        site_names = forward_order(model, src_tok.batch(range(min(2, len(src_tok))), device), site_names)
+        probe_batch = src_tok.batch(range(min(2, len(src_tok))), device)
+        site_names = forward_order(model, probe_batch, site_names)
+        fold = _plan_foldable(model, probe_batch, site_names, cfg.foldable)
+        site_names = fold.trained
+        parts = fold.parts()
         n_collect = len(src_tok) + len(tgt_tok) + (len(held[0]) + len(held[1]) if held else 0)
         with _bar(progress, total=n_collect, desc="collecting activations", unit="prompt") as bar:
             tgt_model = model if target_model is None else target_model
@@ -180,12 +192,12 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
         if cfg.method is Method.LINEAR_ACT or cfg.init is Init.LINEAR_ACT:
             with _bar(progress, total=len(site_names), desc="Linear-AcT (incremental)", unit="site") as bar:
                 start = fit_linear_act(model, src_tok, tgt, site_names, batch_size=eval_bs, device=device,
-                                       progress=bar)
+                                       progress=bar, parts=parts)
         if cfg.method is Method.LINEAR_ACT:
             affines = start
         else:
             affines, losses = train_lineas(model, src_tok, tgt, site_names, cfg, device=device, progress=progress,
-                                           init=start)
+                                           init=start, parts=parts)
         t_fit = time.perf_counter() - t1
 
         src_after = collect(model, src_tok, affines)
@@ -224,17 +236,34 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     })
     if fallback:
         meta["init_fallback"] = json.dumps(fallback)
+    meta[METADATA_KEY] = fold.to_metadata()
     maps_obj = SteeringMaps(site_maps, meta)
     support = maps_obj.support()
     meta["support"] = f"{support:.6f}"
     meta["train_report"] = json.dumps([asdict(r) for r in reports])
     meta.update(metadata or {})
     maps_obj = SteeringMaps(site_maps, meta)
+    if fold.applied:  # the guarantee, on the maps themselves: what --require-standard will plan
+        check_standard(model, maps_obj)
     timing = {"collect_s": t_collect, "fit_s": t_fit}
     if losses:
         timing["steps_per_s"] = len(losses) / t_fit
     return TrainResult(maps_obj, tuple(reports), support, cfg, tuple(losses), time.perf_counter() - t0, timing,
-                       fell_back_to_linear_act=fallback is not None)
+                       fell_back_to_linear_act=fallback is not None, foldable=fold)
+
+
+def _plan_foldable(model: nn.Module, batch, sites: list[str], mode: Foldable) -> FoldableSites:
+    """:func:`lineas.foldable.plan_foldable` at the sites' real map lengths (one short forward pass)."""
+    with torch.no_grad():
+        pooled = run_to_sites(model, batch, sites)
+    fold = plan_foldable(model, {s: int(pooled[s].shape[-1]) for s in sites}, mode)
+    if fold.applied and (fold.partly_frozen or fold.excluded):
+        log.info("%s", fold.summary())
+    if not fold.trained:
+        raise ValueError(f"no part of any site's map folds into standard weights, so --foldable {mode.value} "
+                         "leaves nothing to train:\n" + fold.summary()
+                         + "\nchoose other --sites, or pass --foldable off (the bake then needs affine modules)")
+    return fold
 
 
 def _resolve(model: nn.Module, sites: Sequence[str]) -> list[str]:
@@ -256,22 +285,31 @@ def _model_device(model: nn.Module) -> torch.device:
 def train_lineas(model: nn.Module, source: TokenSet, target_pooled: dict[str, torch.Tensor], sites: Sequence[str],
                  cfg: TrainConfig, *, device="cpu", progress: bool = False,
                  init: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 parts: Mapping[str, SiteParts] | None = None,
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[float]]:
     """Jointly train all maps from identity (or from ``init``, ``{site: (scale, shift)}``);
     returns ``({site: (scale, shift)}, losses)``.
+
+    ``parts`` (:func:`lineas.foldable.plan_foldable`): per site, which of scale and shift are trained;
+    a frozen one is a constant tensor at exactly 1 / 0 (``init`` is projected), outside the
+    optimiser and the proximal step.
 
     ``sites`` must be in forward order (the forward stops after the last one).
     """
     gen = torch.Generator().manual_seed(cfg.seed)  # batch order only; the global RNG is left alone
     # Sorted once: each step only sorts the (small) source batch.
     sorted_tgt = {s: target_pooled[s].to(device).sort(dim=0).values for s in sites}
-    params: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+    params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for s in sites:
         d = target_pooled[s].shape[1]
         scale, shift = init[s] if init is not None else (torch.ones(d), torch.zeros(d))
-        params[s] = (nn.Parameter(scale.detach().to(device=device, dtype=torch.float32).clone()),
-                     nn.Parameter(shift.detach().to(device=device, dtype=torch.float32).clone()))
-    flat = [p for pair in params.values() for p in pair]
+        trained = (True, True) if parts is None else (parts[s].scale, parts[s].shift)
+        if parts is not None:
+            scale, shift = parts[s].project(scale, shift)
+        params[s] = tuple(nn.Parameter(t.detach().to(device=device, dtype=torch.float32).clone()) if on
+                          else t.detach().to(device=device, dtype=torch.float32).clone()
+                          for t, on in zip((scale, shift), trained))
+    flat = [p for pair in params.values() for p in pair if isinstance(p, nn.Parameter)]
     opt = (torch.optim.SGD(flat, lr=cfg.lr) if cfg.optimizer is Optimizer.SGD
            else torch.optim.Adam(flat, lr=cfg.lr, betas=cfg.betas))
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps) if cfg.schedule is Schedule.COSINE
@@ -299,8 +337,9 @@ def train_lineas(model: nn.Module, source: TokenSet, target_pooled: dict[str, to
                         for scale, shift in params.values():
                             new_scale, new_shift = sparse_group_prox(scale, shift, step_lr, cfg.sparsity_l1,
                                                                      cfg.sparsity_group)
-                            scale.copy_(new_scale)
-                            shift.copy_(new_shift)
+                            for param, new in ((scale, new_scale), (shift, new_shift)):
+                                if isinstance(param, nn.Parameter):  # frozen parts stay exactly at identity
+                                    param.copy_(new)
                 if sched is not None:
                     sched.step()
                 value = float(loss.detach())

@@ -31,6 +31,14 @@ class Init(str, enum.Enum):
     LINEAR_ACT = "linear-act"
 
 
+class Foldable(str, enum.Enum):
+    """Train only the parts of the maps that fold into standard weights (see :mod:`lineas.foldable`)?"""
+
+    AUTO = "auto"  # on when a registry entry (bake/archs) describes the model: the planner then knows its folds
+    ON = "on"      # also without a registry entry (planned by module type: conservative)
+    OFF = "off"    # train every scale and shift; the bake may need affine modules (trust_remote_code)
+
+
 class Schedule(str, enum.Enum):
     COSINE = "cosine"      # learning rate annealed to 0 over the run
     CONSTANT = "constant"
@@ -48,7 +56,7 @@ class ConfigError(ValueError):
         return f"--{self.field.replace('_', '-')} {self.problem}"
 
 
-_ENUMS = {"method": Method, "optimizer": Optimizer, "init": Init, "schedule": Schedule}
+_ENUMS = {"method": Method, "optimizer": Optimizer, "init": Init, "schedule": Schedule, "foldable": Foldable}
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,11 @@ class TrainConfig:
     54%, 1e-3 -- apple/ml-lineas' lr -- 41%; betas (0.9, 0.9) changed it by under 2 points) and move
     SmolLM2-135M's sentiment (see README).  Plain SGD at lr 0.1, the old default, cut it by 24%:
     the loss is a mean over neurons, so every neuron's gradient is divided by the width.
+
+    ``foldable`` defaults to ``auto`` because the product is a steered checkpoint that any standard
+    runtime serves: on a model the registry knows, maps that need affine modules would force
+    ``trust_remote_code`` (no llama.cpp, vLLM, TGI), so the learner trains only what folds and says
+    what it froze; ``off`` is one flag away.  Where everything folds (Llama-style norms) it changes nothing.
     """
 
     method: Method = Method.LINEAS
@@ -77,6 +90,7 @@ class TrainConfig:
     sparsity_group: float = 0.0
     seed: int = 0
     holdout: float = 0.0
+    foldable: Foldable = Foldable.AUTO
 
     def __post_init__(self) -> None:
         for name, kind in _ENUMS.items():
