@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -67,6 +68,7 @@ examples:
   {PROG} --model ./llama-3-8b --maps tox.safetensors --max-memory 4GiB     (out of core: any size)
   {PROG} --model smollm2-135m --maps positive.safetensors --format hf,onnx --push-to-hub me/smollm2-positive
   {PROG} push smollm2-positive me/smollm2-positive     (upload an existing export; see {PROG} push --help)
+  {PROG} --model ./sdxl-pipeline --maps anime.safetensors --strength 0.8 --out sdxl-anime   (diffusers folder)
 """
 
 
@@ -98,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow giving tied input/output embeddings separate copies when a map must fold into one")
     p.add_argument("--verify-tokens", type=int, default=8, metavar="N",
                    help="greedy tokens generated per verification prompt (default: 8)")
+    p.add_argument("--verify-steps", type=int, default=2, metavar="N",
+                   help="diffusers pipelines: denoising steps of the verification image (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.add_argument("--allow-rebake", action="store_true",
                    help="bake maps that the model already carries (its config.json lineas_baked record or "
@@ -160,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format=f"{PROG}: %(levelname)s: %(message)s")
     if args.verify_tokens < 1:
         return _fail(f"--verify-tokens must be >= 1, got {args.verify_tokens}", EXIT_BAD_INPUT)
+    if args.verify_steps < 1:
+        return _fail(f"--verify-steps must be >= 1, got {args.verify_steps}", EXIT_BAD_INPUT)
     if not args.push_to_hub and (args.private or args.revision or args.commit_message):
         return _fail("--private, --revision and --commit-message only apply with --push-to-hub", EXIT_BAD_INPUT)
     cmd = command_line([PROG, *(sys.argv[1:] if argv is None else argv)])
@@ -187,6 +193,12 @@ def _run(args, cmd: str) -> int:
     from .results import default_out_dir
 
     maps = _maps_arg(args)
+    from .family import DIFFUSERS_PIPELINE, detect
+
+    if detect(os.path.expanduser(args.model)) is DIFFUSERS_PIPELINE:  # a model_index.json folder: the pipeline family
+        from .pipeline_bake import pipeline_cli
+
+        return pipeline_cli(args, maps, cmd)
     max_memory = None if args.max_memory == "auto" else parse_memory(args.max_memory)
     formats = parse_formats(args.format)
     progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal

@@ -122,3 +122,44 @@ def is_identity_scale(scale: torch.Tensor) -> bool:
 
 def is_zero_shift(shift: torch.Tensor) -> bool:
     return bool(torch.all(shift == 0))
+
+
+ADALN_SCALE, ADALN_SHIFT = "scale", "shift"
+
+
+def fold_adaln_rows(weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                    chunks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdaLN fold: the map ``y -> a*y + b`` on the output of an adaptive LayerNorm folds into the
+    rows of the Linear that makes its modulation from the conditioning ``e``.
+
+    The norm computes ``y = n(x) * (1 + m_scale) + m_shift`` with ``[m_0; ...; m_{k-1}] = W e + c``
+    split into ``k = len(chunks)`` equal row blocks (``torch.chunk`` on the output), ``chunks`` naming
+    each block; the blocks named ``"scale"`` and ``"shift"`` modulate the steered output.  Then
+
+        a*y + b = n(x) * (a + a*m_scale) + (a*m_shift + b)
+                = n(x) * (1 + [a*m_scale + (a - 1)]) + [a*m_shift + b]
+
+    so with ``m' = W' e + c'``:
+
+        scale rows:  W' = diag(a) W,  c' = a*c + (a - 1)
+        shift rows:  W' = diag(a) W,  c' = a*c + b
+
+    exactly, for every ``e`` (every timestep, every prompt).  Every other block (gates, the MLP's
+    shift/scale of AdaLayerNormZero) is returned unchanged: it does not act on the steered output.
+    """
+    if chunks.count(ADALN_SCALE) != 1 or chunks.count(ADALN_SHIFT) != 1:
+        raise ValueError(f"chunks {chunks} must name exactly one {ADALN_SCALE!r} and one {ADALN_SHIFT!r} block")
+    k, n = len(chunks), weight.shape[0]
+    if n % k:
+        raise ValueError(f"a weight with {n} rows does not split into {k} equal chunks")
+    d = n // k
+    _check_len("scale", scale, d)
+    _check_len("shift", shift, d)
+    _check_len("bias", bias, n)
+    w, c = _wide(weight).clone(), _wide(bias).clone()
+    a = _wide(scale)
+    for block, add in ((chunks.index(ADALN_SCALE), a - 1.0), (chunks.index(ADALN_SHIFT), _wide(shift))):
+        rows = slice(block * d, (block + 1) * d)
+        w[rows] = a.unsqueeze(1) * w[rows]
+        c[rows] = a * c[rows] + add
+    return w.to(weight.dtype), c.to(bias.dtype)

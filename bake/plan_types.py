@@ -27,6 +27,7 @@ class SiteKind(str, Enum):
     CONV1D = "conv1d"            # GPT-2 Conv1D, weight [in, out]
     CONV = "conv"                # nn.Conv2d
     EMBEDDING = "embedding"
+    ADALN = "adaln"              # adaptive LayerNorm: n(x)*(1+scale)+shift, scale/shift rows of a Linear
     MODULE = "module"            # anything else: no exact fold is known
 
     @property
@@ -71,6 +72,7 @@ class FoldOp(str, Enum):
     NORM_BIAS = "norm_bias"          # b' = s*b + t
     ROWS = "rows"                    # producer: W' = diag(s) W, b' = s*b + t
     INPUT_SHIFT = "input_shift"      # consumer: b' = b + W t, with t of the site
+    ADALN_ROWS = "adaln_rows"        # modulation Linear: scale rows a*W, a*c+(a-1); shift rows a*W, a*c+b
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,13 @@ class FoldStep:
     module: str
     layout: Layout
     tensors: tuple[str, ...]
+    chunks: tuple[str, ...] = ()   # ADALN_ROWS: the name of each row block of the Linear (bake.fold)
 
     def __post_init__(self):  # a typo'd state fails here, not as a silent "no match" later
         object.__setattr__(self, "op", FoldOp(self.op))
         object.__setattr__(self, "layout", Layout(self.layout))
+        if (self.op is FoldOp.ADALN_ROWS) != bool(self.chunks):
+            raise ValueError(f"{self.module}: chunks are given exactly for {FoldOp.ADALN_ROWS.value} steps")
 
 
 @dataclass(frozen=True)

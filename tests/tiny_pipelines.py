@@ -192,3 +192,40 @@ def call_kwargs(kind: str, seed: int = 0, steps: int = 2) -> dict:
                 guidance_scale=5.0, generator=torch.Generator().manual_seed(seed), output_type="np",
                 **({"max_sequence_length": 16} if kind in ("sd3", "flux") else {}),
                 **({"true_cfg_scale": 4.0} if kind == "flux" else {}))
+
+
+def site_dims(pipe, sites) -> dict[str, int]:
+    """Each site's output feature size, measured by running the denoiser once (text-encoder sites: by type)."""
+    from bake.pipeline_verify import denoiser_inputs
+    from lineas.axis import resolve_axis
+    from lineas.hooks import feature_axis, module_feature_dim, resolve_sites
+    from lineas.pipelines import denoiser_name, pipeline_modules
+
+    mods = resolve_sites(pipeline_modules(pipe), list(sites))
+    dims = {s: module_feature_dim(m) for s, m in mods.items()}
+    handles = []
+    for s, m in mods.items():
+        def hook(mod, _i, out, s=s):
+            y = out[0] if isinstance(out, tuple) else out
+            dims[s] = y.shape[resolve_axis(feature_axis(mod), y.dim())]
+        handles.append(m.register_forward_hook(hook))
+    den = pipe.components[denoiser_name(pipe)]
+    try:
+        with torch.no_grad():
+            den(**denoiser_inputs(den), return_dict=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return dims
+
+
+def random_maps(pipe, sites, seed: int = 0, spread: float = 0.3):
+    """A lineas-maps object with random scale ~ 1 +- spread and shift ~ N(0, spread) on ``sites``,
+    whose metadata names the pipeline class (lineas.pipelines.PIPELINE_CLASS_KEY)."""
+    from lineas.maps import SiteMap, SteeringMaps
+    from lineas.pipelines import PIPELINE_CLASS_KEY
+
+    g = torch.Generator().manual_seed(seed)
+    maps = {s: SiteMap(1 + spread * (2 * torch.rand(d, generator=g) - 1), spread * torch.randn(d, generator=g))
+            for s, d in site_dims(pipe, sites).items()}
+    return SteeringMaps(maps, {"method": "random", PIPELINE_CLASS_KEY: type(pipe).__name__})
