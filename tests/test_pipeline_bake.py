@@ -1,0 +1,136 @@
+"""lineas-bake on diffusers pipeline folders: acceptance (plain diffusers reloads the hooked pipeline),
+byte-for-byte copies, refusals that write nothing, and a wrong fold caught by verification."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from bake.cli import main  # noqa: E402
+from bake.pipeline_verify import denoiser_inputs, run_denoiser, run_image  # noqa: E402
+from lineas.hooks import attach_maps  # noqa: E402
+from lineas.maps import SteeringMaps  # noqa: E402
+from lineas.pipelines import PIPELINE_CLASS_KEY, denoiser_name, load_pipeline, pipeline_modules  # noqa: E402
+from tiny_pipelines import random_maps  # noqa: E402
+
+# Per kind: sites covering GroupNorm, affine LayerNorm, Linear/Conv producers (UNets) and every AdaLN class.
+SITES = {
+    "sd": ["unet.down_blocks.1.resnets.0.norm1", "unet.down_blocks.1.attentions.0.norm",
+           "unet.down_blocks.1.attentions.0.transformer_blocks.0.norm3",
+           "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+           "unet.down_blocks.1.attentions.0.proj_in", "unet.conv_norm_out"],
+    "sdxl": ["unet.down_blocks.1.resnets.1.norm2", "unet.down_blocks.1.attentions.0.transformer_blocks.1.norm1",
+             "unet.down_blocks.1.attentions.0.transformer_blocks.1.norm2", "unet.up_blocks.0.attentions.0.proj_out",
+             "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"],
+    "sd3": ["transformer.transformer_blocks.0.norm1", "transformer.transformer_blocks.0.norm1_context",
+            "transformer.transformer_blocks.1.norm1_context", "transformer.norm_out"],
+    "flux": ["transformer.transformer_blocks.0.norm1", "transformer.transformer_blocks.0.norm1_context",
+             "transformer.single_transformer_blocks.0.norm", "transformer.norm_out"],
+}
+
+
+def _sha(folder):
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _outputs(pipe, maps=None, strength=0.8):
+    handle = attach_maps(pipeline_modules(pipe), maps, strength) if maps is not None else None
+    try:
+        den = pipe.components[denoiser_name(pipe)]
+        return run_denoiser(pipe, denoiser_inputs(den, seed=3)), run_image(pipe, seed=5, steps=2)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@pytest.mark.parametrize("kind", list(SITES))
+def test_cli_bake_reloads_as_the_hooked_pipeline_with_plain_diffusers(kind, tiny_pipeline_folder, tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    src = tiny_pipeline_folder(kind)
+    before = _sha(src)
+    pipe = load_pipeline(src)
+    maps = random_maps(pipe, SITES[kind], seed=1)
+    maps.save(tmp_path / "m.safetensors")
+    out = tmp_path / "X"
+    code = main(["--model", str(src), "--maps", str(tmp_path / "m.safetensors"), "--strength", "0.8",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "0 affine modules" in printed and "pipeline-image-float32" in printed
+    base_den, base_img = _outputs(pipe)
+    hooked_den, hooked_img = _outputs(pipe, maps)
+    assert (hooked_den - base_den).abs().max() > 1e-3 and (hooked_img - base_img).abs().max() > 1e-3
+    baked = DiffusionPipeline.from_pretrained(str(out))  # plain diffusers, default dtype, no hooks
+    baked.set_progress_bar_config(disable=True)
+    baked_den, baked_img = _outputs(baked)
+    rel = ((baked_den - hooked_den).abs().flatten(1).amax(1) / hooked_den.abs().flatten(1).amax(1)).max()
+    assert rel <= 1e-5, float(rel)
+    assert (baked_img - hooked_img).abs().max() <= 1e-4
+    # the denoiser was rewritten, every other file is the base pipeline's, byte for byte
+    after, written = _sha(src), _sha(out)
+    assert after == before
+    den = denoiser_name(pipe)
+    for name, digest in before.items():
+        if not name.startswith(den + "/"):
+            assert written[name] == digest, name
+    assert written[f"{den}/config.json"] and any(n.startswith(den + "/") and n.endswith(".safetensors")
+                                                  and written[n] != before.get(n) for n in written)
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "pipeline_tag: text-to-image" in card and "base_model:" in card
+    verification = json.loads((out / "lineas_verification.json").read_text())
+    assert verification["passed"] and len(verification["rows"]) == 2
+    assert not list(tmp_path.glob("lineas_tmp_*"))
+
+
+def _maps_file(pipe, sites, path, **meta):
+    maps = random_maps(pipe, sites, seed=2)
+    SteeringMaps(maps.maps, {**maps.metadata, **meta}).save(path)
+    return path
+
+
+def test_a_site_that_does_not_fold_is_refused_and_nothing_is_written(tiny_pipeline_folder, tmp_path, capsys):
+    src = tiny_pipeline_folder("flux")
+    pipe = load_pipeline(src)
+    # norm2 of a FLUX block is a weightless LayerNorm modulated by AdaLN chunks after it: no exact fold
+    m = _maps_file(pipe, ["transformer.transformer_blocks.0.norm2", "transformer.norm_out"], tmp_path / "m.safetensors")
+    code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "transformer.transformer_blocks.0.norm2" in err and "no standard loading path" in err
+    assert not (tmp_path / "X").exists() and not list(tmp_path.glob("lineas_tmp_*"))
+
+
+def test_maps_learned_on_another_pipeline_class_are_refused(tiny_pipeline_folder, tmp_path, capsys):
+    src = tiny_pipeline_folder("sd")
+    pipe = load_pipeline(src)
+    m = _maps_file(pipe, ["unet.conv_norm_out"], tmp_path / "m.safetensors", **{PIPELINE_CLASS_KEY: "FluxPipeline"})
+    assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")]) == 2
+    assert "FluxPipeline" in capsys.readouterr().err and not (tmp_path / "X").exists()
+    assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X"), "--dry-run",
+                 "--ignore-model-mismatch"]) == 0
+
+
+def test_a_wrong_adaln_convention_fails_verification_and_writes_nothing(tiny_pipeline_folder, tmp_path, capsys,
+                                                                       monkeypatch):
+    import dataclasses
+
+    import bake.pipeline_plan as pp
+    from bake.pipeline_registry import load_pipeline_registry
+
+    reg = load_pipeline_registry()
+    # AdaLayerNormContinuous chunks (scale, shift); pretend it were (shift, scale) like the Zero norms
+    wrong = tuple(dataclasses.replace(r, chunks=("shift", "scale")) if r.module_class == "AdaLayerNormContinuous"
+                  else r for r in reg.adaln)
+    monkeypatch.setattr(pp, "load_pipeline_registry", lambda: dataclasses.replace(reg, adaln=wrong))
+    src = tiny_pipeline_folder("sd3")
+    m = _maps_file(load_pipeline(src), ["transformer.norm_out"], tmp_path / "m.safetensors")
+    code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")])
+    captured = capsys.readouterr()
+    assert code == 3, captured.err
+    assert "pipeline-denoiser-float32" in captured.err and "FAIL" in captured.err
+    assert not (tmp_path / "X").exists() and not list(tmp_path.glob("lineas_tmp_*"))
