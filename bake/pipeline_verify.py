@@ -152,8 +152,8 @@ class PipelineReport:
     diag_probe = "the denoiser and image probes"
 
     def site_table(self) -> str:  # the CLI prints it on failure, as for LLM bakes
-        return ("per-site divergence is not measured for pipelines; the fold plan above lists each site's fold "
-                "(rerun with fewer sites to find the one that diverges)")
+        return ("per-site divergence is not measured for pipelines; --dry-run prints each site's fold "
+                "(bake fewer sites to find the one that diverges)")
 
     def to_table(self) -> str:
         if self.skipped:

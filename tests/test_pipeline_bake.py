@@ -5,7 +5,6 @@ import hashlib
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 
