@@ -193,12 +193,6 @@ def _run(args, cmd: str) -> int:
     from .results import default_out_dir
 
     maps = _maps_arg(args)
-    from .family import DIFFUSERS_PIPELINE, detect
-
-    if detect(os.path.expanduser(args.model)) is DIFFUSERS_PIPELINE:  # a model_index.json folder: the pipeline family
-        from .pipeline_bake import pipeline_cli
-
-        return pipeline_cli(args, maps, cmd)
     max_memory = None if args.max_memory == "auto" else parse_memory(args.max_memory)
     formats = parse_formats(args.format)
     progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal
@@ -208,6 +202,12 @@ def _run(args, cmd: str) -> int:
         check_repo_id(args.push_to_hub)  # bad OWNER/NAME: exit 2 before the slow part
         if not args.dry_run:
             check_online()
+    from .family import DIFFUSERS_PIPELINE, detect
+
+    if detect(os.path.expanduser(args.model)) is DIFFUSERS_PIPELINE:  # a model_index.json folder: the pipeline family
+        from .pipeline_bake import pipeline_cli
+
+        return pipeline_cli(args, maps, cmd)
     history = dict(allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch)
     common = dict(require_standard=args.require_standard, untie=args.untie_embeddings, device=args.device,
                   trust_remote_code=args.trust_remote_code, progress=progress, **history)

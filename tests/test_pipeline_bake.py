@@ -133,3 +133,24 @@ def test_a_wrong_adaln_convention_fails_verification_and_writes_nothing(tiny_pip
     assert code == 3, captured.err
     assert "pipeline-denoiser-float32" in captured.err and "FAIL" in captured.err
     assert not (tmp_path / "X").exists() and not list(tmp_path.glob("lineas_tmp_*"))
+
+
+def test_cli_bake_then_push_to_hub(tiny_pipeline_folder, tmp_path, capsys, monkeypatch):
+    from hub_server import HubServer, Token, use_endpoint
+
+    src = tiny_pipeline_folder("sd")
+    m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
+    token = "hf_test_WRITE_token_0123456789abcdef"
+    with HubServer({token: Token("me")}, orgs={}) as hub:
+        use_endpoint(monkeypatch, hub.endpoint)
+        monkeypatch.setenv("HF_TOKEN", token)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X"), "--push-to-hub", "me/sd-x"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        repo = hub.repos["me/sd-x"]
+        files = set(repo.commits[repo.branches["main"]].files)
+    local = {str(f.relative_to(tmp_path / "X")) for f in (tmp_path / "X").rglob("*") if f.is_file()}
+    assert {"model_index.json", "README.md", "unet/diffusion_pytorch_model.safetensors"} <= files
+    assert files - {".gitattributes"} == local  # the server adds .gitattributes when it creates the repo
