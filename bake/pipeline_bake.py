@@ -14,15 +14,18 @@ no stale unsteered copy can be loaded with ``variant=``); every other file is co
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from lineas.pipelines import PIPELINE_CLASS_KEY, is_pipeline_folder, load_pipeline, pipeline_modules, split_site
 
 from .card import PROVENANCE_FILE
 from .errors import BakeError, FoldError, VerificationError
-from .execute import apply_plan
+from .execute import check_applicable, commit_plan, compute_folded
 from .history import ModelMismatchError, RebakeError
 from .inputs import combined, normalise_maps
 from .outdir import check_out_dir, move_into_place, sigterm_raises, temp_folder
@@ -30,6 +33,8 @@ from .pipeline_card import PipelineExportInfo, write_files
 from .pipeline_plan import plan_pipeline
 from .pipeline_verify import PipelineReport, compare, record
 from .plan_types import FoldPlan
+from .shards import ST_DTYPES, Entry, ShardWriter, TensorInfo, _read_header, raw_blocks
+from .store import ModuleStore
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +95,68 @@ def plan_pipeline_bake(model, maps, strength: float = 1.0, *, trust_remote_code:
     return plan_pipeline(pipeline_modules(load_pipeline(folder, trust_remote_code=trust_remote_code)), eff)
 
 
-def write_pipeline(dst: Path, src: Path, pipe, baked: tuple[str, ...]) -> None:
-    """``src`` copied into ``dst`` byte for byte, then each ``baked`` component re-saved from ``pipe``."""
+def _rewrite_component(folder: Path, new: dict[str, torch.Tensor]) -> bool:
+    """Rewrite the safetensors files of one component folder in place, replacing the tensors in ``new``
+    (keys relative to the component) and copying every other tensor's bytes (:class:`ShardWriter`,
+    same file names, order and metadata).  False, with nothing changed, when the folder's default
+    (non-variant) safetensors files do not hold every key of ``new``."""
+    files = [f for f in sorted(folder.glob("*.safetensors")) if _is_default_safetensors(f.name)]
+    headers = {f: _read_header(f) for f in files}
+    if not set(new) <= {k for entries, _, _ in headers.values() for k in entries}:
+        return False
+    for f, (entries, meta, start) in headers.items():
+        keys = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
+        infos = {k: TensorInfo(k, f, ST_DTYPES[entries[k]["dtype"]], tuple(entries[k]["shape"]),
+                               start + entries[k]["data_offsets"][0], start + entries[k]["data_offsets"][1])
+                 for k in keys}
+        tmp = f.with_name(f.name + ".lineas-tmp")
+        writer = ShardWriter(tmp, [Entry(k, i.dtype, i.shape) for k, i in infos.items()], metadata=meta or None)
+        try:
+            for k, info in infos.items():
+                writer.write(k, new[k].to(info.dtype) if k in new else raw_blocks(info))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        os.replace(tmp, f)
+    return True
+
+
+def write_pipeline(dst: Path, src: Path, pipe, final: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """``src`` copied into ``dst`` byte for byte, then each component with a folded tensor in ``final``
+    (keys ``<component>.<parameter>``) rewritten: in its own safetensors files when they hold every
+    folded key, else re-saved with its ``save_pretrained``.  Weight files of a rewritten component that
+    were not rewritten (variants such as ``*.fp16.safetensors``, ``.bin`` copies) are removed: they
+    would load unsteered.  Returns the removed files (relative paths)."""
     shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=shutil.copyfile)
-    for component in baked:
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in final.items():
+        component, key = split_site(name)
+        by_component.setdefault(component, {})[key] = value
+    removed = []
+    for component, new in by_component.items():
         folder = dst / component
-        for f in folder.iterdir():
-            if f.is_file() and (f.name.endswith(WEIGHT_SUFFIXES) or f.name.endswith(".index.json")):
+        rewritten = _rewrite_component(folder, new)
+        keep = {f for f in folder.iterdir() if _is_default_safetensors(f.name)} if rewritten else set()
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f not in keep and (f.name.endswith(WEIGHT_SUFFIXES) or f.name.endswith(".json")
+                                                  and ".index" in f.name):
                 f.unlink()
-        pipe.components[component].save_pretrained(str(folder), safe_serialization=True)
+                removed.append(f.relative_to(dst))
+        if not rewritten:
+            pipe.components[component].save_pretrained(str(folder), safe_serialization=True)
+    gone = tuple(str(f) for f in removed if not (dst / f).exists())  # save_pretrained may write the same names
+    for f in gone:
+        log.warning("removed %s: a weight file of a rewritten component that the bake did not rewrite "
+                    "(it would load unsteered)", f)
+    return gone
+
+
+def _is_default_safetensors(name: str) -> bool:
+    """``diffusion_pytorch_model.safetensors``, its shards ``...-00001-of-00002.safetensors`` and index; not a
+    variant (``.fp16.``)."""
+    return (name.endswith(".safetensors") and name.count(".") == 1) or (
+        name.endswith(".safetensors.index.json") and name.count(".") == 3)
 
 
 def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = False, verify: bool = True,
@@ -125,11 +183,13 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
     base = hooked = None
     if verify:
         base, hooked = record(pipe, seed=seed, steps=steps), record(pipe, affines, seed=seed, steps=steps)
-    apply_plan(modules, plan, eff)
+    maps_checked = check_applicable(modules, plan, eff)
+    final = compute_folded(modules, plan, maps_checked, ModuleStore(modules))
+    commit_plan(modules, plan, maps_checked, final)  # the in-memory components now compute the baked outputs
     with sigterm_raises():
         tmp = temp_folder(out)
         try:
-            write_pipeline(tmp, folder, pipe, baked)
+            removed = write_pipeline(tmp, folder, pipe, final)
             del pipe, modules
             if verify:
                 cand = record(load_pipeline(tmp), seed=seed, steps=steps)
@@ -145,7 +205,7 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
             info = PipelineExportInfo(base_model=str(model), base_path=str(folder.resolve()),
                                       pipeline_class=pipeline_class, maps=[s.describe() for s in sources], plan=plan,
                                       report=report, components_baked=list(baked), components_copied=list(copied),
-                                      command=command, bakes=earlier + [entry])
+                                      command=command, bakes=earlier + [entry], removed_files=list(removed))
             write_files(tmp, info)
             move_into_place(tmp, out)
         except BaseException:

@@ -26,6 +26,7 @@ class PipelineExportInfo:
     components_copied: list[str]    # copied byte for byte from the base pipeline
     command: str
     bakes: list[dict] = field(default_factory=list)   # every bake in this pipeline, this one last
+    removed_files: list[str] = field(default_factory=list)  # stale weight files of rewritten components
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -42,6 +43,7 @@ def provenance(info: PipelineExportInfo) -> dict:
             "base_model": {"name": info.base_model, "path": info.base_path, "pipeline_class": info.pipeline_class},
             "maps": info.maps, "strengths": [m["strength"] for m in info.maps],
             "export": {"components_baked": info.components_baked, "components_copied": info.components_copied,
+                       "removed_files": info.removed_files,
                        "trust_remote_code_needed": False},
             "verification": {"skipped": info.report.skipped, "passed": info.report.passed and not info.report.skipped,
                              "file": VERIFICATION_FILE},

@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 
@@ -79,6 +80,17 @@ def test_cli_bake_reloads_as_the_hooked_pipeline_with_plain_diffusers(kind, tiny
             assert written[name] == digest, name
     assert written[f"{den}/config.json"] and any(n.startswith(den + "/") and n.endswith(".safetensors")
                                                   and written[n] != before.get(n) for n in written)
+    # inside the rewritten file: same tensors in the same order, only the folded ones changed
+    from safetensors import safe_open
+
+    folded = {t.split(".", 1)[1] for p in json.loads((out / "lineas_provenance.json").read_text())["plan"]["sites"]
+              for step in p["steps"] for t in step["tensors"]}
+    weights = f"{den}/diffusion_pytorch_model.safetensors"
+    with safe_open(str(src / weights), "pt") as a, safe_open(str(out / weights), "pt") as b:
+        assert list(a.keys()) == list(b.keys()) and folded <= set(a.keys())
+        for key in a.keys():
+            same = torch.equal(a.get_tensor(key), b.get_tensor(key))
+            assert same != (key in folded), key
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "pipeline_tag: text-to-image" in card and "base_model:" in card
     verification = json.loads((out / "lineas_verification.json").read_text())
@@ -154,3 +166,17 @@ def test_cli_bake_then_push_to_hub(tiny_pipeline_folder, tmp_path, capsys, monke
     local = {str(f.relative_to(tmp_path / "X")) for f in (tmp_path / "X").rglob("*") if f.is_file()}
     assert {"model_index.json", "README.md", "unet/diffusion_pytorch_model.safetensors"} <= files
     assert files - {".gitattributes"} == local  # the server adds .gitattributes when it creates the repo
+
+
+def test_stale_weight_variants_of_a_rewritten_component_are_removed(tiny_pipeline_folder, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_pipeline_folder("sd"), src)
+    unet = src / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copyfile(unet, unet.with_name("diffusion_pytorch_model.fp16.safetensors"))  # loads with variant="fp16"
+    m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
+    assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")]) == 0, capsys.readouterr().err
+    assert not (tmp_path / "X" / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    removed = json.loads((tmp_path / "X" / "lineas_provenance.json").read_text())["export"]["removed_files"]
+    assert removed == ["unet/diffusion_pytorch_model.fp16.safetensors"]
