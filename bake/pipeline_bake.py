@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lineas.models import check_device
 from lineas.pipelines import PIPELINE_CLASS_KEY, is_pipeline_folder, load_pipeline, pipeline_modules, split_site
 
 from .card import PROVENANCE_FILE
@@ -161,15 +162,16 @@ def _is_default_safetensors(name: str) -> bool:
 
 def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = False, verify: bool = True,
                   steps: int = 2, seed: int = 0, trust_remote_code: bool = False, allow_rebake: bool = False,
-                  ignore_model_mismatch: bool = False, command: str = "") -> PipelineBake:
+                  ignore_model_mismatch: bool = False, command: str = "", device: str = "cpu") -> PipelineBake:
     """Bake ``maps`` (a path, a SteeringMaps, or a list of ``(maps, strength)``) into the pipeline folder
     ``model`` and write the steered pipeline to ``out``.  Raises :class:`VerificationError` (with
     ``.report``) when the written pipeline does not reproduce the hooked one; nothing is written then."""
     folder = _folder(model)
+    check_device(device)
     out = check_out_dir(out, overwrite, model_dir=folder, needed_bytes=int(_folder_bytes(folder) * 1.1))
     sources = normalise_maps(maps, strength)
     eff = combined(sources)
-    pipe = load_pipeline(folder, trust_remote_code=trust_remote_code)
+    pipe = load_pipeline(folder, trust_remote_code=trust_remote_code, device=device)
     pipeline_class = type(pipe).__name__
     _check_maps_pipeline(sources, pipeline_class, ignore_model_mismatch)
     modules = pipeline_modules(pipe)
@@ -192,7 +194,7 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
             removed = write_pipeline(tmp, folder, pipe, final)
             del pipe, modules
             if verify:
-                cand = record(load_pipeline(tmp), seed=seed, steps=steps)
+                cand = record(load_pipeline(tmp, device=device), seed=seed, steps=steps)
                 report = compare(base, hooked, cand, steps=steps, seed=seed)
                 if not report.passed:
                     err = VerificationError("; ".join(report.failures()))
@@ -232,7 +234,7 @@ def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str) -> int:
     result = bake_pipeline(args.model, maps, out=out, overwrite=args.overwrite, verify=not args.no_verify,
                            steps=args.verify_steps, trust_remote_code=args.trust_remote_code,
                            allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch,
-                           command=cmd)
+                           command=cmd, device=args.device)
     print(result.plan.to_table())
     print()
     print(result.report.to_table())

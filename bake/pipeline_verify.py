@@ -71,9 +71,16 @@ def denoiser_inputs(denoiser: nn.Module, seed: int = 0, batch: int = 2) -> dict:
     raise NotImplementedError(f"no random-input recipe for a {cls} denoiser")
 
 
+def _to(obj, device):
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj.to(device) if isinstance(obj, torch.Tensor) else obj
+
+
 def run_denoiser(pipe, inputs: dict) -> torch.Tensor:
+    den = pipe.components[denoiser_name(pipe)]
     with torch.no_grad():
-        return pipe.components[denoiser_name(pipe)](**inputs, return_dict=False)[0].detach().float().cpu()
+        return den(**_to(inputs, den.device), return_dict=False)[0].detach().float().cpu()
 
 
 def pipeline_call(pipe, seed: int = 0, steps: int = 2) -> dict:
