@@ -180,3 +180,16 @@ def test_stale_weight_variants_of_a_rewritten_component_are_removed(tiny_pipelin
     assert not (tmp_path / "X" / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
     removed = json.loads((tmp_path / "X" / "lineas_provenance.json").read_text())["export"]["removed_files"]
     assert removed == ["unet/diffusion_pytorch_model.fp16.safetensors"]
+
+
+def test_the_llm_api_points_a_pipeline_folder_to_bake_pipeline(tiny_pipeline_folder, tmp_path):
+    from bake import bake, bake_folder, bake_pipeline
+    from bake.api import NotAFolderError
+
+    src = tiny_pipeline_folder("sd")
+    for fn in (bake, bake_folder):
+        with pytest.raises(NotAFolderError, match="bake_pipeline"):
+            fn(str(src), tmp_path / "m.safetensors")
+    m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
+    result = bake_pipeline(src, m, strength=0.5, out=tmp_path / "X")
+    assert result.report.passed and result.components_baked == ("unet",) and (tmp_path / "X" / "README.md").is_file()
