@@ -187,9 +187,9 @@ def test_the_llm_api_points_a_pipeline_folder_to_bake_pipeline(tiny_pipeline_fol
     from bake.api import NotAFolderError
 
     src = tiny_pipeline_folder("sd")
+    m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
     for fn in (bake, bake_folder):
         with pytest.raises(NotAFolderError, match="bake_pipeline"):
-            fn(str(src), tmp_path / "m.safetensors")
-    m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
+            fn(str(src), m)
     result = bake_pipeline(src, m, strength=0.5, out=tmp_path / "X")
     assert result.report.passed and result.components_baked == ("unet",) and (tmp_path / "X" / "README.md").is_file()
