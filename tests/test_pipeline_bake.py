@@ -24,7 +24,8 @@ SITES = {
            "unet.down_blocks.1.attentions.0.proj_in", "unet.conv_norm_out"],
     "sdxl": ["unet.down_blocks.1.resnets.1.norm2", "unet.down_blocks.1.attentions.0.transformer_blocks.1.norm1",
              "unet.down_blocks.1.attentions.0.transformer_blocks.1.norm2", "unet.up_blocks.0.attentions.0.proj_out",
-             "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"],
+             "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
+             "text_encoder_2.text_model.encoder.layers.0.mlp.fc2"],  # a transformers component too
     "sd3": ["transformer.transformer_blocks.0.norm1", "transformer.transformer_blocks.0.norm1_context",
             "transformer.transformer_blocks.1.norm1_context", "transformer.norm_out"],
     "flux": ["transformer.transformer_blocks.0.norm1", "transformer.transformer_blocks.0.norm1_context",
@@ -71,26 +72,28 @@ def test_cli_bake_reloads_as_the_hooked_pipeline_with_plain_diffusers(kind, tiny
     rel = ((baked_den - hooked_den).abs().flatten(1).amax(1) / hooked_den.abs().flatten(1).amax(1)).max()
     assert rel <= 1e-5, float(rel)
     assert (baked_img - hooked_img).abs().max() <= 1e-4
-    # the denoiser was rewritten, every other file is the base pipeline's, byte for byte
-    after, written = _sha(src), _sha(out)
-    assert after == before
-    den = denoiser_name(pipe)
-    for name, digest in before.items():
-        if not name.startswith(den + "/"):
-            assert written[name] == digest, name
-    assert written[f"{den}/config.json"] and any(n.startswith(den + "/") and n.endswith(".safetensors")
-                                                  and written[n] != before.get(n) for n in written)
-    # inside the rewritten file: same tensors in the same order, only the folded ones changed
+    # the rewritten components' files hold the same tensors in the same order, only the folded ones changed;
+    # every other file is the base pipeline's, byte for byte
     from safetensors import safe_open
 
-    folded = {t.split(".", 1)[1] for p in json.loads((out / "lineas_provenance.json").read_text())["plan"]["sites"]
-              for step in p["steps"] for t in step["tensors"]}
-    weights = f"{den}/diffusion_pytorch_model.safetensors"
-    with safe_open(str(src / weights), "pt") as a, safe_open(str(out / weights), "pt") as b:
-        assert list(a.keys()) == list(b.keys()) and folded <= set(a.keys())
-        for key in a.keys():
-            same = torch.equal(a.get_tensor(key), b.get_tensor(key))
-            assert same != (key in folded), key
+    provenance = json.loads((out / "lineas_provenance.json").read_text())
+    rewritten = provenance["export"]["components_baked"]
+    assert denoiser_name(pipe) in rewritten and set(rewritten) == {s.split(".")[0] for s in SITES[kind]}
+    assert _sha(src) == before
+    written = _sha(out)
+    for name, digest in before.items():
+        if name.split("/")[0] not in rewritten:
+            assert written[name] == digest, name
+    folded = {t for p in provenance["plan"]["sites"] for step in p["steps"] for t in step["tensors"]}
+    for component in rewritten:
+        for weights in sorted((src / component).glob("*.safetensors")):
+            rel = f"{component}/{weights.name}"
+            assert written[rel] != before[rel]
+            with safe_open(str(weights), "pt") as a, safe_open(str(out / rel), "pt") as b:
+                assert list(a.keys()) == list(b.keys())
+                for key in a.keys():
+                    same = torch.equal(a.get_tensor(key), b.get_tensor(key))
+                    assert same != (f"{component}.{key}" in folded), key
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "pipeline_tag: text-to-image" in card and "base_model:" in card
     verification = json.loads((out / "lineas_verification.json").read_text())
@@ -193,3 +196,16 @@ def test_the_llm_api_points_a_pipeline_folder_to_bake_pipeline(tiny_pipeline_fol
             fn(str(src), m)
     result = bake_pipeline(src, m, strength=0.5, out=tmp_path / "X")
     assert result.report.passed and result.components_baked == ("unet",) and (tmp_path / "X" / "README.md").is_file()
+
+
+def test_bad_options_and_a_rebake_are_refused_before_writing(tiny_pipeline_folder, tmp_path, capsys):
+    src = tiny_pipeline_folder("sd")
+    m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
+    for extra, needle in ((["--format", "hf,onnx"], "--format"), (["--dtype", "bfloat16"], "--dtype"),
+                          (["--device", "tpu"], "tpu"), (["--verify-steps", "0"], "--verify-steps")):
+        assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X"), *extra]) == 2, extra
+        assert needle in capsys.readouterr().err and not (tmp_path / "X").exists()
+    assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")]) == 0
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path / "X"), "--maps", str(m), "--out", str(tmp_path / "Y")]) == 2
+    assert "already baked" in capsys.readouterr().err and not (tmp_path / "Y").exists()
