@@ -31,7 +31,7 @@ from .history import ModelMismatchError, RebakeError
 from .inputs import combined, normalise_maps
 from .outdir import check_out_dir, move_into_place, sigterm_raises, temp_folder
 from .pipeline_card import PipelineExportInfo, write_files
-from .pipeline_plan import plan_pipeline
+from .pipeline_plan import NO_STANDARD_FALLBACK, plan_pipeline
 from .pipeline_verify import PipelineReport, compare, record
 from .plan_types import FoldPlan
 from .shards import ST_DTYPES, Entry, ShardWriter, TensorInfo, _read_header, raw_blocks
@@ -89,11 +89,15 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def plan_pipeline_bake(model, maps, strength: float = 1.0, *, trust_remote_code: bool = False) -> FoldPlan:
-    """The fold plan only (``--dry-run``): same checks as the bake, nothing written."""
+def plan_pipeline_bake(model, maps, strength: float = 1.0, *, trust_remote_code: bool = False,
+                       ignore_model_mismatch: bool = False) -> FoldPlan:
+    """The fold plan only (``--dry-run``), after the bake's own checks; nothing is written.  The plan may
+    hold affine sites, which :func:`bake_pipeline` refuses (``plan.affine_sites``)."""
     folder = _folder(model)
-    eff = combined(normalise_maps(maps, strength))
-    return plan_pipeline(pipeline_modules(load_pipeline(folder, trust_remote_code=trust_remote_code)), eff)
+    sources = normalise_maps(maps, strength)
+    pipe = load_pipeline(folder, trust_remote_code=trust_remote_code)
+    _check_maps_pipeline(sources, type(pipe).__name__, ignore_model_mismatch)
+    return plan_pipeline(pipeline_modules(pipe), combined(sources))
 
 
 def _rewrite_component(folder: Path, new: dict[str, torch.Tensor]) -> bool:
@@ -225,7 +229,12 @@ def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str) -> int:
                      f"{args.format} --dtype {args.dtype})", EXIT_BAD_INPUT)
     out = args.out or f"{Path(args.model).expanduser().resolve().name}-steered"
     if args.dry_run:
-        print(plan_pipeline_bake(args.model, maps, trust_remote_code=args.trust_remote_code).to_table())
+        plan = plan_pipeline_bake(args.model, maps, trust_remote_code=args.trust_remote_code,
+                                  ignore_model_mismatch=args.ignore_model_mismatch)
+        print(plan.to_table())
+        if plan.affine_sites:
+            return _fail(f"{len(plan.affine_sites)} site(s) need an affine module; {NO_STANDARD_FALLBACK}",
+                         EXIT_BAD_INPUT)
         if args.push_to_hub:
             from .push_cli import describe_push_after_export
 

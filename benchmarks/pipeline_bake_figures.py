@@ -30,7 +30,7 @@ def main(kinds):
                                 "--strength", "0.8", "--out", str(work / f"{kind}-{seed}-out")],
                                capture_output=True, text=True)
             rows = [line for line in r.stdout.splitlines() if line.startswith(("denoiser", "image"))]
-            print(kind, seed, "exit", r.returncode, *rows, sep="\n  ")
+            print(f"{kind} draw {seed}: exit {r.returncode}", *rows, sep="\n  ")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,9 @@ def test_a_site_that_does_not_fold_is_refused_and_nothing_is_written(tiny_pipeli
     assert code == 2
     assert "transformer.transformer_blocks.0.norm2" in err and "no standard loading path" in err
     assert not (tmp_path / "X").exists() and not list(tmp_path.glob("lineas_tmp_*"))
+    assert main(["--model", str(src), "--maps", str(m), "--dry-run"]) == 2  # the plan is printed, then refused
+    captured = capsys.readouterr()
+    assert "affine module" in captured.out and "no standard loading path" in captured.err
 
 
 def test_maps_learned_on_another_pipeline_class_are_refused(tiny_pipeline_folder, tmp_path, capsys):
@@ -125,8 +128,9 @@ def test_maps_learned_on_another_pipeline_class_are_refused(tiny_pipeline_folder
     m = _maps_file(pipe, ["unet.conv_norm_out"], tmp_path / "m.safetensors", **{PIPELINE_CLASS_KEY: "FluxPipeline"})
     assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")]) == 2
     assert "FluxPipeline" in capsys.readouterr().err and not (tmp_path / "X").exists()
-    assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X"), "--dry-run",
-                 "--ignore-model-mismatch"]) == 0
+    assert main(["--model", str(src), "--maps", str(m), "--dry-run"]) == 2  # the dry run checks the same
+    assert main(["--model", str(src), "--maps", str(m), "--dry-run", "--ignore-model-mismatch"]) == 0
+    assert "unet.conv_norm_out" in capsys.readouterr().out
 
 
 def test_a_wrong_adaln_convention_fails_verification_and_writes_nothing(tiny_pipeline_folder, tmp_path, capsys,
