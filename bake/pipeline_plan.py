@@ -119,6 +119,11 @@ def plan_pipeline(modules: PipelineModules, effective_maps, *, require_standard:
             adaln[name] = _adaln_site(name, resolved[name], rule, m)
         else:
             ordinary[name] = m
+    for name in adaln:  # the hook on the Linear acts before the AdaLN's: both folds write its rows, in plan order
+        inner = [s for s in maps if s.startswith(name + ".")]
+        if inner:
+            raise FoldError(f"site {name!r} and the site(s) {inner} inside it are both steered; their folds write the "
+                            f"same modulation rows, so bake one of them (or compose them into one map on {name!r})")
     shared = None
     if ordinary:
         named = dict(modules.named_modules())

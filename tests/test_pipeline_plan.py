@@ -74,6 +74,35 @@ def test_adaln_map_of_the_wrong_length_is_refused(tiny_pipeline_folder):
         plan_pipeline(mods, {"transformer.norm_out": (torch.ones(31), torch.zeros(31))})
 
 
+def test_an_adaln_site_and_its_own_linear_are_not_baked_together(tiny_pipeline_folder):
+    mods = pipeline_modules(load_pipeline(tiny_pipeline_folder("flux")))
+    maps = {"transformer.norm_out": (torch.ones(32), torch.ones(32)),
+            "transformer.norm_out.linear": (torch.ones(64), torch.ones(64))}
+    with pytest.raises(FoldError, match="transformer.norm_out.linear"):
+        plan_pipeline(mods, maps)
+
+
+def test_a_sharded_component_keeps_its_shards(tiny_pipeline_folder, tmp_path):
+    import shutil
+
+    from bake import bake_pipeline
+    from tiny_pipelines import random_maps
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_pipeline_folder("sd"), src)
+    pipe = load_pipeline(src)
+    (src / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    pipe.unet.save_pretrained(str(src / "unet"), max_shard_size="300KB")
+    shards = sorted(f.name for f in (src / "unet").iterdir())
+    assert len([n for n in shards if n.endswith(".safetensors")]) > 2 and any(n.endswith(".index.json") for n in shards)
+    maps = random_maps(pipe, ["unet.conv_norm_out", "unet.down_blocks.0.resnets.0.norm1"], seed=4)
+    result = bake_pipeline(src, maps, out=tmp_path / "X")
+    assert result.report.passed
+    assert sorted(f.name for f in (tmp_path / "X" / "unet").iterdir()) == shards
+    index = "diffusion_pytorch_model.safetensors.index.json"
+    assert (tmp_path / "X" / "unet" / index).read_bytes() == (src / "unet" / index).read_bytes()
+
+
 def _shipped():
     from importlib import resources
 
