@@ -213,3 +213,6 @@ def test_bad_options_and_a_rebake_are_refused_before_writing(tiny_pipeline_folde
     capsys.readouterr()
     assert main(["--model", str(tmp_path / "X"), "--maps", str(m), "--out", str(tmp_path / "Y")]) == 2
     assert "already baked" in capsys.readouterr().err and not (tmp_path / "Y").exists()
+    assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "Z"), "--no-verify"]) == 0
+    assert "Verification was skipped" in (tmp_path / "Z" / "README.md").read_text()
+    assert json.loads((tmp_path / "Z" / "lineas_verification.json").read_text())["skipped"]
