@@ -25,11 +25,13 @@ from lineas.maps import SiteMap
 from lineas.pipelines import PipelineModules, split_site
 
 from .errors import FoldError
+from .fold import ADALN_SCALE, ADALN_SHIFT
 from .plan import _resolve, plan
 from .plan_check import _normalise_maps, maps_digest
 from .plan_types import AffineSpec, FoldOp, FoldPlan, FoldStep, Layout, ScaleFold, ShiftFold, SiteKind, SitePlan
 from .module_kinds import producer_layout
-from .pipeline_registry import REGISTRY_NAME, AdalnRule, PipelineRegistry, load_pipeline_registry
+from .pipeline_registry import (REGISTRY_NAME, AdalnRule, ModulatedNormRule, PipelineRegistry,
+                                load_pipeline_registry)
 from .registry import ArchEntry, NormEntry, ProducerEntry
 
 SOURCE = f"registry:{REGISTRY_NAME}"
@@ -76,29 +78,57 @@ def site_entry(modules: Mapping[str, nn.Module], sites, registry: PipelineRegist
                      notes=f"diffusers registry rules for the steered sites of a {pipeline_class}")
 
 
-def _adaln_site(name: str, module: nn.Module, rule: AdalnRule, m: SiteMap) -> SitePlan:
+def _modulation_linear(name: str, owner: str, module: nn.Module, rule: AdalnRule, m: SiteMap) -> nn.Linear:
+    """The AdaLN ``module``'s (named ``owner``) modulation Linear, checked against the map of ``name``."""
     linear = module.get_submodule(rule.linear)
     if not isinstance(linear, nn.Linear):
         raise FoldError(f"site {name!r}: registry says {rule.module_class}.{rule.linear} is the modulation Linear, "
-                        f"the model has a {type(linear).__name__}")
+                        f"{owner}.{rule.linear} is a {type(linear).__name__}")
     k = len(rule.chunks)
     if linear.out_features % k or linear.out_features // k != m.dim:
         raise FoldError(f"site {name!r}: map has length {m.dim} but the {rule.module_class}'s modulation Linear makes "
                         f"{k} chunks of {linear.out_features / k:g}")
-    common = dict(site=name, module_class=rule.module_class, kind=SiteKind.ADALN, source=SOURCE)
+    return linear
+
+
+def _rows_site(name: str, module: nn.Module, kind: SiteKind, m: SiteMap, op: FoldOp, lin: str, linear: nn.Linear,
+               chunks: tuple[str, ...], *, shift_into: ShiftFold) -> SitePlan:
+    """The plan of a site whose map folds into row blocks of the modulation Linear ``lin``."""
+    common = dict(site=name, module_class=type(module).__name__, kind=kind, source=SOURCE)
     identity, zero = bool((m.scale == 1).all()), bool((m.shift == 0).all())
     if identity and zero:
         return SitePlan(**common, scale=ScaleFold.IDENTITY, shift=ShiftFold.ZERO)
-    if linear.bias is None:  # c' = a*c + (a-1) and a*c + b need a bias
+    if linear.bias is None:  # the folds' constant rows (a - 1, b) need a bias
         spec = AffineSpec(site=name, dim=m.dim, axis=feature_axis(module), scale=not identity, shift=not zero)
         return SitePlan(**common, scale=ScaleFold.IDENTITY if identity else ScaleFold.AFFINE,
                         shift=ShiftFold.ZERO if zero else ShiftFold.AFFINE, affine=spec,
-                        reason=f"{name}.{rule.linear} has no bias to take the fold's constant rows")
-    lin = f"{name}.{rule.linear}"
-    step = FoldStep(op=FoldOp.ADALN_ROWS, module=lin, layout=Layout.LINEAR, tensors=(f"{lin}.weight", f"{lin}.bias"),
-                    chunks=rule.chunks)
+                        reason=f"{lin} has no bias to take the fold's constant rows")
+    step = FoldStep(op=op, module=lin, layout=Layout.LINEAR, tensors=(f"{lin}.weight", f"{lin}.bias"), chunks=chunks)
     return SitePlan(**common, scale=ScaleFold.IDENTITY if identity else ScaleFold.FOLDED,
-                    shift=ShiftFold.ZERO if zero else ShiftFold.OWN_BIAS, steps=(step,))
+                    shift=ShiftFold.ZERO if zero else shift_into, steps=(step,),
+                    shift_targets=(lin,) if shift_into is ShiftFold.CONSUMERS and not zero else ())
+
+
+def _adaln_site(name: str, module: nn.Module, rule: AdalnRule, m: SiteMap) -> SitePlan:
+    linear = _modulation_linear(name, name, module, rule, m)
+    return _rows_site(name, module, SiteKind.ADALN, m, FoldOp.ADALN_ROWS, f"{name}.{rule.linear}", linear,
+                      rule.chunks, shift_into=ShiftFold.OWN_BIAS)
+
+
+def _modulated_site(name: str, modules: Mapping[str, nn.Module], hit: tuple[ModulatedNormRule, str],
+                    registry: PipelineRegistry, m: SiteMap) -> SitePlan:
+    rule, parent = hit
+    owner = f"{parent}.{rule.modulator}"
+    arule = registry.adaln_rule(modules[owner]) if owner in modules else None
+    if arule is None or rule.scale not in arule.chunks or rule.shift not in arule.chunks:
+        raise FoldError(f"site {name!r}: registry says {owner} modulates it with chunks {rule.scale!r}/{rule.shift!r}, "
+                        f"but {owner} is a {type(modules.get(owner)).__name__} without them")
+    linear = _modulation_linear(name, owner, modules[owner], arule, m)
+    # the blocks this step rewrites are called "scale"/"shift" (bake.fold); the AdaLN's own are renamed
+    renamed = {rule.scale: ADALN_SCALE, rule.shift: ADALN_SHIFT, ADALN_SCALE: "out_scale", ADALN_SHIFT: "out_shift"}
+    chunks = tuple(renamed.get(n, n) for n in arule.chunks)
+    return _rows_site(name, modules[name], SiteKind.LAYERNORM, m, FoldOp.MODULATED_ROWS, f"{owner}.{arule.linear}",
+                      linear, chunks, shift_into=ShiftFold.CONSUMERS)
 
 
 def plan_pipeline(modules: PipelineModules, effective_maps, *, require_standard: bool = False,
@@ -112,21 +142,26 @@ def plan_pipeline(modules: PipelineModules, effective_maps, *, require_standard:
     maps = _normalise_maps(effective_maps)
     resolved = _resolve(modules, maps)
     known, notes = _component_notes(modules, maps, registry)
+    named = dict(modules.named_modules())
     adaln, ordinary = {}, {}
     for name, m in maps.items():
-        rule = registry.adaln_rule(resolved[name]) if split_site(name)[0] in known else None
+        known_component = split_site(name)[0] in known
+        rule = registry.adaln_rule(resolved[name]) if known_component else None
+        hit = registry.modulated_rule(name, named) if known_component else None
         if rule is not None:
             adaln[name] = _adaln_site(name, resolved[name], rule, m)
+        elif hit is not None:
+            adaln[name] = _modulated_site(name, named, hit, registry, m)
         else:
             ordinary[name] = m
-    for name in adaln:  # the hook on the Linear acts before the AdaLN's: both folds write its rows, in plan order
-        inner = [s for s in maps if s.startswith(name + ".")]
+    for name, p in adaln.items():  # a hook on the Linear itself acts before these folds: both write its rows
+        linear = p.steps[0].module if p.steps else None
+        inner = [s for s in maps if linear and (s == linear or s.startswith(linear + "."))]
         if inner:
-            raise FoldError(f"site {name!r} and the site(s) {inner} inside it are both steered; their folds write the "
-                            f"same modulation rows, so bake one of them (or compose them into one map on {name!r})")
+            raise FoldError(f"site {name!r} folds into the rows of {linear}, which is steered too ({inner}); bake one "
+                            f"of them (or compose them into one map on {name!r})")
     shared = None
     if ordinary:
-        named = dict(modules.named_modules())
         entry = site_entry(named, [s for s in ordinary if split_site(s)[0] in known], registry, modules.pipeline_class)
         shared = plan(modules, ordinary, entry=entry)
         notes.extend(shared.notes)

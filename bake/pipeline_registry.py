@@ -31,11 +31,14 @@ from .plan_types import NORM_KINDS, Layout, SiteKind
 from .registry import RegistryError, _check_keys
 
 REGISTRY_NAME = "diffusers"
-_TOP = {"family": str, "components": list, "adaln": list, "norms": list, "producers": list, "notes": str}
+_TOP = {"family": str, "components": list, "adaln": list, "norms": list, "modulated_norms": list, "producers": list,
+        "notes": str}
 _ADALN = {"module_class": str, "linear": str, "chunks": list, "when": dict, "note": str}
 _NORM = {"parent_class": str, "attribute": str, "module_class": str, "kind": str, "consumers": list, "when": dict,
          "note": str}
 _PRODUCER = {"parent_class": str, "attribute": str, "layouts": list}
+_MODULATED = {"parent_class": str, "attribute": str, "module_class": str, "modulator": str, "scale": str, "shift": str,
+              "note": str}
 _PRODUCER_LAYOUTS = (Layout.LINEAR, Layout.CONV)
 _JSON_SCALARS = (str, bool, int, float, type(None))
 
@@ -79,6 +82,20 @@ class NormRule:
 
 
 @dataclass(frozen=True)
+class ModulatedNormRule:
+    """A weightless norm whose output its parent modulates with two row blocks (``scale``, ``shift``, names
+    from the adaln rule of the parent's ``modulator`` AdaLN) before anything reads it."""
+
+    parent_class: str
+    attribute: str
+    module_class: str
+    modulator: str
+    scale: str
+    shift: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class ProducerRule:
     parent_class: str
     attribute: str
@@ -91,7 +108,16 @@ class PipelineRegistry:
     adaln: tuple[AdalnRule, ...]
     norms: tuple[NormRule, ...]
     producers: tuple[ProducerRule, ...]
+    modulated: tuple[ModulatedNormRule, ...] = ()
     notes: str = ""
+
+    def modulated_rule(self, name: str, modules: Mapping[str, nn.Module]) -> tuple[ModulatedNormRule, str] | None:
+        for r in self.modulated:
+            parent = _parent_name(name, r.attribute)
+            if (parent is not None and type(modules.get(parent)).__name__ == r.parent_class
+                    and type(modules[name]).__name__ == r.module_class):
+                return r, parent
+        return None
 
     def adaln_rule(self, module: nn.Module) -> AdalnRule | None:
         return next((r for r in self.adaln if r.applies(module)), None)
@@ -158,6 +184,13 @@ def parse_pipeline_registry(data: object, origin: str = "<diffusers registry>") 
                               module_class=n["module_class"], kind=SiteKind(n["kind"]),
                               consumers=_strings(n["consumers"], where + ".consumers"),
                               when=_when(n.get("when", {}), where), note=n.get("note", "")))
+    modulated = []
+    for i, n in enumerate(data.get("modulated_norms", [])):
+        where = f"{origin}: modulated_norms[{i}]"
+        _check_keys(n, _MODULATED, set(_MODULATED) - {"note"}, where)
+        if not any(n["scale"] in a.chunks and n["shift"] in a.chunks for a in adaln):
+            raise RegistryError(f"{where}: no adaln rule has chunks named {n['scale']!r} and {n['shift']!r}")
+        modulated.append(ModulatedNormRule(**n))
     producers = []
     for i, p in enumerate(data["producers"]):
         where = f"{origin}: producers[{i}]"
@@ -169,7 +202,8 @@ def parse_pipeline_registry(data: object, origin: str = "<diffusers registry>") 
         producers.append(ProducerRule(parent_class=p["parent_class"], attribute=p["attribute"],
                                       layouts=tuple(Layout(x) for x in p["layouts"])))
     return PipelineRegistry(components=_strings(data["components"], origin + ": components"), adaln=tuple(adaln),
-                            norms=tuple(norms), producers=tuple(producers), notes=data.get("notes", ""))
+                            norms=tuple(norms), producers=tuple(producers), modulated=tuple(modulated),
+                            notes=data.get("notes", ""))
 
 
 @lru_cache(maxsize=None)

@@ -73,6 +73,7 @@ class FoldOp(str, Enum):
     ROWS = "rows"                    # producer: W' = diag(s) W, b' = s*b + t
     INPUT_SHIFT = "input_shift"      # consumer: b' = b + W t, with t of the site
     ADALN_ROWS = "adaln_rows"        # modulation Linear: scale rows a*W, a*c+(a-1); shift rows a*W, a*c+b
+    MODULATED_ROWS = "modulated_rows"  # a norm modulated after it runs: scale rows as above; shift rows W+bW_s
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,14 @@ class FoldStep:
     module: str
     layout: Layout
     tensors: tuple[str, ...]
-    chunks: tuple[str, ...] = ()   # ADALN_ROWS: the name of each row block of the Linear (bake.fold)
+    chunks: tuple[str, ...] = ()   # *_ROWS of a modulation Linear: each row block's name; "scale"/"shift" are
+                                   # the blocks the step rewrites (bake.fold)
 
     def __post_init__(self):  # a typo'd state fails here, not as a silent "no match" later
         object.__setattr__(self, "op", FoldOp(self.op))
         object.__setattr__(self, "layout", Layout(self.layout))
-        if (self.op is FoldOp.ADALN_ROWS) != bool(self.chunks):
-            raise ValueError(f"{self.module}: chunks are given exactly for {FoldOp.ADALN_ROWS.value} steps")
+        if (self.op in (FoldOp.ADALN_ROWS, FoldOp.MODULATED_ROWS)) != bool(self.chunks):
+            raise ValueError(f"{self.module}: chunks are given exactly for the modulation-row steps")
 
 
 @dataclass(frozen=True)

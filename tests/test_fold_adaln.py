@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bake.fold import fold_adaln_rows
+from bake.fold import fold_adaln_rows, fold_modulated_norm_rows
 
 D, E = 6, 5
 
@@ -33,6 +33,33 @@ def test_identity_in_float64_and_other_chunks_untouched(chunks):
     for name, m0, m1 in zip(chunks, before, after):
         if name not in ("scale", "shift"):
             assert torch.equal(m0, m1), name  # gates and the MLP's modulation are not touched
+
+
+def test_modulated_norm_identity_in_float64():
+    """(a*n + b) * (1 + m_scale) + m_shift, folded into the scale/shift rows, for a norm modulated after it runs."""
+    g = torch.Generator().manual_seed(1)
+    chunks = ("out_shift", "out_scale", "gate_msa", "shift", "scale", "gate_mlp")
+    w = torch.randn(6 * D, E, generator=g, dtype=torch.float64)
+    c = torch.randn(6 * D, generator=g, dtype=torch.float64)
+    a = 1 + 0.5 * torch.randn(D, generator=g, dtype=torch.float64)
+    b = torch.randn(D, generator=g, dtype=torch.float64)
+    e, x = torch.randn(3, E, generator=g, dtype=torch.float64), torch.randn(3, D, generator=g, dtype=torch.float64)
+    n = torch.nn.functional.layer_norm(x, (D,))
+
+    def modulated(w, c, n):
+        named = dict(zip(chunks, (e @ w.T + c).chunk(6, dim=-1)))
+        return n * (1 + named["scale"]) + named["shift"], named
+
+    ref, before = modulated(w, c, a * n + b)
+    assert (ref - modulated(w, c, n)[0]).abs().max() > 0.1
+    w2, c2 = fold_modulated_norm_rows(w, c, a, b, chunks)
+    out, after = modulated(w2, c2, n)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for name in ("out_shift", "out_scale", "gate_msa", "gate_mlp"):
+        assert torch.equal(before[name], after[name]), name
+    # folded as if the norm were an AdaLN output (the other formula) it is wrong
+    w3, c3 = fold_adaln_rows(w, c, a, b, chunks)
+    assert (modulated(w3, c3, n)[0] - ref).abs().max() > 1e-2
 
 
 def test_bad_chunks_and_shapes_are_refused():

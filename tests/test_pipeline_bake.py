@@ -27,8 +27,10 @@ SITES = {
              "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
              "text_encoder_2.text_model.encoder.layers.0.mlp.fc2"],  # a transformers component too
     "sd3": ["transformer.transformer_blocks.0.norm1", "transformer.transformer_blocks.0.norm1_context",
-            "transformer.transformer_blocks.1.norm1_context", "transformer.norm_out"],
+            "transformer.transformer_blocks.0.norm2_context", "transformer.transformer_blocks.1.norm1_context",
+            "transformer.transformer_blocks.1.norm2", "transformer.norm_out"],
     "flux": ["transformer.transformer_blocks.0.norm1", "transformer.transformer_blocks.0.norm1_context",
+             "transformer.transformer_blocks.0.norm2", "transformer.transformer_blocks.0.norm2_context",
              "transformer.single_transformer_blocks.0.norm", "transformer.norm_out"],
 }
 
@@ -110,12 +112,13 @@ def _maps_file(pipe, sites, path, **meta):
 def test_a_site_that_does_not_fold_is_refused_and_nothing_is_written(tiny_pipeline_folder, tmp_path, capsys):
     src = tiny_pipeline_folder("flux")
     pipe = load_pipeline(src)
-    # norm2 of a FLUX block is a weightless LayerNorm modulated by AdaLN chunks after it: no exact fold
-    m = _maps_file(pipe, ["transformer.transformer_blocks.0.norm2", "transformer.norm_out"], tmp_path / "m.safetensors")
+    # a shift on a per-head RMSNorm: its output feeds q.k, there is no bias to take it
+    site = "transformer.transformer_blocks.0.attn.norm_q"
+    m = _maps_file(pipe, [site, "transformer.norm_out"], tmp_path / "m.safetensors")
     code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")])
     err = capsys.readouterr().err
     assert code == 2
-    assert "transformer.transformer_blocks.0.norm2" in err and "no standard loading path" in err
+    assert site in err and "no standard loading path" in err
     assert not (tmp_path / "X").exists() and not list(tmp_path.glob("lineas_tmp_*"))
     assert main(["--model", str(src), "--maps", str(m), "--dry-run"]) == 2  # the plan is printed, then refused
     captured = capsys.readouterr()

@@ -116,6 +116,7 @@ def _shipped():
     (lambda d: d["norms"][4].update(when={"norm_type": "layer_norm"}), "non-empty list"),
     (lambda d: d["producers"][0].update(layouts=["conv1d"]), "layouts"),
     (lambda d: d.update(family="llm"), "family"),
+    (lambda d: d["modulated_norms"][0].update(scale="scale_ff"), "no adaln rule has chunks named 'scale_ff'"),
 ])
 def test_registry_is_validated_strictly(edit, message):
     assert load_pipeline_registry().adaln  # the shipped file is valid
