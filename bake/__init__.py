@@ -6,6 +6,9 @@ The public API mirrors the ``lineas-bake`` CLI::
     baked = bake("smollm2-135m", "maps.safetensors", strength=1.0)
     baked.save_pretrained("out-dir", dtype="bfloat16")
 
+    from bake import bake_pipeline          # a diffusers pipeline folder (model_index.json)
+    bake_pipeline("./sdxl", "maps.safetensors", strength=0.8, out="sdxl-steered")
+
 ``bake.load_onnx(out_dir)`` loads an ONNX export in ONNX Runtime, ready to generate (needs the onnx
 extra, so it is imported on first use and left out of ``__all__``).
 """
@@ -21,6 +24,7 @@ from .export import (
     register_exporter,
 )
 from .history import ModelMismatchError, RebakeError
+from .pipeline_bake import PipelineBake, bake_pipeline, plan_pipeline_bake
 from .results import BakedModel, BaseModel, default_out_dir
 from .tolerances import TOLERANCES, Tolerance, register_tolerance
 from .verify import VerificationReport
@@ -40,6 +44,9 @@ __all__ = [
     "Tolerance",
     "VerificationError",
     "VerificationReport",
+    "PipelineBake",
+    "bake_pipeline",
+    "plan_pipeline_bake",
     "bake",
     "bake_folder",
     "default_out_dir",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import torch
 from torch import nn
@@ -75,8 +76,18 @@ log = logging.getLogger(__name__)
 IN_MEMORY_COPIES = 2.0  # the float32 model and, while its export is checked, the reloaded copy
 
 
+def _refuse_pipeline(model) -> None:
+    """A diffusers pipeline folder belongs to the pipeline family (bake.pipeline_bake), not to this API."""
+    from .family import DIFFUSERS_PIPELINE, detect
+
+    if isinstance(model, (str, os.PathLike)) and detect(os.path.expanduser(str(model))) is DIFFUSERS_PIPELINE:
+        raise NotAFolderError(f"{model!r} is a diffusers pipeline folder (model_index.json); bake it with "
+                              f"bake.bake_pipeline({str(model)!r}, maps, out=...) or lineas-bake --model")
+
+
 def _resolve_model(model, *, tokenizer, device: str, trust_remote_code: bool, copy_model: bool, progress: bool,
                    with_tokenizer: bool = True):
+    _refuse_pipeline(model)
     check_device(device)
     if isinstance(model, nn.Module):
         if getattr(model, "config", None) is not None:
@@ -188,6 +199,7 @@ class NotAFolderError(BakeError, ValueError):
 
 
 def _open_folder(model, *, trust_remote_code: bool) -> tuple[nn.Module, ShardFolder, BaseModel]:
+    _refuse_pipeline(model)
     path = resolve_model(str(model))
     folder = safetensors_folder(path)
     if folder is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -51,7 +52,8 @@ exit codes:
      model (--ignore-model-mismatch); weights that overflow --dtype (e.g.
      float16) when cast; a --max-memory that is unreadable or too small
      for the model's largest block; --format onnx for a model that cannot fit in RAM;
-     --push-to-hub with HF_HUB_OFFLINE=1.  Nothing written.
+     --push-to-hub with HF_HUB_OFFLINE=1; a diffusers pipeline site with no
+     exact fold (pipelines have no standard fallback).  Nothing written.
   3  verification failed: the baked model does not reproduce the hooked model;
      nothing was written, the per-site report says where it diverges
   1  --push-to-hub failed (token, permissions, repo not found, Hub unavailable,
@@ -67,6 +69,7 @@ examples:
   {PROG} --model ./llama-3-8b --maps tox.safetensors --max-memory 4GiB     (out of core: any size)
   {PROG} --model smollm2-135m --maps positive.safetensors --format hf,onnx --push-to-hub me/smollm2-positive
   {PROG} push smollm2-positive me/smollm2-positive     (upload an existing export; see {PROG} push --help)
+  {PROG} --model ./sdxl-pipeline --maps anime.safetensors --strength 0.8 --out sdxl-anime   (diffusers folder)
 """
 
 
@@ -98,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow giving tied input/output embeddings separate copies when a map must fold into one")
     p.add_argument("--verify-tokens", type=int, default=8, metavar="N",
                    help="greedy tokens generated per verification prompt (default: 8)")
+    p.add_argument("--verify-steps", type=int, default=2, metavar="N",
+                   help="diffusers pipelines: denoising steps of the verification image (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.add_argument("--allow-rebake", action="store_true",
                    help="bake maps that the model already carries (its config.json lineas_baked record or "
@@ -160,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format=f"{PROG}: %(levelname)s: %(message)s")
     if args.verify_tokens < 1:
         return _fail(f"--verify-tokens must be >= 1, got {args.verify_tokens}", EXIT_BAD_INPUT)
+    if args.verify_steps < 1:
+        return _fail(f"--verify-steps must be >= 1, got {args.verify_steps}", EXIT_BAD_INPUT)
     if not args.push_to_hub and (args.private or args.revision or args.commit_message):
         return _fail("--private, --revision and --commit-message only apply with --push-to-hub", EXIT_BAD_INPUT)
     cmd = command_line([PROG, *(sys.argv[1:] if argv is None else argv)])
@@ -196,6 +203,12 @@ def _run(args, cmd: str) -> int:
         check_repo_id(args.push_to_hub)  # bad OWNER/NAME: exit 2 before the slow part
         if not args.dry_run:
             check_online()
+    from .family import DIFFUSERS_PIPELINE, detect
+
+    if detect(os.path.expanduser(args.model)) is DIFFUSERS_PIPELINE:  # a model_index.json folder: the pipeline family
+        from .pipeline_bake import pipeline_cli
+
+        return pipeline_cli(args, maps, cmd)
     history = dict(allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch)
     common = dict(require_standard=args.require_standard, untie=args.untie_embeddings, device=args.device,
                   trust_remote_code=args.trust_remote_code, progress=progress, **history)

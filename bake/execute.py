@@ -19,7 +19,8 @@ from lineas.maps import SiteMap
 from .affine import AFFINE_SITES_KEY
 from .affine_module import LineasAffine, wrap_affine_sites
 from .errors import FoldError, NonFiniteCastError
-from .fold import fold_input_shift, fold_norm_bias, fold_norm_scale, fold_output_rows, work_dtype
+from .fold import (fold_adaln_rows, fold_input_shift, fold_modulated_norm_rows, fold_norm_bias, fold_norm_scale,
+                   fold_output_rows, work_dtype)
 from .history import BAKED_KEY, RebakeError, new_entry, recorded_bakes
 from .store import ModuleStore, TensorStore
 from .plan import FoldOp, FoldPlan, FoldStep, Layout, _normalise_maps, maps_digest
@@ -98,6 +99,12 @@ def _run_step(w: _Working, step: FoldStep, site: str, m: SiteMap) -> None:
         wname, bname = f"{mod}.weight", f"{mod}.bias"
         weight = w.read(wname)
         w.values[bname] = fold_input_shift(weight, w.get(bname), t.to(weight.device), layout=layout)
+    elif step.op in (FoldOp.ADALN_ROWS, FoldOp.MODULATED_ROWS):
+        wname, bname = f"{mod}.weight", f"{mod}.bias"
+        weight = w.get(wname)
+        fold = fold_adaln_rows if step.op is FoldOp.ADALN_ROWS else fold_modulated_norm_rows
+        w.values[wname], w.values[bname] = fold(weight, w.get(bname), s.to(weight.device), t.to(weight.device),
+                                                step.chunks)
     else:
         raise FoldError(f"site {site!r}: unknown fold operation {step.op!r}")
 

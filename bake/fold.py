@@ -122,3 +122,73 @@ def is_identity_scale(scale: torch.Tensor) -> bool:
 
 def is_zero_shift(shift: torch.Tensor) -> bool:
     return bool(torch.all(shift == 0))
+
+
+ADALN_SCALE, ADALN_SHIFT = "scale", "shift"
+
+
+def _adaln_blocks(weight, bias, scale, shift, chunks: tuple[str, ...]) -> tuple[int, int]:
+    """(number of row blocks, rows per block) after checking the chunk names and every length."""
+    if chunks.count(ADALN_SCALE) != 1 or chunks.count(ADALN_SHIFT) != 1:
+        raise ValueError(f"chunks {chunks} must name exactly one {ADALN_SCALE!r} and one {ADALN_SHIFT!r} block")
+    k, n = len(chunks), weight.shape[0]
+    if n % k:
+        raise ValueError(f"a weight with {n} rows does not split into {k} equal chunks")
+    _check_len("scale", scale, n // k)
+    _check_len("shift", shift, n // k)
+    _check_len("bias", bias, n)
+    return k, n // k
+
+
+def fold_adaln_rows(weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                    chunks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdaLN fold: the map ``y -> a*y + b`` on the output of an adaptive LayerNorm folds into the
+    rows of the Linear that makes its modulation from the conditioning ``e``.
+
+    The norm computes ``y = n(x) * (1 + m_scale) + m_shift`` with ``[m_0; ...; m_{k-1}] = W e + c``
+    split into ``k = len(chunks)`` equal row blocks (``torch.chunk`` on the output), ``chunks`` naming
+    each block; the blocks named ``"scale"`` and ``"shift"`` modulate the steered output.  Then
+
+        a*y + b = n(x) * (a + a*m_scale) + (a*m_shift + b)
+                = n(x) * (1 + [a*m_scale + (a - 1)]) + [a*m_shift + b]
+
+    so with ``m' = W' e + c'``:
+
+        scale rows:  W' = diag(a) W,  c' = a*c + (a - 1)
+        shift rows:  W' = diag(a) W,  c' = a*c + b
+
+    exactly, for every ``e`` (every timestep, every prompt).  Every other block (gates, the MLP's
+    shift/scale of AdaLayerNormZero) is returned unchanged: it does not act on the steered output.
+    """
+    k, d = _adaln_blocks(weight, bias, scale, shift, chunks)
+    w, c = _wide(weight).clone(), _wide(bias).clone()
+    a = _wide(scale)
+    for block, add in ((chunks.index(ADALN_SCALE), a - 1.0), (chunks.index(ADALN_SHIFT), _wide(shift))):
+        rows = slice(block * d, (block + 1) * d)
+        w[rows] = a.unsqueeze(1) * w[rows]
+        c[rows] = a * c[rows] + add
+    return w.to(weight.dtype), c.to(bias.dtype)
+
+
+def fold_modulated_norm_rows(weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                             chunks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The map ``y -> a*y + b`` on a weightless norm whose output is modulated *after* it runs by two row
+    blocks of an AdaLN Linear (SD3/FLUX ``norm2``: ``n(x) * (1 + m_scale) + m_shift`` with the AdaLN's
+    ``scale_mlp``/``shift_mlp``), folded into those rows (named ``"scale"`` and ``"shift"`` in ``chunks``)::
+
+        (a*n + b) * (1 + m_scale) + m_shift
+            = n * (1 + [a*m_scale + (a - 1)]) + [m_shift + b + b*m_scale]
+
+        scale rows:  W_s' = diag(a) W_s,          c_s' = a*c_s + (a - 1)
+        shift rows:  W_h' = W_h + diag(b) W_s,    c_h' = c_h + b + b*c_s     (W_s, c_s before the fold)
+
+    exactly, for every conditioning.  Other blocks are returned unchanged.
+    """
+    k, d = _adaln_blocks(weight, bias, scale, shift, chunks)
+    w, c = _wide(weight).clone(), _wide(bias).clone()
+    a, b = _wide(scale), _wide(shift)
+    rs, rh = (slice(i * d, (i + 1) * d) for i in (chunks.index(ADALN_SCALE), chunks.index(ADALN_SHIFT)))
+    w_s, c_s = w[rs].clone(), c[rs].clone()
+    w[rs], c[rs] = a.unsqueeze(1) * w_s, a * c_s + (a - 1.0)
+    w[rh], c[rh] = w[rh] + b.unsqueeze(1) * w_s, c[rh] + b + b * c_s
+    return w.to(weight.dtype), c.to(bias.dtype)

@@ -133,14 +133,16 @@ class _Planner:
     """The model-wide facts (registry entry, modules, ties, config) that per-site decisions consult,
     and the bookkeeping that merges what the decisions need into one plan."""
 
-    def __init__(self, model: nn.Module, *, untie: bool):
+    def __init__(self, model: nn.Module, *, untie: bool, entry: ArchEntry | None = None):
         self.model = model
         self.config = getattr(model, "config", None)
         self.modules = dict(model.named_modules())
         self.tied = tied_groups(model)
         self.allow_untie = untie
         self.notes: list[str] = []
-        self.entry: ArchEntry | None = entry_for(self.config) if self.config is not None else None
+        if entry is None and self.config is not None:
+            entry = entry_for(self.config)
+        self.entry: ArchEntry | None = entry
         if self.entry is not None and self.entry.describes(model) is None:
             self._note(f"registry entry {self.entry.model_type!r} describes {', '.join(self.entry.architectures)}, "
                        f"not {type(model).__name__}: every site is planned by module type")
@@ -260,8 +262,9 @@ class _Planner:
     def decide_norm(self, site: _Site) -> tuple[SitePlan, _Needs]:
         name, module = site.name, site.module
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        if not isinstance(weight, torch.Tensor):
-            return _to_affine(site, reason="norm has no weight"), NOTHING
+        if not isinstance(weight, torch.Tensor) and not site.identity_scale:
+            # elementwise_affine=False: a shift can still move into the consumers' biases, a scale cannot
+            return _to_affine(site, reason="norm has no weight (elementwise_affine=False) to take the scale"), NOTHING
         if site.kind in (SiteKind.RMSNORM, SiteKind.RMSNORM_1P) and bias is not None:
             return _to_affine(site, reason="RMSNorm with a bias is not a known convention"), NOTHING
         steps = []
@@ -357,7 +360,7 @@ def _resolve(model: nn.Module, sites: Iterable[str]) -> dict[str, nn.Module]:
 
 
 def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_standard: bool = False,
-         untie: bool = False, runnable=None) -> FoldPlan:
+         untie: bool = False, runnable=None, entry: ArchEntry | None = None) -> FoldPlan:
     """Plan how to bake ``effective_maps`` (site -> effective ``SiteMap``, e.g. from
     :func:`lineas.maps.effective_maps`) into ``model``.  Nothing is modified.
 
@@ -369,10 +372,12 @@ def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_sta
     ``untie``: allow giving a tied output/input embedding its own copy so it can be folded.
     ``model`` may be a skeleton on the meta device (nothing here reads a weight); ``runnable``
     then opens a runnable copy for the one check forward pass, if a site needs it.
+    ``entry``: the registry entry to plan with (default: the one for ``model.config``); a model
+    family without configs (a diffusers pipeline, :mod:`bake.pipeline_plan`) builds its own.
     """
     maps = _normalise_maps(effective_maps)
     check_site_outputs(model, _resolve(model, maps), maps, runnable=runnable)
-    planner = _Planner(model, untie=untie)
+    planner = _Planner(model, untie=untie, entry=entry)
     sites, flags, untied = planner.plan_sites(maps)
     config = getattr(model, "config", None)
     result = FoldPlan(

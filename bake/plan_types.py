@@ -27,6 +27,7 @@ class SiteKind(str, Enum):
     CONV1D = "conv1d"            # GPT-2 Conv1D, weight [in, out]
     CONV = "conv"                # nn.Conv2d
     EMBEDDING = "embedding"
+    ADALN = "adaln"              # adaptive LayerNorm: n(x)*(1+scale)+shift, scale/shift rows of a Linear
     MODULE = "module"            # anything else: no exact fold is known
 
     @property
@@ -71,6 +72,8 @@ class FoldOp(str, Enum):
     NORM_BIAS = "norm_bias"          # b' = s*b + t
     ROWS = "rows"                    # producer: W' = diag(s) W, b' = s*b + t
     INPUT_SHIFT = "input_shift"      # consumer: b' = b + W t, with t of the site
+    ADALN_ROWS = "adaln_rows"        # modulation Linear: scale rows a*W, a*c+(a-1); shift rows a*W, a*c+b
+    MODULATED_ROWS = "modulated_rows"  # a norm modulated after it runs: scale rows as above; shift rows W+bW_s
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,14 @@ class FoldStep:
     module: str
     layout: Layout
     tensors: tuple[str, ...]
+    chunks: tuple[str, ...] = ()   # *_ROWS of a modulation Linear: each row block's name; "scale"/"shift" are
+                                   # the blocks the step rewrites (bake.fold)
 
     def __post_init__(self):  # a typo'd state fails here, not as a silent "no match" later
         object.__setattr__(self, "op", FoldOp(self.op))
         object.__setattr__(self, "layout", Layout(self.layout))
+        if (self.op in (FoldOp.ADALN_ROWS, FoldOp.MODULATED_ROWS)) != bool(self.chunks):
+            raise ValueError(f"{self.module}: chunks are given exactly for the modulation-row steps")
 
 
 @dataclass(frozen=True)

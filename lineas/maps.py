@@ -12,7 +12,9 @@ affine map ``s_lam * y + t_lam`` with ``s_lam = 1 + lam * (scale - 1)`` and
 ``t_lam = lam * shift``.
 
 Metadata (all strings) must carry ``format = "lineas-maps"`` and
-``format_version = "1"``; anything else is rejected by :meth:`SteeringMaps.load`.
+``format_version = "1"``; anything else is rejected by :meth:`SteeringMaps.load`.  Maps learned on a
+diffusers pipeline name its sites ``<component>.<module path>`` and carry ``pipeline_class`` (see
+:mod:`lineas.pipelines`); v1 readers see one more string entry.
 """
 
 from __future__ import annotations
