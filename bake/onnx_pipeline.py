@@ -81,10 +81,10 @@ def _row_inputs(inputs: Mapping, i: int) -> dict:
     def take(v):
         if isinstance(v, Mapping):
             return {k: take(x) for k, x in v.items()}
-        return v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+        return v[i:i + 1].cpu() if isinstance(v, torch.Tensor) and v.dim() > 0 else v  # ORT runs on CPU
     out = {k: take(v) for k, v in inputs.items() if k != "timestep"}
     t = torch.as_tensor(inputs["timestep"])
-    out["timestep"] = t[i] if t.dim() > 0 else t
+    out["timestep"] = (t[i] if t.dim() > 0 else t).cpu()
     return out
 
 
