@@ -185,15 +185,25 @@ def compare_ort(ort_pipe, hooked: PipelineReference, base: PipelineReference | N
                  None if base is None else max_abs(hooked.image, base.image)))
 
 
+def check_onnx_supported(pipeline_class: str) -> str:
+    """The optimum-onnx class name for ``pipeline_class`` (a bake calls this before any work); an
+    :class:`OnnxExportError` naming the class, or the missing extra, otherwise."""
+    require_onnx_extra()
+    if pipeline_class not in ORT_CLASSES:
+        raise OnnxExportError(f"ONNX export of pipelines supports {', '.join(ORT_CLASSES)}, not {pipeline_class}")
+    return ORT_CLASSES[pipeline_class]
+
+
 def export_pipeline_onnx(folder, out_dir, hooked: PipelineReference, *, base: PipelineReference | None = None,
                          opset: int | None = None, provider: str = "CPUExecutionProvider") -> OnnxPipelineReport:
     """Export the baked pipeline ``folder`` to ``out_dir`` and check it in ONNX Runtime against ``hooked``
     (see the module docstring).  ``out_dir`` must not exist; it is removed again on any failure."""
-    require_onnx_extra()
     folder, out_dir = Path(folder), Path(out_dir)
     pipeline_class = pipeline_class_name(folder)
-    if pipeline_class not in ORT_CLASSES:
-        raise OnnxExportError(f"{folder}: ONNX export supports {', '.join(ORT_CLASSES)}, not {pipeline_class}")
+    try:
+        check_onnx_supported(pipeline_class)
+    except OnnxExportError as e:
+        raise OnnxExportError(f"{folder}: {e}") from None
     if out_dir.exists():
         raise OnnxExportError(f"{out_dir} already exists; the ONNX export writes a fresh folder")
     try:
