@@ -48,9 +48,8 @@ __all__ = ["DEFAULT_SITES", "DenoiseSchedule", "PromptSeedBatch", "PromptSeedSet
 #  transformer: the AdaLN norms of the SD3/FLUX double blocks (image and text streams) and FLUX single blocks.
 DEFAULT_SITES = {
     "unet": (r"unet\..*transformer_blocks\.\d+\.norm[123]",),
-    "transformer": (r"transformer\.transformer_blocks\.\d+\.norm1(_context)?",
-                    r"transformer\.single_transformer_blocks\.\d+\.norm"),
-}
+    "transformer": (r"transformer\.(transformer_blocks\.\d+\.norm1(_context)?|single_transformer_blocks\.\d+\.norm)",),
+}  # one regex per denoiser: every --sites regex must match, and SD3 has no single blocks
 
 
 @dataclass(frozen=True)

@@ -143,3 +143,23 @@ def test_builtin_text_to_image_sets_are_line_by_line_pairs():
     assert len(scenes) == len(elephant) >= 24
     assert all(e == s + ", with a pink elephant" for s, e in zip(scenes, elephant))
     assert not any("elephant" in s for s in scenes)
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("sd3", ["transformer.transformer_blocks.0.norm1", "transformer.transformer_blocks.0.norm1_context",
+             "transformer.transformer_blocks.1.norm1", "transformer.transformer_blocks.1.norm1_context"]),
+    ("flux", ["transformer.transformer_blocks.0.norm1", "transformer.transformer_blocks.0.norm1_context",
+              "transformer.single_transformer_blocks.0.norm"])])
+def test_transformer_pipelines_learn_at_their_adaln_norms(kind, expected, tiny_pipeline_folder):
+    """SD3 (CFG batches) and FLUX (packed latent tokens, no CFG): the default sites are the AdaLN norms,
+    whose tuple outputs are pooled on element 0, and Linear-AcT moves them towards the target."""
+    from lineas.pipeline_collect import learn_pipeline_maps
+
+    pipe = load_pipeline(tiny_pipeline_folder(kind))
+    src = list(load_prompts("photo").texts[:3])
+    tgt = list(load_prompts("anime").texts[:3])
+    result = learn_pipeline_maps(pipe, src, tgt, config=None, schedule=DenoiseSchedule(steps=2, height=32, width=32),
+                                 progress=False, method="linear-act")
+    assert sorted(result.maps.sites) == sorted(expected)
+    assert result.maps.metadata["denoiser"] == "transformer" and result.w2_after < 0.5 * result.w2_before
+    assert result.maps.metadata[PIPELINE_CLASS_KEY] == type(pipe).__name__
