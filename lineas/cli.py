@@ -24,8 +24,9 @@ EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAIL, ExitCode.BAD_IN
 
 DESCRIPTION = """\
 Learn per-neuron affine steering maps T(y) = scale*y + shift at chosen modules
-("sites") of a causal LM, so that the model's pooled activations on SOURCE
-prompts match those on TARGET prompts, and write them to a lineas-maps file.
+("sites") of a causal LM or of a diffusers pipeline's denoiser, so that the
+model's pooled activations on SOURCE prompts match those on TARGET prompts, and
+write them to a lineas-maps file.
 
 Methods:
   lineas      (default) all maps trained jointly from identity (or, with
@@ -54,6 +55,8 @@ examples:
       --steps 100 --out maps.safetensors
   lineas-train --model ./my-model --source a.txt --target b.jsonl \\
       --sites 'model\\.layers\\.1[0-9]\\.mlp' --method linear-act --out act.safetensors
+  lineas-train --model ./sdxl-lightning-4step --source photo --target anime \\
+      --denoising-steps 4 --guidance-scale 0 --steps 200 --device cuda --out anime.safetensors
 """
 
 
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     tr.add_argument("--seed", type=int, default=d.seed, help="seed for batching and splits (default: %(default)s)")
 
-    from .pipeline_collect import DEFAULT_SITES
+    from .pipeline_collect import DEFAULT_SITES, DenoiseSchedule
 
     t2i = p.add_argument_group(
         "text-to-image pipelines (--model is a diffusers pipeline folder with model_index.json)",
@@ -118,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{k}: {' '.join(v)}" for k, v in DEFAULT_SITES.items())
         + ". Activations are pooled over HxW or tokens, then averaged over the denoising steps.")
     t2i.add_argument("--denoising-steps", type=int, default=None, metavar="N",
-                     help="denoising steps per prompt while collecting (1-4 for distilled models; default: 2)")
+                     help=f"denoising steps per prompt while collecting (1-4 for distilled models; default: "
+                          f"{DenoiseSchedule.steps})")
     t2i.add_argument("--guidance-scale", type=float, default=None, metavar="X",
                      help="classifier-free guidance scale while collecting (default: the pipeline's own)")
     t2i.add_argument("--image-size", type=int, default=None, metavar="PX",
@@ -267,7 +271,8 @@ def _train_pipeline(args, config, source, target) -> int:
     from .pipelines import PipelineLoadError, load_pipeline
 
     try:
-        schedule = DenoiseSchedule(steps=2 if args.denoising_steps is None else args.denoising_steps,
+        steps = DenoiseSchedule.steps if args.denoising_steps is None else args.denoising_steps
+        schedule = DenoiseSchedule(steps=steps,
                                    guidance_scale=args.guidance_scale, height=args.image_size, width=args.image_size,
                                    seed=args.seed)
     except ValueError as e:
