@@ -24,8 +24,9 @@ EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAIL, ExitCode.BAD_IN
 
 DESCRIPTION = """\
 Learn per-neuron affine steering maps T(y) = scale*y + shift at chosen modules
-("sites") of a causal LM, so that the model's pooled activations on SOURCE
-prompts match those on TARGET prompts, and write them to a lineas-maps file.
+("sites") of a causal LM or of a diffusers pipeline's denoiser, so that the
+model's pooled activations on SOURCE prompts match those on TARGET prompts, and
+write them to a lineas-maps file.
 
 Methods:
   lineas      (default) all maps trained jointly from identity (or, with
@@ -58,6 +59,8 @@ examples:
   lineas-train --model gemma-2-2b --source negative --target positive --foldable \\
       --sites 'model\\.layers\\.\\d+\\.(input|post_attention|pre_feedforward|post_feedforward)_layernorm' \\
       --out g2.safetensors   # post_*/pre_feedforward shifts frozen: bakes with --require-standard
+  lineas-train --model ./sdxl-lightning-4step --source photo --target anime \\
+      --denoising-steps 4 --guidance-scale 0 --steps 200 --device cuda --out anime.safetensors
 """
 
 
@@ -78,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompts whose activations are moved (the behaviour to steer away from)")
     io.add_argument("--target", required=True, metavar="FILE",
                     help="prompts whose activations are the goal (the behaviour to steer towards)")
-    io.add_argument("--sites", required=True, action="append", metavar="REGEX",
+    io.add_argument("--sites", action="append", metavar="REGEX",
                     help="regex that must FULL-match module names (repeatable); e.g. "
-                         "'model\\.layers\\.\\d+\\.post_attention_layernorm'")
+                         "'model\\.layers\\.\\d+\\.post_attention_layernorm'. Required for a causal LM; for a "
+                         "diffusers pipeline the default is the denoiser's norms (see 'text-to-image pipelines')")
     io.add_argument("--out", required=True, metavar="maps.safetensors", help="output maps file (written atomically)")
 
     d = TrainConfig()  # the defaults live there; they are shown, not repeated, here
@@ -121,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hold out this fraction of source and target prompts and report W2 on them too "
                          "(default: %(default)s)")
     tr.add_argument("--seed", type=int, default=d.seed, help="seed for batching and splits (default: %(default)s)")
+
+    from .pipeline_collect import DEFAULT_SITES, DenoiseSchedule
+
+    t2i = p.add_argument_group(
+        "text-to-image pipelines (--model is a diffusers pipeline folder with model_index.json)",
+        "Sites are <component>.<module path> in the denoiser. Default --sites: "
+        + "; ".join(f"{k}: {' '.join(v)}" for k, v in DEFAULT_SITES.items())
+        + ". Activations are pooled over HxW or tokens, then averaged over the denoising steps.")
+    t2i.add_argument("--denoising-steps", type=int, default=None, metavar="N",
+                     help=f"denoising steps per prompt while collecting (1-4 for distilled models; default: "
+                          f"{DenoiseSchedule.steps})")
+    t2i.add_argument("--guidance-scale", type=float, default=None, metavar="X",
+                     help="classifier-free guidance scale while collecting (default: the pipeline's own)")
+    t2i.add_argument("--image-size", type=int, default=None, metavar="PX",
+                     help="image height and width while collecting (default: the pipeline's own)")
 
     rt = p.add_argument_group("runtime")
     rt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
@@ -217,6 +236,17 @@ def _train(args) -> int:
         target = load_prompts(args.target)
     except (PromptError, ValueError) as e:
         return _fail(str(e))
+    from .pipelines import is_pipeline_folder
+
+    pipeline_flags = [f for f, v in (("--denoising-steps", args.denoising_steps), ("--guidance-scale",
+                      args.guidance_scale), ("--image-size", args.image_size)) if v is not None]
+    if is_pipeline_folder(args.model):
+        return _train_pipeline(args, config, source, target)
+    if pipeline_flags:
+        return _fail(f"{', '.join(pipeline_flags)} only apply to a diffusers pipeline folder; {args.model!r} has no "
+                     f"model_index.json")
+    if not args.sites:
+        return _fail(f"--sites is required for a causal LM such as {args.model!r} (a regex over its module names)")
     try:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code)
@@ -240,6 +270,47 @@ def _train(args) -> int:
         return _fail(str(e))
     except FloatingPointError as e:
         return _fail(str(e), EXIT_FAIL)
+    return _finish(args, result)
+
+
+def _train_pipeline(args, config, source, target) -> int:
+    """``--model`` is a diffusers pipeline folder: learn at its denoiser's sites (lineas.pipeline_collect)."""
+    import torch
+
+    from .collect import SiteMatchError
+    from .hooks import SteeringError
+    from .models import display_name
+    from .pipeline_collect import DenoiseSchedule, learn_pipeline_maps
+    from .pipelines import PipelineLoadError, load_pipeline
+
+    try:
+        steps = DenoiseSchedule.steps if args.denoising_steps is None else args.denoising_steps
+        schedule = DenoiseSchedule(steps=steps,
+                                   guidance_scale=args.guidance_scale, height=args.image_size, width=args.image_size,
+                                   seed=args.seed)
+    except ValueError as e:
+        return _fail(str(e))
+    try:
+        pipe = load_pipeline(args.model, dtype=getattr(torch, args.dtype), device=args.device,
+                             trust_remote_code=args.trust_remote_code)
+    except PipelineLoadError as e:
+        return _fail(str(e))
+    except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device that is not there
+        return _fail(f"cannot put pipeline on device {args.device!r}: {e}")
+    try:
+        result = learn_pipeline_maps(
+            pipe, source.texts, target.texts, args.sites, config, schedule=schedule, progress=not args.quiet,
+            base_model=display_name(args.model), source_desc=source.description, target_desc=target.description,
+            source_sha256=source.sha256, target_sha256=target.sha256)
+    except (PipelineLoadError, SiteMatchError, SteeringError, ValueError) as e:
+        return _fail(str(e))
+    except FloatingPointError as e:
+        return _fail(str(e), EXIT_FAIL)
+    return _finish(args, result)
+
+
+def _finish(args, result) -> int:
+    """Write the maps (and the JSON report) and print the per-site table."""
     out = result.maps.save(args.out)
     print(result.table())
     if result.fell_back_to_linear_act:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -127,21 +128,36 @@ class _StopForward(Exception):
     """Raised by the last site's hook to end the forward pass early."""
 
 
+@runtime_checkable
+class RepeatedCalls(Protocol):
+    """A batch whose forward calls every site several times, e.g. once per denoising step of a
+    diffusers pipeline (:mod:`lineas.pipeline_collect`).  Every call is pooled, and
+    ``pool_calls(site, pooled_calls)`` combines them into ``[N, D]``; the forward may stop after the
+    last site's ``calls_per_site``-th call.  Any other batch keeps a site's first call only."""
+
+    calls_per_site: int
+
+    def pool_calls(self, site: str, calls: list[torch.Tensor]) -> torch.Tensor: ...
+
+
 class _PoolHook:
-    def __init__(self, site: str, store: dict, mask_ref: list, affine=None, stop: bool = False):
+    def __init__(self, site: str, store: dict, mask_ref: list, affine=None, stop: bool = False,
+                 every_call: bool = False, stop_after: int = 1):
         self.site, self.store, self.mask_ref, self.affine, self.stop = site, store, mask_ref, affine, stop
+        self.every_call, self.stop_after = every_call, stop_after
 
     def __call__(self, module, inputs, output):
         head = output[0] if isinstance(output, (tuple, list)) else output
         axis = feature_axis(module, head.dim())  # the rule the hooks and the baker use
         if self.affine is not None:
             head = apply_affine(head, self.affine[0], self.affine[1], self.site, axis)
-        if self.site not in self.store:  # a module called twice: keep its first call
+        calls = self.store.setdefault(self.site, [])
+        if self.every_call or not calls:  # a module called twice in one LM forward: keep its first call
             try:
-                self.store[self.site] = pool_features(head, axis, self.mask_ref[0])
+                calls.append(pool_features(head, axis, self.mask_ref[0]))
             except ValueError as e:
                 raise SteeringError(f"site {self.site!r}: {e}") from None
-        if self.stop:
+        if self.stop and len(calls) >= self.stop_after:
             raise _StopForward
         if self.affine is None:
             return None
@@ -193,17 +209,20 @@ def run_to_sites(model: nn.Module, batch, sites: Sequence[str],
     ``sites`` are steered too, as long as the forward reaches them.
     """
     affines = dict(affines or {})
-    store: dict[str, torch.Tensor] = {}
+    store: dict[str, list[torch.Tensor]] = {}
     mask_ref = [batch.get("attention_mask") if isinstance(batch, Mapping) else None]
     watched = list(dict.fromkeys([*sites, *affines]))
+    repeated = isinstance(batch, RepeatedCalls)
+    stop_after = batch.calls_per_site if repeated else 1
     run_hooked(model, batch, {
-        site: _PoolHook(site, store, mask_ref, affines.get(site), stop=stop_early and bool(sites) and site == sites[-1])
+        site: _PoolHook(site, store, mask_ref, affines.get(site), stop=stop_early and bool(sites) and site == sites[-1],
+                        every_call=repeated, stop_after=stop_after)
         for site in watched
     })
     missing = [s for s in sites if s not in store]
     if missing:
         raise SteeringError(f"the forward pass never reached site(s) {missing}")
-    return {s: store[s] for s in sites}
+    return {s: batch.pool_calls(s, store[s]) if repeated else store[s][0] for s in sites}
 
 
 def collect_pooled(model: nn.Module, tokens: TokenSet, sites: Sequence[str], *, batch_size: int,
@@ -216,7 +235,7 @@ def collect_pooled(model: nn.Module, tokens: TokenSet, sites: Sequence[str], *, 
             for s in sites:
                 out[s].append(got[s])
             if progress is not None:
-                progress.update(len(batch["input_ids"]))
+                progress.update(len(batch["input_ids"]) if isinstance(batch, Mapping) else len(batch))
     return {s: torch.cat(v) for s, v in out.items()}
 
 

@@ -18,7 +18,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -118,7 +118,7 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
                source_desc: str | None = None, target_desc: str | None = None,
                source_sha256: str | None = None, target_sha256: str | None = None,
                metadata: dict[str, str] | None = None, target_model: nn.Module | None = None,
-               **hyperparameters) -> TrainResult:
+               encode: Callable[[Sequence], TokenSet] | None = None, **hyperparameters) -> TrainResult:
     """Learn per-site affine maps that move source activations towards target activations.
 
     Hyperparameters: ``config`` (default ``TrainConfig()``, where the defaults live) with any
@@ -147,6 +147,11 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     target prompts define the target distribution -- e.g. a copy of the model
     with known maps attached (ground-truth tests) or a fine-tuned sibling with
     the same module names.
+
+    ``encode`` turns a prompt list into the model's input set (default: :func:`tokenize` with
+    ``tokenizer`` and ``max_length``).  Any object with ``TokenSet``'s ``__len__``, ``batch`` and
+    ``batches`` works: :mod:`lineas.pipeline_collect` passes prompt-and-seed sets that a diffusers
+    pipeline denoises.
     """
     cfg = replace(config or TrainConfig(), **hyperparameters)
     t0 = time.perf_counter()
@@ -156,11 +161,9 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
 
     src_train, src_held = split_texts(source_texts, cfg.holdout, cfg.seed)
     tgt_train, tgt_held = split_texts(target_texts, cfg.holdout, cfg.seed + 1)
-    src_tok = tokenize(tokenizer, src_train, cfg.max_length)
-    tgt_tok = tokenize(tokenizer, tgt_train, cfg.max_length)
-    held = None
-    if cfg.holdout > 0:
-        held = (tokenize(tokenizer, src_held, cfg.max_length), tokenize(tokenizer, tgt_held, cfg.max_length))
+    encode = encode or (lambda texts: tokenize(tokenizer, texts, cfg.max_length))
+    src_tok, tgt_tok = encode(src_train), encode(tgt_train)
+    held = (encode(src_held), encode(tgt_held)) if cfg.holdout > 0 else None
 
     def collect(m, tokens, affines=None, bar=None):
         return collect_pooled(m, tokens, site_names, batch_size=eval_bs, affines=affines, device=device, progress=bar)
