@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from lineas.models import check_device
-from lineas.pipelines import PIPELINE_CLASS_KEY, is_pipeline_folder, load_pipeline, pipeline_modules, split_site
+from lineas.pipelines import (PIPELINE_CLASS_KEY, denoiser_name, is_pipeline_folder, load_pipeline,
+                             pipeline_modules, split_site)
 
 from .card import PROVENANCE_FILE
 from .errors import BakeError, FoldError, VerificationError
@@ -49,6 +50,7 @@ class PipelineBake:
     report: PipelineReport
     components_baked: tuple[str, ...]
     components_copied: tuple[str, ...]
+    onnx_report: object | None = None  # bake.onnx_pipeline.OnnxPipelineReport with --format hf,onnx
 
 
 def _folder(model) -> Path:
@@ -166,7 +168,8 @@ def _is_default_safetensors(name: str) -> bool:
 
 def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = False, verify: bool = True,
                   steps: int = 2, seed: int = 0, trust_remote_code: bool = False, allow_rebake: bool = False,
-                  ignore_model_mismatch: bool = False, command: str = "", device: str = "cpu") -> PipelineBake:
+                  ignore_model_mismatch: bool = False, command: str = "", device: str = "cpu",
+                  formats: tuple[str, ...] = ("hf",)) -> PipelineBake:
     """Bake ``maps`` (a path, a SteeringMaps, or a list of ``(maps, strength)``) into the pipeline folder
     ``model`` and write the steered pipeline to ``out``.  Raises :class:`VerificationError` (with
     ``.report``) when the written pipeline does not reproduce the hooked one; nothing is written then."""
@@ -186,9 +189,21 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
     if not baked:
         raise FoldError("every map is the identity: there is nothing to bake")
     affines = {site: (m.scale, m.shift) for site, m in eff.items()}
+    onnx = "onnx" in formats
+    if onnx:
+        from .onnx_pipeline import check_onnx_supported
+
+        check_onnx_supported(pipeline_class)
     base = hooked = None
-    if verify:
+    if verify or onnx:  # the ONNX check compares with the hooked reference, also under --no-verify
         base, hooked = record(pipe, seed=seed, steps=steps), record(pipe, affines, seed=seed, steps=steps)
+    if onnx:
+        from .onnx_pipeline import PipelineReference
+        from .pipeline_verify import denoiser_inputs, pipeline_call
+
+        probe = dict(denoiser_inputs=denoiser_inputs(pipe.components[denoiser_name(pipe)], seed),
+                     call_kwargs=pipeline_call(pipe, seed, steps), seed=seed)
+        onnx_refs = [PipelineReference(**probe, denoiser=o.denoiser, image=o.image) for o in (base, hooked)]
     maps_checked = check_applicable(modules, plan, eff)
     final = compute_folded(modules, plan, maps_checked, ModuleStore(modules))
     commit_plan(modules, plan, maps_checked, final)  # the in-memory components now compute the baked outputs
@@ -206,6 +221,12 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
                     raise err
             else:
                 report = PipelineReport(rows=(), steps=steps, seed=seed, skipped=True)
+            onnx_report = None
+            if onnx:  # exported from the written folder; ORT vs hooked, nothing kept on failure
+                from .onnx_export import ONNX_SUBDIR
+                from .onnx_pipeline import export_pipeline_onnx
+
+                onnx_report = export_pipeline_onnx(tmp, tmp / ONNX_SUBDIR, onnx_refs[1], base=onnx_refs[0])
             entry = {"effective_digest": plan.maps_digest, "sites": [p.site for p in plan.sites],
                      "maps": [s.describe() for s in sources]}
             info = PipelineExportInfo(base_model=str(model), base_path=str(folder.resolve()),
@@ -217,15 +238,17 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return PipelineBake(folder=out, plan=plan, report=report, components_baked=baked, components_copied=copied)
+    return PipelineBake(folder=out, plan=plan, report=report, components_baked=baked, components_copied=copied,
+                        onnx_report=onnx_report)
 
 
 def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str) -> int:
     """``lineas-bake --model <pipeline folder>``: the CLI's pipeline branch (bake.cli dispatches here)."""
     from .cli import EXIT_OK, _fail, EXIT_BAD_INPUT
 
-    if args.format != "hf" or args.dtype != "float32":
-        return _fail(f"a diffusers pipeline exports only --format hf --dtype float32 here (got --format "
+    formats = tuple(f.strip() for f in args.format.split(","))
+    if "hf" not in formats or set(formats) - {"hf", "onnx"} or args.dtype != "float32":
+        return _fail(f"a diffusers pipeline exports --format hf or hf,onnx with --dtype float32 here (got --format "
                      f"{args.format} --dtype {args.dtype})", EXIT_BAD_INPUT)
     out = args.out or f"{Path(args.model).expanduser().resolve().name}-steered"
     if args.dry_run:
@@ -243,10 +266,13 @@ def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str) -> int:
     result = bake_pipeline(args.model, maps, out=out, overwrite=args.overwrite, verify=not args.no_verify,
                            steps=args.verify_steps, trust_remote_code=args.trust_remote_code,
                            allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch,
-                           command=cmd, device=args.device)
+                           command=cmd, device=args.device, formats=formats)
     print(result.plan.to_table())
     print()
     print(result.report.to_table())
+    if result.onnx_report is not None:
+        print(f"\nONNX ({result.onnx_report.ort_class}, {result.onnx_report.provider}):")
+        print(result.onnx_report.to_table())
     print(f"\nwrote {result.folder}")
     if args.push_to_hub:
         from .push_cli import run_push
