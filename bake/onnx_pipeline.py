@@ -39,10 +39,21 @@ from pathlib import Path
 import torch
 
 from lineas.hooks import attach_affine
-from lineas.pipelines import denoiser_name, load_pipeline, pipeline_class_name, pipeline_modules
+from lineas.pipelines import (
+    denoiser_name,
+    load_pipeline,
+    pipeline_class_name,
+    pipeline_modules,
+)
 
 from .errors import VerificationError
-from .onnx_export import ONNX_REPORT_FILE, OnnxExportError, check_graph, require_onnx_extra
+from .onnx_export import (
+    ONNX_REPORT_FILE,
+    OnnxExportError,
+    check_graph,
+    require_onnx_extra,
+)
+from .pipeline_verify import max_abs, max_rel
 from .tolerances import get_tolerance
 
 log = logging.getLogger(__name__)
@@ -108,16 +119,6 @@ def record_reference(pipe, affines=None, *, denoiser_inputs: Mapping, call_kwarg
             handle.remove()
     return PipelineReference(denoiser_inputs=denoiser_inputs, denoiser=den, call_kwargs=call_kwargs, seed=seed,
                              image=image)
-
-
-def max_rel(ref: torch.Tensor, cand: torch.Tensor) -> float:
-    """Per sample ``max |cand - ref| / max |ref|``, the largest over the batch."""
-    diff = (cand.double() - ref.double()).abs().flatten(1).amax(1)
-    return float((diff / ref.double().abs().flatten(1).amax(1).clamp_min(1e-30)).max())
-
-
-def max_abs(ref: torch.Tensor, cand: torch.Tensor) -> float:
-    return float((cand.double() - ref.double()).abs().max())
 
 
 @dataclass(frozen=True)

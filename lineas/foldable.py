@@ -107,7 +107,7 @@ class FoldableSites:
                                                            ("shift", p.shift, p.shift_reason)) if not on}
                   for p in self.partly_frozen}
         return json.dumps({
-            "mode": self.mode.value, "applied": self.applied, "planner": "bake.plan.plan", "registry": self.registry,
+            "mode": self.mode.value, "applied": self.applied, "registry": self.registry,
             "frozen": frozen, "excluded": {p.site: p.scale_reason for p in self.excluded},
             "config_changes": list(self.config_changes), "note": self.note,
         }, sort_keys=True)
@@ -116,10 +116,22 @@ class FoldableSites:
         return {**json.loads(self.to_metadata()), "sites": [asdict(p) for p in self.sites]}
 
 
-def _probe(model: nn.Module, dims: Mapping[str, int], parts: Mapping[str, tuple[bool, bool]]):
-    """The bake plan of maps at ``dims`` whose scale / shift is a non-identity probe where ``parts`` says so."""
+def _planner(model: nn.Module):
+    """The planner ``lineas-bake`` uses for ``model``: the pipeline one for a diffusers pipeline's components."""
+    from .pipelines import PipelineModules
+
+    if isinstance(model, PipelineModules):
+        from bake.pipeline_plan import plan_pipeline
+
+        return plan_pipeline
     from bake.plan import plan
 
+    return plan
+
+
+def _probe(model: nn.Module, dims: Mapping[str, int], parts: Mapping[str, tuple[bool, bool]]):
+    """The bake plan of maps at ``dims`` whose scale / shift is a non-identity probe where ``parts`` says so."""
+    plan = _planner(model)
     return plan(model, {s: SiteMap(torch.full((d,), PROBE_SCALE) if parts[s][0] else torch.ones(d),
                                    torch.full((d,), PROBE_SHIFT) if parts[s][1] else torch.zeros(d))
                         for s, d in dims.items()})
@@ -165,6 +177,4 @@ def plan_foldable(model: nn.Module, dims: Mapping[str, int], mode: Foldable | st
 def check_standard(model: nn.Module, maps: SteeringMaps) -> None:
     """Plan ``maps`` exactly as ``lineas-bake --require-standard`` does; raises ``FoldError`` if any site
     would need an affine module (the guarantee, checked on the trained maps themselves)."""
-    from bake.plan import plan
-
-    plan(model, maps.maps, require_standard=True)
+    _planner(model)(model, maps.maps, require_standard=True)

@@ -163,3 +163,25 @@ def test_transformer_pipelines_learn_at_their_adaln_norms(kind, expected, tiny_p
     assert sorted(result.maps.sites) == sorted(expected)
     assert result.maps.metadata["denoiser"] == "transformer" and result.w2_after < 0.5 * result.w2_before
     assert result.maps.metadata[PIPELINE_CLASS_KEY] == type(pipe).__name__
+
+
+def test_foldable_freezes_what_the_pipeline_planner_cannot_fold(tiny_pipeline_folder):
+    """The default --foldable auto asks the pipeline planner (bake.pipeline_plan), the one lineas-bake uses
+    for pipelines: a per-head RMSNorm's shift has no bias to go into, so it stays at exactly 0 while its
+    scale and the AdaLN norm's map are trained; the maps then plan with require_standard."""
+    from bake.pipeline_plan import plan_pipeline
+    from lineas.pipeline_collect import learn_pipeline_maps
+    from lineas.train_config import TrainConfig
+
+    pipe = load_pipeline(tiny_pipeline_folder("flux"))
+    qnorm, adaln = "transformer.transformer_blocks.0.attn.norm_q", "transformer.transformer_blocks.0.norm1"
+    src, tgt = list(load_prompts("photo").texts[:3]), list(load_prompts("anime").texts[:3])
+    result = learn_pipeline_maps(pipe, src, tgt, [qnorm, adaln], TrainConfig(steps=5, lr=0.02),
+                                 schedule=DenoiseSchedule(steps=1, height=32, width=32), progress=False)
+    maps = result.maps
+    assert torch.equal(maps[qnorm].shift, torch.zeros_like(maps[qnorm].shift))
+    assert not torch.equal(maps[qnorm].scale, torch.ones_like(maps[qnorm].scale))  # the foldable part moved
+    assert not torch.equal(maps[adaln].shift, torch.zeros_like(maps[adaln].shift))
+    record = json.loads(maps.metadata["foldable"])
+    assert record["applied"] and record["registry"] == "diffusers" and list(record["frozen"]) == [qnorm]
+    plan_pipeline(PipelineRunner(pipe, DenoiseSchedule()), maps.maps, require_standard=True)
