@@ -232,7 +232,8 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
             info = PipelineExportInfo(base_model=str(model), base_path=str(folder.resolve()),
                                       pipeline_class=pipeline_class, maps=[s.describe() for s in sources], plan=plan,
                                       report=report, components_baked=list(baked), components_copied=list(copied),
-                                      command=command, bakes=earlier + [entry], removed_files=list(removed))
+                                      command=command, bakes=earlier + [entry], removed_files=list(removed),
+                                      onnx=onnx_report)
             write_files(tmp, info)
             move_into_place(tmp, out)
         except BaseException:

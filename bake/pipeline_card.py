@@ -27,6 +27,7 @@ class PipelineExportInfo:
     command: str
     bakes: list[dict] = field(default_factory=list)   # every bake in this pipeline, this one last
     removed_files: list[str] = field(default_factory=list)  # stale weight files of rewritten components
+    onnx: object | None = None      # bake.onnx_pipeline.OnnxPipelineReport with --format hf,onnx
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -44,7 +45,9 @@ def provenance(info: PipelineExportInfo) -> dict:
             "maps": info.maps, "strengths": [m["strength"] for m in info.maps],
             "export": {"components_baked": info.components_baked, "components_copied": info.components_copied,
                        "removed_files": info.removed_files,
-                       "trust_remote_code_needed": False},
+                       "trust_remote_code_needed": False,
+                       "onnx": None if info.onnx is None else {"folder": Path(info.onnx.folder).name, "ort_class": info.onnx.ort_class,
+                                                               "passed": info.onnx.passed}},
             "verification": {"skipped": info.report.skipped, "passed": info.report.passed and not info.report.skipped,
                              "file": VERIFICATION_FILE},
             "bakes": info.bakes, "plan_summary": info.plan.summary(), "plan": info.plan.to_dict()}
@@ -62,6 +65,25 @@ def render(info: PipelineExportInfo, repo: str = "path/to/this/folder") -> str:
                     "pipeline plus steering hooks: the denoiser on random latents, timesteps and conditioning, and "
                     f"the full pipeline ({report.steps} steps, seed {report.seed}, guidance on)."
                if report.passed else "**Verification failed**; see the table.")
+    onnx = "" if info.onnx is None else f"""
+## ONNX
+
+The `{Path(info.onnx.folder).name}/` folder holds the same pipeline exported with optimum-onnx and checked in ONNX Runtime
+({info.onnx.provider}) against the hooked original:
+
+```
+{info.onnx.to_table()}
+```
+
+```python
+from huggingface_hub import snapshot_download
+from optimum.onnxruntime import {info.onnx.ort_class}
+
+# optimum-onnx loads a pipeline from a folder (no subfolder= for pipelines): fetch the ONNX files first
+path = snapshot_download("{repo}", allow_patterns=["{Path(info.onnx.folder).name}/*"])  # or a local copy
+pipe = {info.onnx.ort_class}.from_pretrained(f"{{path}}/{Path(info.onnx.folder).name}")
+```
+"""
     return f"""{chr(10).join(front)}
 
 # {info.base_model} — steered with lineas-bake
@@ -105,7 +127,7 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("{repo}")
 image = pipe("a photo of a cat").images[0]
 ```
-
+{onnx}
 ## Reproduce
 
 ```

@@ -33,6 +33,9 @@ def test_cli_bake_with_onnx_checks_the_graphs_in_onnx_runtime(kind, ort_class, t
     assert report["passed"] and all(r["vs_base"] > 100 * r["value"] for r in report["rows"])
     assert (out / "onnx" / "unet" / "model.onnx").is_file()
     assert type(getattr(ort, ort_class).from_pretrained(str(out / "onnx"))).__name__ == ort_class
+    card = (out / "README.md").read_text()
+    assert "## ONNX" in card and f'{ort_class}.from_pretrained(f"{{path}}/onnx")' in card
+    assert json.loads((out / "lineas_provenance.json").read_text())["export"]["onnx"]["folder"] == "onnx"
     assert not list(tmp_path.glob("lineas_tmp_*"))
 
 
