@@ -153,6 +153,7 @@ class FoldPlan:
     untied: tuple[Untie, ...] = ()
     maps_digest: str = ""
     notes: tuple[str, ...] = ()           # registry/model disagreements the user should know about
+    runtimes: tuple = ()                  # bake.runtimes.RuntimeVerdict per runtime (set by bake.plan.plan)
 
     # -- views -----------------------------------------------------------------
     @property
@@ -228,6 +229,10 @@ class FoldPlan:
             lines.append(f"untie: {u.parameter} gets its own copy (was tied to {', '.join(u.tied_to)})")
         lines.extend(f"note: {n}" for n in self.notes)
         lines.append(self.summary())
+        if self.runtimes:
+            from .runtimes import matrix_table
+
+            lines += ["", "runtimes (does the export load without custom code?):", matrix_table(self.runtimes)]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -244,6 +249,7 @@ class FoldPlan:
             "config_changes": [_jsonable(asdict(c)) for c in self.config_changes],
             "untied": [_jsonable(asdict(u)) for u in self.untied],
             "affine_sites": list(self.affine_sites),
+            "runtimes": [v.to_dict() for v in self.runtimes],
         }
 
 
