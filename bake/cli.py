@@ -51,7 +51,8 @@ exit codes:
      model (--ignore-model-mismatch); weights that overflow --dtype (e.g.
      float16) when cast; a --max-memory that is unreadable or too small
      for the model's largest block; --format onnx for a model that cannot fit in RAM;
-     --push-to-hub with HF_HUB_OFFLINE=1.  Nothing written.
+     --push-to-hub with HF_HUB_OFFLINE=1; a plan that a --require-runtime (or
+     --format gguf: llama.cpp) cannot serve without custom code.  Nothing written.
   3  verification failed: the baked model does not reproduce the hooked model;
      nothing was written, the per-site report says where it diverges
   1  --push-to-hub failed (token, permissions, repo not found, Hub unavailable,

@@ -59,7 +59,7 @@ def llamacpp_runner(llm):
 @dataclass(frozen=True)
 class Decoded:
     tokens: list[list[int]]
-    seconds: float  # decoding only (the prompt's evaluation excluded)
+    seconds: float  # prompt evaluation and decoding
     new_tokens: int
 
     @property
@@ -67,13 +67,14 @@ class Decoded:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def greedy_decode(llm, prompts: torch.Tensor, n_new: int) -> Decoded:
-    """Greedy continuation of each prompt row, one token at a time through llama.cpp's KV cache."""
+def greedy_decode(llm, prompts, n_new: int) -> Decoded:
+    """Greedy continuation of each prompt (a ``[P, L]`` tensor or token lists), one token at a time through
+    llama.cpp's KV cache; ``seconds`` counts the prompt's evaluation too, as transformers' ``generate`` does."""
     rows, seconds = [], 0.0
-    for prompt in prompts.tolist():
+    for prompt in (prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]):
+        t0 = time.perf_counter()
         llm.reset()
         llm.eval(prompt)
-        t0 = time.perf_counter()
         got = []
         for i in range(n_new):
             nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
