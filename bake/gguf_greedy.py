@@ -86,6 +86,8 @@ def long_greedy_check(baked: BakedModel, llm, check: CheckResult, *, progress: b
                      "reference": w, "candidate": g, "path": "llama.cpp kv-cache, 32 tokens"})
     check.greedy_detail.extend(rows)
     differ = [r for r in rows if not r["identical"]]
+    check.greedy_matched += len(rows) - len(differ)  # the report's greedy column counts these prompts too
+    check.greedy_total += len(rows)
     if differ and check.tolerance.greedy_identical:
         first = min(differ, key=lambda r: r["first_mismatch"])
         check.failures.append(f"llama.cpp greedy decoding differs from the {source} on {len(differ)}/{len(rows)} "

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from bake_fixtures import GEMMA2_SITES, setup_model, write_maps
+from bake_fixtures import GEMMA2_SITES, make_maps, setup_model, write_maps
 from tiny import COMMON
 
 from bake.cli import EXIT_BAD_INPUT, EXIT_OK, main
@@ -21,7 +21,7 @@ from bake.llamacpp import llamacpp_runner, load_llamacpp
 from bake.runtimes import Runtime, Serves
 from bake.verify import compare, record_reference
 from lineas.hooks import steered
-from lineas.maps import SteeringMaps
+from lineas.maps import SiteMap, SteeringMaps
 from lineas.models import resolve_model
 
 pytestmark = pytest.mark.gguf
@@ -96,7 +96,8 @@ def test_gguf_report_rows(baked_llama):
     checks = {c["label"]: c for c in json.loads((out / "lineas_verification.json").read_text())["checks"]}
     f32, q8 = checks["gguf f32 (llama.cpp)"], checks["gguf q8_0 (llama.cpp)"]
     assert f32["passed"] and f32["gating"] and not q8["gating"]
-    kv = [g for g in f32["greedy_detail"] if g.get("path", "").startswith("llama.cpp kv-cache")]
+    assert f32["greedy_total"] == 3 + 8 and f32["greedy_matched"] == 3 + 8  # teacher-forced + decoded
+    kv = [g for g in f32["greedy"] if g.get("path", "").startswith("llama.cpp kv-cache")]
     assert len(kv) == 8 and all(len(g["reference"]) == 32 for g in kv)
     report = json.loads((out / "gguf" / "lineas_gguf_export.json").read_text())
     assert set(report["files"]) == {"model-f32.gguf", "model-q8_0.gguf"}
@@ -126,18 +127,26 @@ def test_affine_plan_is_refused_before_work(tmp_path, capsys):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("lineas_tmp_")]
 
 
+@pytest.mark.parametrize("with_shift", [True, False], ids=["shift", "scale-only"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3_text"])
-def test_registry_llama_cpp_fact_holds(arch, tmp_path, capsys):
-    """Bake a shift on input_layernorm (q/k/v biases, switching attention_bias on where the architecture has
-    the flag), convert the HF export with llama.cpp's converter and load it: it loads exactly when the plan's
-    llama.cpp verdict says yes."""
+def test_registry_llama_cpp_fact_holds(arch, with_shift, tmp_path, capsys):
+    """Bake a map on input_layernorm and convert the HF export with llama.cpp's converter: the file loads in
+    llama.cpp exactly when the plan's llama.cpp verdict says yes.  With a shift, the fold switches
+    attention_bias on where the architecture has the flag (q/k/v biases; Qwen2's always exist); scale-only
+    maps switch nothing on, so every file must load (the same model, tokenizer and converter: a failure
+    with the shift is the bias, nothing else)."""
     tiny_with_tokenizer(arch, tmp_path / "tiny")
     site = "model.layers.0.input_layernorm"
-    maps = write_maps(tmp_path / "m.safetensors", [site], magnitude=0.5)
+    m = make_maps([site], magnitude=0.5)
+    if not with_shift:
+        m = SteeringMaps({site: SiteMap(m[site].scale, torch.zeros_like(m[site].shift))}, dict(m.metadata))
+    m.save(tmp_path / "m.safetensors")
     out = tmp_path / "out"
-    assert main(["--model", str(tmp_path / "tiny"), "--maps", str(maps), "--out", str(out), "--verify-tokens",
-                 "2"]) == EXIT_OK
+    assert main(["--model", str(tmp_path / "tiny"), "--maps", str(tmp_path / "m.safetensors"), "--out", str(out),
+                 "--verify-tokens", "2"]) == EXIT_OK
     prov = json.loads((out / "lineas_provenance.json").read_text())
+    flags = {c["key"] for c in prov["plan"]["config_changes"]}
+    assert flags == ({"attention_bias"} if with_shift and arch != "qwen2" else set())
     verdict = next(v for v in prov["plan"]["runtimes"] if v["runtime"] == Runtime.LLAMA_CPP.value)
     convert(out, tmp_path / "f.gguf", "f32")
     try:
@@ -146,6 +155,8 @@ def test_registry_llama_cpp_fact_holds(arch, tmp_path, capsys):
     except ValueError:  # llama-cpp-python: "Failed to load model from file"
         loaded = False
     assert loaded == (verdict["serves"] == Serves.YES.value), verdict
+    if not with_shift:
+        assert loaded
 
 
 @pytest.mark.parametrize("args, needle", [
