@@ -228,11 +228,11 @@ class FoldPlan:
         for u in self.untied:
             lines.append(f"untie: {u.parameter} gets its own copy (was tied to {', '.join(u.tied_to)})")
         lines.extend(f"note: {n}" for n in self.notes)
-        lines.append(self.summary())
         if self.runtimes:
             from .runtimes import matrix_table
 
-            lines += ["", "runtimes (does the export load without custom code?):", matrix_table(self.runtimes)]
+            lines += ["runtimes (does the export load without custom code?):", matrix_table(self.runtimes)]
+        lines.append(self.summary())
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
