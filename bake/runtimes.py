@@ -11,8 +11,9 @@ The reasons are facts, each with where it comes from:
   own config keys, unless affine modules ship as remote code. Tested by every bake (the export is
   reloaded with transformers and compared with the hooked model).
 * ONNX Runtime: the graph is traced from the baked transformers model, so folded biases and affine
-  modules alike become ordinary graph ops. Tested by ``--format onnx`` (a model type Optimum
-  cannot export fails there).
+  modules alike become ordinary graph ops; optimum-onnx 0.1.0 exports every registry model type
+  (``TasksManager.get_supported_tasks_for_model_type``: text-generation-with-past). Tested by
+  ``--format onnx``.
 * llama.cpp, vLLM, TGI: per architecture, the runtime's name for it and the bias flags whose
   biases it loads and applies, read from its source and cited in the registry
   (``runtimes`` in ``bake/archs/<model_type>.json``). llama.cpp's are also tested here: ``--format
@@ -104,11 +105,15 @@ def runtime_matrix(*, model_type: str | None, registry: str | None, affine_sites
         out.append(RuntimeVerdict(Runtime.TRANSFORMERS, Serves.YES, Evidence.TESTED,
                                   "standard model class" + (f" with {flags_text} (transformers' own config flags)"
                                                             if flags else "") + "; the export is reloaded and checked"))
-    out.append(RuntimeVerdict(Runtime.ONNX_RUNTIME, Serves.YES, Evidence.TESTED,
-                              "the graph is traced from the baked model" + (
-                                  ": affine modules become ordinary graph ops" if affine else "")
-                              + "; --format onnx exports it with Optimum and checks it in ONNX Runtime (a model "
-                              "type Optimum cannot export fails there, before anything is written)"))
+    if entry is not None:  # optimum-onnx 0.1.0 exports every registry model type (TasksManager, text-generation)
+        out.append(RuntimeVerdict(Runtime.ONNX_RUNTIME, Serves.YES, Evidence.TESTED,
+                                  "the graph is traced from the baked model" + (
+                                      ": affine modules become ordinary graph ops" if affine else "")
+                                  + "; --format onnx exports it with Optimum and checks it in ONNX Runtime"))
+    else:
+        out.append(RuntimeVerdict(Runtime.ONNX_RUNTIME, Serves.UNKNOWN, Evidence.TESTED,
+                                  f"no registry entry for model type {model_type!r}: --format onnx finds out "
+                                  "whether Optimum exports it (and refuses before writing anything)"))
     for runtime in (Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.TGI):
         fact = entry.runtimes.get(runtime.value) if entry is not None else None
         if affine:

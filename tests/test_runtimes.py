@@ -132,3 +132,23 @@ def test_card_and_provenance_carry_the_matrix(tmp_path, capsys):
     assert "src/models/gemma2.cpp" in card and "read from source" in card
     prov = json.loads((out / "lineas_provenance.json").read_text(encoding="utf-8"))
     assert json.dumps(prov).count('"runtime": "vllm"') == 1
+
+
+def test_optimum_exports_every_registry_model_type():
+    """The ONNX Runtime verdict relies on it for every architecture with a registry entry."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    for model_type in load_registry():
+        tasks = TasksManager.get_supported_tasks_for_model_type(model_type, exporter="onnx",
+                                                                library_name="transformers")
+        assert "text-generation-with-past" in tasks, model_type
+
+
+def test_no_registry_entry_means_unknown_not_yes():
+    from bake.runtimes import runtime_matrix
+
+    v = {x.runtime: x for x in runtime_matrix(model_type="mamba", registry=None, affine_sites=(), config_changes=())}
+    assert v[Runtime.TRANSFORMERS].serves is Serves.YES
+    assert all(v[r].serves is Serves.UNKNOWN for r in (Runtime.ONNX_RUNTIME, Runtime.LLAMA_CPP, Runtime.VLLM,
+                                                       Runtime.TGI))
