@@ -3,7 +3,8 @@
 Each file says, for one ``config.model_type``, which model classes it
 describes (``architectures``), which modules are norms (their class and weight
 convention), which linears consume each norm's output, which linears are
-producers (and their weight layout), and which config flags switch biases on.
+producers (and their weight layout), which config flags switch biases on, and
+(``runtimes``) what llama.cpp, vLLM and TGI make of those flags, cited from their source.
 Module names are templates with a ``{layer}`` placeholder.  Every field drives
 :mod:`bake.plan`; whatever the model itself tells exactly (biases present,
 weights tied) is read from the model, not written here.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import lru_cache
 from importlib import resources
 from typing import Mapping
@@ -38,10 +40,23 @@ _REQUIRED_TOP = {"model_type", "architectures", "norms", "producers", "bias_flag
 _NORM_KEYS = {"site": str, "kind": str, "module_class": str, "consumers": list, "note": str}
 _REQUIRED_NORM = {"site", "kind", "module_class", "consumers"}
 _PRODUCER_KEYS = {"site": str, "layout": str}
+
+
+class Runtime(str, Enum):
+    """Serving runtimes of the compatibility matrix (bake.runtimes)."""
+
+    TRANSFORMERS = "transformers"
+    ONNX_RUNTIME = "onnxruntime"
+    LLAMA_CPP = "llama.cpp"
+    VLLM = "vllm"
+    TGI = "tgi"
+
+
 # What a serving runtime makes of this architecture (read by bake.runtimes, which the planner calls):
 # its own name for it, the bias flags whose biases it loads and applies for every module the flag
-# covers, and where in the runtime's source that was read.
-RUNTIMES_IN_REGISTRY = ("llama.cpp", "vllm", "tgi")
+# covers, and where in the runtime's source that was read. transformers and ONNX Runtime need no
+# per-architecture data: the flags are transformers' own, and the ONNX graph is traced from it.
+RUNTIMES_IN_REGISTRY = (Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.TGI)
 _RUNTIME_KEYS = {"architecture": str, "bias_flags_served": list, "source": str}
 _PLACEHOLDER = re.compile(r"\{([^}]*)\}")
 
@@ -80,7 +95,7 @@ class ArchEntry:
     producers: tuple[ProducerEntry, ...]
     bias_flags: Mapping[str, tuple[str, ...]]  # config flag -> templates of linears it gives a bias
     notes: str = ""
-    runtimes: Mapping[str, RuntimeEntry] = field(default_factory=dict)  # RUNTIMES_IN_REGISTRY name -> entry
+    runtimes: Mapping[Runtime, RuntimeEntry] = field(default_factory=dict)  # one of RUNTIMES_IN_REGISTRY -> entry
 
     def describes(self, model) -> str | None:
         """The listed architecture ``model`` is (or derives from, e.g. a reloaded ``LineasSteeredX``),
@@ -203,12 +218,13 @@ def parse_entry(data: object, origin: str = "<registry>") -> ArchEntry:
                      producers=tuple(producers), bias_flags=flags, notes=data.get("notes", ""), runtimes=runtimes)
 
 
-def _parse_runtimes(data: dict, flags: Mapping[str, tuple[str, ...]], origin: str) -> dict[str, RuntimeEntry]:
+def _parse_runtimes(data: dict, flags: Mapping[str, tuple[str, ...]], origin: str) -> dict[Runtime, RuntimeEntry]:
     out = {}
+    allowed = {r.value: r for r in RUNTIMES_IN_REGISTRY}
     for name, r in data.items():
         where = f"{origin}: runtimes[{name!r}]"
-        if name not in RUNTIMES_IN_REGISTRY:
-            raise RegistryError(f"{where}: unknown runtime; allowed: {list(RUNTIMES_IN_REGISTRY)}")
+        if name not in allowed:
+            raise RegistryError(f"{where}: unknown runtime; allowed: {list(allowed)}")
         _check_keys(r, _RUNTIME_KEYS, set(_RUNTIME_KEYS), where)
         served = r["bias_flags_served"]
         unknown = [f for f in served if f not in flags]
@@ -217,7 +233,7 @@ def _parse_runtimes(data: dict, flags: Mapping[str, tuple[str, ...]], origin: st
                                 f"{sorted(flags)}")
         if not r["architecture"] or not r["source"].strip():
             raise RegistryError(f"{where}: 'architecture' and 'source' must be non-empty (cite the runtime's source)")
-        out[name] = RuntimeEntry(architecture=r["architecture"], bias_flags_served=tuple(served), source=r["source"])
+        out[allowed[name]] = RuntimeEntry(architecture=r["architecture"], bias_flags_served=tuple(served), source=r["source"])
     return out
 
 

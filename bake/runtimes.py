@@ -26,15 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from .registry import ArchEntry, load_registry
-
-
-class Runtime(str, Enum):
-    TRANSFORMERS = "transformers"
-    ONNX_RUNTIME = "onnxruntime"
-    LLAMA_CPP = "llama.cpp"
-    VLLM = "vllm"
-    TGI = "tgi"
+from .registry import ArchEntry, Runtime, load_registry
 
 
 class Serves(str, Enum):
@@ -115,7 +107,7 @@ def runtime_matrix(*, model_type: str | None, registry: str | None, affine_sites
                                   f"no registry entry for model type {model_type!r}: --format onnx finds out "
                                   "whether Optimum exports it (and refuses before writing anything)"))
     for runtime in (Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.TGI):
-        fact = entry.runtimes.get(runtime.value) if entry is not None else None
+        fact = entry.runtimes.get(runtime) if entry is not None else None
         if affine:
             out.append(RuntimeVerdict(runtime, Serves.NO, _evidence(runtime), f"needs custom code: {affine}"))
         elif fact is None:

@@ -52,7 +52,7 @@ def test_registry_runtime_facts_are_validated(mutate, message):
 
 def test_every_recorded_fact_cites_a_source_file():
     for entry in load_registry().values():
-        assert "llama.cpp" in entry.runtimes, entry.model_type  # every registry architecture is recorded
+        assert Runtime.LLAMA_CPP in entry.runtimes, entry.model_type  # every registry architecture is recorded
         for name, fact in entry.runtimes.items():
             assert ".py" in fact.source or ".cpp" in fact.source, (entry.model_type, name)
 
