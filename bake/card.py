@@ -186,7 +186,7 @@ the order listed.
 {info.plan_table}
 ```
 
-## Verification
+{_runtimes_section(info)}## Verification
 
 {verdict}{warn}
 
@@ -207,6 +207,18 @@ command line, fold plan) are in `{PROVENANCE_FILE}`. Exported dtype: `{info.dtyp
 {info.command}
 ```
 """
+
+
+def _runtimes_section(info: ExportInfo) -> str:
+    """Which runtimes load this export without custom code (the plan's matrix, bake.runtimes)."""
+    verdicts = (info.plan or {}).get("runtimes") or []
+    if not verdicts:
+        return ""
+    from .runtimes import matrix_markdown
+
+    return ("## Runtimes\n\nDoes this export load without custom code? \"tested here\": lineas-bake's tests and this "
+            "export's checks run it; \"read from source\": the runtime's source, cited.\n\n"
+            + matrix_markdown(verdicts) + "\n\n")
 
 
 def write_card(out_dir: Path, info: ExportInfo, repo: str = "path/to/this/folder") -> Path:

@@ -52,8 +52,10 @@ exit codes:
      model (--ignore-model-mismatch); weights that overflow --dtype (e.g.
      float16) when cast; a --max-memory that is unreadable or too small
      for the model's largest block; --format onnx for a model that cannot fit in RAM;
-     --push-to-hub with HF_HUB_OFFLINE=1; a diffusers pipeline site with no
-     exact fold (pipelines have no standard fallback).  Nothing written.
+     --push-to-hub with HF_HUB_OFFLINE=1; a plan that a --require-runtime (or
+     --format gguf: llama.cpp) cannot serve without custom code; a diffusers
+     pipeline site with no exact fold (pipelines have no standard fallback).
+     Nothing written.
   3  verification failed: the baked model does not reproduce the hooked model;
      nothing was written, the per-site report says where it diverges
   1  --push-to-hub failed (token, permissions, repo not found, Hub unavailable,
@@ -97,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the fold plan and exit without writing anything")
     p.add_argument("--require-standard", action="store_true",
                    help="fail (exit 2) if any site needs an affine module, so the export never needs remote code")
+    p.add_argument("--require-runtime", action="append", default=[], metavar="NAME",
+                   help="fail (exit 2) before any work unless NAME loads the export without custom code: "
+                        "transformers, onnxruntime, llama.cpp, vllm or tgi (repeatable; --dry-run prints the "
+                        "matrix and its reasons). --format gguf implies llama.cpp")
     p.add_argument("--untie-embeddings", action="store_true",
                    help="allow giving tied input/output embeddings separate copies when a map must fold into one")
     p.add_argument("--verify-tokens", type=int, default=8, metavar="N",
@@ -137,6 +143,23 @@ def _maps_arg(args) -> list[tuple[str, float]]:
     for path, lam in pairs:
         check_strength_magnitude(lam, f"strength for {path}", args.allow_large_strength)
     return pairs
+
+
+def required_runtimes(names: Sequence[str], formats: Sequence[str]) -> tuple:
+    """--require-runtime values, plus llama.cpp for a GGUF export (it must load the file)."""
+    from .runtimes import Runtime, parse_runtime
+
+    try:
+        wanted = [parse_runtime(n) for n in names]
+    except ValueError as e:
+        raise BadRuntimeError(str(e)) from None
+    if any(f.startswith("gguf") for f in formats):
+        wanted.append(Runtime.LLAMA_CPP)
+    return tuple(dict.fromkeys(wanted))
+
+
+class BadRuntimeError(BakeError, ValueError):
+    """An unknown --require-runtime name."""
 
 
 def _checked_out(args):
@@ -196,6 +219,10 @@ def _run(args, cmd: str) -> int:
     maps = _maps_arg(args)
     max_memory = None if args.max_memory == "auto" else parse_memory(args.max_memory)
     formats = parse_formats(args.format)
+    if any(f.startswith("gguf") for f in formats):
+        from .gguf_export import check_request
+
+        check_request(formats, args.dtype)  # GGUF converts the float32 HF export: say so before any work
     progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal
     if args.push_to_hub:
         from .hub import check_online, check_repo_id
@@ -211,7 +238,8 @@ def _run(args, cmd: str) -> int:
         return pipeline_cli(args, maps, cmd)
     history = dict(allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch)
     common = dict(require_standard=args.require_standard, untie=args.untie_embeddings, device=args.device,
-                  trust_remote_code=args.trust_remote_code, progress=progress, **history)
+                  trust_remote_code=args.trust_remote_code, progress=progress,
+                  require_runtimes=required_runtimes(args.require_runtime, formats), **history)
     # A local safetensors checkpoint bakes out of core (memory bounded by --max-memory); anything
     # else (a Hub id) is loaded whole by transformers.
     local = safetensors_folder(resolve_model(args.model))

@@ -92,7 +92,9 @@ Publisher = Callable[[Path, "BakedModel", ExportOptions], None]
 EXPORTERS: dict[str, Exporter] = {}
 # Formats whose module registers itself on import; loaded only when asked for, so their
 # optional dependencies (onnx, onnxruntime, optimum) are not needed for an HF export.
-OPTIONAL_EXPORTERS = {"onnx": ("bake.onnx_export", "pip install 'lineas-bake[onnx]'")}
+OPTIONAL_EXPORTERS = {"onnx": ("bake.onnx_export", "pip install 'lineas-bake[onnx]'"),
+                      **{f: ("bake.gguf_export", "make setup-gguf (see README: GGUF)")
+                         for f in ("gguf", "gguf-f16", "gguf-bf16", "gguf-q8_0")}}
 
 
 def register_exporter(name: str, fn: Exporter) -> Exporter:

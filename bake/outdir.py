@@ -54,10 +54,13 @@ class Terminated(BaseException):
 
 
 def export_bytes(n_params: int, dtype_bytes: int, formats=("hf",)) -> int:
-    """Estimated size of an export: every parameter once in the export dtype (ONNX adds an fp32 copy)."""
+    """Estimated size of an export: every parameter once in the export dtype (ONNX adds an fp32 copy, each
+    GGUF file one in its type: f32 4 bytes, f16/bf16 2, q8_0 34 bytes per block of 32)."""
     total = n_params * dtype_bytes
     if "onnx" in formats:
         total += n_params * 4
+    gguf_bytes = {"gguf": 4.0, "gguf-f16": 2.0, "gguf-bf16": 2.0, "gguf-q8_0": 34 / 32}
+    total += sum(n_params * b for f, b in gguf_bytes.items() if f in formats)
     return int(total * _SPACE_MARGIN)
 
 

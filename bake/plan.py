@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -59,6 +59,7 @@ from .plan_types import (
     Untie,
 )
 from .registry import ArchEntry, entry_for, expand, match_template
+from .runtimes import check_required, runtime_matrix
 
 # Callers import the plan types from here, beside plan() itself.
 __all__ = ["NORM_KINDS", "PLAN_VERSION", "AffineSpec", "ConfigChange", "FoldOp", "FoldPlan", "FoldStep", "Layout",
@@ -360,7 +361,8 @@ def _resolve(model: nn.Module, sites: Iterable[str]) -> dict[str, nn.Module]:
 
 
 def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_standard: bool = False,
-         untie: bool = False, runnable=None, entry: ArchEntry | None = None) -> FoldPlan:
+         untie: bool = False, runnable=None, entry: ArchEntry | None = None,
+         require_runtimes=()) -> FoldPlan:
     """Plan how to bake ``effective_maps`` (site -> effective ``SiteMap``, e.g. from
     :func:`lineas.maps.effective_maps`) into ``model``.  Nothing is modified.
 
@@ -374,6 +376,8 @@ def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_sta
     then opens a runnable copy for the one check forward pass, if a site needs it.
     ``entry``: the registry entry to plan with (default: the one for ``model.config``); a model
     family without configs (a diffusers pipeline, :mod:`bake.pipeline_plan`) builds its own.
+    ``require_runtimes``: :class:`bake.runtimes.Runtime` values that must serve the export without custom
+    code (:attr:`FoldPlan.runtimes`); raise :class:`FoldError` with the reasons otherwise.
     """
     maps = _normalise_maps(effective_maps)
     check_site_outputs(model, _resolve(model, maps), maps, runnable=runnable)
@@ -390,6 +394,10 @@ def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_sta
         maps_digest=maps_digest(maps),
         notes=tuple(planner.notes),
     )
+    result = replace(result, runtimes=runtime_matrix(
+        model_type=result.model_type, registry=result.registry, affine_sites=result.affine_sites,
+        config_changes=result.config_changes))
+    check_required(result, require_runtimes)
     if require_standard and result.affine_sites:
         lines = [f"  {p.site}: {p.reason}" for p in result.sites if p.affine is not None]
         raise FoldError(f"{len(lines)} site(s) cannot be folded into standard weights, as {REQUIRE_STANDARD} "

@@ -160,6 +160,7 @@ class FoldPlan:
     untied: tuple[Untie, ...] = ()
     maps_digest: str = ""
     notes: tuple[str, ...] = ()           # registry/model disagreements the user should know about
+    runtimes: tuple = ()                  # bake.runtimes.RuntimeVerdict per runtime (set by bake.plan.plan)
 
     # -- views -----------------------------------------------------------------
     @property
@@ -234,6 +235,10 @@ class FoldPlan:
         for u in self.untied:
             lines.append(f"untie: {u.parameter} gets its own copy (was tied to {', '.join(u.tied_to)})")
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.runtimes:
+            from .runtimes import matrix_table
+
+            lines += ["runtimes (does the export load without custom code?):", matrix_table(self.runtimes)]
         lines.append(self.summary())
         return "\n".join(lines)
 
@@ -251,6 +256,7 @@ class FoldPlan:
             "config_changes": [_jsonable(asdict(c)) for c in self.config_changes],
             "untied": [_jsonable(asdict(u)) for u in self.untied],
             "affine_sites": list(self.affine_sites),
+            "runtimes": [v.to_dict() for v in self.runtimes],
         }
 
 

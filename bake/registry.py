@@ -3,7 +3,8 @@
 Each file says, for one ``config.model_type``, which model classes it
 describes (``architectures``), which modules are norms (their class and weight
 convention), which linears consume each norm's output, which linears are
-producers (and their weight layout), and which config flags switch biases on.
+producers (and their weight layout), which config flags switch biases on, and
+(``runtimes``) what llama.cpp, vLLM and TGI make of those flags, cited from their source.
 Module names are templates with a ``{layer}`` placeholder.  Every field drives
 :mod:`bake.plan`; whatever the model itself tells exactly (biases present,
 weights tied) is read from the model, not written here.
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from functools import lru_cache
 from importlib import resources
 from typing import Mapping
@@ -33,11 +35,29 @@ from .plan_types import NORM_KINDS, Layout, SiteKind
 PRODUCER_LAYOUTS = (Layout.LINEAR, Layout.CONV1D)
 
 _TOP_KEYS = {"model_type": str, "architectures": list, "norms": list, "producers": list,
-             "bias_flags": dict, "notes": str}
+             "bias_flags": dict, "runtimes": dict, "notes": str}
 _REQUIRED_TOP = {"model_type", "architectures", "norms", "producers", "bias_flags"}
 _NORM_KEYS = {"site": str, "kind": str, "module_class": str, "consumers": list, "note": str}
 _REQUIRED_NORM = {"site", "kind", "module_class", "consumers"}
 _PRODUCER_KEYS = {"site": str, "layout": str}
+
+
+class Runtime(str, Enum):
+    """Serving runtimes of the compatibility matrix (bake.runtimes)."""
+
+    TRANSFORMERS = "transformers"
+    ONNX_RUNTIME = "onnxruntime"
+    LLAMA_CPP = "llama.cpp"
+    VLLM = "vllm"
+    TGI = "tgi"
+
+
+# What a serving runtime makes of this architecture (read by bake.runtimes, which the planner calls):
+# its own name for it, the bias flags whose biases it loads and applies for every module the flag
+# covers, and where in the runtime's source that was read. transformers and ONNX Runtime need no
+# per-architecture data: the flags are transformers' own, and the ONNX graph is traced from it.
+RUNTIMES_IN_REGISTRY = (Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.TGI)
+_RUNTIME_KEYS = {"architecture": str, "bias_flags_served": list, "source": str}
 _PLACEHOLDER = re.compile(r"\{([^}]*)\}")
 
 
@@ -61,6 +81,13 @@ class ProducerEntry:
 
 
 @dataclass(frozen=True)
+class RuntimeEntry:
+    architecture: str                    # the runtime's name for the architecture (it serves it)
+    bias_flags_served: tuple[str, ...]   # config bias flags whose biases it loads and applies
+    source: str                          # file and function of the runtime's source this was read from
+
+
+@dataclass(frozen=True)
 class ArchEntry:
     model_type: str
     architectures: tuple[str, ...]  # model classes whose module names the templates follow
@@ -68,6 +95,7 @@ class ArchEntry:
     producers: tuple[ProducerEntry, ...]
     bias_flags: Mapping[str, tuple[str, ...]]  # config flag -> templates of linears it gives a bias
     notes: str = ""
+    runtimes: Mapping[Runtime, RuntimeEntry] = field(default_factory=dict)  # one of RUNTIMES_IN_REGISTRY -> entry
 
     def describes(self, model) -> str | None:
         """The listed architecture ``model`` is (or derives from, e.g. a reloaded ``LineasSteeredX``),
@@ -182,11 +210,31 @@ def parse_entry(data: object, origin: str = "<registry>") -> ArchEntry:
         unknown = [t for t in names if t not in producer_sites]
         if unknown:
             raise RegistryError(f"{origin}: {where} name(s) {unknown} not listed under 'producers'")
+    runtimes = _parse_runtimes(data.get("runtimes", {}), flags, origin)
     archs = data["architectures"]
     if not archs or not all(isinstance(a, str) and a for a in archs):
         raise RegistryError(f"{origin}: 'architectures' must be a non-empty list of class names")
     return ArchEntry(model_type=data["model_type"], architectures=tuple(archs), norms=tuple(norms),
-                     producers=tuple(producers), bias_flags=flags, notes=data.get("notes", ""))
+                     producers=tuple(producers), bias_flags=flags, notes=data.get("notes", ""), runtimes=runtimes)
+
+
+def _parse_runtimes(data: dict, flags: Mapping[str, tuple[str, ...]], origin: str) -> dict[Runtime, RuntimeEntry]:
+    out = {}
+    allowed = {r.value: r for r in RUNTIMES_IN_REGISTRY}
+    for name, r in data.items():
+        where = f"{origin}: runtimes[{name!r}]"
+        if name not in allowed:
+            raise RegistryError(f"{where}: unknown runtime; allowed: {list(allowed)}")
+        _check_keys(r, _RUNTIME_KEYS, set(_RUNTIME_KEYS), where)
+        served = r["bias_flags_served"]
+        unknown = [f for f in served if f not in flags]
+        if unknown:
+            raise RegistryError(f"{where}: bias_flags_served names {unknown}, not among this entry's bias_flags "
+                                f"{sorted(flags)}")
+        if not r["architecture"] or not r["source"].strip():
+            raise RegistryError(f"{where}: 'architecture' and 'source' must be non-empty (cite the runtime's source)")
+        out[allowed[name]] = RuntimeEntry(architecture=r["architecture"], bias_flags_served=tuple(served), source=r["source"])
+    return out
 
 
 @lru_cache(maxsize=None)

@@ -61,7 +61,7 @@ class DemoConfig:
     check_tokens: int = 64
     speed_repeats: int = 2
     gen_batch_size: int = 26
-    formats: str = "hf,onnx"
+    formats: str = "hf,onnx,gguf"
     threads: int = 1
     keep_models: bool = False  # keep the baked HF/ONNX folders (~1 GB) in the run folder
 
@@ -247,8 +247,21 @@ def load_ort(folder: Path, threads: int):
                                                session_options=so, use_cache=True)
 
 
+LLAMA_CPP = "baked (llama.cpp, f32 GGUF)"
+
+
+def llamacpp_generate(llm, tok, prompts: list[str], n_new: int) -> E.Generations:
+    """Fixed-length greedy continuations in llama.cpp, one prompt at a time (the prompt's evaluation timed too)."""
+    from bake.llamacpp import greedy_decode
+
+    rows = E.encode_prompts(tok, prompts)
+    d = greedy_decode(llm, rows, n_new)
+    return E.Generations(tuple(prompts), tuple(tok.decode(t, skip_special_tokens=True) for t in d.tokens),
+                         tuple(tuple(t) for t in d.tokens), tuple(tuple(r) for r in rows), d.seconds)
+
+
 def runtime_check(base, tok, maps: SteeringMaps, baked_dir: Path, prompts: list[str], cfg: DemoConfig) -> dict:
-    """Greedy tokens of baked HF (plain transformers) and ONNX Runtime vs the hooked model, plus tokens/s.
+    """Greedy tokens of baked HF (plain transformers), ONNX Runtime and llama.cpp vs the hooked model, plus tokens/s.
 
     Every runner generates the same prompts with the same batching, fixed length
     (no early stop), so rows compare token by token.  The timing is interleaved
@@ -265,6 +278,15 @@ def runtime_check(base, tok, maps: SteeringMaps, baked_dir: Path, prompts: list[
         except Exception as e:  # report, do not hide: the check then counts as failed
             ort_error = f"{type(e).__name__}: {e}"
             log.error("could not load the ONNX export: %s", ort_error)
+    llm, llm_error = None, None
+    if "gguf" in cfg.formats.split(","):
+        try:
+            from bake.llamacpp import load_llamacpp
+
+            llm = load_llamacpp(baked_dir / "gguf" / "model-f32.gguf", threads=cfg.threads)
+        except Exception as e:  # report, do not hide: the check then counts as failed
+            llm_error = f"{type(e).__name__}: {e}"
+            log.error("could not load the GGUF export in llama.cpp: %s", llm_error)
     last: dict[str, E.Generations] = {}
 
     def gen(name, model, hooked=False):
@@ -283,13 +305,19 @@ def runtime_check(base, tok, maps: SteeringMaps, baked_dir: Path, prompts: list[
                "baked (transformers)": gen("baked (transformers)", baked_hf)}
     if ort_model is not None:
         runners["baked (ONNX Runtime)"] = gen("baked (ONNX Runtime)", ort_model)
+    if llm is not None:
+        def run_llamacpp():
+            last[LLAMA_CPP] = llamacpp_generate(llm, tok, prompts, cfg.check_tokens)
+            return last[LLAMA_CPP]
+        runners[LLAMA_CPP] = run_llamacpp
     speed = E.benchmark(runners, repeats=cfg.speed_repeats)
     del runners_models
     ref = last["hooked"]
     comparisons = {}
-    for name in ("base", "baked (transformers)", "baked (ONNX Runtime)"):
+    for name in ("base", "baked (transformers)", "baked (ONNX Runtime)", LLAMA_CPP):
         if name not in last:
-            comparisons[name] = {"identical": False, "error": ort_error or "not run"}
+            comparisons[name] = {"identical": False,
+                                 "error": (llm_error if name == LLAMA_CPP else ort_error) or "not run"}
             continue
         c = E.compare_tokens(ref, last[name])
         comparisons[name] = {"identical": c.identical, "n_identical": c.n_identical, "n_prompts": c.n_prompts,
@@ -331,7 +359,7 @@ def expectations(conds: list[dict], bake_info: dict | None, rt: dict | None) -> 
         out.append({"name": "baked with zero affine modules", "value": bake_info["affine_modules"], "target": "0",
                     "met": bake_info["affine_modules"] == 0})
     if rt:
-        for name in ("baked (transformers)", "baked (ONNX Runtime)"):
+        for name in ("baked (transformers)", "baked (ONNX Runtime)", LLAMA_CPP):
             c = rt["comparisons_vs_hooked"].get(name, {})
             out.append({"name": f"{name} greedy tokens == hooked", "value":
                         f"{c.get('n_identical', 0)}/{c.get('n_prompts', len(rt['prompts']))} prompts",

@@ -57,7 +57,7 @@ def runtime_table(rt: dict) -> list[str]:
     cmp = rt["comparisons_vs_hooked"]
     tps = rt["tokens_per_s"]
     lines.append(f"| hooked (transformers + forward hooks) | reference | {tps.get('hooked', float('nan')):.1f} |")
-    for name in ("baked (transformers)", "baked (ONNX Runtime)", "base"):
+    for name in ("baked (transformers)", "baked (ONNX Runtime)", "baked (llama.cpp, f32 GGUF)", "base"):
         c = cmp.get(name, {})
         if "error" in c:
             verdict = f"not run: {_cell(c['error'], 80)}"
@@ -102,7 +102,8 @@ def render(results: dict) -> str:
     if rt:
         out += ["", "## 4. Runtimes", "",
                 f"Baked checkpoint reloaded with plain `transformers.AutoModelForCausalLM`, the ONNX graph run by "
-                f"`optimum.onnxruntime.ORTModelForCausalLM`; fixed-length greedy generation, one batch of "
+                f"`optimum.onnxruntime.ORTModelForCausalLM`, the f32 GGUF file run by llama.cpp (llama-cpp-python, "
+                f"float32 KV cache, one prompt at a time); fixed-length greedy generation, one batch of "
                 f"{len(rt['prompts'])} prompts, best of {cfg['speed_repeats']} interleaved runs.", ""]
         out += runtime_table(rt)
     out += ["", "## Expectations", "", "| claim | measured | target | met |", "|---|---|---|---|"]

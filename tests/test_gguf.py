@@ -1,0 +1,212 @@
+"""GGUF export, checked in llama.cpp itself (llama-cpp-python), and the registry's llama.cpp facts.
+
+Marked ``gguf``: they need llama-cpp-python and llama.cpp's converter (``make setup-gguf``);
+``make test-gguf`` and CI run them.  Tiny models with SmolLM2's tokenizer (llama.cpp's converter only
+takes tokenizers it knows), built from transformers configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from bake_fixtures import GEMMA2_SITES, make_maps, setup_model, write_maps
+from tiny import COMMON, save_tiny
+
+from bake.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from bake.gguf_export import convert, converter_dir
+from bake.llamacpp import llamacpp_runner, load_llamacpp
+from bake.runtimes import Runtime, Serves
+from bake.tolerances import get_tolerance
+from bake.verify import compare, record_reference
+from lineas.hooks import steered
+from lineas.maps import SiteMap, SteeringMaps
+from lineas.models import resolve_model
+
+pytestmark = pytest.mark.gguf
+
+VOCAB = 49152  # SmolLM2's tokenizer
+FLAG_SITES = ("model.layers.0.input_layernorm", "model.layers.1.post_attention_layernorm")  # -> q/k/v, gate/up
+
+
+def _config(arch: str):
+    import transformers as tf
+
+    kw = {**COMMON, "vocab_size": VOCAB}
+    return {"llama": lambda: tf.LlamaConfig(**kw, tie_word_embeddings=True),
+            "qwen2": lambda: tf.Qwen2Config(**kw, tie_word_embeddings=False),
+            "qwen3": lambda: tf.Qwen3Config(**kw, head_dim=16, tie_word_embeddings=False),
+            "gemma3_text": lambda: tf.Gemma3TextConfig(**kw, head_dim=16, sliding_window=16,
+                                                       query_pre_attn_scalar=16)}[arch]()
+
+
+def tiny_with_tokenizer(arch: str, folder, seed: int = 0):
+    """A tiny random model of ``arch`` with SmolLM2's tokenizer, saved to ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(arch), dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.mul_(8.0)  # logits far from ties, so greedy tokens are a sharp test
+    model.save_pretrained(folder)
+    src = resolve_model("smollm2-135m")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(f"{src}/{name}", folder / name)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def baked_llama(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gguf")
+    model = tiny_with_tokenizer("llama", tmp / "tiny")
+    maps = write_maps(tmp / "maps.safetensors", FLAG_SITES, magnitude=0.5)
+    out = tmp / "out"
+    rc = main(["--model", str(tmp / "tiny"), "--maps", str(maps), "--out", str(out),
+               "--format", "hf,gguf,gguf-q8_0", "--verify-tokens", "4"])
+    assert rc == EXIT_OK
+    return model, SteeringMaps.load(maps), out
+
+
+def _ids(n: int = 24) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(7))
+
+
+def test_gguf_f32_reproduces_the_hooked_model(baked_llama):
+    model, maps, out = baked_llama
+    ids = _ids()
+    with torch.no_grad():
+        base = model(ids).logits[0]
+        with steered(model, maps, 1.0):
+            hooked = model(ids).logits[0]
+    assert (hooked - base).abs().max() > 1e-2 * hooked.abs().max()  # the steering moves the logits
+    llm = load_llamacpp(out / "gguf" / "model-f32.gguf")
+    got = llamacpp_runner(llm)(ids, torch.ones_like(ids))[0]
+    scale = hooked.abs().max()
+    assert (got - hooked).abs().max() <= get_tolerance("gguf-f32").max_rel * scale
+    assert (got - base).abs().max() > 1e-2 * scale  # the file carries the steering
+
+
+def test_gguf_report_rows(baked_llama):
+    _, _, out = baked_llama
+    checks = {c["label"]: c for c in json.loads((out / "lineas_verification.json").read_text())["checks"]}
+    f32, q8 = checks["gguf f32 (llama.cpp)"], checks["gguf q8_0 (llama.cpp)"]
+    assert f32["passed"] and f32["gating"] and not q8["gating"]
+    assert f32["greedy_total"] == 3 + 8 and f32["greedy_matched"] == 3 + 8  # teacher-forced + decoded
+    kv = [g for g in f32["greedy"] if g.get("path", "").startswith("llama.cpp kv-cache")]
+    assert len(kv) == 8 and all(len(g["reference"]) == 32 for g in kv)
+    report = json.loads((out / "gguf" / "lineas_gguf_export.json").read_text())
+    assert set(report["files"]) == {"model-f32.gguf", "model-q8_0.gguf"}
+    assert report["files"]["model-f32.gguf"]["greedy"]["identical"] == 8
+    card = (out / "README.md").read_text()
+    assert "gguf/model-f32.gguf" in card and "| llama.cpp | yes | tested here |" in card
+
+
+def test_python_api_in_memory_bake_exports_gguf(tmp_path):
+    """bake() folds in memory; its GGUF's long greedy reference is the baked model (the original is folded)."""
+    from bake import bake
+
+    model = tiny_with_tokenizer("llama", tmp_path / "tiny")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tiny")
+    maps = SteeringMaps.load(write_maps(tmp_path / "m.safetensors", FLAG_SITES, magnitude=0.5))
+    baked = bake(model, maps, tokenizer=tok, verify_tokens=4)
+    out = baked.save_pretrained(tmp_path / "out", formats="hf,gguf")
+    report = json.loads((out / "gguf" / "lineas_gguf_export.json").read_text())["files"]["model-f32.gguf"]
+    assert report["checks"][0]["passed"] and report["greedy"]["identical"] == 8
+    assert report["greedy"]["reference"].startswith("baked model in memory")
+
+
+def test_gguf_check_fails_for_a_file_without_the_steering(tmp_path):
+    """The unsteered model's own GGUF, judged against the hooked reference: the f32 row must refuse it."""
+    model = tiny_with_tokenizer("llama", tmp_path / "tiny")
+    maps = SteeringMaps.load(write_maps(tmp_path / "m.safetensors", FLAG_SITES, magnitude=0.5))
+    ref = record_reference(model, {s: (maps[s].scale, maps[s].shift) for s in maps.sites}, n_tokens=4)
+    convert(tmp_path / "tiny", tmp_path / "base.gguf", "f32")
+    check, _ = compare(llamacpp_runner(load_llamacpp(tmp_path / "base.gguf")), ref, "gguf-f32", label="base")
+    assert not check.passed and any("max relative" in f for f in check.failures)
+
+
+def test_affine_plan_is_refused_before_work(tmp_path, capsys):
+    model_dir, maps_path = setup_model(tmp_path, "gemma2", GEMMA2_SITES)
+    out = tmp_path / "x"
+    rc = main(["--model", str(model_dir), "--maps", str(maps_path), "--out", str(out), "--format", "hf,gguf"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and "lineas-train --foldable" in err
+    for site in GEMMA2_SITES:
+        assert site in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("lineas_tmp_")]
+
+
+SP_ARCHS = ("gemma", "gemma2")  # llama.cpp's converter reads their vocabulary from a sentencepiece model only
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory) -> Path:
+    """A 100-piece sentencepiece model trained here (sentencepiece comes with the converter, in its own folder)."""
+    path = tmp_path_factory.mktemp("sp") / "sp"
+    code = ("import sentencepiece as spm, sys; from bake.probes import PROMPTS; "
+            "spm.SentencePieceTrainer.train(sentence_iterator=iter(list(PROMPTS) * 20), model_prefix=sys.argv[1], "
+            "vocab_size=100, model_type='bpe', bos_id=2, eos_id=1, unk_id=3, pad_id=0, minloglevel=2)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(converter_dir()), os.getcwd()]))
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env)
+    return path.with_suffix(".model")
+
+
+@pytest.mark.parametrize("with_shift", [True, False], ids=["shift", "scale-only"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3_text", "gemma", "gemma2"])
+def test_registry_llama_cpp_fact_holds(arch, with_shift, tmp_path, sentencepiece_model):
+    """Bake a map on input_layernorm and convert the HF export with llama.cpp's converter: the file loads in
+    llama.cpp exactly when the plan's llama.cpp verdict says yes.  With a shift, the fold switches
+    attention_bias on where the architecture has the flag (q/k/v biases; Qwen2's always exist); scale-only
+    maps switch nothing on, so every file must load (the same model, tokenizer and converter: a failure
+    with the shift is the bias, nothing else)."""
+    if arch in SP_ARCHS:
+        save_tiny(arch, tmp_path / "tiny")  # no tokenizer: the bake verifies on random ids
+    else:
+        tiny_with_tokenizer(arch, tmp_path / "tiny")
+    site = "model.layers.0.input_layernorm"
+    m = make_maps([site], magnitude=0.5)
+    if not with_shift:
+        m = SteeringMaps({site: SiteMap(m[site].scale, torch.zeros_like(m[site].shift))}, dict(m.metadata))
+    m.save(tmp_path / "m.safetensors")
+    out = tmp_path / "out"
+    assert main(["--model", str(tmp_path / "tiny"), "--maps", str(tmp_path / "m.safetensors"), "--out", str(out),
+                 "--verify-tokens", "2"]) == EXIT_OK
+    prov = json.loads((out / "lineas_provenance.json").read_text())
+    flags = {c["key"] for c in prov["plan"]["config_changes"]}
+    assert flags == ({"attention_bias"} if with_shift and arch != "qwen2" else set())
+    verdict = next(v for v in prov["plan"]["runtimes"] if v["runtime"] == Runtime.LLAMA_CPP.value)
+    if arch in SP_ARCHS:
+        shutil.copyfile(sentencepiece_model, out / "tokenizer.model")
+    convert(out, tmp_path / "f.gguf", "f32")
+    try:
+        load_llamacpp(tmp_path / "f.gguf")
+        loaded = True
+    except ValueError:  # llama-cpp-python: "Failed to load model from file"
+        loaded = False
+    assert loaded == (verdict["serves"] == Serves.YES.value), verdict
+    if not with_shift:
+        assert loaded
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--format", "gguf"], "--format hf,gguf"),
+    (["--format", "hf,gguf", "--dtype", "bfloat16"], "--dtype bfloat16"),
+])
+def test_gguf_request_checked_before_work(args, needle, tmp_path, capsys):
+    model_dir, maps_path = setup_model(tmp_path, "llama", FLAG_SITES)
+    out = tmp_path / "x"
+    rc = main(["--model", str(model_dir), "--maps", str(maps_path), "--out", str(out), *args])
+    assert rc == EXIT_BAD_INPUT and needle in capsys.readouterr().err
+    assert not out.exists()
