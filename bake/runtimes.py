@@ -166,8 +166,9 @@ def check_required(plan, required) -> None:
     if plan.affine_sites:
         reasons = {p.site: p.reason for p in plan.sites if p.affine is not None}
         fix = ("\nsites that need an affine module:\n" + "\n".join(f"  {s}: {r}" for s, r in reasons.items())
-               + "\nlearn maps that fold into standard weights with `lineas-train --foldable` (it freezes the "
-               "scale or shift of each such site), or steer other sites")
+               + "\nlearn maps that fold into standard weights with `lineas-train --foldable` (already the default, "
+               "auto, for models with a registry entry; it freezes the scale or shift of each such site), or steer "
+               "other sites")
     names = ", ".join(v.runtime.value for v in bad)
     raise FoldError(f"the export cannot be served by {names} without custom code, nothing was done:\n"
                     + "\n".join(lines) + fix)
