@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .axis import feature_axis, pool_features
+from .embedding_scale import outside_scale
 from .hooks import SteeringError, apply_affine, similar_names
 
 
@@ -128,17 +129,24 @@ class _StopForward(Exception):
 
 
 class _PoolHook:
-    def __init__(self, site: str, store: dict, mask_ref: list, affine=None, stop: bool = False):
+    """Steers (optionally) and records a site's activation: ``outside`` times the module output (1 but for a
+    4.x Gemma embedding, :mod:`lineas.embedding_scale`), the map acting on that activation as in the hooks."""
+
+    def __init__(self, site: str, store: dict, mask_ref: list, affine=None, stop: bool = False,
+                 outside: float = 1.0):
         self.site, self.store, self.mask_ref, self.affine, self.stop = site, store, mask_ref, affine, stop
+        self.outside = outside
 
     def __call__(self, module, inputs, output):
         head = output[0] if isinstance(output, (tuple, list)) else output
         axis = feature_axis(module, head.dim())  # the rule the hooks and the baker use
         if self.affine is not None:
-            head = apply_affine(head, self.affine[0], self.affine[1], self.site, axis)
+            scale, shift = self.affine
+            head = apply_affine(head, scale, shift if self.outside == 1.0 else shift / self.outside, self.site, axis)
         if self.site not in self.store:  # a module called twice: keep its first call
             try:
-                self.store[self.site] = pool_features(head, axis, self.mask_ref[0])
+                activation = head if self.outside == 1.0 else head * self.outside
+                self.store[self.site] = pool_features(activation, axis, self.mask_ref[0])
             except ValueError as e:
                 raise SteeringError(f"site {self.site!r}: {e}") from None
         if self.stop:
@@ -196,8 +204,10 @@ def run_to_sites(model: nn.Module, batch, sites: Sequence[str],
     store: dict[str, torch.Tensor] = {}
     mask_ref = [batch.get("attention_mask") if isinstance(batch, Mapping) else None]
     watched = list(dict.fromkeys([*sites, *affines]))
+    modules = dict(model.named_modules())
     run_hooked(model, batch, {
-        site: _PoolHook(site, store, mask_ref, affines.get(site), stop=stop_early and bool(sites) and site == sites[-1])
+        site: _PoolHook(site, store, mask_ref, affines.get(site), stop=stop_early and bool(sites) and site == sites[-1],
+                        outside=outside_scale(model, modules[site]) if site in modules else 1.0)
         for site in watched
     })
     missing = [s for s in sites if s not in store]
