@@ -93,6 +93,23 @@ EXPORTERS: dict[str, Exporter] = {}
 # Formats whose module registers itself on import; loaded only when asked for, so their
 # optional dependencies (onnx, onnxruntime, optimum) are not needed for an HF export.
 OPTIONAL_EXPORTERS = {"onnx": ("bake.onnx_export", "pip install 'lineas-bake[onnx]'")}
+ONNX_TRANSFORMERS_MAX = "4.58"  # optimum-onnx 0.1.0 (the newest) requires transformers < 4.58
+
+
+def onnx_stack_conflict() -> str | None:
+    """Why the ONNX exporter cannot run next to the installed transformers, or None.
+
+    optimum-onnx pins transformers < 4.58; installing the ``onnx`` extra into a transformers 5
+    environment would make pip downgrade transformers (and huggingface_hub below 1.0).  So the
+    conflict is named here, at use time, and the fix is a separate environment, not that install."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return None
+    return (f"ONNX export needs optimum-onnx 0.1.0, which requires transformers < {ONNX_TRANSFORMERS_MAX}, but this "
+            f"environment has transformers {transformers.__version__}. Installing the onnx extra here would "
+            "downgrade transformers and huggingface_hub. Use --format hf in this environment; for ONNX, bake in a "
+            "separate one: python -m venv onnx-env && onnx-env/bin/pip install 'lineas-bake[onnx]'")
 
 
 def register_exporter(name: str, fn: Exporter) -> Exporter:
@@ -106,6 +123,8 @@ def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     if not out:
         raise UnknownFormatError("no export format given")
     for f in out:
+        if f == "onnx" and f not in EXPORTERS and (conflict := onnx_stack_conflict()):
+            raise UnknownFormatError(conflict)
         if f not in EXPORTERS and f in OPTIONAL_EXPORTERS:
             module, install = OPTIONAL_EXPORTERS[f]
             try:
