@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from bake_fixtures import assert_close_rel, hooked_and_base, load, logits, setup_model
+from onnx_extra import require_onnx_extra
 from hub_server import HubServer, Token, XetListing, disable_xet, use_endpoint
 
 from bake import bake
@@ -399,7 +400,7 @@ def test_cli_push_in_a_fresh_process_reads_hf_endpoint(hub, export_dir):
 
 def test_acceptance_bake_hf_onnx_push_download_reproduces_hooked(hub, tmp_path, capsys):
     """lineas-bake --format hf,onnx --out X; lineas-bake push X me/steered; download; both formats == hooked."""
-    pytest.importorskip("optimum.onnxruntime", reason="needs the onnx extra")
+    require_onnx_extra()
     from bake.cli import main
     from bake.onnx_export import load_ort, ort_runner
 
