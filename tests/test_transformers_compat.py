@@ -1,8 +1,8 @@
 """What changes between transformers 4.57 and 5.x at lineas-bake's edges: config fields handed from a 5.x
 process to a 4.57 one, the SmolLM2 cache, the GGUF conversion, and the ONNX exporter's version conflict.
 
-The version-specific parts pretend to be the other major with ``monkeypatch`` (transformers.__version__)
-where only our code reads the version, so both environments run every test."""
+The version-specific parts pretend to be the other major by patching the one place our code reads the
+version (``lineas.config_compat.transformers_version``), so both environments run every test."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tiny import COMMON
 
 from bake.cli import EXIT_BAD_INPUT, main
 from bake.export import UnknownFormatError, parse_formats
+from lineas import config_compat
 from lineas.config_compat import legacy_rope_fields, unreadable_by_this_version
 from lineas.models import ModelLoadError, _drop_dequantised_quantizer, resolve_model
 
@@ -51,36 +52,32 @@ def test_an_export_config_carries_the_fields_4x_reads(tmp_path, capsys):
 
 
 def test_4x_refuses_a_5x_config_it_would_misread(tmp_path, monkeypatch):
-    import transformers
-
     folder = tmp_path / "written-by-5"
     folder.mkdir()
     cfg = {"model_type": "llama", "transformers_version": "5.24.0",
            "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
     (folder / "config.json").write_text(json.dumps(cfg))
-    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    monkeypatch.setattr(config_compat, "transformers_version", lambda: "4.57.6")
     assert "rope_theta" in unreadable_by_this_version(cfg)
     with pytest.raises(ModelLoadError, match=r"rope_parameters but not rope_scaling, rope_theta.*4\.57\.6"):
         resolve_model(str(folder))
-    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    monkeypatch.setattr(config_compat, "transformers_version", lambda: "5.24.0")
     assert resolve_model(str(folder)) == str(folder)  # 5.x reads it as written
     cfg["rope_theta"] = 100000.0
     (folder / "config.json").write_text(json.dumps(cfg))
-    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    monkeypatch.setattr(config_compat, "transformers_version", lambda: "4.57.6")
     assert resolve_model(str(folder)) == str(folder)  # carries both: 4.x reads it too
 
 
 # ----------------------------------------------------------------------------- the embedded SmolLM2
 def test_smollm2_cache_folder_names_the_transformers_major(tmp_path, monkeypatch):
     """A 5.x conversion is never read by 4.x (and back): each major converts into its own folder."""
-    import transformers
-
     from lineas import models
 
     monkeypatch.setenv("LINEAS_CACHE", str(tmp_path))
     seen = []
     for version in ("4.57.6", "5.24.0"):
-        monkeypatch.setattr(transformers, "__version__", version)
+        monkeypatch.setattr(config_compat, "transformers_version", lambda v=version: v)
         target = tmp_path / f"SmolLM2-135M-Instruct-v{models.SMOLLM2_CONVERSION}-tf{version[0]}"
         target.mkdir()
         (target / "config.json").write_text("{}")
@@ -117,9 +114,7 @@ def test_a_leftover_gguf_quantizer_is_removed_after_a_dense_load():
 
 # ----------------------------------------------------------------------------- the ONNX exporter
 def test_onnx_under_transformers_5_names_the_conflict(tmp_path, monkeypatch, capsys):
-    import transformers
-
-    monkeypatch.setattr(transformers, "__version__", "5.23.0")
+    monkeypatch.setattr(config_compat, "transformers_version", lambda: "5.23.0")
     with pytest.raises(UnknownFormatError, match=r"optimum-onnx 0\.1\.0.*< 4\.58.*transformers 5\.23\.0.*downgrade"):
         parse_formats("hf,onnx")
     assert parse_formats("hf") == ("hf",)
