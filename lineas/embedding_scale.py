@@ -57,7 +57,9 @@ def outside_scale(model: nn.Module, module: nn.Module) -> float:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in SCALED_OUTSIDE_THE_MODULE:
         return 1.0
-    if type(module) is not nn.Embedding:  # transformers 5: a *ScaledWordEmbedding carries its own factor
+    # A lineas affine module wrapped around the embedding (an earlier bake) outputs in the same space.
+    inner = module.inner if type(module).__name__ == "LineasAffine" else module
+    if type(inner) is not nn.Embedding:  # transformers 5: a *ScaledWordEmbedding carries its own factor
         return 1.0
     get = getattr(model, "get_input_embeddings", None)
     if get is None or get() is not module:

@@ -23,8 +23,8 @@ SITE = "model.embed_tokens"
 GEMMAS = ["gemma", "gemma2", "gemma3_text"]
 
 
-def _maps(d: int) -> SteeringMaps:
-    g = torch.Generator().manual_seed(1)
+def _maps(d: int, seed: int = 1) -> SteeringMaps:
+    g = torch.Generator().manual_seed(seed)
     return SteeringMaps({SITE: SiteMap(1 + 0.3 * torch.randn(d, generator=g), 0.5 * torch.randn(d, generator=g))},
                         {"method": "test"})
 
@@ -84,3 +84,23 @@ def test_the_fold_divides_the_shift_by_the_scale_and_matches_the_hooks(arch):
     torch.testing.assert_close(model.model.embed_tokens.weight.double(), expected, rtol=1e-6, atol=1e-6)
     baked = model_logits(model, ids)
     assert ((baked - hooked).abs().max() / hooked.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", GEMMAS)
+def test_an_affine_module_on_the_tied_embedding_and_a_map_on_top_keep_the_meaning(arch):
+    """Tied to lm_head, the embedding keeps its map in an affine module; a second map hooked on that site
+    (a rebake) still acts on the scaled embedding."""
+    model = tiny_model(arch)
+    ids = random_ids()
+    d = model.config.hidden_size
+    scaled = model.model.embed_tokens.weight.detach()[ids] * torch.tensor(d ** 0.5)
+    first, second = _maps(d, seed=1), _maps(d, seed=2)
+    eff = effective_maps([(first, 1.0)])
+    p = plan(model, eff)
+    assert p.affine_sites == (SITE,)
+    apply_plan(model, p, eff)
+    after_first = _layer0_input(model, ids)
+    torch.testing.assert_close(after_first, first[SITE].scale * scaled + first[SITE].shift, rtol=1e-5, atol=1e-5)
+    with attach_maps(model, second, 1.0):
+        steered = _layer0_input(model, ids)
+    torch.testing.assert_close(steered, second[SITE].scale * after_first + second[SITE].shift, rtol=1e-5, atol=1e-5)
