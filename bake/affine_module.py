@@ -87,6 +87,29 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _rename_tied_keys(model: nn.Module, sites: list) -> None:
+    """Rewrite the model's tied-weight names under wrapped sites (``S.weight`` -> ``S.inner.weight``).
+
+    transformers 4.x keeps ``_tied_weights_keys`` as a list of tied target names; 5.x keeps a dict
+    ``{target: source}`` there and, from ``post_init``, its expansion in ``all_tied_weights_keys``
+    (saving checks shared tensors against it, loading ties from it).  Targets and sources are renamed.
+    """
+    def renamed(key):
+        if not isinstance(key, str):
+            return key
+        for site in sites:
+            if key.startswith(site + "."):
+                return site + ".inner." + key[len(site) + 1:]
+        return key
+
+    for attr in ("_tied_weights_keys", "all_tied_weights_keys"):
+        tied = getattr(model, attr, None)
+        if isinstance(tied, dict):
+            setattr(model, attr, {renamed(k): renamed(v) for k, v in tied.items()})
+        elif isinstance(tied, (list, tuple)):
+            setattr(model, attr, [renamed(k) for k in tied])
+
+
 def wrap_affine_sites(model: nn.Module, sites) -> dict:
     """Wrap each listed site in a :class:`LineasAffine` (identity until weights are loaded).
 
@@ -109,14 +132,6 @@ def wrap_affine_sites(model: nn.Module, sites) -> dict:
             pass
         _set_submodule(model, site, module)
         wrapped[site] = module
-    tied = getattr(model, "_tied_weights_keys", None)
-    if wrapped and isinstance(tied, (list, tuple)):
-        renamed = []
-        for key in tied:
-            for site in wrapped:
-                if key.startswith(site + "."):
-                    key = site + ".inner." + key[len(site) + 1:]
-                    break
-            renamed.append(key)
-        model._tied_weights_keys = renamed
+    if wrapped:
+        _rename_tied_keys(model, list(wrapped))
     return wrapped

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from lineas.embedding_scale import outside_scale, table_scale
 from lineas.maps import SiteMap
 
 from .affine import AFFINE_SITES_KEY
@@ -72,6 +73,16 @@ class _Working:
         return self.values[name]
 
 
+def module_output_maps(model: nn.Module, maps: Mapping[str, SiteMap]) -> dict[str, SiteMap]:
+    """The maps as they act on each site module's *output*: ``shift/c`` where the site's activation is ``c``
+    times that output (a 4.x Gemma embedding, :func:`lineas.embedding_scale.outside_scale`); the others as given."""
+    out = {}
+    for site, m in maps.items():
+        c = outside_scale(model, model.get_submodule(site))
+        out[site] = m if c == 1.0 else SiteMap(m.scale, m.shift / c)
+    return out
+
+
 def _run_step(w: _Working, step: FoldStep, site: str, m: SiteMap) -> None:
     s, t = m.scale, m.shift
     mod, layout = step.module, step.layout.value  # bake.fold takes layouts as plain strings
@@ -89,6 +100,8 @@ def _run_step(w: _Working, step: FoldStep, site: str, m: SiteMap) -> None:
         embedding = step.layout is Layout.EMBEDDING
         bias = None if embedding else (w.get(bname) if bname in step.tensors else None)
         shift = t.to(weight.device) if (bias is not None or embedding) else None
+        if embedding and shift is not None:  # a scaled embedding multiplies its table: lineas.embedding_scale
+            shift = shift / table_scale(w.model.get_submodule(mod))
         if shift is not None and bool(torch.all(shift == 0)):
             shift = None
         new_w, new_b = fold_output_rows(weight, bias, s.to(weight.device), shift, layout=layout)
@@ -138,6 +151,7 @@ def compute_folded(model: nn.Module, plan: FoldPlan, maps: Mapping[str, SiteMap]
     ``store``'s values and cast once to ``out_dtype`` (default: each tensor's stored dtype).  Raises :class:`FoldError` naming a tensor
     that the cast makes non-finite.  Reads only the tensors the plan touches."""
     work = _Working(model, plan, store)
+    maps = module_output_maps(model, maps)
     for name in sorted(work.new_bias):  # a flag adds biases to every module it governs, folded into or not
         work.get(name)
     for p in plan.sites:
@@ -194,6 +208,7 @@ def commit_plan(model: nn.Module, plan: FoldPlan, maps: Mapping[str, SiteMap], f
                 param.copy_(value)
         specs = [p.affine.to_config() for p in plan.sites if p.affine is not None]
         if specs:
+            maps = module_output_maps(model, {spec["site"]: maps[spec["site"]] for spec in specs})
             wrapped = wrap_affine_sites(model, specs)
             for spec in specs:
                 module, m = wrapped[spec["site"]], maps[spec["site"]]

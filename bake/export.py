@@ -95,6 +95,23 @@ EXPORTERS: dict[str, Exporter] = {}
 OPTIONAL_EXPORTERS = {"onnx": ("bake.onnx_export", "pip install 'lineas-bake[onnx]'"),
                       **{f: ("bake.gguf_export", "make setup-gguf (see README: GGUF)")
                          for f in ("gguf", "gguf-f16", "gguf-bf16", "gguf-q8_0")}}
+ONNX_TRANSFORMERS_MAX = "4.58"  # optimum-onnx 0.1.0 (the newest) requires transformers < 4.58
+
+
+def onnx_stack_conflict() -> str | None:
+    """Why the ONNX exporter cannot run next to the installed transformers, or None.
+
+    optimum-onnx pins transformers < 4.58; installing the ``onnx`` extra into a transformers 5
+    environment would make pip downgrade transformers (and huggingface_hub below 1.0).  So the
+    conflict is named here, at use time, and the fix is a separate environment, not that install."""
+    from lineas import config_compat
+
+    if config_compat.transformers_major() < 5:
+        return None
+    return (f"ONNX export needs optimum-onnx 0.1.0, which requires transformers < {ONNX_TRANSFORMERS_MAX}, but this "
+            f"environment has transformers {config_compat.transformers_version()}. Installing the onnx extra here would "
+            "downgrade transformers and huggingface_hub. Use --format hf in this environment; for ONNX, bake in a "
+            "separate one: python -m venv onnx-env && onnx-env/bin/pip install 'lineas-bake[onnx]'")
 
 
 def register_exporter(name: str, fn: Exporter) -> Exporter:
@@ -108,6 +125,8 @@ def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     if not out:
         raise UnknownFormatError("no export format given")
     for f in out:
+        if f == "onnx" and (conflict := onnx_stack_conflict()):  # also when optimum was force-installed
+            raise UnknownFormatError(conflict)
         if f not in EXPORTERS and f in OPTIONAL_EXPORTERS:
             module, install = OPTIONAL_EXPORTERS[f]
             try:

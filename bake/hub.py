@@ -8,9 +8,10 @@ This is the only module in ``bake/`` that talks to the network.  Steps:
 2. :func:`push`: ``create_repo(exist_ok=True)``, ``create_branch(exist_ok=True)``
    for a non-default ``--revision``, ``upload_folder``.
 3. Verify: list the remote tree *at the new commit* and compare every local file
-   by size and content hash: the LFS oid (sha256) for LFS files, the git blob
-   sha1 for regular files.  Both are content hashes, so a match means the bytes
-   on the Hub are the bytes on disk.
+   by size and content hash: the LFS oid (sha256) for LFS files (Xet-stored
+   ones included), the Xet hash for a file listed with nothing else, the git
+   blob sha1 for regular files.  All are content hashes, so a match means the
+   bytes on the Hub are the bytes on disk.
 
 Errors are mapped to messages a user can act on (401/403: token, 404: repo or
 namespace); 5xx, 429 and connection errors are retried with exponential backoff
@@ -34,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,13 +235,36 @@ def _status(exc: BaseException) -> int | None:
     return getattr(resp, "status_code", None)
 
 
-def _retryable(exc: BaseException) -> bool:
-    import requests
+# What a transport failure is made of, whatever HTTP library huggingface_hub uses: requests (hub < 1.0),
+# httpx (hub >= 1.0) and their connection pools all raise their own classes, but chain them (``raise X from
+# e`` or during handling) to the socket error underneath, which is one of these builtins.
+_TRANSIENT_OS_ERRORS = (ConnectionError, TimeoutError, socket.gaierror)
 
+
+def _causes(exc: BaseException):
+    """``exc`` and every exception it was raised from or while handling, outermost first."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _retryable(exc: BaseException) -> bool:
+    """5xx and 429 answers, and failures to reach the server at all (no HTTP answer; a connection, DNS or
+    timeout error somewhere in the chain).  Decided by the status code and by Python's own socket errors,
+    never by the HTTP library's exception names."""
     status = _status(exc)
     if status is not None:
         return status >= 500 or status == 429
-    return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
+    return any(isinstance(e, _TRANSIENT_OS_ERRORS) for e in _causes(exc))
+
+
+def _transport_failure(exc: BaseException) -> str:
+    """``connection error (ConnectionRefusedError: ...)``: the socket error under the HTTP library's wrapper."""
+    root = next((e for e in _causes(exc) if isinstance(e, _TRANSIENT_OS_ERRORS)), exc)
+    kind = "timeout" if isinstance(root, TimeoutError) else "connection error"
+    return f"{kind}: {type(root).__name__}"
 
 
 def _server_message(exc: BaseException) -> str:
@@ -262,7 +287,7 @@ def _classify(exc: BaseException, plan: PushPlan, step: str) -> HubError:
                                 f"exists and that the token can see {plan.repo_id}"
                                 + (f" and its branch {plan.revision!r}" if plan.revision != "main" else "") + ".")
     if _retryable(exc):
-        what = f"HTTP {status}" if status is not None else type(exc).__name__
+        what = f"HTTP {status}" if status is not None else _transport_failure(exc)
         return HubUnavailableError(f"{step}: the Hub at {plan.endpoint} is unavailable ({what}){_server_message(exc)}.")
     if status is not None:
         return HubError(f"{step}: the Hub answered HTTP {status}{_server_message(exc)}.")
@@ -293,7 +318,7 @@ def _with_retries(fn: Callable, plan: PushPlan, step: str, retry: RetryPolicy, s
                 raise err from exc
             wait = retry.delay(attempt)
             log.warning("%s failed (%s); retry %d/%d in %.1fs", step,
-                        f"HTTP {_status(exc)}" if _status(exc) else type(exc).__name__,
+                        f"HTTP {_status(exc)}" if _status(exc) else _transport_failure(exc),
                         attempt + 1, retry.attempts - 1, wait)
             sleep(wait)
 
@@ -309,23 +334,59 @@ def make_api(plan: PushPlan, token: str | None = None):
     return HfApi(endpoint=plan.endpoint, token=token, library_name="lineas-bake"), token
 
 
+def _xet_hashes(folder: Path, paths: list[str]) -> dict[str, str]:
+    """Local Xet hashes (the merkle hash the Hub reports as ``xetHash``), computed by ``hf_xet`` itself."""
+    if not paths:
+        return {}
+    try:
+        import hf_xet
+    except ImportError:
+        raise HubVerificationError(f"the Hub reports only a Xet hash for {', '.join(paths)}; computing the local one "
+                                   "needs the package hf_xet (pip install hf_xet)") from None
+    infos = hf_xet.hash_files([str(folder / p) for p in paths])
+    return {p: info.hash for p, info in zip(paths, infos)}
+
+
+def _remote_mismatch(f: LocalFile, r, xet_local: dict[str, str]) -> str | None:
+    """Why the remote file ``r`` (a ``RepoFile``) is not the local file ``f``, or None.
+
+    Which hash the Hub gives (checked against huggingface_hub 2.4's source): a commit names every LFS
+    file by its sha256 (``_commit_api.py``, ``_prepare_commit_payload``: ``lfsFile`` with ``algo: sha256``),
+    also when the bytes went through Xet, whose upload backfills that sha256 (``_commit_api.py``,
+    ``_upload_xet_files``: ``op.upload_info.sha256 = ...xet_info.sha256``); the tree then lists it as
+    ``lfs.oid`` (``hf_api.py``, ``RepoFile.__init__``) beside ``xetHash``.  So the sha256 is compared when
+    it is there; a file listed with a Xet hash and no LFS entry is compared by Xet hash; a regular file by
+    git blob sha1.
+    """
+    if r.size != f.size:
+        return f"remote size {r.size} != local {f.size}"
+    xet = getattr(r, "xet_hash", None)  # RepoFile has it since huggingface_hub 0.32
+    if r.lfs is not None:
+        if r.lfs.sha256 != f.sha256:
+            return f"remote LFS sha256 {r.lfs.sha256[:12]} != local {f.sha256[:12]}"
+    elif xet:
+        if xet != xet_local[f.path]:
+            return f"remote Xet hash {xet[:12]} != local {xet_local[f.path][:12]}"
+    elif r.blob_id != f.git_sha1:
+        return f"remote git blob {r.blob_id[:12]} != local {f.git_sha1[:12]}"
+    return None
+
+
 def verify_remote(api, plan: PushPlan, commit_oid: str) -> tuple[str, ...]:
     """Compare the tree at ``commit_oid`` with the local files; returns remote-only paths."""
     remote = {}
     for entry in api.list_repo_tree(plan.repo_id, recursive=True, revision=commit_oid):
         if hasattr(entry, "size") and hasattr(entry, "blob_id"):  # RepoFile (RepoFolder has tree_id)
             remote[entry.path] = entry
+    xet_only = [f.path for f in plan.files if f.path in remote and remote[f.path].lfs is None
+                and getattr(remote[f.path], "xet_hash", None) and remote[f.path].size == f.size]
+    xet_local = _xet_hashes(plan.folder, xet_only)
     problems = []
     for f in plan.files:
         r = remote.get(f.path)
-        if r is None:
-            problems.append(f"{f.path}: missing at commit {commit_oid[:12]}")
-        elif r.size != f.size:
-            problems.append(f"{f.path}: remote size {r.size} != local {f.size}")
-        elif r.lfs is not None and r.lfs.sha256 != f.sha256:
-            problems.append(f"{f.path}: remote LFS sha256 {r.lfs.sha256[:12]} != local {f.sha256[:12]}")
-        elif r.lfs is None and r.blob_id != f.git_sha1:
-            problems.append(f"{f.path}: remote git blob {r.blob_id[:12]} != local {f.git_sha1[:12]}")
+        why = f"missing at commit {commit_oid[:12]}" if r is None else _remote_mismatch(f, r, xet_local)
+        if why is not None:
+            problems.append(f"{f.path}: {why}")
     if problems:
         raise HubVerificationError(f"the upload to {plan.repo_id} at commit {commit_oid} does not match the local "
                                    "files:\n  " + "\n  ".join(problems))

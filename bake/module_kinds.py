@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lineas.embedding_scale import is_scaled_embedding
+
 from .plan_types import Layout, SiteKind
 
 
@@ -28,7 +30,7 @@ def producer_layout(module: nn.Module) -> Layout | None:
         return Layout.CONV1D
     if type(module) is nn.Conv2d:
         return Layout.CONV
-    if type(module) is nn.Embedding:
+    if type(module) is nn.Embedding or is_scaled_embedding(module):  # Gemma's scale: lineas.embedding_scale
         return Layout.EMBEDDING
     return None
 

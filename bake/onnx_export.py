@@ -53,6 +53,7 @@ from .export import (
     ExportResult,
     copy_base_files,
     export_info,
+    onnx_stack_conflict,
     register_exporter,
 )
 from .verify import CheckResult, Reference, Runner, bar_disabled, compare
@@ -83,7 +84,10 @@ class OnnxExportError(BakeError):
 
 # ----------------------------------------------------------------------------- dependencies
 def require_onnx_extra() -> None:
-    """Fail early, with the fix, when the ``onnx`` extra is not installed."""
+    """Fail early, with the fix, when the ``onnx`` extra is not installed or cannot run here."""
+    conflict = onnx_stack_conflict()
+    if conflict:
+        raise OnnxExportError(conflict)
     missing = []
     for mod in ("onnx", "onnxruntime", "optimum.exporters.onnx", "optimum.onnxruntime"):
         try:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lineas.config_compat import legacy_rope_fields
 from lineas.io import atomic_write_text
 from lineas.maps import SiteMap
 
@@ -203,12 +204,15 @@ def write_baked_folder(baked, dst: Path, final: Mapping[str, torch.Tensor], dtyp
 
 
 def set_config_dtype(folder: Path, dtype: str) -> None:
-    """Record in ``config.json`` the dtype the weights were written in."""
+    """Record in ``config.json`` the dtype the weights were written in, and the fields transformers 4.x
+    reads where 5.x writes others (:mod:`lineas.config_compat`), so a 4.x process (the ONNX exporter's
+    environment) reads an export written under 5.x as it is."""
     path = folder / "config.json"
     cfg = json.loads(path.read_text(encoding="utf-8"))
     keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
     for k in keys:
         cfg[k] = dtype
+    cfg.update(legacy_rope_fields(cfg))
     atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .axis import feature_axis, pool_features
+from .embedding_scale import outside_scale
 from .hooks import SteeringError, apply_affine, similar_names
 
 
@@ -141,20 +142,26 @@ class RepeatedCalls(Protocol):
 
 
 class _PoolHook:
+    """Steers (optionally) and records a site's activation: ``outside`` times the module output (1 but for a
+    4.x Gemma embedding, :mod:`lineas.embedding_scale`), the map acting on that activation as in the hooks.
+    ``every_call``: pool every call of the module (a :class:`RepeatedCalls` batch), else its first only."""
+
     def __init__(self, site: str, store: dict, mask_ref: list, affine=None, stop: bool = False,
-                 every_call: bool = False, stop_after: int = 1):
+                 every_call: bool = False, stop_after: int = 1, outside: float = 1.0):
         self.site, self.store, self.mask_ref, self.affine, self.stop = site, store, mask_ref, affine, stop
-        self.every_call, self.stop_after = every_call, stop_after
+        self.every_call, self.stop_after, self.outside = every_call, stop_after, outside
 
     def __call__(self, module, inputs, output):
         head = output[0] if isinstance(output, (tuple, list)) else output
         axis = feature_axis(module, head.dim())  # the rule the hooks and the baker use
         if self.affine is not None:
-            head = apply_affine(head, self.affine[0], self.affine[1], self.site, axis)
+            scale, shift = self.affine
+            head = apply_affine(head, scale, shift if self.outside == 1.0 else shift / self.outside, self.site, axis)
         calls = self.store.setdefault(self.site, [])
         if self.every_call or not calls:  # a module called twice in one LM forward: keep its first call
             try:
-                calls.append(pool_features(head, axis, self.mask_ref[0]))
+                activation = head if self.outside == 1.0 else head * self.outside
+                calls.append(pool_features(activation, axis, self.mask_ref[0]))
             except ValueError as e:
                 raise SteeringError(f"site {self.site!r}: {e}") from None
         if self.stop and len(calls) >= self.stop_after:
@@ -214,9 +221,11 @@ def run_to_sites(model: nn.Module, batch, sites: Sequence[str],
     watched = list(dict.fromkeys([*sites, *affines]))
     repeated = isinstance(batch, RepeatedCalls)
     stop_after = batch.calls_per_site if repeated else 1
+    modules = dict(model.named_modules())
     run_hooked(model, batch, {
         site: _PoolHook(site, store, mask_ref, affines.get(site), stop=stop_early and bool(sites) and site == sites[-1],
-                        every_call=repeated, stop_after=stop_after)
+                        every_call=repeated, stop_after=stop_after,
+                        outside=outside_scale(model, modules[site]) if site in modules else 1.0)
         for site in watched
     })
     missing = [s for s in sites if s not in store]

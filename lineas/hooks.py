@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .axis import affine_on_axis, feature_axis, resolve_axis
+from .embedding_scale import outside_scale
 from .maps import SiteMap, SteeringMaps, effective_maps
 
 __all__ = ["SteeringError", "feature_axis", "apply_affine", "attach_affine", "attach_maps", "steered",
@@ -68,14 +69,19 @@ def apply_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, site
 
 
 class _AffineHook:
-    def __init__(self, site: str, scale: torch.Tensor, shift: torch.Tensor, axis: int | None = None):
-        self.site, self.scale, self.shift, self.axis = site, scale, shift, axis
+    """``scale*y + shift/outside`` on the module output ``y``: the map ``T`` on the site's activation
+    ``outside*y`` (``outside`` is 1 but for a 4.x Gemma embedding, see :mod:`lineas.embedding_scale`)."""
+
+    def __init__(self, site: str, scale: torch.Tensor, shift: torch.Tensor, axis: int | None = None,
+                 outside: float = 1.0):
+        self.site, self.scale, self.shift, self.axis, self.outside = site, scale, shift, axis, outside
 
     def __call__(self, module, inputs, output):
+        shift = self.shift if self.outside == 1.0 else self.shift / self.outside
         if isinstance(output, (tuple, list)):
-            head = apply_affine(output[0], self.scale, self.shift, self.site, self.axis)
+            head = apply_affine(output[0], self.scale, shift, self.site, self.axis)
             return type(output)((head, *output[1:]))
-        return apply_affine(output, self.scale, self.shift, self.site, self.axis)
+        return apply_affine(output, self.scale, shift, self.site, self.axis)
 
 
 class SteeringHandle:
@@ -127,8 +133,9 @@ def attach_affine(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, to
         if d is not None and d != scale.numel():
             raise SteeringError(f"site {site!r}: map has length {scale.numel()} but "
                                 f"{type(modules[site]).__name__} outputs {d} features")
-    handles = [modules[site].register_forward_hook(_AffineHook(site, s, t, feature_axis(modules[site])))
-               for site, (s, t) in affines.items()]
+    handles = [modules[site].register_forward_hook(
+        _AffineHook(site, s, t, feature_axis(modules[site]), outside_scale(model, modules[site])))
+        for site, (s, t) in affines.items()]
     return SteeringHandle(handles, list(affines))
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .config_compat import transformers_major, unreadable_by_this_version
+
 log = logging.getLogger(__name__)
 
 ALIASES = {
@@ -75,10 +77,42 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def _gguf_dequantize_kwargs() -> dict:
+    """transformers 5 can keep GGUF weights in their blocks (with ``kernels``): ask for dense weights, which
+    are what gets folded and saved.  4.x always dequantises."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _drop_dequantised_quantizer(model: torch.nn.Module) -> None:
+    """A dequantising GGUF load can leave its quantizer on the model (transformers 5's legacy GGUF loader
+    keeps a ``GgufHfQuantizer``), and ``save_pretrained`` then refuses.  The weights are dense: check that,
+    then remove the quantizer and its config the way transformers does (``remove_quantization_config``)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None and getattr(model.config, "quantization_config", None) is None:
+        return
+    packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise ModelLoadError(f"the GGUF load left quantised weights ({', '.join(packed[:3])}...); "
+                             "it must dequantise every weight to convert the model")
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    else:
+        for obj, attr in ((model, "hf_quantizer"), (model.config, "quantization_config")):
+            if hasattr(obj, attr):
+                delattr(obj, attr)
+        model.is_quantized = False
+
+
 def smollm2_checkpoint() -> Path:
     """Convert the packaged GGUF once to an HF checkpoint in the cache and return its directory."""
-    # The folder name carries the conversion version: a fix below invalidates old caches.
-    target = cache_dir() / f"SmolLM2-135M-Instruct-v{SMOLLM2_CONVERSION}"
+    # The folder name carries the conversion version (a fix below invalidates old caches) and the
+    # transformers major version: 5.x writes config fields 4.x does not read (rope_parameters for
+    # rope_theta; 4.57 would silently run 5.x's conversion with rope theta 10 000 instead of 100 000).
+    target = cache_dir() / f"SmolLM2-135M-Instruct-v{SMOLLM2_CONVERSION}-tf{transformers_major()}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     gguf = smollm2_gguf_path()
@@ -89,7 +123,9 @@ def smollm2_checkpoint() -> Path:
 
     log.warning("converting %s to an HF checkpoint in %s (once, ~20 s)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 **_gguf_dequantize_kwargs())
+    _drop_dequantised_quantizer(model)
     # The GGUF tokenizer metadata says eos = <|im_start|> and prepends it as BOS to every
     # text; the model's generation config (and upstream SmolLM2) end turns with <|im_end|>
     # and add no BOS. Match upstream so that generation stops where the model expects and
@@ -131,6 +167,9 @@ def resolve_model(name: str) -> str:
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"no config.json in {local}: --model must be a transformers checkpoint folder "
                                  "(config.json plus *.safetensors weights)")
+        misread = unreadable_by_this_version(_local_config(str(local)) or {})
+        if misread:
+            raise ModelLoadError(f"--model {name}: {misread}")
         return str(local)
     if name == SMOLLM2_ALIAS:
         return str(smollm2_checkpoint())

@@ -1,15 +1,15 @@
 """A small Hugging Face Hub look-alike for tests: stdlib ``http.server`` + a thread.
 
 This is a *test fixture*, not a product feature.  It speaks just enough of the
-Hub HTTP API for the real ``huggingface_hub`` client (checked against 0.36.2,
-without ``hf_xet`` and without ``hf_transfer``) to create a repo and a branch,
+Hub HTTP API for the real ``huggingface_hub`` client (checked against 0.36.2
+and 2.4.0, with Xet uploads disabled (:func:`disable_xet`) and without ``hf_transfer``) to create a repo and a branch,
 upload a folder (regular and LFS files), list the tree at a commit and
 download a snapshot.  Endpoints implemented (model repos only):
 
 ====== ==================================================== =====================================
 method path                                                 client call that uses it
 ====== ==================================================== =====================================
-POST   /api/repos/create                                    create_repo
+POST   /api/repos/create                                    create_repo (``private`` or ``visibility``)
 POST   /api/validate-yaml                                   create_commit (when README.md changes)
 GET    /api/models/{ns}/{name}                              repo_info / model_info (main)
 GET    /api/models/{ns}/{name}/revision/{rev}               repo_info(revision=), snapshot_download
@@ -29,8 +29,9 @@ GET    /{ns}/{name}/resolve/{rev}/{path}                    X-Linked-Etag, X-Lin
 ====== ==================================================== =====================================
 
 Not implemented (the client is never asked to use them here): datasets and
-spaces, pull requests (``create_pr``), multipart LFS, Xet storage (not
-advertised: the batch answer always chooses ``basic``), pagination (one page),
+spaces, pull requests (``create_pr``), multipart LFS, Xet storage (uploads:
+the client is told not to use it, :func:`disable_xet`; the batch answer always
+chooses ``basic``; listings can carry Xet hashes, :class:`XetListing`), pagination (one page),
 tags, copies, gated repos.
 
 Semantics kept honest where tests depend on them:
@@ -61,6 +62,7 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -80,8 +82,44 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
+def _private(body: dict) -> bool:
+    """huggingface_hub < 1.0 sends ``private: bool``; >= 1.0 sends ``visibility: public|private``."""
+    visibility = body.get("visibility")
+    if visibility is not None:
+        if visibility not in ("public", "private"):
+            raise HubError(400, f"visibility {visibility!r} is not public or private (model repos)")
+        return visibility == "private"
+    return bool(body.get("private", False))
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+class XetListing(Enum):
+    """What the tree listing says about an LFS file: its sha256 only (NONE), also its Xet hash as the Hub does
+    for Xet-stored files (WITH_LFS), or a Xet hash and no LFS entry at all (XET_ONLY, for the verifier's
+    fallback path)."""
+
+    NONE = "none"
+    WITH_LFS = "with_lfs"
+    XET_ONLY = "xet_only"
+
+
+def _xet_hash(data: bytes) -> str:
+    """The Xet merkle hash of ``data``, from ``hf_xet`` itself (the same code the Hub's storage uses)."""
+    import os
+    import tempfile
+
+    import hf_xet
+
+    fd, path = tempfile.mkstemp()
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return hf_xet.hash_files([path])[0].hash
+    finally:
+        os.unlink(path)
 
 
 @dataclass(frozen=True)
@@ -141,6 +179,7 @@ class HubServer:
         self._faults: list[list] = []  # [method, regex, status, remaining]
         self._lock = threading.RLock()
         self._counter = itertools.count()
+        self.xet_listing = XetListing.NONE
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -230,7 +269,7 @@ class HubServer:
         if repo_id in self.repos:
             # The Hub's 409 body carries the url; create_repo(exist_ok=True) reads it.
             raise HubError(409, "You already created this model repo", None, {"url": f"{self.endpoint}/{repo_id}"})
-        repo = self.repos[repo_id] = Repo(repo_id, bool(body.get("private", False)))
+        repo = self.repos[repo_id] = Repo(repo_id, _private(body))
         ga = GITATTRIBUTES
         self._commit(repo, "main", "initial commit", {".gitattributes": Entry(len(ga), git_blob_sha1(ga), "", ga)})
         return {"url": f"{self.endpoint}/{repo_id}", "name": repo_id, "id": repo_id}
@@ -339,6 +378,10 @@ class HubServer:
         d = {"type": "file", "oid": e.blob_oid, "size": e.size, "path": path}
         if e.lfs_sha256:
             d["lfs"] = {"oid": e.lfs_sha256, "size": e.size, "pointerSize": len(lfs_pointer(e.lfs_sha256, e.size))}
+            if self.xet_listing is not XetListing.NONE:
+                d["xetHash"] = _xet_hash(self.lfs[e.lfs_sha256])
+            if self.xet_listing is XetListing.XET_ONLY:
+                del d["lfs"]
         if expand:
             c = repo.commits[e.last_commit]
             d["lastCommit"] = {"id": c.oid, "title": c.title, "date": c.date}
@@ -554,9 +597,9 @@ def use_endpoint(monkeypatch, endpoint: str) -> None:
     """Point an already-imported huggingface_hub at ``endpoint``, as ``HF_ENDPOINT`` would have at import.
 
     huggingface_hub copies ``HF_ENDPOINT`` into module constants when it is first
-    imported (``constants.ENDPOINT``, the resolve-URL template, and a copy of that
-    template in ``file_download``).  A test process imports it long before a
-    fixture runs, so the fixture sets all three (and the variable, for
+    imported (``constants.ENDPOINT`` and the resolve-URL template; before 1.0 also a
+    copy of that template in ``file_download``).  A test process imports it long
+    before a fixture runs, so the fixture sets them (and the variable, for
     subprocesses).  ``bake.hub`` reads ``constants.ENDPOINT`` at call time.
     """
     from huggingface_hub import constants, file_download
@@ -565,7 +608,23 @@ def use_endpoint(monkeypatch, endpoint: str) -> None:
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    if hasattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE"):  # huggingface_hub < 1.0 kept its own copy
+        monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
 
 
-__all__ = ["HubServer", "Token", "git_blob_sha1", "lfs_pointer", "use_endpoint"]
+def disable_xet(monkeypatch) -> None:
+    """Make huggingface_hub upload through the LFS protocol this server speaks, not Xet.
+
+    Since 1.0 uploads go through Xet first when ``hf_xet`` is installed (it is a dependency);
+    ``HF_HUB_DISABLE_XET`` is read once at import, so the constant is set too (checked at
+    call time by ``huggingface_hub.utils.is_xet_available``).  This server does not speak
+    the Xet CAS protocol; what Xet changes for verification, the hashes in the tree
+    listing, it can report (:class:`XetListing`).
+    """
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+
+
+__all__ = ["HubServer", "Token", "XetListing", "disable_xet", "git_blob_sha1", "lfs_pointer", "use_endpoint"]

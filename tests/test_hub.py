@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from bake_fixtures import assert_close_rel, hooked_and_base, load, logits, setup_model
-from hub_server import HubServer, Token, use_endpoint
+from onnx_extra import require_onnx_extra
+from hub_server import HubServer, Token, XetListing, disable_xet, use_endpoint
 
 from bake import bake
 from bake.hub import (
@@ -40,7 +41,7 @@ def hub(monkeypatch, tmp_path):
     with HubServer(tokens, orgs={"lab": {"me"}, "theirs": {"someone"}}) as server:
         use_endpoint(monkeypatch, server.endpoint)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        disable_xet(monkeypatch)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no cached login, no shared cache
         yield server
 
@@ -210,7 +211,7 @@ def test_connection_refused_is_retried_then_reported(export_dir, monkeypatch, tm
     use_endpoint(monkeypatch, dead)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     waits = []
-    with pytest.raises(HubUnavailableError, match="ConnectionError") as e:
+    with pytest.raises(HubUnavailableError, match="connection error: ConnectionRefusedError") as e:
         push(plan_push(export_dir[0], "me/steered"), retry=RetryPolicy(attempts=2, base_delay_s=0.0),
              sleep=waits.append)
     assert len(waits) == 1 and str(export_dir[0]) in str(e.value)
@@ -230,6 +231,60 @@ def test_verification_catches_a_mismatch(hub, export_dir, tmp_path):
     with pytest.raises(HubVerificationError, match="config.json: remote"):
         verify_remote(api, changed, result.commit_oid)
     assert verify_remote(api, plan_push(out, "me/steered"), result.commit_oid) == ()
+
+
+def test_retry_is_decided_by_status_and_socket_errors_not_library_class_names():
+    """requests (hub < 1.0) and httpx (hub >= 1.0) wrap a refused connection in their own classes; what both
+    keep is the chain down to Python's socket error, so that is what is looked at."""
+    from bake.hub import _retryable
+
+    class LibraryConnectError(Exception):  # stands in for any HTTP library's wrapper, whatever its name
+        pass
+
+    def wrapped(cause: BaseException) -> Exception:
+        try:
+            try:
+                raise cause
+            except BaseException as e:
+                raise LibraryConnectError("could not connect") from e
+        except LibraryConnectError as outer:
+            return outer
+
+    assert _retryable(wrapped(ConnectionRefusedError(111, "refused")))
+    assert _retryable(wrapped(TimeoutError("read timed out")))
+    assert not _retryable(wrapped(ValueError("bad header")))  # a wrapper alone is not a transport failure
+    assert not _retryable(LibraryConnectError("no cause"))
+
+
+@pytest.mark.parametrize("listing", [XetListing.WITH_LFS, XetListing.XET_ONLY])
+def test_xet_hashes_in_the_listing_are_verified(hub, export_dir, tmp_path, listing):
+    """Xet-stored files: listed with their sha256 and a Xet hash (as the Hub does), or with a Xet hash alone,
+    which is then compared with the local Xet hash from hf_xet; a changed weight file is caught either way."""
+    import shutil
+
+    pytest.importorskip("hf_xet", reason="Xet hashes are computed by hf_xet, a dependency of huggingface_hub")
+    out, *_ = export_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    from huggingface_hub.hf_api import RepoFile
+
+    hub.xet_listing = listing
+    if listing is XetListing.XET_ONLY and not hasattr(RepoFile(path="a", size=0, oid="0" * 40), "xet_hash"):
+        # huggingface_hub 0.36 drops xetHash from listings: such a file cannot be confirmed, and is not passed.
+        with pytest.raises(HubVerificationError, match="model.safetensors: remote git blob"):
+            push(plan_push(copy, "me/steered"), retry=NO_WAIT)
+        return
+    result = push(plan_push(copy, "me/steered"), retry=NO_WAIT)
+    plan = plan_push(copy, "me/steered")
+    api, _ = make_api(plan)
+    listed = {e.path: e for e in api.list_repo_tree("me/steered", recursive=True, revision=result.commit_oid)}
+    assert (listed["model.safetensors"].lfs is None) == (listing is XetListing.XET_ONLY)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # same size, other bytes
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    what = "Xet hash" if listing is XetListing.XET_ONLY else "LFS sha256"
+    with pytest.raises(HubVerificationError, match=f"model.safetensors: remote {what}"):
+        verify_remote(api, plan_push(copy, "me/steered"), result.commit_oid)
 
 
 # ----------------------------------------------------------------------------- secrecy
@@ -345,7 +400,7 @@ def test_cli_push_in_a_fresh_process_reads_hf_endpoint(hub, export_dir):
 
 def test_acceptance_bake_hf_onnx_push_download_reproduces_hooked(hub, tmp_path, capsys):
     """lineas-bake --format hf,onnx --out X; lineas-bake push X me/steered; download; both formats == hooked."""
-    pytest.importorskip("optimum.onnxruntime", reason="needs the onnx extra")
+    require_onnx_extra()
     from bake.cli import main
     from bake.onnx_export import load_ort, ort_runner
 

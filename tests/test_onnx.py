@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("optimum.onnxruntime", reason="needs the onnx extra")
+from onnx_extra import require_onnx_extra  # noqa: E402  (skips here, with why, without the extra)
+
+require_onnx_extra()
 
 from bake_fixtures import GEMMA2_SITES, LLAMA_SITES, load, setup_model
 from tiny import random_ids

@@ -188,9 +188,11 @@ def test_unknown_arch_plans_by_module_type():
     cfg = tf.GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                            num_attention_heads=4, max_position_embeddings=64)
     model = tf.GPTNeoXForCausalLM(cfg).eval()
-    sites = ["gpt_neox.layers.0.input_layernorm", "gpt_neox.layers.0.mlp.dense_4h_to_h", "gpt_neox.layers.1",
-             "embed_out"]
-    dims = {"embed_out": 128}
+    # The output head is embed_out in transformers 4.x and lm_head in 5.x (renamed at load); either way a
+    # bias-free linear without a registry entry.
+    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    sites = ["gpt_neox.layers.0.input_layernorm", "gpt_neox.layers.0.mlp.dense_4h_to_h", "gpt_neox.layers.1", head]
+    dims = {head: 128}
     g = torch.Generator().manual_seed(0)
     maps = {s: SiteMap(1 + 0.3 * torch.randn(dims.get(s, 64), generator=g), torch.randn(dims.get(s, 64), generator=g))
             for s in sites}
@@ -201,8 +203,8 @@ def test_unknown_arch_plans_by_module_type():
     assert by[sites[0]].source == "module type"
     assert by[sites[1]].kind is SiteKind.LINEAR and by[sites[1]].fully_folded
     assert by[sites[2]].affine is not None and by[sites[2]].affine.scale and by[sites[2]].affine.shift
-    # embed_out has no bias and no flag: scale folds into rows, shift needs an affine module
-    assert by["embed_out"].scale is ScaleFold.FOLDED and by["embed_out"].affine.shift and not by["embed_out"].affine.scale
+    # the head has no bias and no flag: scale folds into rows, shift needs an affine module
+    assert by[head].scale is ScaleFold.FOLDED and by[head].affine.shift and not by[head].affine.scale
     ids = random_ids()
     with torch.no_grad():
         base = model(ids).logits

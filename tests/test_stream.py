@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from onnx_extra import require_onnx_extra
 import torch
 from bake_fixtures import assert_close_rel, hooked_and_base, load, logits, make_maps
 from tiny import ARCHS, tiny_model
@@ -177,7 +178,7 @@ def test_bad_max_memory_exits_2_naming_it(tmp_path, capsys, text, says):
 
 
 def test_onnx_refused_up_front_when_the_model_cannot_fit(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("optimum.onnxruntime")
+    require_onnx_extra()
     _, src, maps_path = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",))
     import bake.checkpoint as checkpoint
 
@@ -307,7 +308,7 @@ def test_every_registry_architecture_streams_the_same_tensors_as_in_memory(arch,
 
 
 def test_onnx_only_export_of_a_streamed_bake_is_checked_against_a_recorded_reference(tmp_path):
-    pytest.importorskip("optimum.onnxruntime")
+    require_onnx_extra()
     _, src, maps_path = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",
                                                                "model.layers.1.post_attention_layernorm"))
     baked = bake_folder(src, maps_path)
