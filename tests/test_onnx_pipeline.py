@@ -6,8 +6,10 @@ import re
 import pytest
 import torch
 
+from onnx_extra import require_onnx_extra  # noqa: E402
+
 pytest.importorskip("diffusers")
-pytest.importorskip("onnxruntime")
+require_onnx_extra()
 
 from bake.errors import VerificationError  # noqa: E402
 from bake.onnx_export import ONNX_REPORT_FILE, OnnxExportError  # noqa: E402

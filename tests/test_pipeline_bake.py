@@ -158,7 +158,7 @@ def test_a_wrong_adaln_convention_fails_verification_and_writes_nothing(tiny_pip
 
 
 def test_cli_bake_then_push_to_hub(tiny_pipeline_folder, tmp_path, capsys, monkeypatch):
-    from hub_server import HubServer, Token, use_endpoint
+    from hub_server import HubServer, Token, disable_xet, use_endpoint
 
     src = tiny_pipeline_folder("sd")
     m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
@@ -166,7 +166,7 @@ def test_cli_bake_then_push_to_hub(tiny_pipeline_folder, tmp_path, capsys, monke
     with HubServer({token: Token("me")}, orgs={}) as hub:
         use_endpoint(monkeypatch, hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", token)
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        disable_xet(monkeypatch)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
         code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X"), "--push-to-hub", "me/sd-x"])
         captured = capsys.readouterr()

@@ -4,8 +4,10 @@ import json
 
 import pytest
 
+from onnx_extra import require_onnx_extra  # noqa: E402
+
 pytest.importorskip("diffusers")
-pytest.importorskip("onnxruntime")
+require_onnx_extra()
 
 from bake.cli import main  # noqa: E402
 from bake.onnx_export import ONNX_REPORT_FILE  # noqa: E402

@@ -31,12 +31,23 @@ KINDS = ("sd", "sdxl", "sd3", "flux")
 MAX_LENGTH = 77
 
 
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's byte -> printable-unicode table (transformers 5 no longer exports ``bytes_to_unicode``)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = {b: b for b in printable}, 0
+    for b in range(256):
+        if b not in codes:
+            codes[b] = 256 + extra
+            extra += 1
+    return [chr(codes[b]) for b in sorted(codes, key=lambda b: (b not in printable, b if b in printable else codes[b]))]
+
+
 def clip_tokenizer(folder: Path):
     """A byte-level CLIPTokenizer (no merges) saved under ``folder`` and loaded back."""
     from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-    symbols = list(bytes_to_unicode().values())
+    symbols = _byte_symbols()
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
     folder.mkdir(parents=True, exist_ok=True)
