@@ -53,7 +53,7 @@ from .onnx_export import (
     check_graph,
     require_onnx_extra,
 )
-from .pipeline_verify import max_abs, max_rel
+from .pipeline_verify import Row, make_row, max_abs, max_rel, rows_table
 from .tolerances import get_tolerance
 
 log = logging.getLogger(__name__)
@@ -122,18 +122,6 @@ def record_reference(pipe, affines=None, *, denoiser_inputs: Mapping, call_kwarg
 
 
 @dataclass(frozen=True)
-class OnnxRow:
-    check: str
-    tolerance: str
-    metric: str
-    value: float
-    limit: float
-    vs_base: float | None  # hooked vs base on the same probe (None: no base given)
-    passed: bool
-    note: str = ""
-
-
-@dataclass(frozen=True)
 class OnnxPipelineReport:
     folder: str
     pipeline_class: str
@@ -141,7 +129,7 @@ class OnnxPipelineReport:
     provider: str
     files: tuple[str, ...]
     export_seconds: float
-    rows: tuple[OnnxRow, ...] = field(default_factory=tuple)
+    rows: tuple[Row, ...] = field(default_factory=tuple)
 
     @property
     def passed(self) -> bool:
@@ -152,37 +140,23 @@ class OnnxPipelineReport:
                 for r in self.rows if not r.passed]
 
     def to_table(self) -> str:
-        head = ("check", "row", "metric", "ORT vs hooked", "limit", "hooked vs base", "result")
-        body = [(r.check, r.tolerance, r.metric, f"{r.value:.3g}", f"{r.limit:g}",
-                 "-" if r.vs_base is None else f"{r.vs_base:.3g}", ("ok" if r.passed else "FAIL")
-                 + (f" ({r.note})" if r.note else "")) for r in self.rows]
-        widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in (head, *body)]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return rows_table(self.rows, "ORT vs hooked")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed,
                 "tolerances": {n: get_tolerance(n).to_dict() for n in (DENOISER_ROW, IMAGE_ROW)}}
 
 
-def _row(check: str, tolerance: str, metric: str, value: float, limit: float, vs_base: float | None) -> OnnxRow:
-    if vs_base == 0.0:
-        return OnnxRow(check, tolerance, metric, value, limit, vs_base, False,
-                       "the hooked output equals the base output: these maps change nothing this check can see")
-    return OnnxRow(check, tolerance, metric, value, limit, vs_base, value == value and value <= limit)
-
-
-def compare_ort(ort_pipe, hooked: PipelineReference, base: PipelineReference | None = None) -> tuple[OnnxRow, ...]:
+def compare_ort(ort_pipe, hooked: PipelineReference, base: PipelineReference | None = None) -> tuple[Row, ...]:
     """The ONNX Runtime pipeline's UNet and image against the hooked reference (and ``base``, when given:
     the maps must change each probe, else the check could not tell a bake from no bake)."""
     den_tol, img_tol = get_tolerance(DENOISER_ROW), get_tolerance(IMAGE_ROW)
     with torch.no_grad():
         den = _denoise_ort(ort_pipe.unet, hooked.denoiser_inputs)  # ORT_CLASSES are UNet pipelines
         image = _call(ort_pipe, hooked)
-    return (_row("denoiser", DENOISER_ROW, "max_rel", max_rel(hooked.denoiser, den), den_tol.max_rel,
+    return (make_row("denoiser", DENOISER_ROW, "max_rel", max_rel(hooked.denoiser, den), den_tol.max_rel,
                  None if base is None else max_rel(hooked.denoiser, base.denoiser)),
-            _row("image", IMAGE_ROW, "max_abs", max_abs(hooked.image, image), img_tol.max_abs,
+            make_row("image", IMAGE_ROW, "max_abs", max_abs(hooked.image, image), img_tol.max_abs,
                  None if base is None else max_abs(hooked.image, base.image)))
 
 

@@ -165,14 +165,7 @@ class PipelineReport:
     def to_table(self) -> str:
         if self.skipped:
             return "verification skipped (--no-verify)"
-        head = ("check", "row", "metric", "baked vs hooked", "limit", "hooked vs base", "result")
-        body = [(r.check, r.tolerance, r.metric, "-" if r.value is None else f"{r.value:.3g}",
-                 "-" if r.limit is None else f"{r.limit:g}", "-" if r.vs_base is None else f"{r.vs_base:.3g}",
-                 ("ok" if r.passed else "FAIL") + (f" ({r.note})" if r.note else "")) for r in self.rows]
-        widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in (head, *body)]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return rows_table(self.rows, "baked vs hooked")
 
     def to_dict(self) -> dict:
         return {"family": "diffusers", "passed": self.passed, "skipped": self.skipped, "steps": self.steps,
@@ -190,13 +183,28 @@ def compare(base: Outputs, hooked: Outputs, cand: Outputs, *, steps: int, seed: 
                         vs_base=None, passed=True, note="no random-input recipe for this denoiser class: not run"))
     else:
         value, vs_base = max_rel(hooked.denoiser, cand.denoiser), max_rel(hooked.denoiser, base.denoiser)
-        rows.append(_row("denoiser", DENOISER_ROW, "max_rel", value, den_tol.max_rel, vs_base))
+        rows.append(make_row("denoiser", DENOISER_ROW, "max_rel", value, den_tol.max_rel, vs_base))
     value, vs_base = max_abs(hooked.image, cand.image), max_abs(hooked.image, base.image)
-    rows.append(_row("image", IMAGE_ROW, "max_abs", value, img_tol.max_abs, vs_base))
+    rows.append(make_row("image", IMAGE_ROW, "max_abs", value, img_tol.max_abs, vs_base))
     return PipelineReport(rows=tuple(rows), steps=steps, seed=seed)
 
 
-def _row(check: str, tol: str, metric: str, value: float, limit: float, vs_base: float) -> Row:
+def rows_table(rows, candidate: str) -> str:
+    """The verification table of pipeline ``rows`` (the torch check's and the ONNX Runtime check's);
+    ``candidate`` names the compared column, e.g. "baked vs hooked"."""
+    head = ("check", "row", "metric", candidate, "limit", "hooked vs base", "result")
+    body = [(r.check, r.tolerance, r.metric, "-" if r.value is None else f"{r.value:.3g}",
+             "-" if r.limit is None else f"{r.limit:g}", "-" if r.vs_base is None else f"{r.vs_base:.3g}",
+             ("ok" if r.passed else "FAIL") + (f" ({r.note})" if r.note else "")) for r in rows]
+    widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in (head, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def make_row(check: str, tol: str, metric: str, value: float, limit: float, vs_base: float | None) -> Row:
+    """A row that passes when ``value`` is finite and within ``limit``, and the maps changed the output
+    (``vs_base`` 0: hooked == base, so the check could not tell a bake from no bake)."""
     finite = value == value and value != float("inf")
     if vs_base == 0.0:
         return Row(check=check, tolerance=tol, metric=metric, value=value, limit=limit, vs_base=vs_base, passed=False,
