@@ -1,9 +1,15 @@
+import importlib.util
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets tests import tiny.py
 
 import pytest  # noqa: E402
+
+# test_gguf.py (marker gguf, deselected by default) imports llama.cpp's bindings, which `make setup-gguf`
+# installs and `make setup` does not: without them the file is not collected at all.  `make test-gguf`
+# then collects no test and pytest exits 5, so a missing install cannot pass for green.
+collect_ignore = [] if importlib.util.find_spec("llama_cpp") else ["test_gguf.py"]
 
 
 @pytest.fixture(scope="session")
