@@ -136,6 +136,9 @@ def test_card_and_provenance_carry_the_matrix(tmp_path, capsys):
 
 def test_optimum_exports_every_registry_model_type():
     """The ONNX Runtime verdict relies on it for every architecture with a registry entry."""
+    from onnx_extra import require_onnx_extra
+
+    require_onnx_extra()
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
     from optimum.exporters.tasks import TasksManager
 
