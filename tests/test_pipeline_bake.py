@@ -219,3 +219,11 @@ def test_bad_options_and_a_rebake_are_refused_before_writing(tiny_pipeline_folde
     assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "Z"), "--no-verify"]) == 0
     assert "Verification was skipped" in (tmp_path / "Z" / "README.md").read_text()
     assert json.loads((tmp_path / "Z" / "lineas_verification.json").read_text())["skipped"]
+
+
+def test_require_runtime_is_refused_for_a_pipeline(tiny_pipeline_folder, tmp_path, capsys):
+    src = tiny_pipeline_folder("sd")
+    m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
+    code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X"), "--require-runtime", "vllm"])
+    assert code == 2 and "--require-runtime vllm" in capsys.readouterr().err
+    assert not (tmp_path / "X").exists()
