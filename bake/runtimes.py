@@ -81,6 +81,13 @@ def _switched_flags(config_changes, entry: ArchEntry | None) -> list[str]:
     return [c.key for c in config_changes if c.key in flags and c.new is True]
 
 
+def _onnx_environment_note() -> str:
+    """Where --format onnx runs: optimum-onnx 0.1.0 needs transformers < 4.58 (bake.export.onnx_stack_conflict)."""
+    from .export import onnx_stack_conflict
+
+    return " (in a transformers < 4.58 environment with the onnx extra, not this one)" if onnx_stack_conflict() else ""
+
+
 def runtime_matrix(*, model_type: str | None, registry: str | None, affine_sites: tuple[str, ...],
                    config_changes) -> tuple[RuntimeVerdict, ...]:
     """The verdict of every :class:`Runtime` for a plan (called by :func:`bake.plan.plan`)."""
@@ -101,7 +108,8 @@ def runtime_matrix(*, model_type: str | None, registry: str | None, affine_sites
         out.append(RuntimeVerdict(Runtime.ONNX_RUNTIME, Serves.YES, Evidence.TESTED,
                                   "the graph is traced from the baked model" + (
                                       ": affine modules become ordinary graph ops" if affine else "")
-                                  + "; --format onnx exports it with Optimum and checks it in ONNX Runtime"))
+                                  + "; --format onnx exports it with Optimum and checks it in ONNX Runtime"
+                                  + _onnx_environment_note()))
     else:
         out.append(RuntimeVerdict(Runtime.ONNX_RUNTIME, Serves.UNKNOWN, Evidence.TESTED,
                                   f"no registry entry for model type {model_type!r}: --format onnx finds out "
