@@ -235,7 +235,7 @@ def _run(args, cmd: str) -> int:
     if detect(os.path.expanduser(args.model)) is DIFFUSERS_PIPELINE:  # a model_index.json folder: the pipeline family
         from .pipeline_bake import pipeline_cli
 
-        return pipeline_cli(args, maps, cmd)
+        return pipeline_cli(args, maps, cmd, formats)
     history = dict(allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch)
     common = dict(require_standard=args.require_standard, untie=args.untie_embeddings, device=args.device,
                   trust_remote_code=args.trust_remote_code, progress=progress,

@@ -243,15 +243,15 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
                         onnx_report=onnx_report)
 
 
-def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str) -> int:
-    """``lineas-bake --model <pipeline folder>``: the CLI's pipeline branch (bake.cli dispatches here)."""
+def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[str, ...]) -> int:
+    """``lineas-bake --model <pipeline folder>``: the CLI's pipeline branch (bake.cli dispatches here, with
+    ``--format`` already parsed by :func:`bake.export.parse_formats`)."""
     from .cli import EXIT_OK, _fail, EXIT_BAD_INPUT
 
     if args.require_runtime:  # the runtime matrix answers for causal-LM runtimes, none of which runs a pipeline
         return _fail(f"--require-runtime {' '.join(args.require_runtime)}: the runtime matrix covers causal LMs; a "
                      "baked pipeline loads in plain diffusers (no custom code, always) and, with --format hf,onnx, "
                      "in ONNX Runtime", EXIT_BAD_INPUT)
-    formats = tuple(f.strip() for f in args.format.split(","))
     if "hf" not in formats or set(formats) - {"hf", "onnx"} or args.dtype != "float32":
         return _fail(f"a diffusers pipeline exports --format hf or hf,onnx with --dtype float32 here (got --format "
                      f"{args.format} --dtype {args.dtype})", EXIT_BAD_INPUT)

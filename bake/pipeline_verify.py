@@ -23,6 +23,7 @@ from torch import nn
 from lineas.hooks import attach_affine
 from lineas.pipelines import denoiser_name, pipeline_modules
 
+from .report import format_table
 from .tolerances import get_tolerance
 
 DENOISER_ROW, IMAGE_ROW = "pipeline-denoiser-float32", "pipeline-image-float32"
@@ -193,13 +194,11 @@ def rows_table(rows, candidate: str) -> str:
     """The verification table of pipeline ``rows`` (the torch check's and the ONNX Runtime check's);
     ``candidate`` names the compared column, e.g. "baked vs hooked"."""
     head = ("check", "row", "metric", candidate, "limit", "hooked vs base", "result")
-    body = [(r.check, r.tolerance, r.metric, "-" if r.value is None else f"{r.value:.3g}",
-             "-" if r.limit is None else f"{r.limit:g}", "-" if r.vs_base is None else f"{r.vs_base:.3g}",
-             ("ok" if r.passed else "FAIL") + (f" ({r.note})" if r.note else "")) for r in rows]
-    widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in (head, *body)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table([head] + [(r.check, r.tolerance, r.metric, "-" if r.value is None else f"{r.value:.3g}",
+                                   "-" if r.limit is None else f"{r.limit:g}",
+                                   "-" if r.vs_base is None else f"{r.vs_base:.3g}",
+                                   ("ok" if r.passed else "FAIL") + (f" ({r.note})" if r.note else ""))
+                                  for r in rows])
 
 
 def make_row(check: str, tol: str, metric: str, value: float, limit: float, vs_base: float | None) -> Row:
