@@ -35,7 +35,7 @@ from .pipeline_card import PipelineExportInfo, write_files
 from .pipeline_plan import NO_STANDARD_FALLBACK, plan_pipeline
 from .pipeline_verify import PipelineReport, compare, record
 from .plan_types import FoldPlan
-from .shards import ST_DTYPES, Entry, ShardWriter, TensorInfo, _read_header, raw_blocks
+from .shards import Entry, ShardWriter, file_tensors, raw_blocks
 from .store import ModuleStore
 
 log = logging.getLogger(__name__)
@@ -108,14 +108,10 @@ def _rewrite_component(folder: Path, new: dict[str, torch.Tensor]) -> bool:
     same file names, order and metadata).  False, with nothing changed, when the folder's default
     (non-variant) safetensors files do not hold every key of ``new``."""
     files = [f for f in sorted(folder.glob("*.safetensors")) if _is_default_safetensors(f.name)]
-    headers = {f: _read_header(f) for f in files}
-    if not set(new) <= {k for entries, _, _ in headers.values() for k in entries}:
+    tensors = {f: file_tensors(f) for f in files}
+    if not set(new) <= {k for infos, _ in tensors.values() for k in infos}:
         return False
-    for f, (entries, meta, start) in headers.items():
-        keys = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
-        infos = {k: TensorInfo(k, f, ST_DTYPES[entries[k]["dtype"]], tuple(entries[k]["shape"]),
-                               start + entries[k]["data_offsets"][0], start + entries[k]["data_offsets"][1])
-                 for k in keys}
+    for f, (infos, meta) in tensors.items():
         tmp = f.with_name(f.name + ".lineas-tmp")
         writer = ShardWriter(tmp, [Entry(k, i.dtype, i.shape) for k, i in infos.items()], metadata=meta or None)
         try:

@@ -61,6 +61,20 @@ def _read_header(path: Path) -> tuple[dict, dict, int]:
     return header, meta, 8 + size
 
 
+def file_tensors(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """The tensors of one safetensors file in file order (name -> :class:`TensorInfo`), and its metadata."""
+    entries, meta, start = _read_header(path)
+    infos = {}
+    for k in sorted(entries, key=lambda k: entries[k]["data_offsets"][0]):
+        e = entries[k]
+        if e["dtype"] not in ST_DTYPES:
+            raise ShardFormatError(f"{path}: tensor {k!r} has dtype {e['dtype']}, which lineas-bake "
+                                   "cannot fold (quantised or unusual checkpoint?)")
+        b, en = e["data_offsets"]
+        infos[k] = TensorInfo(k, path, ST_DTYPES[e["dtype"]], tuple(e["shape"]), start + b, start + en)
+    return infos, meta
+
+
 class ShardFolder:
     """The safetensors weights of a checkpoint folder: ``model.safetensors`` or shards + index."""
 
@@ -81,17 +95,9 @@ class ShardFolder:
         self.infos: dict[str, TensorInfo] = {}
         self.file_keys: dict[str, list[str]] = {}
         for name in files:
-            path = self.folder / name
-            entries, _, start = _read_header(path)
-            keys = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
-            self.file_keys[name] = keys
-            for k in keys:
-                e = entries[k]
-                if e["dtype"] not in ST_DTYPES:
-                    raise ShardFormatError(f"{path}: tensor {k!r} has dtype {e['dtype']}, which lineas-bake "
-                                           "cannot fold (quantised or unusual checkpoint?)")
-                b, en = e["data_offsets"]
-                self.infos[k] = TensorInfo(k, path, ST_DTYPES[e["dtype"]], tuple(e["shape"]), start + b, start + en)
+            infos, _ = file_tensors(self.folder / name)
+            self.file_keys[name] = list(infos)
+            self.infos.update(infos)
 
     def keys(self) -> list[str]:
         return list(self.infos)
