@@ -155,8 +155,7 @@ class _PoolHook:
         head = output[0] if isinstance(output, (tuple, list)) else output
         axis = feature_axis(module, head.dim())  # the rule the hooks and the baker use
         if self.affine is not None:
-            scale, shift = self.affine
-            head = apply_affine(head, scale, shift if self.outside == 1.0 else shift / self.outside, self.site, axis)
+            head = apply_affine(head, self.affine[0], self.affine[1], self.site, axis, self.outside)
         calls = self.store.setdefault(self.site, [])
         if self.every_call or not calls:  # a module called twice in one LM forward: keep its first call
             try:

@@ -52,12 +52,16 @@ def module_feature_dim(module: nn.Module) -> int | None:
 
 
 def apply_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, site: str = "?",
-                 axis: int | None = None) -> torch.Tensor:
-    """``scale * y + shift`` on the feature axis, computed in fp32, returned in ``y.dtype``.
+                 axis: int | None = None, outside: float = 1.0) -> torch.Tensor:
+    """``scale * y + shift / outside`` on the feature axis, computed in fp32, returned in ``y.dtype``.
 
     ``axis`` None means the rank rule (see :func:`lineas.axis.feature_axis`); a map whose length
-    is not the axis' size is a :class:`SteeringError` naming the site.
+    is not the axis' size is a :class:`SteeringError` naming the site.  ``outside``: the site's
+    activation is ``outside * y`` (1 but for a 4.x Gemma embedding, :mod:`lineas.embedding_scale`),
+    so the map ``T`` on it is ``scale * y + shift / outside`` on the module output.
     """
+    if outside != 1.0:
+        shift = shift / outside
     try:
         d = y.shape[resolve_axis(axis, y.dim())]
     except ValueError as e:
@@ -77,11 +81,10 @@ class _AffineHook:
         self.site, self.scale, self.shift, self.axis, self.outside = site, scale, shift, axis, outside
 
     def __call__(self, module, inputs, output):
-        shift = self.shift if self.outside == 1.0 else self.shift / self.outside
         if isinstance(output, (tuple, list)):
-            head = apply_affine(output[0], self.scale, shift, self.site, self.axis)
+            head = apply_affine(output[0], self.scale, self.shift, self.site, self.axis, self.outside)
             return type(output)((head, *output[1:]))
-        return apply_affine(output, self.scale, shift, self.site, self.axis)
+        return apply_affine(output, self.scale, self.shift, self.site, self.axis, self.outside)
 
 
 class SteeringHandle:
