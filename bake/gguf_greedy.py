@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from lineas.hooks import attach_affine
 
-from .llamacpp import first_divergence, greedy_decode
+from .llamacpp import greedy_decode
 from .probes import PROMPTS, _encode, _random_ids, model_vocab_size
-from .verify import CheckResult, bar_disabled
+from .verify import CheckResult, bar_disabled, first_divergence
 
 if TYPE_CHECKING:
     from .results import BakedModel

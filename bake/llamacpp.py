@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lineas.threads import pick_threads
+
 N_CTX = 512  # longest probe (33 tokens) or greedy prompt plus its new tokens fits with room to spare
 GGML_TYPE_F32 = 0  # ggml.h: enum ggml_type, GGML_TYPE_F32 = 0
 
@@ -27,8 +29,6 @@ def load_llamacpp(path: Path, *, n_ctx: int = N_CTX, threads: int | None = None,
     measured as a file, not together with a half-precision cache.
     """
     from llama_cpp import Llama
-
-    from lineas.demo.pipeline import pick_threads
 
     # ggml's threads spin-wait for each other like torch's: on a machine busy with other work two threads
     # decoded SmolLM2 20x slower than one (1.1 vs 21.7 tokens/s), so leave out the cores the load takes.
@@ -88,10 +88,6 @@ def greedy_decode(llm, prompts, n_new: int) -> Decoded:
         seconds += time.perf_counter() - t0
         rows.append(got)
     return Decoded(rows, seconds, len(rows) * n_new)
-
-
-def first_divergence(want: list[int], got: list[int]) -> int | None:
-    return next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
 
 
 def llama_cpp_python_version() -> str:

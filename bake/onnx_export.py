@@ -56,7 +56,7 @@ from .export import (
     onnx_stack_conflict,
     register_exporter,
 )
-from .verify import CheckResult, Reference, Runner, bar_disabled, compare
+from .verify import CheckResult, Reference, Runner, bar_disabled, compare, first_divergence
 
 if TYPE_CHECKING:
     from .results import BakedModel
@@ -295,7 +295,7 @@ def check_ort(folder: Path, reference: Reference, *, provider: str | None = None
     cached = []
     for prompt, want in zip(reference.greedy_prompts, reference.greedy):
         got = greedy_with_cache(ort_model, prompt, reference.n_tokens)
-        first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        first = first_divergence(want, got)
         cached.append({"prompt_len": int(prompt.numel()), "identical": want == got, "first_mismatch": first,
                        "reference": want, "candidate": got, "path": "kv-cache"})
     bad = [c for c in cached if not c["identical"]]

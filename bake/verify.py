@@ -219,6 +219,11 @@ def _check_finite_reference(model: nn.Module, probes: Sequence[Probe], logits: S
 
 
 @torch.no_grad()
+def first_divergence(want: list[int], got: list[int]) -> int | None:
+    """The first position where two greedy token lists differ (None: no difference over the shorter)."""
+    return next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+
+
 def first_nonfinite_module(model: nn.Module, probe: Probe) -> str | None:
     """The first module, in execution order, whose output has inf/NaN on ``probe`` (hooks that only look)."""
     found: list[str] = []
@@ -319,7 +324,7 @@ def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, labe
     for prompt, want, got in zip(reference.greedy_prompts, reference.greedy, greedy):
         same = want == got
         matched += same
-        first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        first = first_divergence(want, got)
         # Teacher-forced: after its first divergence the candidate's own decoding is unknown, so stop there.
         detail.append({"prompt_len": int(prompt.numel()), "identical": same, "first_mismatch": first,
                        "reference": want, "candidate": got if first is None else got[:first + 1]})

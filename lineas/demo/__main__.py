@@ -12,7 +12,8 @@ from typing import Sequence
 
 from ..train_config import ConfigError
 
-from .pipeline import METHODS, DemoConfig, DemoError, pick_threads, run_demo, set_threads
+from ..threads import pick_threads
+from .pipeline import METHODS, DemoConfig, DemoError, run_demo, set_threads
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 

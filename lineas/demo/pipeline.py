@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -92,24 +91,6 @@ class DemoError(RuntimeError):
 
 
 # -- threads -----------------------------------------------------------------------
-def pick_threads(requested: int) -> int:
-    """``requested`` if > 0; else all cores when the machine is idle, fewer when it is busy.
-
-    PyTorch's OpenMP threads spin-wait for each other: with two threads on two
-    cores that other processes also use, a SmolLM2 forward pass was measured
-    20x slower than with one thread.  So the automatic choice leaves out the
-    cores that the 1-minute load average says are taken.
-    """
-    if requested > 0:
-        return requested
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, cores - math.ceil(busy - 0.5)))
-
-
 def set_threads(n: int) -> None:
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)  # inherited by the CLI subprocesses
