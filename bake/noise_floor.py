@@ -21,7 +21,7 @@ eight was never below 1.2e-5), at the cost of one forward pass per probe per sam
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,6 +42,13 @@ class NoiseFloor:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def worst_of(cls, samples: Sequence) -> NoiseFloor:
+        """The floor of the :class:`bake.logit_stats.LogitStats` of each perturbation: its worst one's."""
+        worst = max(samples, key=lambda st: st.max_rel)
+        return cls(max_rel=worst.max_rel, max_abs=worst.max_abs, mean_kl=worst.mean_kl,
+                   samples=tuple(st.max_rel for st in samples))
 
 
 def _ulp_step(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
