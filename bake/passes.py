@@ -100,7 +100,9 @@ def _place(units: Sequence[Shape], cap: int, fixed: Sequence[Shape], not_before:
             p = min(fits, key=lambda p: (added(p), p))
         else:
             p = len(members)
-            rows.append(0), width.append(0), members.append([])
+            rows.append(0)
+            width.append(0)
+            members.append([])
         rows[p], width[p] = rows[p] + r, max(width[p], w)
         members[p].append(i)
         where[i] = p

@@ -26,7 +26,14 @@ from lineas.hooks import attach_row_affines
 
 from .logit_stats import LogitStats, pool_probe_stats, probe_stats
 from .noise_floor import rounding_perturbed
-from .passes import RowSlice, pack_passes, position_cap, row_slice, run_batches, torch_runner
+from .passes import (
+    RowSlice,
+    pack_passes,
+    position_cap,
+    row_slice,
+    run_batches,
+    torch_runner,
+)
 from .probes import Probe
 
 Affines = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -95,8 +102,9 @@ def run_schedule(model: nn.Module, schedule: ReferenceSchedule, affines: Affines
     ids = prompts.to(torch.int64)
     logits: list[torch.Tensor | None] = [None] * len(probes)
     pending: list[tuple[Unit, torch.Tensor]] = []  # perturbed logits whose hooked probe has not run yet
-    stats: list[list] = [[None] * len(probes) for _ in range(samples)]
+    stats: list[list] = [[None] * len(probes) for _ in range(samples)]  # per sample, per probe
     acts: dict[str, torch.Tensor] = {}
+    diag_unit = Unit(variant=HOOKED, probe=diag)
     for k, members in enumerate(schedule.passes):
         units = [schedule.units[i] for i in members]
         batches = [(probes[u.probe].input_ids, probes[u.probe].attention_mask) for u in units]
@@ -107,7 +115,6 @@ def run_schedule(model: nn.Module, schedule: ReferenceSchedule, affines: Affines
             groups.insert(0, (ids.shape[0], affines))
         with ExitStack() as stack:
             stack.enter_context(attach_row_affines(model, groups))
-            diag_unit = Unit(variant=HOOKED, probe=diag)
             if record is not None and diag_unit in units:  # after the steering hooks: records steered outputs
                 acts = stack.enter_context(record(row_slice(batches, units.index(diag_unit) + step)))
             outs = run_batches(run, batches)

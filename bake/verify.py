@@ -32,9 +32,16 @@ from .errors import FoldError
 from .logit_stats import STATS_CHUNK, LogitStats, logit_stats, probe_stats  # noqa: F401 (re-exported)
 from .noise_floor import SAMPLES as FLOOR_SAMPLES
 from .noise_floor import NoiseFloor
-from .passes import Runner, RowSlice, greedy_tokens, run_batches, run_grouped, torch_runner  # noqa: F401 (re-exported)
-from .reference_schedule import ReferenceSchedule, run_schedule
+from .passes import (  # noqa: F401 (re-exported)
+    Runner,
+    RowSlice,
+    greedy_tokens,
+    run_batches,
+    run_grouped,
+    torch_runner,
+)
 from .probes import Probe, build_greedy_prompts, build_probes, model_vocab_size
+from .reference_schedule import ReferenceSchedule, run_schedule
 from .report import (  # noqa: F401  (re-exported: callers import the report types from here)
     METRIC_DEFINITIONS,
     CheckResult,

@@ -26,7 +26,8 @@ from .embedding_scale import outside_scale
 from .maps import SiteMap, SteeringMaps, effective_maps
 
 __all__ = ["SteeringError", "feature_axis", "apply_affine", "attach_affine", "attach_maps", "steered",
-           "SteeringHandle", "resolve_sites", "attach_row_affines", "module_feature_dim", "similar_names", "count_forward_hooks"]
+           "SteeringHandle", "resolve_sites", "attach_row_affines", "module_feature_dim", "similar_names",
+           "count_forward_hooks"]
 
 
 class SteeringError(ValueError):

@@ -13,7 +13,13 @@ import bake.passes as passes
 import bake.reference_schedule as reference_schedule
 from bake.logit_stats import logit_stats
 from bake.noise_floor import SAMPLES, NoiseFloor, rounding_perturbed
-from bake.passes import greedy_tokens, pack_passes, position_cap, run_grouped, torch_runner
+from bake.passes import (
+    greedy_tokens,
+    pack_passes,
+    position_cap,
+    run_grouped,
+    torch_runner,
+)
 from bake.probes import Probe, build_greedy_prompts, build_probes, model_vocab_size
 from bake.reference_schedule import ReferenceSchedule
 from bake.verify import _diag_index, record_outputs, record_reference, watch_modules
@@ -185,7 +191,8 @@ def per_row_and_alone(model, site_name, site, x, groups):
 CASES = {
     "layernorm-bf16": lambda: (Holder(nn.LayerNorm(8, dtype=torch.bfloat16)), "site", torch.randn(5, 3, 8).bfloat16()),
     "groupnorm-channels-first": lambda: (Holder(nn.GroupNorm(2, 8)), "site", torch.randn(5, 8, 3, 2)),
-    "gemma-embedding-outside-factor": lambda: (tiny_model("gemma"), "model.embed_tokens", torch.randint(0, 128, (5, 4))),
+    "gemma-embedding-outside-factor": lambda: (tiny_model("gemma"), "model.embed_tokens",
+                                               torch.randint(0, 128, (5, 4))),
 }
 
 
