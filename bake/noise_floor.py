@@ -15,7 +15,8 @@ One perturbation is one random direction, and the logit error's max is heavy-tai
 in it: on SmolLM2-135M (60 norm sites, maps +- 0.2) eight perturbations gave max rel
 5.7e-6 to 3.2e-5 (median 1.3e-5) while the bake's error was 2.0e-5.  The floor is
 therefore the largest of :data:`SAMPLES` perturbations (the max of two pairs of those
-eight was never below 1.2e-5), at the cost of one forward pass per probe per sample.
+eight was never below 1.2e-5), at the cost of the probes' positions once per sample (they ride
+along in the reference's greedy passes: :mod:`bake.reference_schedule`).
 """
 
 from __future__ import annotations

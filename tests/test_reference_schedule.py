@@ -142,7 +142,7 @@ GEMMA_PROMPTS = torch.zeros(3, 6, dtype=torch.int64)
 GEMMA_VOCAB = 256000
 
 
-@pytest.mark.parametrize("n_tokens,before", [(8, 13), (3, 8), (1, 5)])
+@pytest.mark.parametrize("n_tokens,before", [(8, 13), (3, 8), (1, 6)])
 def test_schedule_of_a_large_vocabulary_fits_the_budget_in_fewer_passes(n_tokens, before):
     """``before``: the passes of the unscheduled reference (probes and first greedy step in 2, the other
     greedy steps alone, 2 per noise-floor sample)."""
