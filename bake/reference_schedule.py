@@ -55,6 +55,7 @@ class ReferenceSchedule:
     units: list[Unit]
     passes: list[list[int]]  # per pass, indices into ``units``
     n_tokens: int
+    samples: int  # noise-floor perturbations
 
     @classmethod
     def build(cls, probes: Sequence[Probe], prompts: torch.Tensor, n_tokens: int, *, samples: int,
@@ -68,7 +69,7 @@ class ReferenceSchedule:
         steps = [(prompts.shape[0], prompts.shape[1] + k) for k in range(n_tokens)]
         passes = pack_passes(shapes, position_cap(vocab), fixed=steps,
                              not_before=[None if u.variant == HOOKED else u.probe for u in units])
-        return cls(units=units, passes=passes, n_tokens=n_tokens)
+        return cls(units=units, passes=passes, n_tokens=n_tokens, samples=samples)
 
     def padded_positions(self, probes: Sequence[Probe], prompts: torch.Tensor) -> int:
         """Sum over passes of rows x width: the positions the model computes, padding included."""
@@ -96,13 +97,12 @@ def run_schedule(model: nn.Module, schedule: ReferenceSchedule, affines: Affines
     """Run ``schedule``: the greedy continuation of ``prompts`` and the logits of every unit, each row
     group under its own maps.  ``record``: a context manager factory (:func:`bake.verify.record_outputs`)
     given the rows of probe ``diag``'s hooked batch in the pass that carries it."""
-    samples = max(u.variant for u in schedule.units)
-    variants = [affines] + [rounding_perturbed(affines, seed=s) for s in range(samples)]
+    variants = [affines] + [rounding_perturbed(affines, seed=s) for s in range(schedule.samples)]
     run = torch_runner(model)
     ids = prompts.to(torch.int64)
     logits: list[torch.Tensor | None] = [None] * len(probes)
     pending: list[tuple[Unit, torch.Tensor]] = []  # perturbed logits whose hooked probe has not run yet
-    stats: list[list] = [[None] * len(probes) for _ in range(samples)]  # per sample, per probe
+    stats: list[list] = [[None] * len(probes) for _ in range(schedule.samples)]  # per sample, per probe
     acts: dict[str, torch.Tensor] = {}
     diag_unit = Unit(variant=HOOKED, probe=diag)
     for k, members in enumerate(schedule.passes):
