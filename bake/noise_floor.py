@@ -15,13 +15,14 @@ One perturbation is one random direction, and the logit error's max is heavy-tai
 in it: on SmolLM2-135M (60 norm sites, maps +- 0.2) eight perturbations gave max rel
 5.7e-6 to 3.2e-5 (median 1.3e-5) while the bake's error was 2.0e-5.  The floor is
 therefore the largest of :data:`SAMPLES` perturbations (the max of two pairs of those
-eight was never below 1.2e-5), at the cost of one forward pass per probe per sample.
+eight was never below 1.2e-5), at the cost of the probes' positions once per sample (they ride
+along in the reference's greedy passes: :mod:`bake.reference_schedule`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,6 +43,13 @@ class NoiseFloor:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def worst_of(cls, samples: Sequence) -> NoiseFloor:
+        """The floor of the :class:`bake.logit_stats.LogitStats` of each perturbation: its worst one's."""
+        worst = max(samples, key=lambda st: st.max_rel)
+        return cls(max_rel=worst.max_rel, max_abs=worst.max_abs, mean_kl=worst.mean_kl,
+                   samples=tuple(st.max_rel for st in samples))
 
 
 def _ulp_step(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

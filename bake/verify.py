@@ -18,7 +18,6 @@ Metric definitions and thresholds live in :mod:`bake.tolerances`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,10 +29,19 @@ from tqdm.auto import tqdm
 from lineas.hooks import attach_affine
 
 from .errors import FoldError
+from .logit_stats import STATS_CHUNK, LogitStats, logit_stats, probe_stats  # noqa: F401 (re-exported)
 from .noise_floor import SAMPLES as FLOOR_SAMPLES
-from .noise_floor import NoiseFloor, rounding_perturbed
-from .passes import Runner, greedy_tokens, run_batches, run_grouped, torch_runner  # noqa: F401 (re-exported)
+from .noise_floor import NoiseFloor
+from .passes import (  # noqa: F401 (re-exported)
+    Runner,
+    RowSlice,
+    greedy_tokens,
+    run_batches,
+    run_grouped,
+    torch_runner,
+)
 from .probes import Probe, build_greedy_prompts, build_probes, model_vocab_size
+from .reference_schedule import ReferenceSchedule, run_schedule
 from .report import (  # noqa: F401  (re-exported: callers import the report types from here)
     METRIC_DEFINITIONS,
     CheckResult,
@@ -72,11 +80,12 @@ def watch_modules(model: nn.Module, sites: Iterable[str]) -> list[str]:
 
 
 @contextmanager
-def record_outputs(model: nn.Module, names: Sequence[str]):
+def record_outputs(model: nn.Module, names: Sequence[str], rows: RowSlice | None = None):
     """Forward hooks that only *record* (never modify) the first output of each named module.
 
     The dict fills in execution order.  Register after any steering hooks so the
-    recorded value is the steered output.
+    recorded value is the steered output.  ``rows``: keep only one batch's part of a pass
+    that runs several (sliced in the hook: the rest of the pass is never copied).
     """
     modules = dict(model.named_modules())
     store: dict[str, torch.Tensor] = {}
@@ -88,6 +97,7 @@ def record_outputs(model: nn.Module, names: Sequence[str]):
         def hook(_m, _i, output, name=name):
             y = output[0] if isinstance(output, (tuple, list)) else output
             if name not in store and isinstance(y, torch.Tensor):
+                y = y if rows is None else rows.take(y)
                 store[name] = y.detach().to("cpu", torch.float32).clone()
 
         handles.append(modules[name].register_forward_hook(hook))
@@ -120,80 +130,58 @@ def _diag_index(probes: Sequence[Probe]) -> int:
     return next((i for i, p in enumerate(probes) if p.kind == DIAG_PROBE_KIND), 0)
 
 
-def _run_all(model_or_runner, probes, greedy_prompts, n_tokens, watch, progress, desc, greedy_of=None,
+def _run_all(model_or_runner, probes, greedy_prompts, greedy_of, watch, progress, desc,
              reference_vocab: int | None = None):
-    """Logits on every probe, greedy tokens, and the diagnostic probe's module outputs.
+    """A candidate's logits on every probe, its greedy tokens, and the diagnostic probe's module outputs.
 
     The probes run as one batch (:func:`run_grouped`; the logits of a large vocabulary are split over a
-    few passes).  ``reference_vocab``: the logits' width, for runners that are not torch models.  ``greedy_of``: the reference's greedy tokens; the candidate is then
-    *teacher-forced* on them in the same batch: its argmax after each reference prefix.  Up to the first
-    mismatch these are exactly the tokens its own greedy decoding would produce, so "identical greedy
-    tokens" and the first divergence are decided without decoding token by token."""
+    few passes).  ``reference_vocab``: the logits' width, for runners that are not torch models.  The
+    candidate is *teacher-forced* on the reference's greedy tokens ``greedy_of`` in the same batch: its
+    argmax after each reference prefix.  Up to the first mismatch these are exactly the tokens its own
+    greedy decoding would produce, so "identical greedy tokens" and the first divergence are decided
+    without decoding token by token."""
     run = torch_runner(model_or_runner) if isinstance(model_or_runner, nn.Module) else model_or_runner
     batches = [(p.input_ids, p.attention_mask) for p in probes]
     prompts = greedy_prompts.to(torch.int64)
-    # The reference's first greedy step rides along with the probes; a candidate's whole check does.
-    forced = prompts if greedy_of is None else torch.cat([prompts, torch.tensor(greedy_of, dtype=torch.int64)], 1)
+    forced = torch.cat([prompts, torch.tensor(greedy_of, dtype=torch.int64)], 1)
     batches.append((forced, torch.ones_like(forced)))
     vocab = reference_vocab if reference_vocab else model_vocab_size(model_or_runner)
-    bar = tqdm(total=1 + (0 if greedy_of is not None else n_tokens - 1), desc=desc, disable=bar_disabled(progress),
-               leave=False)
-    try:
-        record = (lambda: record_outputs(model_or_runner, watch)) if (
+    with tqdm(total=1, desc=desc, disable=bar_disabled(progress), leave=False) as bar:
+        record = (lambda rows: record_outputs(model_or_runner, watch, rows)) if (
             isinstance(model_or_runner, nn.Module) and watch) else None
         outs, acts = run_grouped(run, batches, vocab, first=_diag_index(probes), record=record)
         bar.update()
-        width = prompts.shape[1]
-        if greedy_of is not None:
-            greedy = outs.pop()[:, width - 1:width - 1 + n_tokens].argmax(-1).tolist()
-        else:
-            first = outs.pop()[:, -1].argmax(-1, keepdim=True)
-            counted = run if bar.disable else _counting(run, bar)
-            rest = greedy_tokens(counted, torch.cat([prompts, first], 1), n_tokens - 1)
-            greedy = [[f, *r] for f, r in zip(first[:, 0].tolist(), rest)]
-    finally:
-        bar.close()
+    width, n_tokens = prompts.shape[1], len(greedy_of[0]) if greedy_of else 0
+    greedy = outs.pop()[:, width - 1:width - 1 + n_tokens].argmax(-1).tolist()
     return outs, greedy, acts
 
 
-def _counting(run: Runner, bar) -> Runner:
-    def wrapped(ids, mask):
-        out = run(ids, mask)
-        bar.update()
-        return out
-    return wrapped
-
-
+@torch.no_grad()
 def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
                      tokenizer=None, n_tokens: int = 8, progress: bool = False,
                      noise_floor: bool = True) -> Reference:
     """Run the probes through ``model`` with ``affines`` hooked; hooks are removed afterwards.
 
     Raises :class:`NonFiniteReferenceError` when the hooked logits are not finite.
-    ``noise_floor``: also measure :class:`bake.noise_floor.NoiseFloor` (one more pass over the probes per sample).
+    ``noise_floor``: also measure :class:`bake.noise_floor.NoiseFloor` (the probes under each perturbation,
+    riding along in the greedy passes: :mod:`bake.reference_schedule`).
     """
     probes = build_probes(model, tokenizer)
     prompts = build_greedy_prompts(model, tokenizer)
     watch = watch_modules(model, affines)
-    handle = attach_affine(model, affines)
-    try:
-        logits, greedy, acts = _run_all(model, probes, prompts, n_tokens, watch, progress, "verify: hooked reference")
-        _check_finite_reference(model, probes, logits, affines)
-    finally:
-        handle.remove()
-    floor = None
-    if noise_floor:
-        samples = []
-        for seed in range(FLOOR_SAMPLES):
-            with attach_affine(model, rounding_perturbed(affines, seed=seed)):
-                cand, _ = run_grouped(torch_runner(model), [(p.input_ids, p.attention_mask) for p in probes],
-                                      model_vocab_size(model))
-            samples.append(logit_stats(probes, logits, cand))
-        worst = max(samples, key=lambda st: st.max_rel)
-        floor = NoiseFloor(max_rel=worst.max_rel, max_abs=worst.max_abs, mean_kl=worst.mean_kl,
-                           samples=tuple(st.max_rel for st in samples))
-    return Reference(probes, logits, prompts, greedy, n_tokens, watch, acts, probes[_diag_index(probes)].name,
-                     noise_floor=floor)
+    diag = _diag_index(probes)
+    schedule = ReferenceSchedule.build(probes, prompts, n_tokens, samples=FLOOR_SAMPLES if noise_floor else 0,
+                                       vocab=model_vocab_size(model))
+    with tqdm(total=len(schedule.passes), desc="verify: hooked reference", disable=bar_disabled(progress),
+              leave=False) as bar:
+        done = run_schedule(model, schedule, affines, probes, prompts, diag=diag,
+                            record=(lambda rows: record_outputs(model, watch, rows)) if watch else None,
+                            on_pass=bar.update)
+    with attach_affine(model, affines):
+        _check_finite_reference(model, probes, done.logits, affines)
+    floor = NoiseFloor.worst_of(done.floor_samples) if noise_floor else None
+    return Reference(probes, done.logits, prompts, done.greedy, n_tokens, watch, done.activations,
+                     probes[diag].name, noise_floor=floor)
 
 
 def _check_finite_reference(model: nn.Module, probes: Sequence[Probe], logits: Sequence[torch.Tensor],
@@ -248,61 +236,6 @@ def first_nonfinite_module(model: nn.Module, probe: Probe) -> str | None:
 
 
 # ----------------------------------------------------------------------------- comparison
-STATS_CHUNK = 16  # positions per float64 block in probe_stats: a 256k vocabulary stays ~33 MB per temporary
-
-
-def probe_stats(name: str, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor):
-    """Per-probe metrics over valid positions; also returns (kl_sum, agree, n) for pooling.
-    Computed in float64, a few positions at a time (the logits of a large vocabulary are big)."""
-    if cand.shape != ref.shape:
-        nan = float("nan")
-        return ProbeStats(name, nan, nan, nan, 0.0, 0), (nan, 0, int(mask.sum()))
-    valid = mask.bool()
-    r_all, c_all = ref[valid], cand[valid]  # [N, V]
-    n = r_all.shape[0]
-    max_abs, denom, kl_sum, agree = 0.0, 0.0, 0.0, 0
-    for i in range(0, n, STATS_CHUNK):
-        r = r_all[i:i + STATS_CHUNK].double()
-        c = c_all[i:i + STATS_CHUNK].double()
-        max_abs = max(max_abs, float((c - r).abs().max()))
-        denom = max(denom, float(r.abs().max()))
-        lp_r = torch.log_softmax(r, -1)
-        lp_c = torch.log_softmax(c, -1)
-        kl_sum += float((lp_r.exp() * (lp_r - lp_c)).sum())
-        agree += int((r.argmax(-1) == c.argmax(-1)).sum())
-    if not torch.isfinite(c_all).all():
-        max_abs = float("inf")
-    if n == 0:
-        denom = 1.0
-    max_rel = max_abs / denom if denom > 0 else max_abs
-    stats = ProbeStats(name, max_abs, max_rel, kl_sum / n if n else 0.0, agree / n if n else 1.0, n)
-    return stats, (kl_sum, agree, n)
-
-
-@dataclass(frozen=True)
-class LogitStats:
-    """The logit metrics of a candidate over all probes (pooled as :data:`METRIC_DEFINITIONS` says)."""
-
-    per_probe: list[ProbeStats]
-    max_abs: float
-    max_rel: float
-    mean_kl: float
-    top1: float
-
-
-def logit_stats(probes: Sequence[Probe], ref_logits: Sequence[torch.Tensor],
-                cand_logits: Sequence[torch.Tensor]) -> LogitStats:
-    per_probe, kl_sum, agree, total = [], 0.0, 0, 0
-    for probe, ref, cand in zip(probes, ref_logits, cand_logits):
-        stats, (k, a, n) = probe_stats(probe.name, ref, cand, probe.attention_mask)
-        per_probe.append(stats)
-        kl_sum, agree, total = kl_sum + k, agree + a, total + n
-    max_abs = max(p.max_abs for p in per_probe) if all(math.isfinite(p.max_abs) for p in per_probe) else float("inf")
-    max_rel = max(p.max_rel for p in per_probe) if math.isfinite(max_abs) else float("inf")
-    return LogitStats(per_probe=per_probe, max_abs=max_abs, max_rel=max_rel,
-                      mean_kl=kl_sum / total if total else 0.0, top1=agree / total if total else 1.0)
-
-
 def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, label: str,
             progress: bool = False) -> tuple[CheckResult, dict[str, torch.Tensor]]:
     """Run ``candidate`` (a torch model or a :data:`Runner`) on the reference probes and judge it.
@@ -313,8 +246,8 @@ def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, labe
     for :func:`site_divergence`.
     """
     tol = get_tolerance(tolerance) if isinstance(tolerance, str) else tolerance
-    logits, greedy, acts = _run_all(candidate, reference.probes, reference.greedy_prompts, reference.n_tokens,
-                                    reference.watch, progress, f"verify: {label}", greedy_of=reference.greedy,
+    logits, greedy, acts = _run_all(candidate, reference.probes, reference.greedy_prompts, reference.greedy,
+                                    reference.watch, progress, f"verify: {label}",
                                     reference_vocab=reference.logits[0].shape[-1])
     st = logit_stats(reference.probes, reference.logits, logits)
     max_abs, max_rel, mean_kl, top1 = st.max_abs, st.max_rel, st.mean_kl, st.top1

@@ -53,12 +53,18 @@ def resolve_axis(axis: int | None, ndim: int) -> int:
 
 
 def affine_on_axis(y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
-                   axis: int | None) -> torch.Tensor:
+                   axis: int | None, per_row: bool = False) -> torch.Tensor:
     """``scale * y + shift`` along ``axis`` (None: the rank rule), computed in float32 and cast back to
-    ``y.dtype``; ``scale`` or ``shift`` may be None (left out).  Both must have the axis' length."""
+    ``y.dtype``; ``scale`` or ``shift`` may be None (left out).  Both must have the axis' length.
+    ``per_row``: ``scale`` and ``shift`` are ``[B, D]``, one map per row of the batch (dim 0); each
+    element then sees exactly the arithmetic of its row's map applied alone."""
     a = resolve_axis(axis, y.dim())
     shape = [1] * y.dim()
     shape[a] = -1
+    if per_row:
+        if a == 0:
+            raise ValueError(f"per-row maps need a batch axis, but the feature axis of shape {tuple(y.shape)} is 0")
+        shape[0] = y.shape[0]
     z = y.to(torch.float32)
     if scale is not None:
         z = z * scale.to(device=y.device, dtype=torch.float32).view(shape)

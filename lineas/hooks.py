@@ -26,7 +26,8 @@ from .embedding_scale import outside_scale
 from .maps import SiteMap, SteeringMaps, effective_maps
 
 __all__ = ["SteeringError", "feature_axis", "apply_affine", "attach_affine", "attach_maps", "steered",
-           "SteeringHandle", "resolve_sites", "module_feature_dim", "similar_names", "count_forward_hooks"]
+           "SteeringHandle", "resolve_sites", "attach_row_affines", "module_feature_dim", "similar_names",
+           "count_forward_hooks"]
 
 
 class SteeringError(ValueError):
@@ -52,13 +53,15 @@ def module_feature_dim(module: nn.Module) -> int | None:
 
 
 def apply_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, site: str = "?",
-                 axis: int | None = None, outside: float = 1.0) -> torch.Tensor:
+                 axis: int | None = None, outside: float = 1.0, per_row: bool = False) -> torch.Tensor:
     """``scale * y + shift / outside`` on the feature axis, computed in fp32, returned in ``y.dtype``.
 
     ``axis`` None means the rank rule (see :func:`lineas.axis.feature_axis`); a map whose length
     is not the axis' size is a :class:`SteeringError` naming the site.  ``outside``: the site's
     activation is ``outside * y`` (1 but for a 4.x Gemma embedding, :mod:`lineas.embedding_scale`),
     so the map ``T`` on it is ``scale * y + shift / outside`` on the module output.
+    ``per_row``: ``scale`` and ``shift`` are ``[B, D]``, row ``b`` of the batch steered by map ``b``
+    (:func:`attach_row_affines`).
     """
     if outside != 1.0:
         shift = shift / outside
@@ -66,10 +69,13 @@ def apply_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, site
         d = y.shape[resolve_axis(axis, y.dim())]
     except ValueError as e:
         raise SteeringError(f"site {site!r}: {e}") from None
-    if d != scale.numel():
-        raise SteeringError(f"site {site!r}: map has length {scale.numel()} but the output feature axis has size {d} "
+    if per_row and scale.shape[0] != y.shape[0]:
+        raise SteeringError(f"site {site!r}: {scale.shape[0]} per-row maps for a batch of {y.shape[0]} rows")
+    length = scale.shape[-1] if per_row else scale.numel()
+    if d != length:
+        raise SteeringError(f"site {site!r}: map has length {length} but the output feature axis has size {d} "
                             f"(output shape {tuple(y.shape)})")
-    return affine_on_axis(y, scale, shift, axis)
+    return affine_on_axis(y, scale, shift, axis, per_row)
 
 
 class _AffineHook:
@@ -77,14 +83,16 @@ class _AffineHook:
     ``outside*y`` (``outside`` is 1 but for a 4.x Gemma embedding, see :mod:`lineas.embedding_scale`)."""
 
     def __init__(self, site: str, scale: torch.Tensor, shift: torch.Tensor, axis: int | None = None,
-                 outside: float = 1.0):
+                 outside: float = 1.0, per_row: bool = False):
         self.site, self.scale, self.shift, self.axis, self.outside = site, scale, shift, axis, outside
+        self.per_row = per_row
 
     def __call__(self, module, inputs, output):
+        def steer(y):
+            return apply_affine(y, self.scale, self.shift, self.site, self.axis, self.outside, self.per_row)
         if isinstance(output, (tuple, list)):
-            head = apply_affine(output[0], self.scale, self.shift, self.site, self.axis, self.outside)
-            return type(output)((head, *output[1:]))
-        return apply_affine(output, self.scale, self.shift, self.site, self.axis, self.outside)
+            return type(output)((steer(output[0]), *output[1:]))
+        return steer(output)
 
 
 class SteeringHandle:
@@ -130,16 +138,48 @@ def attach_affine(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, to
 
     The tensors are used as given (they may be trainable ``nn.Parameter``s).
     """
+    modules = _checked_sites(model, affines)
+    handles = [modules[site].register_forward_hook(
+        _AffineHook(site, s, t, feature_axis(modules[site]), outside_scale(model, modules[site])))
+        for site, (s, t) in affines.items()]
+    return SteeringHandle(handles, list(affines))
+
+
+def _checked_sites(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, nn.Module]:
     modules = resolve_sites(model, list(affines))
     for site, (scale, shift) in affines.items():
         d = module_feature_dim(modules[site])
         if d is not None and d != scale.numel():
             raise SteeringError(f"site {site!r}: map has length {scale.numel()} but "
                                 f"{type(modules[site]).__name__} outputs {d} features")
+    return modules
+
+
+def attach_row_affines(model: nn.Module,
+                       groups: Sequence[tuple[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]]) -> SteeringHandle:
+    """Several maps in ONE forward pass: ``groups`` are ``(rows, affines)`` in batch order, the first
+    ``rows`` rows steered by the first affines, and so on; every group maps the same sites and the
+    rows add up to the batch.  One hook per site applies a ``[B, D]`` scale and shift
+    (:func:`apply_affine` with ``per_row``), so each row gets bit for bit what hooking its group's
+    maps alone gives it."""
+    if not groups:
+        raise SteeringError("no row groups to steer")
+    sites = list(groups[0][1])
+    for _, aff in groups[1:]:
+        if sorted(aff) != sorted(sites):
+            raise SteeringError(f"row groups map different sites: {sorted(sites)} vs {sorted(aff)}")
+    modules = {}
+    for _, aff in groups:
+        modules = _checked_sites(model, aff)
+
+    def rows_of(site: str, which: int) -> torch.Tensor:
+        return torch.cat([aff[site][which].to(torch.float32).reshape(1, -1).expand(n, -1) for n, aff in groups])
+
     handles = [modules[site].register_forward_hook(
-        _AffineHook(site, s, t, feature_axis(modules[site]), outside_scale(model, modules[site])))
-        for site, (s, t) in affines.items()]
-    return SteeringHandle(handles, list(affines))
+        _AffineHook(site, rows_of(site, 0), rows_of(site, 1), feature_axis(modules[site]),
+                    outside_scale(model, modules[site]), per_row=True))
+        for site in sites]
+    return SteeringHandle(handles, sites)
 
 
 def attach_maps(model: nn.Module, maps: SteeringMaps | Sequence[tuple[SteeringMaps, float]],

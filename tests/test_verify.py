@@ -166,7 +166,9 @@ def test_hooked_model_passes_and_perturbed_copy_fails_with_site_report(llama, ma
     ref = record_reference(llama, aff, n_tokens=4)
     with steered(llama, maps, 1.0):
         same, _ = compare(llama, ref, "torch-float32", label="same")
-    assert same.passed and same.max_abs == 0.0 and same.greedy_matched == same.greedy_total
+    # Not bitwise: the reference's passes carry other rows (greedy steps, noise-floor units) than the
+    # candidate's, and a different batch composition rounds differently in float32.
+    assert same.passed and same.max_rel < 1e-6 and same.greedy_matched == same.greedy_total
 
     broken = copy.deepcopy(llama)
     with torch.no_grad():
@@ -312,12 +314,12 @@ def test_passes_split_by_the_logits_budget_give_the_same_reference(llama, maps, 
 
     aff = affines(maps)
     whole = record_reference(llama, aff, n_tokens=3, noise_floor=False)
-    real = passes.run_batches
+    real = llama.forward
     calls = []
-    monkeypatch.setattr(passes, "run_batches", lambda run, batches: calls.append(len(batches)) or real(run, batches))
+    monkeypatch.setattr(llama, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(passes, "LOGITS_BUDGET", 4 * 128 * 40)  # 40 positions of the tiny vocabulary per pass
     split = record_reference(llama, aff, n_tokens=3, noise_floor=False)
-    assert len(calls) > 3  # several passes for the probes, then one per greedy step
+    assert len(calls) > 3  # the widest probes do not fit beside the greedy steps: passes of their own
     for a, b in zip(whole.logits, split.logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert whole.greedy == split.greedy
