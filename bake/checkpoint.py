@@ -28,7 +28,8 @@ from torch import nn
 from lineas.io import human_size
 
 from .errors import BakeError
-from .shards import INDEX_FILE, SINGLE_FILE
+from .shards import INDEX_FILE, SINGLE_FILE, ShardFolder, read_as
+from .store import checkpoint_keys
 
 log = logging.getLogger(__name__)
 
@@ -174,27 +175,35 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
                  max_memory: int | None = None, trust_remote_code: bool = False):
     """Yield the model of ``folder`` in ``dtype``, ready to run with at most ``max_memory`` bytes of
     weights in memory (None: :func:`default_max_memory`).  On exit the model is freed and its memory
-    handed back to the OS, provided the caller holds no reference to it any more (``del`` it in the block)."""
-    from transformers import AutoModelForCausalLM
+    handed back to the OS, provided the caller holds no reference to it any more (``del`` it in the block).
+
+    The skeleton is built on the meta device and dispatched with accelerate's ``dispatch_model``:
+    resident blocks are read from the shards in 64 MB blocks straight into ``dtype`` (a 2.4 GB float32
+    embedding stored in bfloat16 never sits in memory in both dtypes at once, as a whole-tensor load
+    would put it), the other blocks get an offload index into the shards, read when they run."""
+    from accelerate import dispatch_model
 
     folder = Path(folder)
-    skeleton = load_skeleton(folder, trust_remote_code=trust_remote_code, dtype=dtype)
-    budget = default_max_memory(skeleton) if max_memory is None else max_memory
-    dmap = device_map_for(skeleton, torch.device(device), budget)
+    model = load_skeleton(folder, trust_remote_code=trust_remote_code, dtype=dtype)
+    budget = default_max_memory(model) if max_memory is None else max_memory
+    dmap = device_map_for(model, torch.device(device), budget)
+    shards = ShardFolder(folder)
+    keys = checkpoint_keys(model, shards)
     if isinstance(dmap, dict):
         log.info("verification holds at most %s of the %s of weights in memory; the other blocks are read "
-                 "from %s each time they run", human_size(budget), human_size(whole_model_bytes(skeleton, dtype)),
+                 "from %s each time they run", human_size(budget), human_size(whole_model_bytes(model, dtype)),
                  folder)
-    del skeleton
-    # accelerate warns that offloaded parameters sit on the meta device: that is the point here.
-    quiet = logging.getLogger("accelerate.big_modeling")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=dmap,
-                                                     trust_remote_code=trust_remote_code)
-    finally:
-        quiet.setLevel(level)
+        offload = _materialise(model, shards, keys, dtype, device, lambda name: dmap[_block_of(name, dmap)] == "disk")
+        # accelerate warns that offloaded parameters sit on the meta device: that is the point here.
+        quiet = logging.getLogger("accelerate.big_modeling")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            dispatch_model(model, device_map=dmap, offload_index=offload)
+        finally:
+            quiet.setLevel(level)
+    else:
+        _materialise(model, shards, keys, dtype, device, lambda name: False)
     try:
         yield model.eval()
     finally:
@@ -202,10 +211,67 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
         release_memory()
 
 
+def _block_of(name: str, dmap: dict) -> str:
+    """The device-map entry that places tensor ``name``."""
+    while name not in dmap:
+        if "." not in name:
+            return ""
+        name = name.rpartition(".")[0]
+    return name
+
+
+def _materialise(model: nn.Module, shards: ShardFolder, keys: dict[str, str], dtype: torch.dtype, device: str,
+                 offloaded) -> dict[str, dict]:
+    """Give every tensor of ``model`` (on the meta device) its value from ``shards``, except those
+    ``offloaded(name)`` says stay on disk: for them, return accelerate's offload index (safetensors file,
+    stored key, run dtype).  Tied parameters get one tensor, shared again after the load.  A parameter
+    that the checkpoint does not hold is an error naming it (transformers would initialise it randomly)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    groups: dict[int, list[str]] = {}
+    for name, p in params.items():
+        groups.setdefault(id(p), []).append(name)
+    buffers = {n for n, _ in model.named_buffers()}
+    missing = [names[0] for names in groups.values() if not any(n in keys for n in names)]
+    if missing:
+        raise BakeError(f"{shards.folder} has no tensor for {len(missing)} parameter(s) of "
+                        f"{type(model).__name__}, e.g. {missing[0]!r}: is this checkpoint for this config.json?")
+    index: dict[str, dict] = {}
+    for names in groups.values():
+        first = next(n for n in names if n in keys)
+        info = shards.info(keys[first])
+        if all(offloaded(n) for n in names):
+            for n in names:
+                index[n] = {"safetensors_file": str(info.file), "weight_name": info.key,
+                            "dtype": str(dtype).removeprefix("torch.")}
+            continue
+        value = read_as(info, dtype if info.dtype.is_floating_point else info.dtype)
+        set_module_tensor_to_device(model, first, device, value=value)
+        shared = model.get_parameter(first)
+        for n in names:
+            if n != first:
+                module, _, attr = n.rpartition(".")
+                setattr(model.get_submodule(module), attr, shared)
+    for name in buffers:  # persistent buffers stored in the checkpoint (rare); the others keep their init value
+        key = keys.get(name) or (name if name in shards else None)
+        if key is not None:
+            info = shards.info(key)
+            set_module_tensor_to_device(model, name, device, value=read_as(info, info.dtype))
+    return index
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, and the next
     step's memory would add up with the last one's)."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).  Called after
+    every forward pass of an offloaded model: each pass allocates and frees every offloaded block, and
+    without it the freed pages of two threads' heaps add up (measured: +1.3 GiB over a Gemma-2-2B bake)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
