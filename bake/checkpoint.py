@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -177,38 +178,67 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     weights in memory (None: :func:`default_max_memory`).  On exit the model is freed and its memory
     handed back to the OS, provided the caller holds no reference to it any more (``del`` it in the block).
 
-    The skeleton is built on the meta device and dispatched with accelerate's ``dispatch_model``:
-    resident blocks are read from the shards in 64 MB blocks straight into ``dtype`` (a 2.4 GB float32
-    embedding stored in bfloat16 never sits in memory in both dtypes at once, as a whole-tensor load
-    would put it), the other blocks get an offload index into the shards, read when they run."""
+    The skeleton is built on the meta device and dispatched with accelerate's ``dispatch_model``.  Every
+    tensor, resident or read as its block runs, comes from :class:`ShardTensors`: read in 64 MB blocks
+    straight into ``dtype`` (a 2 GB float32 embedding stored in bfloat16 never sits in memory beside a
+    whole bfloat16 copy and the file's mapped pages, as a whole-tensor load through a memory map would
+    put it)."""
     from accelerate import dispatch_model
 
     folder = Path(folder)
     model = load_skeleton(folder, trust_remote_code=trust_remote_code, dtype=dtype)
     budget = default_max_memory(model) if max_memory is None else max_memory
     dmap = device_map_for(model, torch.device(device), budget)
-    shards = ShardFolder(folder)
-    keys = checkpoint_keys(model, shards)
+    tensors = ShardTensors(model, ShardFolder(folder), dtype)
     if isinstance(dmap, dict):
         log.info("verification holds at most %s of the %s of weights in memory; the other blocks are read "
                  "from %s each time they run", human_size(budget), human_size(whole_model_bytes(model, dtype)),
                  folder)
-        offload = _materialise(model, shards, keys, dtype, device, lambda name: dmap[_block_of(name, dmap)] == "disk")
+        _materialise(model, tensors, device, offloaded=lambda name: dmap[_block_of(name, dmap)] == "disk")
         # accelerate warns that offloaded parameters sit on the meta device: that is the point here.
         quiet = logging.getLogger("accelerate.big_modeling")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            dispatch_model(model, device_map=dmap, offload_index=offload)
+            # accelerate reads an offloaded weight from ``state_dict`` first: ours reads it from the shards.
+            dispatch_model(model, device_map=dmap, state_dict=tensors, offload_index={})
         finally:
             quiet.setLevel(level)
     else:
-        _materialise(model, shards, keys, dtype, device, lambda name: False)
+        _materialise(model, tensors, device, offloaded=lambda name: False)
     try:
         yield model.eval()
     finally:
         del model
         release_memory()
+
+
+class ShardTensors(Mapping):
+    """The tensors of ``model`` (parameter and persistent-buffer names) as stored in ``shards``, each read
+    when asked for, in ``dtype`` (integer tensors keep theirs); what accelerate's offloaded blocks read
+    as they run.  A parameter that the checkpoint does not hold is an error naming it (transformers would
+    initialise it randomly)."""
+
+    def __init__(self, model: nn.Module, shards: ShardFolder, dtype: torch.dtype):
+        self.shards, self.dtype = shards, dtype
+        self.keys_of = checkpoint_keys(model, shards)
+        for name, _ in model.named_buffers():
+            if name in shards:
+                self.keys_of[name] = name
+        missing = [n for n, _ in model.named_parameters() if n not in self.keys_of]
+        if missing:
+            raise BakeError(f"{shards.folder} has no tensor for {len(missing)} parameter(s) of "
+                            f"{type(model).__name__}, e.g. {missing[0]!r}: is this checkpoint for this config.json?")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self.shards.info(self.keys_of[name])
+        return read_as(info, self.dtype if info.dtype.is_floating_point else info.dtype)
+
+    def __iter__(self):
+        return iter(self.keys_of)
+
+    def __len__(self) -> int:
+        return len(self.keys_of)
 
 
 def _block_of(name: str, dmap: dict) -> str:
@@ -220,45 +250,28 @@ def _block_of(name: str, dmap: dict) -> str:
     return name
 
 
-def _materialise(model: nn.Module, shards: ShardFolder, keys: dict[str, str], dtype: torch.dtype, device: str,
-                 offloaded) -> dict[str, dict]:
-    """Give every tensor of ``model`` (on the meta device) its value from ``shards``, except those
-    ``offloaded(name)`` says stay on disk: for them, return accelerate's offload index (safetensors file,
-    stored key, run dtype).  Tied parameters get one tensor, shared again after the load.  A parameter
-    that the checkpoint does not hold is an error naming it (transformers would initialise it randomly)."""
+def _materialise(model: nn.Module, tensors: ShardTensors, device: str, *, offloaded) -> None:
+    """Give every tensor of ``model`` (on the meta device) its value, except those ``offloaded(name)``
+    says stay on disk.  Tied parameters get one tensor, shared again after the load."""
     from accelerate.utils import set_module_tensor_to_device
 
-    params = dict(model.named_parameters(remove_duplicate=False))
     groups: dict[int, list[str]] = {}
-    for name, p in params.items():
+    for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
-    buffers = {n for n, _ in model.named_buffers()}
-    missing = [names[0] for names in groups.values() if not any(n in keys for n in names)]
-    if missing:
-        raise BakeError(f"{shards.folder} has no tensor for {len(missing)} parameter(s) of "
-                        f"{type(model).__name__}, e.g. {missing[0]!r}: is this checkpoint for this config.json?")
-    index: dict[str, dict] = {}
     for names in groups.values():
-        first = next(n for n in names if n in keys)
-        info = shards.info(keys[first])
         if all(offloaded(n) for n in names):
-            for n in names:
-                index[n] = {"safetensors_file": str(info.file), "weight_name": info.key,
-                            "dtype": str(dtype).removeprefix("torch.")}
             continue
-        value = read_as(info, dtype if info.dtype.is_floating_point else info.dtype)
-        set_module_tensor_to_device(model, first, device, value=value)
+        first = next(n for n in names if n in tensors)
+        set_module_tensor_to_device(model, first, device, value=tensors[first])
         shared = model.get_parameter(first)
         for n in names:
             if n != first:
                 module, _, attr = n.rpartition(".")
                 setattr(model.get_submodule(module), attr, shared)
-    for name in buffers:  # persistent buffers stored in the checkpoint (rare); the others keep their init value
-        key = keys.get(name) or (name if name in shards else None)
-        if key is not None:
-            info = shards.info(key)
-            set_module_tensor_to_device(model, name, device, value=read_as(info, info.dtype))
-    return index
+    # Persistent buffers the checkpoint stores (rare, small): accelerate leaves buffers where they are.
+    for name, _ in list(model.named_buffers()):
+        if name in tensors:
+            set_module_tensor_to_device(model, name, device, value=tensors[name])
 
 
 def release_memory() -> None:
