@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from torch import nn
 from lineas.io import human_size
 
 from .errors import BakeError
-from .shards import INDEX_FILE, SINGLE_FILE
+from .shards import INDEX_FILE, SINGLE_FILE, ShardFolder, read_as
+from .store import checkpoint_keys
 
 log = logging.getLogger(__name__)
 
@@ -174,27 +176,36 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
                  max_memory: int | None = None, trust_remote_code: bool = False):
     """Yield the model of ``folder`` in ``dtype``, ready to run with at most ``max_memory`` bytes of
     weights in memory (None: :func:`default_max_memory`).  On exit the model is freed and its memory
-    handed back to the OS, provided the caller holds no reference to it any more (``del`` it in the block)."""
-    from transformers import AutoModelForCausalLM
+    handed back to the OS, provided the caller holds no reference to it any more (``del`` it in the block).
+
+    The skeleton is built on the meta device and dispatched with accelerate's ``dispatch_model``.  Every
+    tensor, resident or read as its block runs, comes from :class:`ShardTensors`: read in 64 MB blocks
+    straight into ``dtype`` (a 2 GB float32 embedding stored in bfloat16 never sits in memory beside a
+    whole bfloat16 copy and the file's mapped pages, as a whole-tensor load through a memory map would
+    put it)."""
+    from accelerate import dispatch_model
 
     folder = Path(folder)
-    skeleton = load_skeleton(folder, trust_remote_code=trust_remote_code, dtype=dtype)
-    budget = default_max_memory(skeleton) if max_memory is None else max_memory
-    dmap = device_map_for(skeleton, torch.device(device), budget)
+    model = load_skeleton(folder, trust_remote_code=trust_remote_code, dtype=dtype)
+    budget = default_max_memory(model) if max_memory is None else max_memory
+    dmap = device_map_for(model, torch.device(device), budget)
+    tensors = ShardTensors(model, ShardFolder(folder), dtype)
     if isinstance(dmap, dict):
         log.info("verification holds at most %s of the %s of weights in memory; the other blocks are read "
-                 "from %s each time they run", human_size(budget), human_size(whole_model_bytes(skeleton, dtype)),
+                 "from %s each time they run", human_size(budget), human_size(whole_model_bytes(model, dtype)),
                  folder)
-    del skeleton
-    # accelerate warns that offloaded parameters sit on the meta device: that is the point here.
-    quiet = logging.getLogger("accelerate.big_modeling")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=dmap,
-                                                     trust_remote_code=trust_remote_code)
-    finally:
-        quiet.setLevel(level)
+        _materialise(model, tensors, device, offloaded=lambda name: dmap[_block_of(name, dmap)] == "disk")
+        # accelerate warns that offloaded parameters sit on the meta device: that is the point here.
+        quiet = logging.getLogger("accelerate.big_modeling")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            # accelerate reads an offloaded weight from ``state_dict`` first: ours reads it from the shards.
+            dispatch_model(model, device_map=dmap, state_dict=tensors, offload_index={})
+        finally:
+            quiet.setLevel(level)
+    else:
+        _materialise(model, tensors, device, offloaded=lambda name: False)
     try:
         yield model.eval()
     finally:
@@ -202,10 +213,78 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
         release_memory()
 
 
+class ShardTensors(Mapping):
+    """The tensors of ``model`` (parameter and persistent-buffer names) as stored in ``shards``, each read
+    when asked for, in ``dtype`` (integer tensors keep theirs); what accelerate's offloaded blocks read
+    as they run.  A parameter that the checkpoint does not hold is an error naming it (transformers would
+    initialise it randomly)."""
+
+    def __init__(self, model: nn.Module, shards: ShardFolder, dtype: torch.dtype):
+        self.shards, self.dtype = shards, dtype
+        self.keys_of = checkpoint_keys(model, shards)
+        for name, _ in model.named_buffers():
+            if name in shards:
+                self.keys_of[name] = name
+        missing = [n for n, _ in model.named_parameters() if n not in self.keys_of]
+        if missing:
+            raise BakeError(f"{shards.folder} has no tensor for {len(missing)} parameter(s) of "
+                            f"{type(model).__name__}, e.g. {missing[0]!r}: is this checkpoint for this config.json?")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self.shards.info(self.keys_of[name])
+        return read_as(info, self.dtype if info.dtype.is_floating_point else info.dtype)
+
+    def __iter__(self):
+        return iter(self.keys_of)
+
+    def __len__(self) -> int:
+        return len(self.keys_of)
+
+
+def _block_of(name: str, dmap: dict) -> str:
+    """The device-map entry that places tensor ``name``."""
+    while name not in dmap:
+        if "." not in name:
+            return ""
+        name = name.rpartition(".")[0]
+    return name
+
+
+def _materialise(model: nn.Module, tensors: ShardTensors, device: str, *, offloaded) -> None:
+    """Give every tensor of ``model`` (on the meta device) its value, except those ``offloaded(name)``
+    says stay on disk.  Tied parameters get one tensor, shared again after the load."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        if all(offloaded(n) for n in names):
+            continue
+        first = next(n for n in names if n in tensors)
+        set_module_tensor_to_device(model, first, device, value=tensors[first])
+        shared = model.get_parameter(first)
+        for n in names:
+            if n != first:
+                module, _, attr = n.rpartition(".")
+                setattr(model.get_submodule(module), attr, shared)
+    # Persistent buffers the checkpoint stores (rare, small): accelerate leaves buffers where they are.
+    for name, _ in list(model.named_buffers()):
+        if name in tensors:
+            set_module_tensor_to_device(model, name, device, value=tensors[name])
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, and the next
     step's memory would add up with the last one's)."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).  Called after
+    every forward pass of an offloaded model: each pass allocates and frees every offloaded block, and
+    without it the freed pages of two threads' heaps add up (measured: +1.3 GiB over a Gemma-2-2B bake)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_bounded
+from .checkpoint import load_bounded, release_memory
 from .execute import compute_folded
 from .export import (
     EXPORT_DTYPES,
@@ -126,7 +126,9 @@ def export_hf_streamed(baked: BakedModel, folder: Path, opts: ExportOptions) -> 
     src = baked.source
 
     def folded(dtype: str):
-        return compute_folded(baked.model, baked.plan, baked.effective, src.store, out_dtype=EXPORT_DTYPES[dtype])
+        out = compute_folded(baked.model, baked.plan, baked.effective, src.store, out_dtype=EXPORT_DTYPES[dtype])
+        release_memory()  # the float64 work on the big weights it read (q/k/v rows): freed before the reference loads
+        return out
 
     with explained_cast_failure(baked.plan, opts.dtype):  # an overflow fails now, before any slow step
         final = folded(opts.dtype)

@@ -17,6 +17,8 @@ from torch import nn
 
 from lineas.evaluate import model_logits
 
+from .checkpoint import trim_heap
+
 # A candidate is anything mapping (input_ids, attention_mask) -> logits [B, L, V];
 # torch models are wrapped by :func:`torch_runner`; ONNX exporters pass their own.
 Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -24,8 +26,13 @@ Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def torch_runner(model: nn.Module) -> Runner:
     """A torch model as a :data:`Runner` (logits on the CPU, for comparing with the reference)."""
+    offloaded = "disk" in (getattr(model, "hf_device_map", None) or {}).values()
+
     def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return model_logits(model, input_ids, attention_mask).detach().to("cpu", torch.float32)
+        out = model_logits(model, input_ids, attention_mask).detach().to("cpu", torch.float32)
+        if offloaded:  # each pass allocated and freed every offloaded block: hand the pages back at once
+            trim_heap()
+        return out
 
     return run
 

@@ -163,6 +163,19 @@ def converted_blocks(info: TensorInfo, dtype: torch.dtype, block: int = COPY_BLO
         yield out
 
 
+def read_as(info: TensorInfo, dtype: torch.dtype, block: int = COPY_BLOCK) -> torch.Tensor:
+    """``info``'s tensor as a new tensor in ``dtype``, filled block by block: the memory is the result plus
+    one block (the whole stored tensor never sits beside its converted copy).  No finiteness check: this
+    reads a checkpoint for running it, in a dtype at least as wide as the export's."""
+    out = torch.empty(info.shape, dtype=dtype)
+    flat, at = out.view(-1), 0
+    for b in (converted_blocks(info, dtype, block) if dtype != info.dtype else
+              (decode(raw, info.dtype) for raw in raw_blocks(info, block - block % out.element_size()))):
+        flat[at:at + b.numel()].copy_(b)
+        at += b.numel()
+    return out
+
+
 @dataclass(frozen=True)
 class Entry:
     """One tensor of an output shard: its name, dtype and shape (the header is written before the data)."""

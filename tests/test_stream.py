@@ -24,7 +24,8 @@ from tiny import ARCHS, tiny_model
 from bake.api import bake, bake_folder
 from bake.checkpoint import largest_block_bytes, load_bounded, load_skeleton
 from bake.cli import main
-from bake.shards import INDEX_FILE, ShardFolder, raw_blocks
+from bake.errors import BakeError
+from bake.shards import INDEX_FILE, ShardFolder, raw_blocks, read_as
 
 # Qwen2 has q/k/v biases of its own: every one of these folds into standard weights.
 QWEN2_SITES = ("model.layers.0.input_layernorm", "model.layers.1.input_layernorm",
@@ -127,6 +128,36 @@ def test_bounded_load_offloads_layers_and_hooks_still_fire(tmp_path):
         handle.remove()
     assert seen
     assert_close_rel(got, logits(load(src)), rel=1e-6)
+
+
+def test_bounded_load_of_a_bfloat16_checkpoint_reads_blocks_into_float32(tmp_path):
+    """Resident tensors are read block by block into the run dtype (no whole bf16 copy beside the fp32
+    one); what runs is the checkpoint's values exactly, resident or offloaded."""
+    model, src, _ = sharded_checkpoint(tmp_path, "llama", ("model.norm",), dtype=torch.bfloat16)
+    shards = ShardFolder(src)
+    emb = shards.info("model.embed_tokens.weight")
+    small = read_as(emb, torch.float32, block=64)  # many blocks, one of them partial
+    assert emb.nbytes > 64 * 4 and small.dtype == torch.float32
+    assert torch.equal(small, shards.get("model.embed_tokens.weight").float())
+    with load_bounded(src, max_memory=tight_budget(src)) as m:
+        assert "disk" in set(m.hf_device_map.values())
+        assert m.model.embed_tokens.weight.dtype == torch.float32
+        assert torch.equal(m.model.embed_tokens.weight, small)
+        got = logits(m)
+    assert_close_rel(got, logits(load(src)), rel=1e-6)
+
+
+def test_bounded_load_names_a_parameter_the_checkpoint_lacks(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    weights = load_file(src / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BakeError, match="model.norm.weight"):
+        with load_bounded(src):
+            pass
 
 
 def test_bfloat16_checkpoint_exports_in_float32_and_in_bfloat16(tmp_path):
