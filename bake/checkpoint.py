@@ -179,7 +179,7 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     handed back to the OS, provided the caller holds no reference to it any more (``del`` it in the block).
 
     The skeleton is built on the meta device and dispatched with accelerate's ``dispatch_model``.  Every
-    tensor, resident or read as its block runs, comes from :class:`ShardTensors`: read in 64 MB blocks
+    tensor, resident or read as its block runs, comes from :class:`ShardTensors`: read in 4 MB blocks
     straight into ``dtype`` (a 2 GB float32 embedding stored in bfloat16 never sits in memory beside a
     whole bfloat16 copy and the file's mapped pages, as a whole-tensor load through a memory map would
     put it)."""
@@ -233,6 +233,9 @@ class ShardTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.shards.info(self.keys_of[name])
         return read_as(info, self.dtype if info.dtype.is_floating_point else info.dtype)
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the tensor to answer
+        return name in self.keys_of
 
     def __iter__(self):
         return iter(self.keys_of)

@@ -23,7 +23,10 @@ import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-COPY_BLOCK = 64 << 20  # bytes per read/convert block: bounds the memory of copying one tensor
+# Bytes per read/convert block (bounds the memory of copying one tensor).  Cache-sized blocks convert
+# fastest: bfloat16 -> float32 of 1.4 GiB took 0.86 s in 4 MB blocks, 1.1 s in 64 MB, 1.14 s in 256 MB
+# (safetensors' get_tensor + .to(): 0.8 s), measured here with a throwaway script on the Gemma-2-2B shape.
+READ_BLOCK = 4 << 20
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -115,27 +118,25 @@ class ShardFolder:
         """The tensor ``key``, read now from its shard (with plain reads: a memory map would count the
         file's pages in this process's memory until it is closed)."""
         info = self.infos[key]
-        return decode(next(raw_blocks(info, max(1, info.nbytes)), bytearray()), info.dtype, info.shape)
+        return read_as(info, info.dtype)
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
 
 
-def raw_blocks(info: TensorInfo, block: int = COPY_BLOCK) -> Iterator[bytearray]:
-    """The stored bytes of one tensor, in fresh blocks of at most ``block`` bytes (no decoding)."""
+def raw_blocks(info: TensorInfo, block: int = READ_BLOCK) -> Iterator[memoryview]:
+    """The stored bytes of one tensor, in blocks of at most ``block`` bytes (no decoding), for writing
+    them out: each block is a view of ONE reused buffer, valid until the next block is asked for
+    (no allocation, zero-fill or page faults per block)."""
+    buf = bytearray(min(block, info.nbytes))
     with open(info.file, "rb") as fh:
         fh.seek(info.begin)
         left = info.nbytes
         while left:
-            buf = bytearray(min(block, left))
-            view, got = memoryview(buf), 0
-            while got < len(buf):
-                n = fh.readinto(view[got:])
-                if not n:
-                    raise ShardFormatError(f"{info.file} ends inside tensor {info.key!r}")
-                got += n
-            left -= len(buf)
-            yield buf
+            view = memoryview(buf)[:min(block, left)]
+            _read_exactly(fh, view, info)
+            left -= len(view)
+            yield view
 
 
 def decode(data: bytearray, dtype: torch.dtype, shape: Sequence[int] = (-1,)) -> torch.Tensor:
@@ -145,35 +146,58 @@ def decode(data: bytearray, dtype: torch.dtype, shape: Sequence[int] = (-1,)) ->
     return torch.frombuffer(data, dtype=dtype).reshape(tuple(shape))
 
 
-def converted_blocks(info: TensorInfo, dtype: torch.dtype, block: int = COPY_BLOCK) -> Iterator[torch.Tensor]:
-    """``info``'s tensor cast to ``dtype``, block by block (a 2 GB embedding never sits in memory whole).
+def converted_blocks(info: TensorInfo, dtype: torch.dtype, block: int = READ_BLOCK) -> Iterator[torch.Tensor]:
+    """``info``'s tensor cast to ``dtype``, block by block (a 2 GB embedding never sits in memory whole);
+    each block is a view of one reused buffer, valid until the next one, as in :func:`raw_blocks`.
     Raises :class:`bake.errors.NonFiniteCastError` when the cast overflows."""
     from .errors import NonFiniteCastError
 
     item = torch.empty((), dtype=info.dtype).element_size()
     # Only a narrower range can overflow (float32 -> float16); bfloat16 -> float32 needs no check.
     narrowing = torch.finfo(dtype).max < torch.finfo(info.dtype).max
+    out = torch.empty(max(1, block // item), dtype=dtype)  # reused: each block is written out before the next
     for raw in raw_blocks(info, block - block % item):
         b = decode(raw, info.dtype)
-        out = b.to(dtype)
+        o = out[:b.numel()]
+        o.copy_(b)
         if narrowing:
-            n_bad = int((~torch.isfinite(out)).sum()) - int((~torch.isfinite(b)).sum())
+            n_bad = int((~torch.isfinite(o)).sum()) - int((~torch.isfinite(b)).sum())
             if n_bad > 0:
                 raise NonFiniteCastError(dtype, {info.key: n_bad})
-        yield out
+        yield o
 
 
-def read_as(info: TensorInfo, dtype: torch.dtype, block: int = COPY_BLOCK) -> torch.Tensor:
-    """``info``'s tensor as a new tensor in ``dtype``, filled block by block: the memory is the result plus
-    one block (the whole stored tensor never sits beside its converted copy).  No finiteness check: this
-    reads a checkpoint for running it, in a dtype at least as wide as the export's."""
+def read_as(info: TensorInfo, dtype: torch.dtype, block: int = READ_BLOCK) -> torch.Tensor:
+    """``info``'s tensor as a new tensor in ``dtype``.  Same dtype: read straight into the result (one
+    copy).  Another dtype: read into one reused block buffer, converted into the result as it is copied,
+    so the memory is the result plus one block (the whole stored tensor never sits beside its converted
+    copy, nor does a memory map add the file's pages).  No finiteness check: this reads a checkpoint for
+    running it, in a dtype at least as wide as the export's."""
     out = torch.empty(info.shape, dtype=dtype)
-    flat, at = out.view(-1), 0
-    for b in (converted_blocks(info, dtype, block) if dtype != info.dtype else
-              (decode(raw, info.dtype) for raw in raw_blocks(info, block - block % out.element_size()))):
-        flat[at:at + b.numel()].copy_(b)
-        at += b.numel()
+    flat = out.view(-1)
+    item = torch.empty((), dtype=info.dtype).element_size()
+    with open(info.file, "rb") as fh:
+        fh.seek(info.begin)
+        if dtype == info.dtype:
+            _read_exactly(fh, memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b""), info)
+            return out
+        buf = torch.empty(max(item, min(block - block % item, info.nbytes)), dtype=torch.uint8)
+        at = 0
+        while at < flat.numel():
+            n = min(buf.numel() // item, flat.numel() - at)
+            _read_exactly(fh, memoryview(buf.numpy())[:n * item], info)
+            flat[at:at + n].copy_(buf[:n * item].view(info.dtype))
+            at += n
     return out
+
+
+def _read_exactly(fh, view: memoryview, info: TensorInfo) -> None:
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise ShardFormatError(f"{info.file} ends inside tensor {info.key!r}")
+        got += n
 
 
 @dataclass(frozen=True)
