@@ -55,9 +55,15 @@ LOGITS_BUDGET = 256 << 20  # bytes of float32 logits per forward pass (a 256k vo
 Shape = tuple[int, int]  # (rows, width) of a batch
 
 
-def position_cap(vocab: int) -> int:
-    """Padded positions one pass may carry: :data:`LOGITS_BUDGET` of float32 logits over ``vocab``."""
-    return max(1, LOGITS_BUDGET // (4 * max(1, vocab)))
+# A candidate runs while the reference's logits and activations are held, and its own logits are kept
+# until compared: its passes get half the budget.  Measured on the Gemma-2-2B shape (benchmarks/bake_scale.py):
+# peak RSS 4.25 GiB with the full budget for both, 3.71 GiB with half for both (but 11 reference passes, not 8).
+CANDIDATE_LOGITS_BUDGET = LOGITS_BUDGET // 2
+
+
+def position_cap(vocab: int, budget: int = LOGITS_BUDGET) -> int:
+    """Padded positions one pass may carry: ``budget`` bytes of float32 logits over ``vocab``."""
+    return max(1, budget // (4 * max(1, vocab)))
 
 
 def pack_passes(units: Sequence[Shape], cap: int, fixed: Sequence[Shape] = (),
@@ -139,13 +145,13 @@ def row_slice(batches: Sequence[tuple[torch.Tensor, torch.Tensor]], index: int) 
 
 
 def run_grouped(run: Runner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab: int, *,
-                first: int = 0, record=None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+                first: int = 0, record=None, budget: int = LOGITS_BUDGET) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Logits of every batch, in as few passes as :func:`pack_passes` allows.  ``record``: a context
     manager factory taking a :class:`RowSlice` (:func:`bake.verify.record_outputs`), active during the
     pass that holds batch ``first``; returns what it recorded of that batch's rows."""
     outs: list[torch.Tensor | None] = [None] * len(batches)
     acts: dict[str, torch.Tensor] = {}
-    for idxs in pack_passes([tuple(ids.shape) for ids, _ in batches], position_cap(vocab)):
+    for idxs in pack_passes([tuple(ids.shape) for ids, _ in batches], position_cap(vocab, budget)):
         sub = [batches[i] for i in idxs]
         if first in idxs and record is not None:
             with record(row_slice(sub, idxs.index(first))) as acts:
@@ -153,7 +159,8 @@ def run_grouped(run: Runner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]
         else:
             res = run_batches(run, sub)
         for i, r in zip(idxs, res):
-            outs[i] = r
+            outs[i] = r.clone()  # compact: the pass's padded logits (a 256k vocabulary: ~1 MB a position) go now
+        del res
     return outs, acts
 
 

@@ -147,6 +147,21 @@ def test_bounded_load_of_a_bfloat16_checkpoint_reads_blocks_into_float32(tmp_pat
     assert_close_rel(got, logits(load(src)), rel=1e-6)
 
 
+def test_offloaded_weights_are_read_once_per_run(tmp_path, monkeypatch):
+    """accelerate asks ``name in state_dict`` before ``state_dict[name]``: answering must not read."""
+    import bake.checkpoint as ck
+
+    _, src, _ = sharded_checkpoint(tmp_path, "llama", ("model.norm",))
+    with load_bounded(src, max_memory=tight_budget(src)) as m:
+        offloaded = [n for n, p in m.named_parameters() if p.device.type == "meta"]
+        assert offloaded
+        reads = []
+        real = ck.read_as
+        monkeypatch.setattr(ck, "read_as", lambda info, dtype: reads.append(info.key) or real(info, dtype))
+        logits(m)
+    assert sorted(reads) == sorted(offloaded)
+
+
 def test_bounded_load_names_a_parameter_the_checkpoint_lacks(tmp_path):
     from safetensors.torch import load_file, save_file
 
