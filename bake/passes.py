@@ -58,12 +58,18 @@ Shape = tuple[int, int]  # (rows, width) of a batch
 # A candidate runs while the reference's logits and activations are held, and its own logits are kept
 # until compared: its passes get half the budget.  Measured on the Gemma-2-2B shape (benchmarks/bake_scale.py):
 # peak RSS 4.25 GiB with the full budget for both, 3.71 GiB with half for both (but 11 reference passes, not 8).
-CANDIDATE_LOGITS_BUDGET = LOGITS_BUDGET // 2
+CANDIDATE_SHARE = 0.5
 
 
-def position_cap(vocab: int, budget: int = LOGITS_BUDGET) -> int:
-    """Padded positions one pass may carry: ``budget`` bytes of float32 logits over ``vocab``."""
-    return max(1, budget // (4 * max(1, vocab)))
+def candidate_budget() -> int:
+    """Bytes of logits one candidate pass may carry (read at call time, like :data:`LOGITS_BUDGET`)."""
+    return int(LOGITS_BUDGET * CANDIDATE_SHARE)
+
+
+def position_cap(vocab: int, budget: int | None = None) -> int:
+    """Padded positions one pass may carry: ``budget`` bytes (None: :data:`LOGITS_BUDGET`) of float32
+    logits over ``vocab``."""
+    return max(1, (LOGITS_BUDGET if budget is None else budget) // (4 * max(1, vocab)))
 
 
 def pack_passes(units: Sequence[Shape], cap: int, fixed: Sequence[Shape] = (),
@@ -145,7 +151,7 @@ def row_slice(batches: Sequence[tuple[torch.Tensor, torch.Tensor]], index: int) 
 
 
 def run_grouped(run: Runner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab: int, *,
-                first: int = 0, record=None, budget: int = LOGITS_BUDGET) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+                first: int = 0, record=None, budget: int | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Logits of every batch, in as few passes as :func:`pack_passes` allows.  ``record``: a context
     manager factory taking a :class:`RowSlice` (:func:`bake.verify.record_outputs`), active during the
     pass that holds batch ``first``; returns what it recorded of that batch's rows."""

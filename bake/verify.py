@@ -33,7 +33,7 @@ from .logit_stats import STATS_CHUNK, LogitStats, logit_stats, probe_stats  # no
 from .noise_floor import SAMPLES as FLOOR_SAMPLES
 from .noise_floor import NoiseFloor
 from .passes import (  # noqa: F401 (re-exported)
-    CANDIDATE_LOGITS_BUDGET,
+    candidate_budget,
     Runner,
     RowSlice,
     greedy_tokens,
@@ -151,7 +151,7 @@ def _run_all(model_or_runner, probes, greedy_prompts, greedy_of, watch, progress
         record = (lambda rows: record_outputs(model_or_runner, watch, rows)) if (
             isinstance(model_or_runner, nn.Module) and watch) else None
         outs, acts = run_grouped(run, batches, vocab, first=_diag_index(probes), record=record,
-                                 budget=CANDIDATE_LOGITS_BUDGET)
+                                 budget=candidate_budget())
         bar.update()
     width, n_tokens = prompts.shape[1], len(greedy_of[0]) if greedy_of else 0
     greedy = outs.pop()[:, width - 1:width - 1 + n_tokens].argmax(-1).tolist()
