@@ -4,11 +4,12 @@
   (accelerate's ``init_empty_weights``): every module, parameter name and shape, no storage.
   Planning and ``--dry-run`` need nothing more.
 * :func:`load_bounded` loads a folder for running with at most ``max_memory`` bytes of
-  weights in memory: transformers + accelerate big-model inference, with a ``device_map``
-  from :func:`device_map_for` (blocks that fit stay resident, the others are offloaded to
-  disk).  Disk-offloaded weights are read straight from the folder's safetensors shards when
-  a block runs (no copy of the checkpoint is made), and torch forward hooks (steering,
-  recording) still fire.  A model that fits is loaded whole, without any accelerate hook.
+  weights in memory: the skeleton dispatched by accelerate's big-model inference
+  (``dispatch_model``) with a ``device_map`` from :func:`device_map_for` (blocks that fit stay
+  resident, the others are offloaded to disk).  Offloaded weights are read from the folder's
+  safetensors shards by :class:`ShardTensors` when a block runs (no copy of the checkpoint is
+  made), and torch forward hooks (steering, recording) still fire.  A model that fits is loaded
+  whole, without any accelerate hook.
 """
 
 from __future__ import annotations
