@@ -26,5 +26,10 @@ class NonFiniteCastError(FoldError):
                          + " non-finite" + note)
 
 
+class ExportWriteError(BakeError, ValueError):
+    """Writing the export failed (disk full, quota, read-only file system, permission) after the up-front
+    checks passed; the temporary folder is already removed, so nothing is left behind."""
+
+
 class VerificationError(BakeError):
     """The baked model does not reproduce the hooked model within tolerance."""

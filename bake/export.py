@@ -16,6 +16,7 @@ load snippets for the model card, and files.  ONNX plugs in as
 from __future__ import annotations
 
 import copy
+import errno
 import importlib
 import json
 import logging
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from lineas.models import TOKENIZER_FILES
 
 from .card import ExportInfo, write_card, write_provenance, write_verification
-from .errors import BakeError, NonFiniteCastError, VerificationError
+from .errors import BakeError, ExportWriteError, NonFiniteCastError, VerificationError
 from .outdir import (
     OWNER_FILE,
     check_out_dir,
@@ -181,8 +182,12 @@ def export(baked: BakedModel, out_dir: str | os.PathLike, *, formats: str | Sequ
             write_provenance(tmp, info)
             write_card(tmp, info, repo=out.name)
             move_into_place(tmp, out)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+                # the free-space check ran before any work, but the disk can still fill (other writers, quota)
+                raise ExportWriteError(f"writing the export into {out.parent} failed: {e.strerror}"
+                                       f" ({e.filename or tmp}); nothing was written") from e
             raise
     baked.export_report = report
     if publish is not None:
@@ -235,6 +240,9 @@ def state_dict_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
 def _sites_writing(plan, tensors: Sequence[str]) -> list[str]:
     """The plan's sites whose fold steps write any of ``tensors``."""
     return [p.site for p in plan.sites if any(t in step.tensors for step in p.steps for t in tensors)]
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @contextmanager

@@ -86,6 +86,19 @@ def _small_disk(monkeypatch):
     monkeypatch.setattr(bake.outdir.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
 
 
+def _disk_fills_while_writing(monkeypatch):
+    """The up-front free-space check passes, then the disk fills while the export is written."""
+    import errno
+    import importlib
+
+    export_module = importlib.import_module("bake.export")  # the package re-exports a function of that name
+
+    def full(folder, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(export_module, "write_verification", full)
+
+
 @dataclass(frozen=True)
 class Row:
     id: str
@@ -115,6 +128,7 @@ ROWS = [
     Row("out-parent-is-file", lambda w: w.base()[:4] + ["--out", str(w.maps / "sub")], "is a file"),
     Row("out-read-only", lambda w: w.base()[:4] + ["--out", str(w.read_only_dir())], "cannot write in"),
     Row("out-disk-full", lambda w: w.base(), "is free on the file system", patch=_small_disk),
+    Row("out-disk-fills-while-writing", lambda w: w.base(), "No space left on device", patch=_disk_fills_while_writing),
     Row("out-dot", lambda w: w.base()[:4] + ["--out", "."], "is the current directory"),
     Row("out-dot-overwrite", lambda w: w.base()[:4] + ["--out", ".", "--overwrite"], "is the current directory"),
     Row("out-contains-model", lambda w: ["--model", str(w.nested_model()), "--maps", str(w.maps), "--out",
