@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "lineas-bake --require-standard. 'auto' (default): on when a registry entry describes the "
                          "model; '--foldable' alone: on; 'off': train every part (the bake may need affine modules "
                          "and trust_remote_code) (default: %(default)s)")
+    tr.add_argument("--require-runtime", action="append", default=[], metavar="NAME",
+                    help="keep the maps servable by NAME without custom code, as lineas-bake --require-runtime "
+                         "checks (llama.cpp, vllm, tgi, transformers, onnxruntime; repeatable): a shift whose fold "
+                         "switches on a bias flag NAME does not load (Gemma-2's attention_bias in llama.cpp) is "
+                         "frozen at 0 too. Needs --foldable (auto or on)")
     tr.add_argument("--holdout", type=float, default=d.holdout, metavar="FRAC",
                     help="hold out this fraction of source and target prompts and report W2 on them too "
                          "(default: %(default)s)")
@@ -196,7 +201,8 @@ def train_config(args):
     return TrainConfig(method=args.method, init=args.init, steps=args.steps, optimizer=args.optimizer, lr=args.lr,
                        betas=tuple(args.betas), schedule=args.schedule, batch_size=args.batch_size,
                        max_length=args.max_length, sparsity_l1=args.sparsity_l1, sparsity_group=args.sparsity_group,
-                       seed=args.seed, holdout=args.holdout, foldable=args.foldable)
+                       seed=args.seed, holdout=args.holdout, foldable=args.foldable,
+                       runtimes=tuple(args.require_runtime))
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
@@ -292,7 +298,7 @@ def _train_pipeline(args, config, source, target) -> int:
         return _fail(str(e))
     try:
         pipe = load_pipeline(args.model, dtype=getattr(torch, args.dtype), device=args.device,
-                             trust_remote_code=args.trust_remote_code)
+                             trust_remote_code=args.trust_remote_code, progress=not args.quiet)
     except PipelineLoadError as e:
         return _fail(str(e))
     except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device that is not there

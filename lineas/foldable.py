@@ -13,13 +13,19 @@ The planner's decisions depend only on which parts are not the identity (and on 
 never on their values, so a map whose frozen parts stay exactly at ``scale = 1`` / ``shift = 0``
 plans with no affine module, whatever was learned: ``lineas-bake --require-standard`` takes it.
 A site where neither part folds (a decoder layer, a tied ``lm_head``) is left out of training.
+
+Standard weights are not enough for every runtime: a shift that folds by switching on a bias flag
+(Gemma-2's ``attention_bias``) makes an export that llama.cpp's Gemma-2 cannot load.  With
+``runtimes`` (``lineas-train --require-runtime llama.cpp``), a shift whose plan alone is refused by one
+of them (the plan's runtime matrix, :mod:`bake.runtimes`, from the registry's cited facts) is frozen
+as well, and the trained maps are planned with that requirement before they are returned.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -60,6 +66,7 @@ class FoldableSites:
     sites: tuple[SiteParts, ...]
     config_changes: tuple[str, ...] = ()   # config flags the bake will switch on for the trained shifts
     note: str = ""                         # why it was not applied
+    runtimes: tuple[str, ...] = ()         # runtimes (bake.registry.Runtime values) the maps fold for
 
     def __getitem__(self, site: str) -> SiteParts:
         for p in self.sites:
@@ -89,6 +96,7 @@ class FoldableSites:
         n_scale = sum(not p.scale for p in self.partly_frozen)
         n_shift = sum(not p.shift for p in self.partly_frozen)
         planned = f"registry {self.registry!r}" if self.registry else "module types"
+        planned += f", for {', '.join(self.runtimes)}" if self.runtimes else ""
         head = (f"foldable ({self.mode.value}, planned with {planned}): {len(self.trained)} site(s) trained, "
                 f"{n_shift} shift(s) frozen at 0, {n_scale} scale(s) frozen at 1, "
                 f"{len(self.excluded)} site(s) left out")
@@ -109,7 +117,7 @@ class FoldableSites:
         return json.dumps({
             "mode": self.mode.value, "applied": self.applied, "registry": self.registry,
             "frozen": frozen, "excluded": {p.site: p.scale_reason for p in self.excluded},
-            "config_changes": list(self.config_changes), "note": self.note,
+            "config_changes": list(self.config_changes), "note": self.note, "runtimes": list(self.runtimes),
         }, sort_keys=True)
 
     def to_dict(self) -> dict:
@@ -129,26 +137,48 @@ def _planner(model: nn.Module):
     return plan
 
 
-def _probe(model: nn.Module, dims: Mapping[str, int], parts: Mapping[str, tuple[bool, bool]]):
-    """The bake plan of maps at ``dims`` whose scale / shift is a non-identity probe where ``parts`` says so."""
+def _probe(model: nn.Module, dims: Mapping[str, int], parts: Mapping[str, tuple[bool, bool]], runtimes=()):
+    """The bake plan of maps at ``dims`` whose scale / shift is a non-identity probe where ``parts`` says so
+    (``runtimes``: passed on as the bake's ``require_runtimes``, so a refusal raises ``FoldError``)."""
     plan = _planner(model)
-    return plan(model, {s: SiteMap(torch.full((d,), PROBE_SCALE) if parts[s][0] else torch.ones(d),
-                                   torch.full((d,), PROBE_SHIFT) if parts[s][1] else torch.zeros(d))
-                        for s, d in dims.items()})
+    maps = {s: SiteMap(torch.full((d,), PROBE_SCALE) if parts[s][0] else torch.ones(d),
+                       torch.full((d,), PROBE_SHIFT) if parts[s][1] else torch.zeros(d)) for s, d in dims.items()}
+    return plan(model, maps, require_runtimes=runtimes) if runtimes else plan(model, maps)
 
 
-def plan_foldable(model: nn.Module, dims: Mapping[str, int], mode: Foldable | str = Foldable.ON) -> FoldableSites:
+def _runtime_refusal(plan, runtimes) -> str:
+    """Why ``plan``'s runtime matrix refuses one of ``runtimes`` ("" when all serve it)."""
+    from bake.runtimes import refusals
+
+    return "; ".join(f"{v.runtime.value}: {v.reason}" for v in refusals(plan.runtimes, runtimes))
+
+
+def plan_foldable(model: nn.Module, dims: Mapping[str, int], mode: Foldable | str = Foldable.ON,
+                  runtimes=()) -> FoldableSites:
     """Which parts of maps at ``dims`` (site -> map length, in training order) fold into ``model``'s
-    standard weights, as ``lineas-bake`` (no ``--untie-embeddings``) would plan them.
+    standard weights, as ``lineas-bake`` (no ``--untie-embeddings``) would plan them; with ``runtimes``
+    (:class:`bake.registry.Runtime` values), into weights each of those runtimes serves.
 
-    Raises :class:`bake.errors.FoldError` (a ``ValueError``) for sites the baker refuses outright."""
+    Raises :class:`bake.errors.FoldError` (a ``ValueError``) for sites the baker refuses outright, and when
+    the maps that are left still cannot be served by ``runtimes`` (a runtime with no fact for the model)."""
+    from bake.registry import Runtime
+
+    from .pipelines import PipelineModules
+
     mode = Foldable(mode)
+    runtimes = tuple(Runtime(r) for r in runtimes)
+    if runtimes and isinstance(model, PipelineModules):  # as lineas-bake refuses it for a pipeline
+        raise ValueError(f"--require-runtime {' '.join(r.value for r in runtimes)}: the runtime matrix covers causal "
+                         "LMs; none of its runtimes runs a diffusers pipeline")
     sites = list(dims)
     everything = tuple(SiteParts(site=s, scale=True, shift=True) for s in sites)
     if mode is Foldable.OFF:
+        if runtimes:
+            raise ValueError("--foldable off trains every part, so it cannot keep the maps servable by "
+                             + ", ".join(r.value for r in runtimes))
         return FoldableSites(mode=mode, applied=False, registry=None, sites=everything, note="--foldable off")
     scale_plan = _probe(model, dims, {s: (True, False) for s in sites})
-    if mode is Foldable.AUTO and scale_plan.registry is None:
+    if mode is Foldable.AUTO and scale_plan.registry is None and not runtimes:
         why = (f"no registry entry (bake/archs) describes {type(model).__name__}, so the planner would freeze "
                "shifts only for want of knowing which linears read them; --foldable on freezes them anyway")
         return FoldableSites(mode=mode, applied=False, registry=None, sites=everything, note=why)
@@ -159,6 +189,12 @@ def plan_foldable(model: nn.Module, dims: Mapping[str, int], mode: Foldable | st
         parts[s] = SiteParts(site=s, scale=sp.fully_folded, shift=tp.fully_folded,
                              scale_reason="" if sp.fully_folded else sp.reason,
                              shift_reason="" if tp.fully_folded else tp.reason)
+    if runtimes and _runtime_refusal(shift_plan, runtimes):  # which shifts the runtimes refuse, one site at a time
+        for s in sites:
+            if parts[s].shift:
+                why = _runtime_refusal(_probe(model, {s: dims[s]}, {s: (False, True)}), runtimes)
+                if why:
+                    parts[s] = replace(parts[s], shift=False, shift_reason=why)
     trained = {s: d for s, d in dims.items() if not parts[s].excluded}
     changes = ()
     if trained:
@@ -169,12 +205,19 @@ def plan_foldable(model: nn.Module, dims: Mapping[str, int], mode: Foldable | st
                                  shift_reason="folds alone but not beside the scale: " + joint.site(s).reason)
         if clash:  # now one part per clashing site, each checked alone above
             joint = _probe(model, trained, {s: (parts[s].scale, parts[s].shift) for s in trained})
+        if runtimes:  # what is left must be served: a runtime with no fact for the model refuses here
+            _probe(model, trained, {s: (parts[s].scale, parts[s].shift) for s in trained}, runtimes)
         changes = tuple(f"{c.key}={c.new!r} ({c.reason})" for c in joint.config_changes)
     return FoldableSites(mode=mode, applied=True, registry=scale_plan.registry,
-                         sites=tuple(parts[s] for s in sites), config_changes=changes)
+                         sites=tuple(parts[s] for s in sites), config_changes=changes,
+                         runtimes=tuple(r.value for r in runtimes))
 
 
-def check_standard(model: nn.Module, maps: SteeringMaps) -> None:
-    """Plan ``maps`` exactly as ``lineas-bake --require-standard`` does; raises ``FoldError`` if any site
-    would need an affine module (the guarantee, checked on the trained maps themselves)."""
-    _planner(model)(model, maps.maps, require_standard=True)
+def check_standard(model: nn.Module, maps: SteeringMaps, runtimes=()) -> None:
+    """Plan ``maps`` exactly as ``lineas-bake --require-standard [--require-runtime R ...]`` does; raises
+    ``FoldError`` if any site would need an affine module or a runtime in ``runtimes`` could not serve the
+    export (the guarantee, checked on the trained maps themselves)."""
+    from bake.registry import Runtime
+
+    required = {"require_runtimes": tuple(Runtime(r) for r in runtimes)} if runtimes else {}
+    _planner(model)(model, maps.maps, require_standard=True, **required)

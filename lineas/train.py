@@ -142,6 +142,8 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     rest stays exactly at ``scale = 1`` / ``shift = 0``, for Linear-AcT too), sites where nothing
     folds are left out (``ValueError`` if none is left), and the trained maps are planned with
     ``require_standard`` before they are returned.  Metadata ``foldable`` records what was frozen.
+    ``runtimes`` (``--require-runtime``): shifts whose fold one of those runtimes cannot serve (a bias flag
+    it does not load) are frozen too, and the check above requires them.
 
     ``target_model`` (default: ``model``) is the model whose activations on the
     target prompts define the target distribution -- e.g. a copy of the model
@@ -177,7 +179,7 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     try:
         probe_batch = src_tok.batch(range(min(2, len(src_tok))), device)
         site_names = forward_order(model, probe_batch, site_names)
-        fold = _plan_foldable(model, probe_batch, site_names, cfg.foldable)
+        fold = _plan_foldable(model, probe_batch, site_names, cfg.foldable, cfg.runtimes)
         site_names = fold.trained
         parts = fold.parts()
         n_collect = len(src_tok) + len(tgt_tok) + (len(held[0]) + len(held[1]) if held else 0)
@@ -247,7 +249,7 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     meta.update(metadata or {})
     maps_obj = SteeringMaps(site_maps, meta)
     if fold.applied:  # the guarantee, on the maps themselves: what --require-standard will plan
-        check_standard(model, maps_obj)
+        check_standard(model, maps_obj, fold.runtimes)
     timing = {"collect_s": t_collect, "fit_s": t_fit}
     if losses:
         timing["steps_per_s"] = len(losses) / t_fit
@@ -255,11 +257,11 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
                        fell_back_to_linear_act=fallback is not None, foldable=fold)
 
 
-def _plan_foldable(model: nn.Module, batch, sites: list[str], mode: Foldable) -> FoldableSites:
+def _plan_foldable(model: nn.Module, batch, sites: list[str], mode: Foldable, runtimes=()) -> FoldableSites:
     """:func:`lineas.foldable.plan_foldable` at the sites' real map lengths (one short forward pass)."""
     with torch.no_grad():
         pooled = run_to_sites(model, batch, sites)
-    fold = plan_foldable(model, {s: int(pooled[s].shape[-1]) for s in sites}, mode)
+    fold = plan_foldable(model, {s: int(pooled[s].shape[-1]) for s in sites}, mode, runtimes)
     if fold.applied and (fold.partly_frozen or fold.excluded):
         log.info("%s", fold.summary())
     if not fold.trained:

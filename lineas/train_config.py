@@ -91,6 +91,9 @@ class TrainConfig:
     seed: int = 0
     holdout: float = 0.0
     foldable: Foldable = Foldable.AUTO
+    # Serving runtimes (bake.registry.Runtime values) the maps must fold for: a shift whose fold switches on a
+    # bias flag one of them does not serve is frozen too (lineas-train --require-runtime; needs foldable).
+    runtimes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, kind in _ENUMS.items():
@@ -115,6 +118,30 @@ class TrainConfig:
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.holdout < 1:
             raise ConfigError("holdout", f"must be in [0, 1), got {self.holdout}")
+        object.__setattr__(self, "runtimes", _runtime_names(self.runtimes))
+        if self.runtimes and self.foldable is Foldable.OFF:
+            raise ConfigError("require_runtime", f"{', '.join(self.runtimes)} asks for maps that fold for that "
+                                                 "runtime, which --foldable off does not train")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=lambda v: v.value)
+
+
+def _runtime_names(names) -> tuple[str, ...]:
+    """Runtime names as the bake spells them (``bake.runtimes.parse_runtime``: ``llamacpp`` -> ``llama.cpp``)."""
+    if isinstance(names, str):
+        names = (names,)
+    if not names:
+        return ()
+    from bake.runtimes import parse_runtime
+
+    out = []
+    for n in names:
+        try:
+            out.append(parse_runtime(n).value)
+        except ValueError:
+            from bake.registry import Runtime
+
+            raise ConfigError("require_runtime", f"got {n!r}, not a runtime: choose from "
+                                                 f"{', '.join(r.value for r in Runtime)}") from None
+    return tuple(dict.fromkeys(out))

@@ -172,3 +172,52 @@ def test_cli_gemma2_four_norms_bake_standard(tmp_path, capsys):
     bad[bad.index(GEMMA2_NORMS)] = r"model\.layers\.\d+\.mlp"
     assert train_main(bad) == 2
     assert "model.layers.1.mlp: left out" in capsys.readouterr().err and not (tmp_path / "none.safetensors").exists()
+
+
+def _gemma2_with_prompts(tmp_path):
+    model_dir = tmp_path / "gemma2"
+    save_tiny("gemma2", model_dir)
+    save_tokenizer(model_dir)
+    (tmp_path / "a.txt").write_text("\n".join(f"the {w} was bad and slow" for w in "abcdefgh") + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(f"a {w} is good , kind and fast" for w in "abcdefgh") + "\n")
+    return model_dir, ["--model", str(model_dir), "--source", str(tmp_path / "a.txt"), "--target",
+                       str(tmp_path / "b.txt"), "--sites", GEMMA2_NORMS, "--steps", "10", "--lr", "0.05",
+                       "--batch-size", "4", "--quiet"]
+
+
+def test_require_runtime_llama_cpp_freezes_shifts_behind_an_unserved_bias_flag(tmp_path, capsys):
+    """Gemma-2's input_layernorm shift folds into q/k/v biases (attention_bias), which llama.cpp's Gemma-2 does
+    not load: --foldable maps are standard but not servable there; --require-runtime llama.cpp freezes that shift
+    too, and the maps then pass lineas-bake --require-runtime llama.cpp (what --format gguf requires)."""
+    model_dir, common = _gemma2_with_prompts(tmp_path)
+    assert train_main([*common, "--out", str(tmp_path / "std.safetensors")]) == 0
+    capsys.readouterr()
+    rc = bake_main(["--model", str(model_dir), "--maps", str(tmp_path / "std.safetensors"), "--require-runtime",
+                    "llama.cpp", "--out", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "llama.cpp: no" in err and "attention_bias" in err and not (tmp_path / "refused").exists()
+
+    assert train_main([*common, "--require-runtime", "llamacpp", "--out", str(tmp_path / "gguf.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert "for llama.cpp" in printed and "8 shift(s) frozen at 0" in printed
+    assert "model.layers.0.input_layernorm: shift frozen (llama.cpp: its gemma2 does not serve attention_bias" in printed
+    maps = SteeringMaps.load(tmp_path / "gguf.safetensors")
+    meta = json.loads(maps.metadata[METADATA_KEY])
+    assert meta["runtimes"] == ["llama.cpp"] and "model.layers.1.input_layernorm" in meta["frozen"]
+    assert all(torch.equal(maps[s].shift, torch.zeros_like(maps[s].shift)) for s in maps.sites)
+    assert any(not torch.equal(maps[s].scale, torch.ones_like(maps[s].scale)) for s in maps.sites)  # it learned
+    rc = bake_main(["--model", str(model_dir), "--maps", str(tmp_path / "gguf.safetensors"), "--require-standard",
+                    "--require-runtime", "llama.cpp", "--out", str(tmp_path / "baked"), "--verify-tokens", "2"])
+    assert rc == 0 and "0 affine modules" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--require-runtime", "nope"], "--require-runtime got 'nope', not a runtime"),
+    (["--require-runtime", "llama.cpp", "--foldable", "off"], "--foldable off does not train"),
+])
+def test_require_runtime_bad_input_is_refused_before_training(extra, needle, tmp_path, capsys):
+    _, common = _gemma2_with_prompts(tmp_path)
+    out = tmp_path / "m.safetensors"
+    assert train_main([*common, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and not out.exists()
