@@ -75,9 +75,11 @@ def require_diffusers():
 
 
 def load_pipeline(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                  device: str = "cpu"):
+                  device: str = "cpu", progress: bool = False):
     """``DiffusionPipeline.from_pretrained(path)`` in ``dtype`` (float32 by default), without remote
-    code unless asked.  Errors are :class:`PipelineLoadError` naming the folder."""
+    code unless asked.  Errors are :class:`PipelineLoadError` naming the folder.  diffusers' "Loading
+    pipeline components" bar is shown only with ``progress`` (the CLIs pass: on a terminal, not --quiet).
+    The loaded pipeline's own denoising bar is always off."""
     path = Path(path)
     class_name = pipeline_class_name(path)  # checks the folder before importing anything heavy
     diffusers = require_diffusers()
@@ -85,11 +87,19 @@ def load_pipeline(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
         raise PipelineLoadError(f"{path}: pipeline class {class_name!r} is not in diffusers {diffusers.__version__}; "
                                 f"a custom pipeline runs remote code: pass trust_remote_code=True "
                                 f"(--trust-remote-code) if you trust it")
+    from diffusers.utils import logging as diffusers_logging
+
+    bar_was_on = diffusers_logging.is_progress_bar_enabled()
+    if not progress:
+        diffusers_logging.disable_progress_bar()
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype,
                                                            trust_remote_code=trust_remote_code)
     except Exception as e:  # diffusers raises many types (OSError, ValueError, EnvironmentError...)
         raise PipelineLoadError(f"{path}: could not load the {class_name} pipeline: {type(e).__name__}: {e}") from e
+    finally:
+        if bar_was_on:
+            diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
