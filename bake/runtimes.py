@@ -170,13 +170,15 @@ def check_required(plan, required) -> None:
         return
     lines = [f"  {v.runtime.value}: {v.serves.value}: {v.reason}" + (f" [{v.source}]" if v.source else "")
              for v in bad]
-    fix = ""
+    names = " ".join(f"--require-runtime {v.runtime.value}" for v in bad)
+    fix = (f"\nlearn maps that this runtime serves with `lineas-train {names}` (it freezes the shifts whose fold "
+           "needs a bias flag the runtime does not load), or steer other sites")
     if plan.affine_sites:
         reasons = {p.site: p.reason for p in plan.sites if p.affine is not None}
         fix = ("\nsites that need an affine module:\n" + "\n".join(f"  {s}: {r}" for s, r in reasons.items())
                + "\nlearn maps that fold into standard weights with `lineas-train --foldable` (already the default, "
-               "auto, for models with a registry entry; it freezes the scale or shift of each such site), or steer "
-               "other sites")
+               f"auto, for models with a registry entry; it freezes the scale or shift of each such site; add {names} "
+               "for bias flags the runtime does not load), or steer other sites")
     names = ", ".join(v.runtime.value for v in bad)
     raise FoldError(f"the export cannot be served by {names} without custom code, nothing was done:\n"
                     + "\n".join(lines) + fix)

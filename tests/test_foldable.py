@@ -196,6 +196,7 @@ def test_require_runtime_llama_cpp_freezes_shifts_behind_an_unserved_bias_flag(t
                     "llama.cpp", "--out", str(tmp_path / "refused")])
     err = capsys.readouterr().err
     assert rc == 2 and "llama.cpp: no" in err and "attention_bias" in err and not (tmp_path / "refused").exists()
+    assert "lineas-train --require-runtime llama.cpp" in err  # the way out
 
     assert train_main([*common, "--require-runtime", "llamacpp", "--out", str(tmp_path / "gguf.safetensors")]) == 0
     printed = capsys.readouterr().out
