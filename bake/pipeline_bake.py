@@ -106,10 +106,19 @@ def _rewrite_component(folder: Path, new: dict[str, torch.Tensor]) -> bool:
     """Rewrite the safetensors files of one component folder in place, replacing the tensors in ``new``
     (keys relative to the component) and copying every other tensor's bytes (:class:`ShardWriter`,
     same file names, order and metadata).  False, with nothing changed, when the folder's default
-    (non-variant) safetensors files do not hold every key of ``new``."""
+    (non-variant) safetensors files do not hold every key of ``new``, or hold one of them in a dtype other
+    than float32: the export is float32, and a fold rounded to bf16/fp16 is not what the hooked pipeline
+    computes (8e-5 relative on the tiny FLUX transformer stored in bf16, over the 1e-5 row), so the caller
+    re-saves the whole component in float32."""
     files = [f for f in sorted(folder.glob("*.safetensors")) if _is_default_safetensors(f.name)]
     tensors = {f: file_tensors(f) for f in files}
-    if not set(new) <= {k for infos, _ in tensors.values() for k in infos}:
+    stored = {k: i.dtype for infos, _ in tensors.values() for k, i in infos.items()}
+    if not set(new) <= set(stored):
+        return False
+    narrow = sorted({str(stored[k]).removeprefix("torch.") for k in new if stored[k] != torch.float32})
+    if narrow:
+        log.warning("%s stores folded tensors in %s: the component is written in float32 (the export's dtype)",
+                    folder.name, ", ".join(narrow))
         return False
     for f, (infos, meta) in tensors.items():
         tmp = f.with_name(f.name + ".lineas-tmp")
@@ -248,6 +257,13 @@ def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[s
         return _fail(f"--require-runtime {' '.join(args.require_runtime)}: the runtime matrix covers causal LMs; a "
                      "baked pipeline loads in plain diffusers (no custom code, always) and, with --format hf,onnx, "
                      "in ONNX Runtime", EXIT_BAD_INPUT)
+    llm_only = [flag for flag, given in (("--max-memory", args.max_memory != "auto"),
+                                          ("--untie-embeddings", args.untie_embeddings),
+                                          ("--verify-tokens", args.verify_tokens != 8)) if given]
+    if llm_only:  # said, not silently ignored: a pipeline is loaded whole (no out-of-core engine here)
+        return _fail(f"{', '.join(llm_only)}: causal-LM option(s); a diffusers pipeline is loaded whole in float32 "
+                     "(no --max-memory bound), has no embeddings to untie and verifies --verify-steps denoising "
+                     "steps, not tokens", EXIT_BAD_INPUT)
     if "hf" not in formats or set(formats) - {"hf", "onnx"} or args.dtype != "float32":
         return _fail(f"a diffusers pipeline exports --format hf or hf,onnx with --dtype float32 here (got --format "
                      f"{args.format} --dtype {args.dtype})", EXIT_BAD_INPUT)

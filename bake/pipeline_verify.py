@@ -15,7 +15,7 @@ Rows and limits: :mod:`bake.tolerances`.
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -187,7 +187,17 @@ def compare(base: Outputs, hooked: Outputs, cand: Outputs, *, steps: int, seed: 
         rows.append(make_row("denoiser", DENOISER_ROW, "max_rel", value, den_tol.max_rel, vs_base))
     value, vs_base = max_abs(hooked.image, cand.image), max_abs(hooked.image, base.image)
     rows.append(make_row("image", IMAGE_ROW, "max_abs", value, img_tol.max_abs, vs_base))
-    return PipelineReport(rows=tuple(rows), steps=steps, seed=seed)
+    return PipelineReport(rows=tuple(require_a_visible_change(rows)), steps=steps, seed=seed)
+
+
+def require_a_visible_change(rows: list[Row]) -> list[Row]:
+    """``rows``, all failed when in none of them the maps move the output by more than the row's limit:
+    then an unsteered pipeline would pass too (hooked != base, but not by more than the checks allow)."""
+    measured = [r for r in rows if r.vs_base is not None]
+    if not measured or any(r.vs_base > r.limit for r in measured):
+        return rows
+    note = "the maps move no output by more than its limit: an unsteered pipeline would pass too (raise --strength)"
+    return [replace(r, passed=False, note=r.note or note) if r.vs_base is not None else r for r in rows]
 
 
 def rows_table(rows, candidate: str) -> str:

@@ -62,9 +62,11 @@ def test_cli_bake_reloads_as_the_hooked_pipeline_with_plain_diffusers(kind, tiny
     out = tmp_path / "X"
     code = main(["--model", str(src), "--maps", str(tmp_path / "m.safetensors"), "--strength", "0.8",
                  "--out", str(out)])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0, printed
     assert "0 affine modules" in printed and "pipeline-image-float32" in printed
+    assert "Loading pipeline components" not in captured.err  # no diffusers bars off a terminal
     base_den, base_img = _outputs(pipe)
     hooked_den, hooked_img = _outputs(pipe, maps)
     assert (hooked_den - base_den).abs().max() > 1e-3 and (hooked_img - base_img).abs().max() > 1e-3
@@ -97,7 +99,11 @@ def test_cli_bake_reloads_as_the_hooked_pipeline_with_plain_diffusers(kind, tiny
                     same = torch.equal(a.get_tensor(key), b.get_tensor(key))
                     assert same != (f"{component}.{key}" in folded), key
     card = (out / "README.md").read_text()
-    assert "library_name: diffusers" in card and "pipeline_tag: text-to-image" in card and "base_model:" in card
+    assert "library_name: diffusers" in card and "pipeline_tag: text-to-image" in card
+    assert f"base_model: {json.dumps(str(src))}" in card
+    plan_table = printed.split("\n\n")[0]  # the fold table the CLI printed, then the verification table
+    assert plan_table.strip() in card and all(s in plan_table for s in SITES[kind])
+    assert "pipeline-denoiser-float32" in card and "pipeline-image-float32" in card
     verification = json.loads((out / "lineas_verification.json").read_text())
     assert verification["passed"] and len(verification["rows"]) == 2
     assert not list(tmp_path.glob("lineas_tmp_*"))
@@ -120,6 +126,8 @@ def test_a_site_that_does_not_fold_is_refused_and_nothing_is_written(tiny_pipeli
     assert code == 2
     assert site in err and "no standard loading path" in err
     assert not (tmp_path / "X").exists() and not list(tmp_path.glob("lineas_tmp_*"))
+    assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X"), "--require-standard"]) == 2
+    assert "no standard loading path" in capsys.readouterr().err and not (tmp_path / "X").exists()
     assert main(["--model", str(src), "--maps", str(m), "--dry-run"]) == 2  # the plan is printed, then refused
     captured = capsys.readouterr()
     assert "affine module" in captured.out and "no standard loading path" in captured.err
@@ -209,7 +217,9 @@ def test_bad_options_and_a_rebake_are_refused_before_writing(tiny_pipeline_folde
     src = tiny_pipeline_folder("sd")
     m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
     for extra, needle in ((["--format", "onnx"], "--format"), (["--dtype", "bfloat16"], "--dtype"),
-                          (["--device", "tpu"], "tpu"), (["--verify-steps", "0"], "--verify-steps")):
+                          (["--device", "tpu"], "tpu"), (["--verify-steps", "0"], "--verify-steps"),
+                          (["--max-memory", "4GiB"], "--max-memory"), (["--untie-embeddings"], "--untie-embeddings"),
+                          (["--verify-tokens", "4"], "--verify-tokens")):
         assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X"), *extra]) == 2, extra
         assert needle in capsys.readouterr().err and not (tmp_path / "X").exists()
     assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")]) == 0
@@ -227,3 +237,34 @@ def test_require_runtime_is_refused_for_a_pipeline(tiny_pipeline_folder, tmp_pat
     code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X"), "--require-runtime", "vllm"])
     assert code == 2 and "--require-runtime vllm" in capsys.readouterr().err
     assert not (tmp_path / "X").exists()
+
+
+def test_maps_too_weak_for_any_check_to_see_fail_verification(tiny_pipeline_folder, tmp_path, capsys):
+    """hooked != base is not enough: when the maps move neither output by more than its row's limit, an
+    unsteered pipeline would pass as well, so the bake fails (exit 3) and writes nothing."""
+    src = tiny_pipeline_folder("sd")
+    m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
+    code = main(["--model", str(src), "--maps", str(m), "--strength", "1e-7", "--out", str(tmp_path / "X")])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "an unsteered pipeline would pass too" in err and "FAIL" in err
+    assert not (tmp_path / "X").exists() and not list(tmp_path.glob("lineas_tmp_*"))
+
+
+def test_a_bf16_stored_denoiser_is_written_in_float32(tiny_pipeline_folder, tmp_path, capsys):
+    """FLUX ships its transformer in bf16: folding into bf16 storage would round the fold (8e-5 relative,
+    over the 1e-5 row), so the rewritten component is written in float32, the export's dtype."""
+    from safetensors import safe_open
+
+    pipe = load_pipeline(tiny_pipeline_folder("flux"))
+    m = _maps_file(pipe, SITES["flux"][:2] + ["transformer.norm_out"], tmp_path / "m.safetensors")
+    pipe.transformer.to(torch.bfloat16)
+    pipe.save_pretrained(str(tmp_path / "src"))
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    with safe_open(str(tmp_path / "src" / weights), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    code = main(["--model", str(tmp_path / "src"), "--maps", str(m), "--out", str(tmp_path / "X")])
+    assert code == 0, capsys.readouterr().err
+    with safe_open(str(tmp_path / "X" / weights), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert json.loads((tmp_path / "X" / "lineas_verification.json").read_text())["passed"]

@@ -101,6 +101,16 @@ def test_cli_learns_maps_on_a_tiny_sd_pipeline(method, tiny_pipeline_folder, tmp
     assert count_forward_hooks(mods) == 0
     assert float(abs(steered - base).max()) > 1e-3
 
+    # end to end: the learned maps bake (every site folds, the reload reproduces the hooked pipeline)
+    from bake.cli import main as bake_main
+
+    capsys.readouterr()
+    assert bake_main(["--model", str(folder), "--maps", str(out), "--strength", "0.8", "--out",
+                      str(tmp_path / "X")]) == 0, capsys.readouterr().err
+    baked = capsys.readouterr().out
+    assert "18 sites: 18 scales folded, 18 shifts folded into own bias, 0 affine modules" in baked
+    assert json.loads((tmp_path / "X" / "lineas_verification.json").read_text())["passed"]
+
 
 def test_bad_inputs_name_the_offender_and_write_nothing(tiny_pipeline_folder, tmp_path, capsys):
     folder = tiny_pipeline_folder("sd")
