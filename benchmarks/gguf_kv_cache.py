@@ -15,9 +15,9 @@ import json
 
 import torch
 
-from bake.llamacpp import first_divergence, greedy_decode, llamacpp_runner, load_llamacpp
+from bake.llamacpp import greedy_decode, llamacpp_runner, load_llamacpp
 from bake.tolerances import Tolerance
-from bake.verify import compare, record_reference
+from bake.verify import compare, first_divergence, record_reference
 from lineas.maps import SteeringMaps
 from lineas.models import load_model
 
@@ -39,14 +39,13 @@ def main() -> None:
     rows = []
     for path in args.gguf:
         for f32_cache in (True, False):
-            llm = load_llamacpp(path, f32_cache=f32_cache)
-            check, _ = compare(llamacpp_runner(llm), ref, MEASURE, label=path)
-            decoded = greedy_decode(llm, ref.greedy_prompts, args.tokens)
+            with load_llamacpp(path, f32_cache=f32_cache) as llm:
+                check, _ = compare(llamacpp_runner(llm), ref, MEASURE, label=path)
+                decoded = greedy_decode(llm, ref.greedy_prompts, args.tokens)
             rows.append({"file": path, "kv_cache": "f32" if f32_cache else "f16 (llama.cpp default)",
                          "max_abs": check.max_abs, "max_rel": check.max_rel, "mean_kl": check.mean_kl,
                          "top1": check.top1, "greedy_first_divergence": [
                              first_divergence(w, g) for w, g in zip(ref.greedy, decoded.tokens)]})
-            del llm
     print(json.dumps({"model": args.model, "maps": args.maps, "tokens": args.tokens,
                       "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 

@@ -40,6 +40,9 @@ def _config(arch: str):
 
     kw = {**COMMON, "vocab_size": VOCAB}
     return {"llama": lambda: tf.LlamaConfig(**kw, tie_word_embeddings=True),
+            "mistral": lambda: tf.MistralConfig(**kw, sliding_window=None),
+            # llama.cpp's converter reads GPT-2's context length from n_ctx, as the original GPT-2 configs write it
+            "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, n_ctx=128),
             "qwen2": lambda: tf.Qwen2Config(**kw, tie_word_embeddings=False),
             "qwen3": lambda: tf.Qwen3Config(**kw, head_dim=16, tie_word_embeddings=False),
             "gemma3_text": lambda: tf.Gemma3TextConfig(**kw, head_dim=16, sliding_window=16,
@@ -54,7 +57,7 @@ def tiny_with_tokenizer(arch: str, folder, seed: int = 0):
     model = AutoModelForCausalLM.from_config(_config(arch), dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or ".ln_" in name:
                 p.add_(0.2 * torch.randn_like(p))
             elif p.dim() == 2:
                 p.mul_(8.0)  # logits far from ties, so greedy tokens are a sharp test
@@ -89,11 +92,38 @@ def test_gguf_f32_reproduces_the_hooked_model(baked_llama):
         with steered(model, maps, 1.0):
             hooked = model(ids).logits[0]
     assert (hooked - base).abs().max() > 1e-2 * hooked.abs().max()  # the steering moves the logits
-    llm = load_llamacpp(out / "gguf" / "model-f32.gguf")
-    got = llamacpp_runner(llm)(ids, torch.ones_like(ids))[0]
+    with load_llamacpp(out / "gguf" / "model-f32.gguf") as llm:
+        got = llamacpp_runner(llm)(ids, torch.ones_like(ids))[0]
     scale = hooked.abs().max()
     assert (got - hooked).abs().max() <= get_tolerance("gguf-f32").max_rel * scale
     assert (got - base).abs().max() > 1e-2 * scale  # the file carries the steering
+
+
+def test_llama_cpp_runs_apart_from_torch_and_a_crash_is_an_error_naming_the_signal(baked_llama):
+    """llama.cpp runs in a process of its own where torch is not imported: in one process, llama.cpp's ggml
+    (linked against the system's libgomp.so.1) would run on torch's bundled libgomp.so.1, and such a
+    process crashed in llama_decode here.  A crash of that process fails the check with the signal named."""
+    import signal
+
+    from bake.llamacpp import LlamaCppCrashed
+    from bake.errors import VerificationError
+
+    _, _, out = baked_llama
+    with load_llamacpp(out / "gguf" / "model-f32.gguf") as llm:
+        assert not llm.torch_loaded and llm.n_vocab() == VOCAB
+        assert llm.logits([5, 6, 7]).shape == (3, VOCAB)
+        llm._proc.send_signal(signal.SIGSEGV)  # what a native crash inside llama_decode looks like from here
+        llm._proc.wait()
+        with pytest.raises(LlamaCppCrashed, match="SIGSEGV") as e:
+            llm.logits([5, 6, 7])
+    assert isinstance(e.value, VerificationError)  # the CLI then exits 3 and writes nothing
+
+
+def test_a_file_llama_cpp_cannot_load_is_a_value_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ValueError, match="llama.cpp could not load"):
+        load_llamacpp(bad)
 
 
 def test_gguf_report_rows(baked_llama):
@@ -133,7 +163,8 @@ def test_gguf_check_fails_for_a_file_without_the_steering(tmp_path):
     maps = SteeringMaps.load(write_maps(tmp_path / "m.safetensors", FLAG_SITES, magnitude=0.5))
     ref = record_reference(model, {s: (maps[s].scale, maps[s].shift) for s in maps.sites}, n_tokens=4)
     convert(tmp_path / "tiny", tmp_path / "base.gguf", "f32")
-    check, _ = compare(llamacpp_runner(load_llamacpp(tmp_path / "base.gguf")), ref, "gguf-f32", label="base")
+    with load_llamacpp(tmp_path / "base.gguf") as llm:
+        check, _ = compare(llamacpp_runner(llm), ref, "gguf-f32", label="base")
     assert not check.passed and any("max relative" in f for f in check.failures)
 
 
@@ -148,7 +179,42 @@ def test_affine_plan_is_refused_before_work(tmp_path, capsys):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("lineas_tmp_")]
 
 
-SP_ARCHS = ("gemma", "gemma2")  # llama.cpp's converter reads their vocabulary from a sentencepiece model only
+GEMMA2_NORMS = r"model\.layers\.\d+\.(input|post_attention|pre_feedforward|post_feedforward)_layernorm"
+
+
+def test_free_gemma2_maps_on_four_norms_are_refused_for_gguf(tmp_path, capsys):
+    """Issue 11's acceptance case: all four Gemma-2 norms steered by maps learned with ``--foldable off``
+    (``lineas-train`` CLI): ``--format hf,gguf`` is refused before any work, naming the sites that need an
+    affine module and the way out, and nothing is written."""
+    from bake_fixtures import save_tokenizer
+
+    from lineas.cli import main as train_main
+
+    model_dir = tmp_path / "gemma2"
+    save_tiny("gemma2", model_dir)
+    save_tokenizer(model_dir)
+    (tmp_path / "a.txt").write_text("\n".join(f"the {w} was bad and slow" for w in "abcdefgh") + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(f"a {w} is good , kind and fast" for w in "abcdefgh") + "\n")
+    assert train_main(["--model", str(model_dir), "--source", str(tmp_path / "a.txt"), "--target",
+                       str(tmp_path / "b.txt"), "--sites", GEMMA2_NORMS, "--steps", "10", "--lr", "0.05",
+                       "--batch-size", "4", "--quiet", "--foldable", "off",
+                       "--out", str(tmp_path / "free.safetensors")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "x"
+    rc = main(["--model", str(model_dir), "--maps", str(tmp_path / "free.safetensors"), "--out", str(out),
+               "--format", "hf,gguf"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and "llama.cpp: no" in err and "lineas-train --foldable" in err
+    for layer in (0, 1):
+        for norm in ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            assert f"model.layers.{layer}.{norm}:" in err  # each site that needs an affine module, with why
+    assert "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("lineas_tmp_")]
+
+
+# llama.cpp's converter reads their vocabulary from a sentencepiece model (Phi-3: unless the tokenizer class is
+# GPT2Tokenizer, which SmolLM2's is not)
+SP_ARCHS = ("gemma", "gemma2", "phi3")
 
 
 @pytest.fixture(scope="module")
@@ -163,19 +229,33 @@ def sentencepiece_model(tmp_path_factory) -> Path:
     return path.with_suffix(".model")
 
 
-@pytest.mark.parametrize("with_shift", [True, False], ids=["shift", "scale-only"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3_text", "gemma", "gemma2"])
+FLAGGED = ("llama", "qwen3", "gemma3_text", "gemma", "gemma2")  # a shift switches attention_bias on
+# Every registry architecture (bake/archs); Mistral's and Phi-3's input_layernorm shifts need an affine module
+# (no bias flag, bias-free q/k/v: refused for llama.cpp before any work, see the affine tests above), so only
+# their scale-only maps make a file; GPT-2's shift folds into ln_1's own bias and Qwen2's into its q/k/v
+# biases, which always exist: no flag.
+FACT_CASES = [(a, s) for a in (*FLAGGED, "qwen2", "gpt2") for s in (True, False)] + [("mistral", False),
+                                                                                    ("phi3", False)]
+
+
+def test_fact_cases_cover_the_registry():
+    from bake.registry import load_registry
+
+    assert {a for a, _ in FACT_CASES} == set(load_registry())
+
+
+@pytest.mark.parametrize("arch, with_shift", FACT_CASES,
+                         ids=[f"{a}-{'shift' if s else 'scale-only'}" for a, s in FACT_CASES])
 def test_registry_llama_cpp_fact_holds(arch, with_shift, tmp_path, sentencepiece_model):
-    """Bake a map on input_layernorm and convert the HF export with llama.cpp's converter: the file loads in
-    llama.cpp exactly when the plan's llama.cpp verdict says yes.  With a shift, the fold switches
-    attention_bias on where the architecture has the flag (q/k/v biases; Qwen2's always exist); scale-only
-    maps switch nothing on, so every file must load (the same model, tokenizer and converter: a failure
-    with the shift is the bias, nothing else)."""
+    """Bake a map on the first layer's input norm and convert the HF export with llama.cpp's converter: the file
+    loads in llama.cpp exactly when the plan's llama.cpp verdict says yes.  With a shift, the fold switches
+    attention_bias on where the architecture has the flag; scale-only maps switch nothing on, so every file
+    must load (the same model, tokenizer and converter: a failure with the shift is the bias, nothing else)."""
     if arch in SP_ARCHS:
         save_tiny(arch, tmp_path / "tiny")  # no tokenizer: the bake verifies on random ids
     else:
         tiny_with_tokenizer(arch, tmp_path / "tiny")
-    site = "model.layers.0.input_layernorm"
+    site = "transformer.h.0.ln_1" if arch == "gpt2" else "model.layers.0.input_layernorm"
     m = make_maps([site], magnitude=0.5)
     if not with_shift:
         m = SteeringMaps({site: SiteMap(m[site].scale, torch.zeros_like(m[site].shift))}, dict(m.metadata))
@@ -185,13 +265,14 @@ def test_registry_llama_cpp_fact_holds(arch, with_shift, tmp_path, sentencepiece
                  "--verify-tokens", "2"]) == EXIT_OK
     prov = json.loads((out / "lineas_provenance.json").read_text())
     flags = {c["key"] for c in prov["plan"]["config_changes"]}
-    assert flags == ({"attention_bias"} if with_shift and arch != "qwen2" else set())
+    assert flags == ({"attention_bias"} if with_shift and arch in FLAGGED else set())
+    assert prov["plan"]["affine_sites"] == []
     verdict = next(v for v in prov["plan"]["runtimes"] if v["runtime"] == Runtime.LLAMA_CPP.value)
     if arch in SP_ARCHS:
         shutil.copyfile(sentencepiece_model, out / "tokenizer.model")
     convert(out, tmp_path / "f.gguf", "f32")
     try:
-        load_llamacpp(tmp_path / "f.gguf")
+        load_llamacpp(tmp_path / "f.gguf").close()
         loaded = True
     except ValueError:  # llama-cpp-python: "Failed to load model from file"
         loaded = False

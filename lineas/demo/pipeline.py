@@ -291,7 +291,11 @@ def runtime_check(base, tok, maps: SteeringMaps, baked_dir: Path, prompts: list[
             last[LLAMA_CPP] = llamacpp_generate(llm, tok, prompts, cfg.check_tokens)
             return last[LLAMA_CPP]
         runners[LLAMA_CPP] = run_llamacpp
-    speed = E.benchmark(runners, repeats=cfg.speed_repeats)
+    try:
+        speed = E.benchmark(runners, repeats=cfg.speed_repeats)
+    finally:
+        if llm is not None:
+            llm.close()  # llama.cpp's own process (bake.llamacpp)
     del runners_models
     ref = last["hooked"]
     comparisons = {}
