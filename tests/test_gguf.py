@@ -244,6 +244,35 @@ def test_fact_cases_cover_the_registry():
     assert {a for a, _ in FACT_CASES} == set(load_registry())
 
 
+def test_gemma2_maps_learned_for_llama_cpp_export_to_gguf(tmp_path, sentencepiece_model, capsys):
+    """The way out the refusal names: all four Gemma-2 norms learned with ``lineas-train --require-runtime
+    llama.cpp`` (scales only: Gemma-2's attention_bias is not loaded by llama.cpp) bake with ``--format hf,gguf``;
+    llama.cpp loads the file and reproduces the hooked model (the bake's own gating check)."""
+    from bake_fixtures import save_tokenizer
+
+    from lineas.cli import main as train_main
+
+    model_dir = tmp_path / "gemma2"
+    save_tiny("gemma2", model_dir)
+    save_tokenizer(model_dir)  # for training and the probes
+    shutil.copyfile(sentencepiece_model, model_dir / "tokenizer.model")  # for llama.cpp's converter
+    (tmp_path / "a.txt").write_text("\n".join(f"the {w} was bad and slow" for w in "abcdefgh") + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(f"a {w} is good , kind and fast" for w in "abcdefgh") + "\n")
+    maps = tmp_path / "llamacpp.safetensors"
+    assert train_main(["--model", str(model_dir), "--source", str(tmp_path / "a.txt"), "--target",
+                       str(tmp_path / "b.txt"), "--sites", GEMMA2_NORMS, "--steps", "10", "--lr", "0.05",
+                       "--batch-size", "4", "--quiet", "--require-runtime", "llama.cpp", "--out", str(maps)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    rc = main(["--model", str(model_dir), "--maps", str(maps), "--out", str(out), "--format", "hf,gguf",
+               "--verify-tokens", "4"])
+    assert rc == EXIT_OK, capsys.readouterr().err
+    checks = {c["label"]: c for c in json.loads((out / "lineas_verification.json").read_text())["checks"]}
+    assert checks["gguf f32 (llama.cpp)"]["passed"] and checks["gguf f32 (llama.cpp)"]["gating"]
+    prov = json.loads((out / "lineas_provenance.json").read_text())
+    assert prov["plan"]["affine_sites"] == [] and len(prov["plan"]["sites"]) == 8
+
+
 @pytest.mark.parametrize("arch, with_shift", FACT_CASES,
                          ids=[f"{a}-{'shift' if s else 'scale-only'}" for a, s in FACT_CASES])
 def test_registry_llama_cpp_fact_holds(arch, with_shift, tmp_path, sentencepiece_model):
