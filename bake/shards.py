@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .rawmem import convert_into, empty, mapped
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Bytes per read/convert block (bounds the memory of copying one tensor).  Cache-sized blocks convert
@@ -159,7 +161,7 @@ def converted_blocks(info: TensorInfo, dtype: torch.dtype, block: int = READ_BLO
     for raw in raw_blocks(info, block - block % item):
         b = decode(raw, info.dtype)
         o = out[:b.numel()]
-        o.copy_(b)
+        convert_into(o, decode(raw, torch.uint8), info.dtype)  # in this thread: see bake.rawmem
         if narrowing:
             n_bad = int((~torch.isfinite(o)).sum()) - int((~torch.isfinite(b)).sum())
             if n_bad > 0:
@@ -172,8 +174,15 @@ def read_as(info: TensorInfo, dtype: torch.dtype, block: int = READ_BLOCK) -> to
     copy).  Another dtype: read into one reused block buffer, converted into the result as it is copied,
     so the memory is the result plus one block (the whole stored tensor never sits beside its converted
     copy, nor does a memory map add the file's pages).  No finiteness check: this reads a checkpoint for
-    running it, in a dtype at least as wide as the export's."""
-    out = torch.empty(info.shape, dtype=dtype)
+    running it, in a dtype at least as wide as the export's.  A large tensor stored in ``dtype`` is
+    mapped from the file instead (copy-on-write, unmapped when freed).  The result is fresh memory in huge pages
+    when large, and the conversion runs in the calling thread (:mod:`bake.rawmem`: both measured to
+    matter, as every forward pass of an offloaded model reads its blocks again)."""
+    if dtype == info.dtype:
+        out = mapped(info.file, info.begin, info.nbytes, dtype, info.shape)
+        if out is not None:
+            return out
+    out = empty(info.shape, dtype)
     flat = out.view(-1)
     item = torch.empty((), dtype=info.dtype).element_size()
     with open(info.file, "rb") as fh:
@@ -186,7 +195,7 @@ def read_as(info: TensorInfo, dtype: torch.dtype, block: int = READ_BLOCK) -> to
         while at < flat.numel():
             n = min(buf.numel() // item, flat.numel() - at)
             _read_exactly(fh, memoryview(buf.numpy())[:n * item], info)
-            flat[at:at + n].copy_(buf[:n * item].view(info.dtype))
+            convert_into(flat[at:at + n], buf[:n * item], info.dtype)
             at += n
     return out
 
