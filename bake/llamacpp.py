@@ -17,6 +17,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +51,14 @@ class LlamaCppProcess:
 
     def __init__(self, path: Path, *, n_ctx: int, threads: int, f32_cache: bool):
         self.path = Path(path)
+        # stderr to a file, not a pipe: llama.cpp's own logging could fill a pipe nobody reads and stall it
+        self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(worker_command(self.path, n_ctx=n_ctx, threads=threads, f32_cache=f32_cache),
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
         try:
             hello = self._reply("loading")
         except LlamaCppCrashed as e:
+            self.close()
             raise ValueError(f"llama.cpp could not load {self.path}: {e}") from None
         if not hello.get("ok"):
             self.close()
@@ -85,7 +89,7 @@ class LlamaCppProcess:
             except (OSError, subprocess.TimeoutExpired):
                 proc.kill()
                 proc.wait()
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
+        for stream in (proc.stdin, proc.stdout, self._stderr):
             stream.close()
 
     def __enter__(self) -> LlamaCppProcess:
@@ -124,7 +128,8 @@ class LlamaCppProcess:
 
     def _died(self, what: str):
         rc = self._proc.wait()
-        err = self._proc.stderr.read().decode("utf-8", "replace").strip().splitlines()[-8:]
+        self._stderr.seek(0)
+        err = self._stderr.read().decode("utf-8", "replace").strip().splitlines()[-8:]
         how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit {rc}"
         raise LlamaCppCrashed(f"llama.cpp's process ended ({how}) while {what} with {self.path}"
                               + (":\n" + "\n".join(err) if err else ""))
