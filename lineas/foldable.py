@@ -137,13 +137,12 @@ def _planner(model: nn.Module):
     return plan
 
 
-def _probe(model: nn.Module, dims: Mapping[str, int], parts: Mapping[str, tuple[bool, bool]], runtimes=()):
-    """The bake plan of maps at ``dims`` whose scale / shift is a non-identity probe where ``parts`` says so
-    (``runtimes``: passed on as the bake's ``require_runtimes``, so a refusal raises ``FoldError``)."""
+def _probe(model: nn.Module, dims: Mapping[str, int], parts: Mapping[str, tuple[bool, bool]]):
+    """The bake plan of maps at ``dims`` whose scale / shift is a non-identity probe where ``parts`` says so."""
     plan = _planner(model)
-    maps = {s: SiteMap(torch.full((d,), PROBE_SCALE) if parts[s][0] else torch.ones(d),
-                       torch.full((d,), PROBE_SHIFT) if parts[s][1] else torch.zeros(d)) for s, d in dims.items()}
-    return plan(model, maps, require_runtimes=runtimes) if runtimes else plan(model, maps)
+    return plan(model, {s: SiteMap(torch.full((d,), PROBE_SCALE) if parts[s][0] else torch.ones(d),
+                                   torch.full((d,), PROBE_SHIFT) if parts[s][1] else torch.zeros(d))
+                        for s, d in dims.items()})
 
 
 def _runtime_refusal(plan, runtimes) -> str:
@@ -162,6 +161,7 @@ def plan_foldable(model: nn.Module, dims: Mapping[str, int], mode: Foldable | st
     Raises :class:`bake.errors.FoldError` (a ``ValueError``) for sites the baker refuses outright, and when
     the maps that are left still cannot be served by ``runtimes`` (a runtime with no fact for the model)."""
     from bake.registry import Runtime
+    from bake.runtimes import check_required
 
     from .pipelines import PipelineModules
 
@@ -172,10 +172,7 @@ def plan_foldable(model: nn.Module, dims: Mapping[str, int], mode: Foldable | st
                          "LMs; none of its runtimes runs a diffusers pipeline")
     sites = list(dims)
     everything = tuple(SiteParts(site=s, scale=True, shift=True) for s in sites)
-    if mode is Foldable.OFF:
-        if runtimes:
-            raise ValueError("--foldable off trains every part, so it cannot keep the maps servable by "
-                             + ", ".join(r.value for r in runtimes))
+    if mode is Foldable.OFF:  # with runtimes: refused by TrainConfig, before the model is loaded
         return FoldableSites(mode=mode, applied=False, registry=None, sites=everything, note="--foldable off")
     scale_plan = _probe(model, dims, {s: (True, False) for s in sites})
     if mode is Foldable.AUTO and scale_plan.registry is None and not runtimes:
@@ -205,8 +202,7 @@ def plan_foldable(model: nn.Module, dims: Mapping[str, int], mode: Foldable | st
                                  shift_reason="folds alone but not beside the scale: " + joint.site(s).reason)
         if clash:  # now one part per clashing site, each checked alone above
             joint = _probe(model, trained, {s: (parts[s].scale, parts[s].shift) for s in trained})
-        if runtimes:  # what is left must be served: a runtime with no fact for the model refuses here
-            _probe(model, trained, {s: (parts[s].scale, parts[s].shift) for s in trained}, runtimes)
+        check_required(joint, runtimes)  # what is left must be served: a runtime with no fact for the model refuses
         changes = tuple(f"{c.key}={c.new!r} ({c.reason})" for c in joint.config_changes)
     return FoldableSites(mode=mode, applied=True, registry=scale_plan.registry,
                          sites=tuple(parts[s] for s in sites), config_changes=changes,
@@ -218,6 +214,6 @@ def check_standard(model: nn.Module, maps: SteeringMaps, runtimes=()) -> None:
     ``FoldError`` if any site would need an affine module or a runtime in ``runtimes`` could not serve the
     export (the guarantee, checked on the trained maps themselves)."""
     from bake.registry import Runtime
+    from bake.runtimes import check_required
 
-    required = {"require_runtimes": tuple(Runtime(r) for r in runtimes)} if runtimes else {}
-    _planner(model)(model, maps.maps, require_standard=True, **required)
+    check_required(_planner(model)(model, maps.maps, require_standard=True), [Runtime(r) for r in runtimes])
