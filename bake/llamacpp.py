@@ -58,8 +58,7 @@ class LlamaCppProcess:
         try:
             hello = self._reply("loading")
         except LlamaCppCrashed as e:
-            self.close()
-            raise ValueError(f"llama.cpp could not load {self.path}: {e}") from None
+            hello = {"ok": False, "error": str(e)}
         if not hello.get("ok"):
             self.close()
             raise ValueError(f"llama.cpp could not load {self.path}: {hello.get('error')}")
