@@ -30,6 +30,7 @@ from torch import nn
 from lineas.io import human_size
 
 from .errors import BakeError
+from .rawmem import BufferPool
 from .shards import INDEX_FILE, SINGLE_FILE, ShardFolder, read_as
 from .store import checkpoint_keys
 
@@ -103,14 +104,16 @@ def _units(model: nn.Module, no_split: set[str]) -> list[str]:
     return out
 
 
-def device_map_for(skeleton: nn.Module, device: torch.device, max_memory: int) -> dict | str:
+def device_map_for(skeleton: nn.Module, device: torch.device, max_memory: int, *, keep_resident: bool = True
+                   ) -> dict | str:
     """Where each block of ``skeleton`` (in its run dtype) lives while verifying: ``device`` while the
     budget lasts, else "disk" (read from the checkpoint each time the block runs).
 
     ``max_memory`` covers the resident blocks *and* the largest block being read, as accelerate's
     ``max_memory`` does.  Unlike ``infer_auto_device_map``, a block that does not fit is skipped, not the
     end of the resident part: a 2 GB embedding first in the model must not send every layer to disk.
-    Tied blocks (an input embedding shared with the output head) stay resident."""
+    Tied blocks (an input embedding shared with the output head) stay resident.  ``keep_resident=False``:
+    no other block does either (but one, which accelerate needs), when the budget is not for the whole model."""
     from accelerate.utils import compute_module_sizes, find_tied_parameters
 
     sizes = compute_module_sizes(skeleton)
@@ -141,7 +144,7 @@ def device_map_for(skeleton: nn.Module, device: torch.device, max_memory: int) -
     dmap = {u: where for g in tied for u in g}
     left = max_memory - tied_bytes - largest
     for (u,) in free:
-        fits = sizes.get(u, 0) <= left
+        fits = keep_resident and sizes.get(u, 0) <= left
         left -= sizes.get(u, 0) if fits else 0
         dmap[u] = where if fits else "disk"
     if where not in dmap.values():  # accelerate needs one resident block to know the execution device
@@ -189,8 +192,10 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     folder = Path(folder)
     model = load_skeleton(folder, trust_remote_code=trust_remote_code, dtype=dtype)
     budget = default_max_memory(model) if max_memory is None else max_memory
-    dmap = device_map_for(model, torch.device(device), budget)
     tensors = ShardTensors(model, ShardFolder(folder), dtype)
+    # A block stored in the run dtype is read as mapped pages (bake.rawmem.mapped): as fast as a resident
+    # one, so none is kept resident and its memory goes to the passes (their logits) instead.
+    dmap = device_map_for(model, torch.device(device), budget, keep_resident=tensors.converts())
     if isinstance(dmap, dict):
         log.info("verification holds at most %s of the %s of weights in memory; the other blocks are read "
                  "from %s each time they run", human_size(budget), human_size(whole_model_bytes(model, dtype)),
@@ -205,6 +210,8 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
             dispatch_model(model, device_map=dmap, state_dict=tensors, offload_index={})
         finally:
             quiet.setLevel(level)
+        # The read buffers go once the decoder stack has run, before the output head and its logits.
+        model.base_model.register_forward_hook(lambda *_: tensors.pool.release())
     else:
         _materialise(model, tensors, device, offloaded=lambda name: False)
     try:
@@ -222,6 +229,7 @@ class ShardTensors(Mapping):
 
     def __init__(self, model: nn.Module, shards: ShardFolder, dtype: torch.dtype):
         self.shards, self.dtype = shards, dtype
+        self.pool = BufferPool()
         self.keys_of = checkpoint_keys(model, shards)
         for name, _ in model.named_buffers():
             if name in shards:
@@ -231,9 +239,21 @@ class ShardTensors(Mapping):
             raise BakeError(f"{shards.folder} has no tensor for {len(missing)} parameter(s) of "
                             f"{type(model).__name__}, e.g. {missing[0]!r}: is this checkpoint for this config.json?")
 
+    def converts(self) -> bool:
+        """Whether some floating tensor is stored in another dtype than the run dtype."""
+        return any(self.shards.info(k).dtype.is_floating_point and self.shards.info(k).dtype != self.dtype
+                   for k in set(self.keys_of.values()))
+
     def __getitem__(self, name: str) -> torch.Tensor:
+        """What an offloaded block reads each time it runs: into a buffer of :attr:`pool`, free again once
+        accelerate has dropped the block's weights after it ran."""
+        return self.read(name, pooled=True)
+
+    def read(self, name: str, *, pooled: bool = False) -> torch.Tensor:
+        """Tensor ``name`` in the run dtype; ``pooled=False``: memory of its own (a resident weight)."""
         info = self.shards.info(self.keys_of[name])
-        return read_as(info, self.dtype if info.dtype.is_floating_point else info.dtype)
+        return read_as(info, self.dtype if info.dtype.is_floating_point else info.dtype,
+                       pool=self.pool if pooled else None)
 
     def __contains__(self, name) -> bool:  # Mapping's default would read the tensor to answer
         return name in self.keys_of
@@ -266,7 +286,7 @@ def _materialise(model: nn.Module, tensors: ShardTensors, device: str, *, offloa
         if all(offloaded(n) for n in names):
             continue
         first = next(n for n in names if n in tensors)
-        set_module_tensor_to_device(model, first, device, value=tensors[first])
+        set_module_tensor_to_device(model, first, device, value=tensors.read(first))
         shared = model.get_parameter(first)
         for n in names:
             if n != first:
@@ -275,7 +295,7 @@ def _materialise(model: nn.Module, tensors: ShardTensors, device: str, *, offloa
     # Persistent buffers the checkpoint stores (rare, small): accelerate leaves buffers where they are.
     for name, _ in list(model.named_buffers()):
         if name in tensors:
-            set_module_tensor_to_device(model, name, device, value=tensors[name])
+            set_module_tensor_to_device(model, name, device, value=tensors.read(name))
 
 
 def release_memory() -> None:

@@ -55,17 +55,6 @@ LOGITS_BUDGET = 256 << 20  # bytes of float32 logits per forward pass (a 256k vo
 Shape = tuple[int, int]  # (rows, width) of a batch
 
 
-# A candidate runs while the reference's logits and activations are held, and its own logits are kept
-# until compared: its passes get half the budget.  Measured on the Gemma-2-2B shape (benchmarks/bake_scale.py):
-# peak RSS 4.25 GiB with the full budget for both, 3.71 GiB with half for both (but 11 reference passes, not 8).
-CANDIDATE_SHARE = 0.5
-
-
-def candidate_budget() -> int:
-    """Bytes of logits one candidate pass may carry (read at call time, like :data:`LOGITS_BUDGET`)."""
-    return int(LOGITS_BUDGET * CANDIDATE_SHARE)
-
-
 def position_cap(vocab: int, budget: int | None = None) -> int:
     """Padded positions one pass may carry: ``budget`` bytes (None: :data:`LOGITS_BUDGET`) of float32
     logits over ``vocab``."""

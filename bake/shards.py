@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .rawmem import convert_into, empty, mapped
+from .rawmem import BufferPool, convert_into, empty, mapped
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -169,22 +169,30 @@ def converted_blocks(info: TensorInfo, dtype: torch.dtype, block: int = READ_BLO
         yield o
 
 
-def read_as(info: TensorInfo, dtype: torch.dtype, block: int = READ_BLOCK) -> torch.Tensor:
-    """``info``'s tensor as a new tensor in ``dtype``.  Same dtype: read straight into the result (one
-    copy).  Another dtype: read into one reused block buffer, converted into the result as it is copied,
-    so the memory is the result plus one block (the whole stored tensor never sits beside its converted
-    copy, nor does a memory map add the file's pages).  No finiteness check: this reads a checkpoint for
-    running it, in a dtype at least as wide as the export's.  A large tensor stored in ``dtype`` is
-    mapped from the file instead (copy-on-write, unmapped when freed).  The result is fresh memory in huge pages
-    when large, and the conversion runs in the calling thread (:mod:`bake.rawmem`: both measured to
-    matter, as every forward pass of an offloaded model reads its blocks again)."""
+def read_as(info: TensorInfo, dtype: torch.dtype, block: int = READ_BLOCK, *,
+            pool: BufferPool | None = None) -> torch.Tensor:
+    """``info``'s tensor as a tensor in ``dtype``, in memory of its own or (``pool``) in a reusable buffer of
+    that :class:`bake.rawmem.BufferPool` (an offloaded block's weight, read again on every pass).
+
+    * Same dtype, large: the file's bytes mapped copy-on-write (no copy; unmapped when freed).
+    * Another dtype, into a pool buffer: converted straight from the file's mapped pages.
+    * Otherwise: read in ``block``-byte pieces through one reused buffer and converted into the result
+      as they come, so a 2 GB embedding's stored bytes never sit in memory whole beside its conversion.
+
+    Conversions run in the calling thread (:mod:`bake.rawmem`).  No finiteness check: this reads a
+    checkpoint for running it, in a dtype at least as wide as the export's."""
     if dtype == info.dtype:
         out = mapped(info.file, info.begin, info.nbytes, dtype, info.shape)
         if out is not None:
             return out
-    out = empty(info.shape, dtype)
+    out = empty(info.shape, dtype) if pool is None else pool.take(info.shape, dtype)
     flat = out.view(-1)
     item = torch.empty((), dtype=info.dtype).element_size()
+    stored = None if dtype == info.dtype or pool is None else mapped(info.file, info.begin, info.nbytes,
+                                                                     info.dtype, (-1,))
+    if stored is not None:
+        convert_into(flat, stored.view(torch.uint8), info.dtype)
+        return out
     with open(info.file, "rb") as fh:
         fh.seek(info.begin)
         if dtype == info.dtype:

@@ -33,7 +33,6 @@ from .logit_stats import STATS_CHUNK, LogitStats, logit_stats, probe_stats  # no
 from .noise_floor import SAMPLES as FLOOR_SAMPLES
 from .noise_floor import NoiseFloor
 from .passes import (  # noqa: F401 (re-exported)
-    candidate_budget,
     Runner,
     RowSlice,
     greedy_tokens,
@@ -150,8 +149,10 @@ def _run_all(model_or_runner, probes, greedy_prompts, greedy_of, watch, progress
     with tqdm(total=1, desc=desc, disable=bar_disabled(progress), leave=False) as bar:
         record = (lambda rows: record_outputs(model_or_runner, watch, rows)) if (
             isinstance(model_or_runner, nn.Module) and watch) else None
-        outs, acts = run_grouped(run, batches, vocab, first=_diag_index(probes), record=record,
-                                 budget=candidate_budget())
+        # The full logits budget, as the reference's: with the reads of bake.rawmem (and no resident block
+        # when they are mapped) the Gemma-2-2B-shaped bake peaks at 3.77 GiB for a float32 and for a
+        # bfloat16 export (benchmarks/bake_scale.py; half the budget took a third pass).
+        outs, acts = run_grouped(run, batches, vocab, first=_diag_index(probes), record=record)
         bar.update()
     width, n_tokens = prompts.shape[1], len(greedy_of[0]) if greedy_of else 0
     greedy = outs.pop()[:, width - 1:width - 1 + n_tokens].argmax(-1).tolist()

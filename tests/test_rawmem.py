@@ -96,3 +96,57 @@ def test_converted_blocks_write_path_matches_torch(tmp_path):
     blocks = [b.clone() for b in converted_blocks(shards.info("w"), torch.float32, block=256)]
     assert len(blocks) > 1
     assert torch.equal(torch.cat(blocks).view(40, 30), w.float())
+
+
+def test_buffer_pool_hands_out_a_buffer_again_only_once_nothing_holds_it():
+    pool = rawmem.BufferPool()
+    a = pool.take((4, 3), torch.float32)
+    a.fill_(1.0)
+    param = torch.nn.Parameter(a)  # what accelerate makes of a weight it read: same storage
+    del a
+    b = pool.take((4, 3), torch.float32)
+    assert b.data_ptr() != param.data_ptr()  # still held by the parameter: a new buffer
+    b.fill_(2.0)
+    assert bool((param == 1.0).all())
+    del param  # the block ran, accelerate dropped its weights
+    c = pool.take((4, 3), torch.float32)
+    assert c.shape == (4, 3) and c.dtype == torch.float32
+    assert pool.nbytes() == 2 * 4 * 3 * 4  # the first buffer is reused, not a third one allocated
+    view = c[1:]  # a view of the buffer still holds it
+    del b, c
+    d = pool.take((4, 3), torch.float32)
+    assert d.data_ptr() + 3 * 4 != view.data_ptr()  # the second buffer, the one nothing holds
+    assert pool.nbytes() == 2 * 4 * 3 * 4
+    assert pool.take((3, 4), torch.float32).shape == (3, 4)  # another shape: a buffer of its own
+    assert pool.take((4, 3), torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_offloaded_passes_read_into_reused_buffers_with_the_same_result(tmp_path, small_threshold, monkeypatch):
+    """An offloaded bfloat16 checkpoint read into float32: a pass allocates one buffer per weight shape
+    (the next read of that shape reuses it), the pool is emptied before the output head, and the logits
+    are those of the model loaded whole."""
+    from bake_fixtures import logits
+    from test_stream import sharded_checkpoint, tight_budget
+
+    from bake.checkpoint import ShardTensors, load_bounded
+
+    _, src, _ = sharded_checkpoint(tmp_path, "llama", ("model.norm",), dtype=torch.bfloat16)
+    with load_bounded(src) as whole:
+        want = logits(whole)
+        del whole
+    reads, fresh, pools = [], [], []
+    real_read, real_empty, real_init = ShardTensors.read, rawmem.empty, ShardTensors.__init__
+    monkeypatch.setattr(ShardTensors, "read", lambda self, name, **k: reads.append(name) or real_read(self, name, **k))
+    monkeypatch.setattr(rawmem, "empty", lambda shape, dtype: fresh.append(tuple(shape)) or real_empty(shape, dtype))
+    monkeypatch.setattr(ShardTensors, "__init__", lambda self, *a, **k: real_init(self, *a, **k) or pools.append(self.pool))
+    with load_bounded(src, max_memory=tight_budget(src)) as m:
+        offloaded = {k for k, v in m.hf_device_map.items() if v == "disk" and ".layers." in k}
+        assert len(offloaded) >= 2  # layers of one shape read one after the other
+        reads.clear(), fresh.clear()
+        first = logits(m)
+        assert pools[0].nbytes() == 0  # released once the decoder stack ran
+        # accelerate loads each leaf module's weight before it runs and drops it after: one buffer per shape.
+        assert len(reads) >= 2 * 9 and len(fresh) == len(set(fresh)) < len(reads) // 2
+        second = logits(m)
+        del m
+    assert torch.equal(first, want) and torch.equal(second, want)

@@ -157,7 +157,7 @@ def test_offloaded_weights_are_read_once_per_run(tmp_path, monkeypatch):
         assert offloaded
         reads = []
         real = ck.read_as
-        monkeypatch.setattr(ck, "read_as", lambda info, dtype: reads.append(info.key) or real(info, dtype))
+        monkeypatch.setattr(ck, "read_as", lambda info, dtype, **kw: reads.append(info.key) or real(info, dtype, **kw))
         logits(m)
     assert sorted(reads) == sorted(offloaded)
 
@@ -316,6 +316,32 @@ def test_device_map_keeps_tied_embeddings_and_what_fits_on_the_device(tmp_path):
         biggest_read = max(sizes[k] for k, v in dmap.items() if v == "disk")
         assert resident + biggest_read <= budget
     assert device_map_for(skeleton, torch.device("cpu"), 1 << 40) == "cpu"  # fits: loaded whole, no hooks
+    # Blocks read as mapped pages: only the tied ones stay (and modules holding buffers only).
+    kept = device_map_for(skeleton, torch.device("cpu"), budget, keep_resident=False)
+    resident = {k for k, v in kept.items() if v == "cpu"}
+    assert {"model.embed_tokens", "lm_head"} <= resident and not any(".layers." in k for k in resident)
+    roomy = sizes[""] - 1  # all but one block would fit
+    assert any(".layers." in k for k, v in device_map_for(skeleton, torch.device("cpu"), roomy).items() if v == "cpu")
+    kept = device_map_for(skeleton, torch.device("cpu"), roomy, keep_resident=False)
+    assert not any(".layers." in k for k, v in kept.items() if v == "cpu")
+    assert device_map_for(skeleton, torch.device("cpu"), 1 << 40, keep_resident=False) == "cpu"
+
+
+@pytest.mark.parametrize("dtype,kept", [(torch.float32, False), (torch.bfloat16, True)])
+def test_bounded_load_keeps_blocks_resident_only_when_reading_them_converts(tmp_path, dtype, kept):
+    """A float32 folder run in float32 is read as mapped pages (resident blocks would only add memory);
+    a bfloat16 one is converted on every read, so what fits the budget stays."""
+    from accelerate.utils import compute_module_sizes
+
+    _, src, _ = sharded_checkpoint(tmp_path, "llama", ("model.norm",), dtype=dtype)
+    roomy = compute_module_sizes(load_skeleton(src))[""] - 1  # all but one block would fit
+    with load_bounded(src, max_memory=roomy) as m:
+        where = m.hf_device_map
+        layers = [v for k, v in where.items() if ".layers." in k]
+        assert "disk" in layers and ("cpu" in layers) == kept
+        got = logits(m)
+        del m
+    assert_close_rel(got, logits(load(src)), rel=1e-6)
 
 
 def test_untied_embeddings_stream_like_in_memory(tmp_path):
@@ -362,3 +388,23 @@ def test_onnx_only_export_of_a_streamed_bake_is_checked_against_a_recorded_refer
     assert baked.reference is not None and (out / "onnx" / "model.onnx").is_file()
     onnx_checks = [c for c in baked.export_report.checks if c.tolerance.name.startswith("onnx")]
     assert onnx_checks and all(c.passed and c.gating for c in onnx_checks)
+
+
+def test_reference_offloaded_benchmark_runs_and_prints_its_fields(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from bake_fixtures import LLAMA_SITES
+
+    _, src, maps_path = sharded_checkpoint(tmp_path, "llama", LLAMA_SITES)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "reference_offloaded.py"), "--model", str(src),
+                          "--maps", str(maps_path), "--n-tokens", "3"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(out) == {"load_s", "reference_s", "passes", "reads_s", "peak_rss_gib"}
+    assert out["passes"] == 3 and out["reference_s"] > 0
