@@ -23,13 +23,17 @@ layers read into float32):
 * **Threads.**  torch's ``copy_`` splits a large bfloat16 -> float32 conversion over its intra-op
   threads; while another thread of the bake (the shard writer, the other model) or another process holds
   a core, every such split waits for a thread that is not running: 0.35 GB/s instead of 7 GB/s
-  single-threaded.  :func:`convert_into` converts :data:`INLINE_ELEMENTS` at a time, which torch runs in
-  the calling thread, so reads and writes never queue behind the forward pass's threads (and it is 1.5x
-  numpy's 16-bit shift in one thread).
+  single-threaded.  :func:`convert_into` converts in the calling thread only (numpy: bfloat16 is a 16-bit
+  shift, float16 a cast; both exact).  torch's conversion in pieces below its grain size also stays in
+  the calling thread and is 1.5x faster alone (1.2 s against 1.6 s per pass below), but it is one call
+  (and one hand-over of the GIL) per 128 KB: beside the shard writer, in-process timers of a whole bake
+  measured the reference's reads at 37.5 s that way against 15.9 s with numpy, the writer at 50 s
+  against 35 s.
 
-Together, measured on the Gemma-2-2B shape (throwaway script, warm page cache, a pass's 7.5 GiB of
-float32 layers from 3.7 GiB of bfloat16): 2.3 to 2.7 s per pass read into fresh huge pages with a
-numpy shift, 1.2 to 1.3 s into pooled buffers from the mapped pages.
+Together, measured on the Gemma-2-2B shape (throwaway scripts, warm page cache, a pass's 7.5 GiB of
+float32 layers from 3.7 GiB of bfloat16): 2.3 to 2.7 s per pass read into fresh huge pages, 1.6 s into
+pooled buffers from the mapped pages; the reference alone (``benchmarks/reference_offloaded.py``) is
+in the README.
 """
 
 from __future__ import annotations
@@ -84,23 +88,20 @@ def _numpy_bits(t: torch.Tensor) -> np.ndarray:
     return t.view(view).numpy().view(f"u{t.element_size()}")
 
 
-# torch runs an element-wise op of fewer elements than its grain size (at::internal::GRAIN_SIZE) in the
-# calling thread, never on its intra-op threads (see the module's "Threads").
-INLINE_ELEMENTS = 32768
-
-
 def convert_into(out: torch.Tensor, raw: torch.Tensor, src_dtype: torch.dtype) -> None:
     """``out`` (1-D, contiguous) = the ``src_dtype`` values stored in ``raw`` (uint8 bytes, little-endian),
-    cast to ``out.dtype`` in the calling thread when the cast is a widening one (the reads of a
-    bfloat16/float16 checkpoint into float32: torch's conversion, :data:`INLINE_ELEMENTS` at a time,
-    1.5x numpy's shift in one thread); any other pair goes through torch's ``copy_``."""
+    cast to ``out.dtype`` in the calling thread when the cast is a widening one this module knows (the
+    reads of a bfloat16/float16 checkpoint into float32: one numpy call, which releases the GIL for its
+    whole length); any other pair goes through torch's ``copy_``."""
     src = raw.view(src_dtype)
     if src.numel() != out.numel():
         raise ValueError(f"convert_into: {src.numel()} values into {out.numel()}")
-    if out.dtype == torch.float32 and src_dtype in (torch.bfloat16, torch.float16):
-        # Exact for every bit pattern (a bfloat16 is the top half of a float32; float16 widens exactly).
-        for at in range(0, src.numel(), INLINE_ELEMENTS):
-            out[at:at + INLINE_ELEMENTS].copy_(src[at:at + INLINE_ELEMENTS])
+    if out.dtype == torch.float32 and src_dtype == torch.bfloat16:
+        # bfloat16 is the top half of a float32: widening is a shift, exact for every bit pattern
+        # (inf, NaN payloads, subnormals), as torch's own conversion.
+        np.left_shift(_numpy_bits(src), 16, out=_numpy_bits(out), dtype=np.uint32)
+    elif out.dtype == torch.float32 and src_dtype == torch.float16:
+        np.copyto(out.numpy(), src.view(torch.int16).numpy().view(np.float16), casting="safe")
     elif out.dtype == src_dtype:
         _numpy_bits(out)[:] = _numpy_bits(src)
     else:
