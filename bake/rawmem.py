@@ -115,7 +115,7 @@ def _storage_users(storage: torch.UntypedStorage) -> int | None:
 
 
 class BufferPool:
-    """Tensors to read offloaded weights into, reused from pass to pass (see the module's "Reuse").
+    """Tensors to read offloaded weights into, reused from module to module (see the module's "Reuse").
 
     The pool keeps only the *storage* of each buffer, so a storage nobody else uses has one user (the
     pool's): :meth:`take` hands it out again then, and allocates otherwise.  A torch without the use
@@ -146,4 +146,3 @@ class BufferPool:
     def nbytes(self) -> int:
         """Bytes the pool holds (free or handed out)."""
         return sum(s.nbytes() for kept in self._kept.values() for s in kept)
-
