@@ -87,8 +87,23 @@ def _earlier_bakes(folder: Path, digest: str, allow: bool) -> list[dict]:
     return bakes
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+def _export_bytes(folder: Path, components: set[str]) -> int:
+    """About the bytes the HF export of ``folder`` writes, read from the safetensors headers before any
+    work: every file as it is, but the 16-bit floating tensors of ``components`` (those the maps steer)
+    counted in float32, the dtype a rewritten component is written in (:func:`_rewrite_component`)."""
+    total = 0
+    for f in folder.rglob("*"):
+        if not f.is_file():
+            continue
+        total += f.stat().st_size
+        if f.suffix == ".safetensors" and f.relative_to(folder).parts[0] in components:
+            try:
+                infos, _ = file_tensors(f)
+            except (OSError, ValueError):  # unreadable here: the load names it
+                continue
+            total += sum(i.nbytes * (4 // i.dtype.itemsize - 1) for i in infos.values()
+                         if i.dtype.is_floating_point and i.dtype.itemsize < 4)
+    return total
 
 
 def plan_pipeline_bake(model, maps, strength: float = 1.0, *, trust_remote_code: bool = False,
@@ -180,9 +195,10 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
     ``.report``) when the written pipeline does not reproduce the hooked one; nothing is written then."""
     folder = _folder(model)
     check_device(device)
-    out = check_out_dir(out, overwrite, model_dir=folder, needed_bytes=int(_folder_bytes(folder) * 1.1))
     sources = normalise_maps(maps, strength)
     eff = combined(sources)
+    steered = {split_site(site)[0] for site in eff if "." in site}
+    out = check_out_dir(out, overwrite, model_dir=folder, needed_bytes=int(_export_bytes(folder, steered) * 1.1))
     pipe = load_pipeline(folder, trust_remote_code=trust_remote_code, device=device)
     pipeline_class = type(pipe).__name__
     _check_maps_pipeline(sources, pipeline_class, ignore_model_mismatch)

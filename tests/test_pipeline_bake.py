@@ -187,7 +187,6 @@ def test_cli_bake_then_push_to_hub(tiny_pipeline_folder, tmp_path, capsys, monke
 
 
 def test_stale_weight_variants_of_a_rewritten_component_are_removed(tiny_pipeline_folder, tmp_path, capsys):
-    import shutil
 
     src = tmp_path / "src"
     shutil.copytree(tiny_pipeline_folder("sd"), src)
@@ -268,3 +267,31 @@ def test_a_bf16_stored_denoiser_is_written_in_float32(tiny_pipeline_folder, tmp_
     with safe_open(str(tmp_path / "X" / weights), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
     assert json.loads((tmp_path / "X" / "lineas_verification.json").read_text())["passed"]
+
+
+def test_disk_check_counts_a_bf16_component_the_maps_steer_in_float32(tiny_pipeline_folder, tmp_path, capsys,
+                                                                       monkeypatch):
+    """The export rewrites a steered bf16 component in float32 (twice its size on disk): a disk with room
+    for the folder as it is, but not for that, is refused before any work, naming both sizes."""
+    from collections import namedtuple
+
+    import bake.outdir
+    from bake.pipeline_bake import _export_bytes
+
+    pipe = load_pipeline(tiny_pipeline_folder("flux"))
+    m = _maps_file(pipe, SITES["flux"][:2], tmp_path / "m.safetensors")
+    pipe.transformer.to(torch.bfloat16)
+    src = tmp_path / "src"
+    pipe.save_pretrained(str(src))
+    as_stored = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
+    transformer = sum(f.stat().st_size for f in (src / "transformer").glob("*.safetensors"))
+    assert _export_bytes(src, {"transformer"}) > as_stored + 0.9 * transformer  # its tensors twice over
+    assert _export_bytes(src, {"text_encoder"}) == as_stored  # a float32 component: as it is
+    free = int(as_stored * 1.2)  # room for a copy, not for the float32 transformer
+    assert free < _export_bytes(src, {"transformer"}) * 1.1
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(bake.outdir.shutil, "disk_usage", lambda p: usage(1 << 40, 0, free))
+    code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs about" in err and "free" in err
+    assert not (tmp_path / "X").exists()
