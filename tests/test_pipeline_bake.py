@@ -187,6 +187,7 @@ def test_cli_bake_then_push_to_hub(tiny_pipeline_folder, tmp_path, capsys, monke
 
 
 def test_stale_weight_variants_of_a_rewritten_component_are_removed(tiny_pipeline_folder, tmp_path, capsys):
+    import shutil
 
     src = tmp_path / "src"
     shutil.copytree(tiny_pipeline_folder("sd"), src)
