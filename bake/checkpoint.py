@@ -241,8 +241,8 @@ class ShardTensors(Mapping):
 
     def converts(self) -> bool:
         """Whether some floating tensor is stored in another dtype than the run dtype."""
-        return any(self.shards.info(k).dtype.is_floating_point and self.shards.info(k).dtype != self.dtype
-                   for k in set(self.keys_of.values()))
+        stored = {self.shards.info(k).dtype for k in set(self.keys_of.values())}
+        return any(d.is_floating_point and d != self.dtype for d in stored)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """What an offloaded block reads each time it runs: into a buffer of :attr:`pool`, free again once

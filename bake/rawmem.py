@@ -108,10 +108,8 @@ def convert_into(out: torch.Tensor, raw: torch.Tensor, src_dtype: torch.dtype) -
         out.copy_(src)
 
 
-def _storage_users(storage: torch.UntypedStorage) -> int | None:
-    """How many tensors and storage objects share ``storage`` (None: this torch cannot tell)."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return None if count is None else int(count(storage._cdata))
+# torch's count of the tensors and storage objects sharing a storage (private; None where it is missing).
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 class BufferPool:
@@ -126,22 +124,20 @@ class BufferPool:
 
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of ``shape`` and ``dtype`` that no other tensor shares."""
+        if _use_count is None:
+            return empty(shape, dtype)
         shape = tuple(int(d) for d in shape)
         kept = self._kept.setdefault((shape, dtype), [])
-        storage = next((s for s in kept if _storage_users(s) == 1), None)
+        storage = next((s for s in kept if _use_count(s._cdata) == 1), None)
         if storage is None:
-            fresh = empty(shape, dtype)
-            if _storage_users(fresh.untyped_storage()) is None:
-                return fresh
-            storage = fresh.untyped_storage()
+            storage = empty(shape, dtype).untyped_storage()
             kept.append(storage)
-            del fresh
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
     def release(self) -> None:
         """Forget the buffers nobody holds (their memory goes back to the OS as their mappings close)."""
         for key, kept in self._kept.items():
-            self._kept[key] = [s for s in kept if _storage_users(s) != 1]
+            self._kept[key] = [s for s in kept if _use_count(s._cdata) != 1]
 
     def nbytes(self) -> int:
         """Bytes the pool holds (free or handed out)."""

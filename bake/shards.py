@@ -187,12 +187,12 @@ def read_as(info: TensorInfo, dtype: torch.dtype, block: int = READ_BLOCK, *,
             return out
     out = empty(info.shape, dtype) if pool is None else pool.take(info.shape, dtype)
     flat = out.view(-1)
+    if pool is not None and dtype != info.dtype:
+        stored = mapped(info.file, info.begin, info.nbytes, info.dtype, (-1,))
+        if stored is not None:
+            convert_into(flat, stored.view(torch.uint8), info.dtype)
+            return out
     item = torch.empty((), dtype=info.dtype).element_size()
-    stored = None if dtype == info.dtype or pool is None else mapped(info.file, info.begin, info.nbytes,
-                                                                     info.dtype, (-1,))
-    if stored is not None:
-        convert_into(flat, stored.view(torch.uint8), info.dtype)
-        return out
     with open(info.file, "rb") as fh:
         fh.seek(info.begin)
         if dtype == info.dtype:
