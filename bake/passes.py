@@ -17,7 +17,7 @@ from torch import nn
 
 from lineas.evaluate import model_logits
 
-from .checkpoint import trim_heap
+from .rawmem import trim_heap
 
 # A candidate is anything mapping (input_ids, attention_mask) -> logits [B, L, V];
 # torch models are wrapped by :func:`torch_runner`; ONNX exporters pass their own.

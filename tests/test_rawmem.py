@@ -150,3 +150,53 @@ def test_offloaded_passes_read_into_reused_buffers_with_the_same_result(tmp_path
         second = logits(m)
         del m
     assert torch.equal(first, want) and torch.equal(second, want)
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) << 10 for line in fh if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(rawmem.heap_free_bytes() is None, reason="glibc >= 2.33 (mallinfo2) only")
+def test_trim_heap_hands_back_free_heap_pages_only_beyond_its_slack():
+    """Free heap chunks between live ones stay resident until trimmed; a slack above them keeps them."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, n = 64 << 10, 1024  # below glibc's mmap threshold: heap chunks, 64 MiB in all
+    chunks = [libc.malloc(size) for _ in range(n)]
+    try:
+        for c in chunks:
+            ctypes.memset(c, 1, size)  # resident
+        for c in chunks[::2]:  # every other one: free holes that live chunks keep from coalescing into the top
+            libc.free(c)
+        holes = (n // 2) * size
+        assert rawmem.heap_free_bytes() >= holes
+        before = _rss_anon()
+        rawmem.trim_heap(slack=1 << 40)  # more slack than free heap: nothing handed back
+        assert _rss_anon() > before - holes // 4
+        rawmem.trim_heap(slack=holes // 2)
+        assert _rss_anon() < before - holes // 2
+    finally:
+        for c in chunks[1::2]:
+            libc.free(c)
+
+
+def test_an_offloaded_pass_trims_the_heap_after_every_block(tmp_path, monkeypatch):
+    """Every block of an offloaded model hands back the heap beyond the slack when it has run."""
+    from bake_fixtures import logits
+    from test_stream import sharded_checkpoint, tight_budget
+
+    import bake.checkpoint as checkpoint
+
+    _, src, _ = sharded_checkpoint(tmp_path, "llama", ("model.norm",), dtype=torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(checkpoint, "trim_heap", lambda slack=0: calls.append(slack))
+    with checkpoint.load_bounded(src, max_memory=tight_budget(src)) as m:
+        blocks = set(m.hf_device_map)
+        assert "disk" in m.hf_device_map.values()
+        logits(m)
+        del m
+    assert calls.count(rawmem.HEAP_SLACK_BYTES) >= len(blocks)  # and once more, in full, when the model is freed
