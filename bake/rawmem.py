@@ -155,6 +155,9 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
+_LIBC = False  # glibc's handle once looked up (None: not glibc)
+
+
 def _glibc():
     """glibc, or None (another C library: nothing to trim)."""
     global _LIBC
@@ -171,9 +174,6 @@ def _glibc():
                 if hasattr(lib, "mallinfo2"):  # glibc >= 2.33
                     lib.mallinfo2.restype = _MallInfo2
     return _LIBC
-
-
-_LIBC = False  # not looked up yet
 
 
 def heap_free_bytes() -> int | None:
