@@ -39,6 +39,7 @@ in the README.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 
@@ -155,25 +156,19 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
-_LIBC = False  # glibc's handle once looked up (None: not glibc)
-
-
+@functools.cache
 def _glibc():
     """glibc, or None (another C library: nothing to trim)."""
-    global _LIBC
-    if _LIBC is False:
-        _LIBC = None
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL("libc.so.6")
-                lib.malloc_trim  # noqa: B018 - raises AttributeError where it is missing (musl)
-                _LIBC = lib
-            except (OSError, AttributeError):
-                pass
-            else:
-                if hasattr(lib, "mallinfo2"):  # glibc >= 2.33
-                    lib.mallinfo2.restype = _MallInfo2
-    return _LIBC
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        lib.malloc_trim  # noqa: B018 - raises AttributeError where it is missing (musl)
+    except (OSError, AttributeError):
+        return None
+    if hasattr(lib, "mallinfo2"):  # glibc >= 2.33
+        lib.mallinfo2.restype = _MallInfo2
+    return lib
 
 
 def heap_free_bytes() -> int | None:
