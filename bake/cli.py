@@ -24,6 +24,13 @@ from .outdir import Terminated, check_out_dir, export_bytes
 EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFY = ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.VERIFY
 EXIT_TERMINATED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 PROG = "lineas-bake"
+DEFAULT_VERIFY_TOKENS, DEFAULT_VERIFY_STEPS = 8, 2
+# Options of one model family only, as (flag, argparse dest).  Their parser defaults are None (or False), so
+# that an option the command line sets is refused for the other family even at its default value; the
+# defaults are applied where the family's path reads them.
+LLM_ONLY_OPTIONS = (("--max-memory", "max_memory"), ("--untie-embeddings", "untie_embeddings"),
+                    ("--verify-tokens", "verify_tokens"))
+PIPELINE_ONLY_OPTIONS = (("--verify-steps", "verify_steps"),)
 
 DESCRIPTION = """\
 Bake steering maps into a model: fold each map y -> s*y + t into the weights
@@ -91,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the exported weights (default: float32); bfloat16/float16 exports are also "
                         "reloaded and measured (top-1 agreement, KL) against the hooked float32 model")
     p.add_argument("--device", default="cpu", help="torch device for folding and verification (default: cpu)")
-    p.add_argument("--max-memory", default="auto", metavar="SIZE",
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="weights held in memory while verifying a local checkpoint, e.g. 4GiB or 8GB; blocks "
                         "beyond it are read from the checkpoint's shards as they run, so any model size bakes. "
                         "auto (default): the model's largest block plus 512 MiB. More is faster, up to the model's "
@@ -105,10 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "matrix and its reasons). --format gguf implies llama.cpp")
     p.add_argument("--untie-embeddings", action="store_true",
                    help="allow giving tied input/output embeddings separate copies when a map must fold into one")
-    p.add_argument("--verify-tokens", type=int, default=8, metavar="N",
-                   help="greedy tokens generated per verification prompt (default: 8)")
-    p.add_argument("--verify-steps", type=int, default=2, metavar="N",
-                   help="diffusers pipelines: denoising steps of the verification image (default: 2)")
+    p.add_argument("--verify-tokens", type=int, default=None, metavar="N",
+                   help=f"greedy tokens generated per verification prompt (default: {DEFAULT_VERIFY_TOKENS})")
+    p.add_argument("--verify-steps", type=int, default=None, metavar="N",
+                   help=f"diffusers pipelines: denoising steps of the verification image (default: "
+                        f"{DEFAULT_VERIFY_STEPS})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.add_argument("--allow-rebake", action="store_true",
                    help="bake maps that the model already carries (its config.json lineas_baked record or "
@@ -133,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fail(msg: str, code: int) -> int:
     return fail(PROG, msg, code)
+
+
+def given_options(args, options: Sequence[tuple[str, str]]) -> list[str]:
+    """The flags of ``options`` (``(flag, dest)`` pairs) that the command line set."""
+    return [flag for flag, dest in options if getattr(args, dest) not in (None, False)]
 
 
 def _maps_arg(args) -> list[tuple[str, float]]:
@@ -186,10 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(message)s")
-    if args.verify_tokens < 1:
-        return _fail(f"--verify-tokens must be >= 1, got {args.verify_tokens}", EXIT_BAD_INPUT)
-    if args.verify_steps < 1:
-        return _fail(f"--verify-steps must be >= 1, got {args.verify_steps}", EXIT_BAD_INPUT)
+    for flag, value in (("--verify-tokens", args.verify_tokens), ("--verify-steps", args.verify_steps)):
+        if value is not None and value < 1:
+            return _fail(f"{flag} must be >= 1, got {value}", EXIT_BAD_INPUT)
     if not args.push_to_hub and (args.private or args.revision or args.commit_message):
         return _fail("--private, --revision and --commit-message only apply with --push-to-hub", EXIT_BAD_INPUT)
     cmd = command_line([PROG, *(sys.argv[1:] if argv is None else argv)])
@@ -217,7 +229,6 @@ def _run(args, cmd: str) -> int:
     from .results import default_out_dir
 
     maps = _maps_arg(args)
-    max_memory = None if args.max_memory == "auto" else parse_memory(args.max_memory)
     formats = parse_formats(args.format)
     if any(f.startswith("gguf") for f in formats):
         from .gguf_export import check_request
@@ -236,6 +247,13 @@ def _run(args, cmd: str) -> int:
         from .pipeline_bake import pipeline_cli
 
         return pipeline_cli(args, maps, cmd, formats)
+    pipeline_only = given_options(args, PIPELINE_ONLY_OPTIONS)
+    if pipeline_only:  # said, not silently ignored
+        return _fail(f"{', '.join(pipeline_only)}: diffusers-pipeline option(s), but {args.model!r} is not a pipeline "
+                     "folder (no model_index.json): it bakes as a causal LM, verified on --verify-tokens greedy "
+                     f"tokens (default {DEFAULT_VERIFY_TOKENS})", EXIT_BAD_INPUT)
+    max_memory = None if args.max_memory in (None, "auto") else parse_memory(args.max_memory)
+    verify_tokens = DEFAULT_VERIFY_TOKENS if args.verify_tokens is None else args.verify_tokens
     history = dict(allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch)
     common = dict(require_standard=args.require_standard, untie=args.untie_embeddings, device=args.device,
                   trust_remote_code=args.trust_remote_code, progress=progress,
@@ -259,7 +277,7 @@ def _run(args, cmd: str) -> int:
 
         check_whole_model_fits(load_skeleton(local, trust_remote_code=args.trust_remote_code),
                                step="the ONNX export", copies=ONNX_MEMORY_COPIES)
-    run = dict(verify=not args.no_verify, verify_tokens=args.verify_tokens, **common)
+    run = dict(verify=not args.no_verify, verify_tokens=verify_tokens, **common)
     baked = (bake_folder(args.model, maps, max_memory=max_memory, **run) if local
              else bake(args.model, maps, **run))
     print(baked.plan.to_table())

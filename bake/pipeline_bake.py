@@ -87,22 +87,28 @@ def _earlier_bakes(folder: Path, digest: str, allow: bool) -> list[dict]:
     return bakes
 
 
-def _export_bytes(folder: Path, components: set[str]) -> int:
-    """About the bytes the HF export of ``folder`` writes, read from the safetensors headers before any
+def _export_bytes(folder: Path, components: set[str], *, onnx: bool = False) -> int:
+    """About the bytes the export of ``folder`` writes, read from the safetensors headers before any
     work: every file as it is, but the 16-bit floating tensors of ``components`` (those the maps steer)
-    counted in float32, the dtype a rewritten component is written in (:func:`_rewrite_component`)."""
+    counted in float32, the dtype a rewritten component is written in (:func:`_rewrite_component`).
+    ``onnx`` (``--format hf,onnx``): plus the ONNX graphs beside it, which hold every component's floating
+    weights once more, in float32 (:mod:`bake.onnx_pipeline` exports from the float32 pipeline)."""
     total = 0
     for f in folder.rglob("*"):
         if not f.is_file():
             continue
         total += f.stat().st_size
-        if f.suffix == ".safetensors" and f.relative_to(folder).parts[0] in components:
+        steered = f.relative_to(folder).parts[0] in components
+        if f.suffix == ".safetensors" and (steered or onnx):
             try:
                 infos, _ = file_tensors(f)
             except (OSError, ValueError):  # unreadable here: the load names it
                 continue
-            total += sum(i.nbytes * (4 // i.dtype.itemsize - 1) for i in infos.values()
-                         if i.dtype.is_floating_point and i.dtype.itemsize < 4)
+            floats = [i for i in infos.values() if i.dtype.is_floating_point]
+            if steered:
+                total += sum(i.nbytes * (4 // i.dtype.itemsize - 1) for i in floats if i.dtype.itemsize < 4)
+            if onnx:
+                total += sum(i.nbytes // i.dtype.itemsize * 4 for i in floats)
     return total
 
 
@@ -198,7 +204,9 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
     sources = normalise_maps(maps, strength)
     eff = combined(sources)
     steered = {split_site(site)[0] for site in eff if "." in site}
-    out = check_out_dir(out, overwrite, model_dir=folder, needed_bytes=int(_export_bytes(folder, steered) * 1.1))
+    onnx = "onnx" in formats
+    out = check_out_dir(out, overwrite, model_dir=folder,
+                        needed_bytes=int(_export_bytes(folder, steered, onnx=onnx) * 1.1))
     pipe = load_pipeline(folder, trust_remote_code=trust_remote_code, device=device)
     pipeline_class = type(pipe).__name__
     _check_maps_pipeline(sources, pipeline_class, ignore_model_mismatch)
@@ -210,7 +218,6 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
     if not baked:
         raise FoldError("every map is the identity: there is nothing to bake")
     affines = {site: (m.scale, m.shift) for site, m in eff.items()}
-    onnx = "onnx" in formats
     if onnx:
         from .onnx_pipeline import check_onnx_supported
 
@@ -267,15 +274,13 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
 def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[str, ...]) -> int:
     """``lineas-bake --model <pipeline folder>``: the CLI's pipeline branch (bake.cli dispatches here, with
     ``--format`` already parsed by :func:`bake.export.parse_formats`)."""
-    from .cli import EXIT_OK, _fail, EXIT_BAD_INPUT
+    from .cli import DEFAULT_VERIFY_STEPS, EXIT_BAD_INPUT, EXIT_OK, LLM_ONLY_OPTIONS, _fail, given_options
 
     if args.require_runtime:  # the runtime matrix answers for causal-LM runtimes, none of which runs a pipeline
         return _fail(f"--require-runtime {' '.join(args.require_runtime)}: the runtime matrix covers causal LMs; a "
                      "baked pipeline loads in plain diffusers (no custom code, always) and, with --format hf,onnx, "
                      "in ONNX Runtime", EXIT_BAD_INPUT)
-    llm_only = [flag for flag, given in (("--max-memory", args.max_memory != "auto"),
-                                          ("--untie-embeddings", args.untie_embeddings),
-                                          ("--verify-tokens", args.verify_tokens != 8)) if given]
+    llm_only = given_options(args, LLM_ONLY_OPTIONS)
     if llm_only:  # said, not silently ignored: a pipeline is loaded whole (no out-of-core engine here)
         return _fail(f"{', '.join(llm_only)}: causal-LM option(s); a diffusers pipeline is loaded whole in float32 "
                      "(no --max-memory bound), has no embeddings to untie and verifies --verify-steps denoising "
@@ -297,7 +302,8 @@ def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[s
             print(describe_push_after_export(out, args))
         return EXIT_OK
     result = bake_pipeline(args.model, maps, out=out, overwrite=args.overwrite, verify=not args.no_verify,
-                           steps=args.verify_steps, trust_remote_code=args.trust_remote_code,
+                           steps=DEFAULT_VERIFY_STEPS if args.verify_steps is None else args.verify_steps,
+                           trust_remote_code=args.trust_remote_code,
                            allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch,
                            command=cmd, device=args.device, formats=formats)
     print(result.plan.to_table())

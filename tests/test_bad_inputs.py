@@ -129,6 +129,8 @@ ROWS = [
     Row("out-read-only", lambda w: w.base()[:4] + ["--out", str(w.read_only_dir())], "cannot write in"),
     Row("out-disk-full", lambda w: w.base(), "is free on the file system", patch=_small_disk),
     Row("out-disk-fills-while-writing", lambda w: w.base(), "No space left on device", patch=_disk_fills_while_writing),
+    Row("verify-steps-for-an-llm", lambda w: w.base() + ["--verify-steps", "2"],
+        "--verify-steps: diffusers-pipeline option(s)"),
     Row("out-dot", lambda w: w.base()[:4] + ["--out", "."], "is the current directory"),
     Row("out-dot-overwrite", lambda w: w.base()[:4] + ["--out", ".", "--overwrite"], "is the current directory"),
     Row("out-contains-model", lambda w: ["--model", str(w.nested_model()), "--maps", str(w.maps), "--out",

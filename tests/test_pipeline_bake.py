@@ -3,6 +3,7 @@ byte-for-byte copies, refusals that write nothing, and a wrong fold caught by ve
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -219,7 +220,9 @@ def test_bad_options_and_a_rebake_are_refused_before_writing(tiny_pipeline_folde
     for extra, needle in ((["--format", "onnx"], "--format"), (["--dtype", "bfloat16"], "--dtype"),
                           (["--device", "tpu"], "tpu"), (["--verify-steps", "0"], "--verify-steps"),
                           (["--max-memory", "4GiB"], "--max-memory"), (["--untie-embeddings"], "--untie-embeddings"),
-                          (["--verify-tokens", "4"], "--verify-tokens")):
+                          (["--verify-tokens", "4"], "--verify-tokens"),
+                          # given at their causal-LM defaults: still said, not silently ignored
+                          (["--verify-tokens", "8"], "--verify-tokens"), (["--max-memory", "auto"], "--max-memory")):
         assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X"), *extra]) == 2, extra
         assert needle in capsys.readouterr().err and not (tmp_path / "X").exists()
     assert main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")]) == 0
@@ -295,4 +298,36 @@ def test_disk_check_counts_a_bf16_component_the_maps_steer_in_float32(tiny_pipel
     code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")])
     err = capsys.readouterr().err
     assert code == 2 and "needs about" in err and "free" in err
+    assert not (tmp_path / "X").exists()
+
+
+def test_disk_check_counts_the_onnx_graphs_of_format_hf_onnx(tiny_pipeline_folder, tmp_path, monkeypatch):
+    """--format hf,onnx also writes ONNX graphs holding every component's weights in float32: a disk with
+    room for the HF export alone is refused before any work (and before the ONNX extra is even needed)."""
+    from collections import namedtuple
+
+    from safetensors import safe_open
+
+    import bake.outdir
+    from bake import bake_pipeline
+    from bake.outdir import OutputPathError
+    from bake.pipeline_bake import _export_bytes
+
+    pipe = load_pipeline(tiny_pipeline_folder("flux"))
+    m = _maps_file(pipe, SITES["flux"][:2], tmp_path / "m.safetensors")
+    pipe.transformer.to(torch.bfloat16)
+    src = tmp_path / "src"
+    pipe.save_pretrained(str(src))
+    in_float32 = 0
+    for f in src.rglob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            in_float32 += sum(4 * math.prod(st.get_slice(k).get_shape()) for k in st.keys()
+                              if st.get_slice(k).get_dtype() in ("F32", "BF16", "F16"))
+    hf_only = _export_bytes(src, {"transformer"})
+    assert in_float32 > 0
+    assert _export_bytes(src, {"transformer"}, onnx=True) == hf_only + in_float32
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(bake.outdir.shutil, "disk_usage", lambda p: usage(1 << 40, 0, int(hf_only * 1.2)))
+    with pytest.raises(OutputPathError, match="needs about"):
+        bake_pipeline(src, m, out=tmp_path / "X", formats=("hf", "onnx"))
     assert not (tmp_path / "X").exists()
