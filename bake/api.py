@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from lineas.models import (
     check_device,
-    resolve_model,
     display_name,
     load_model,
     load_tokenizer,
+    local_checkpoint,
     refuse_quantized,
 )
 from lineas.provenance import config_fingerprint
@@ -76,18 +76,21 @@ log = logging.getLogger(__name__)
 IN_MEMORY_COPIES = 2.0  # the float32 model and, while its export is checked, the reloaded copy
 
 
-def _refuse_pipeline(model) -> None:
-    """A diffusers pipeline folder belongs to the pipeline family (bake.pipeline_bake), not to this API."""
+def _local_path(model, *, trust_remote_code: bool) -> str:
+    """``model`` (a folder, an alias or a Hub id) as a local folder (a Hub id fetched into the Hugging Face
+    cache: :func:`lineas.models.local_checkpoint`); a diffusers pipeline belongs to the pipeline family
+    (bake.pipeline_bake), not to this API."""
     from .family import DIFFUSERS_PIPELINE, detect
 
-    if isinstance(model, (str, os.PathLike)) and detect(os.path.expanduser(str(model))) is DIFFUSERS_PIPELINE:
-        raise NotAFolderError(f"{model!r} is a diffusers pipeline folder (model_index.json); bake it with "
+    path = local_checkpoint(str(model), trust_remote_code=trust_remote_code)
+    if detect(path) is DIFFUSERS_PIPELINE:
+        raise NotAFolderError(f"{str(model)!r} is a diffusers pipeline (model_index.json); bake it with "
                               f"bake.bake_pipeline({str(model)!r}, maps, out=...) or lineas-bake --model")
+    return path
 
 
 def _resolve_model(model, *, tokenizer, device: str, trust_remote_code: bool, copy_model: bool, progress: bool,
                    with_tokenizer: bool = True):
-    _refuse_pipeline(model)
     check_device(device)
     if isinstance(model, nn.Module):
         if getattr(model, "config", None) is not None:
@@ -101,13 +104,14 @@ def _resolve_model(model, *, tokenizer, device: str, trust_remote_code: bool, co
         base = BaseModel(name, path, display_name(name) if path else name,
                          config_fingerprint(cfg) if cfg is not None else "")
         return model, tokenizer, base
-    local = safetensors_folder(resolve_model(str(model)))
+    local = safetensors_folder(_local_path(model, trust_remote_code=trust_remote_code))
     if local is not None:  # its config is at hand: refuse a model this machine cannot hold, before loading it
         check_whole_model_fits(load_skeleton(local, trust_remote_code=trust_remote_code),
                                step=f"bake({str(model)!r}) (in memory; bake_folder() bakes out of core)",
                                copies=IN_MEMORY_COPIES)
     with tqdm(total=2, desc=f"load {model}", disable=bar_disabled(progress), leave=False) as bar:
-        loaded = load_model(str(model), device=device, dtype="float32", trust_remote_code=trust_remote_code,
+        # A Hub id is read from its fetched folder; without safetensors weights transformers fetches the rest.
+        loaded = load_model(str(local or model), device=device, dtype="float32", trust_remote_code=trust_remote_code,
                             with_tokenizer=False, allow_quantized=False)
         bar.update()
         tok = tokenizer
@@ -202,11 +206,9 @@ class NotAFolderError(BakeError, ValueError):
 
 
 def _open_folder(model, *, trust_remote_code: bool) -> tuple[nn.Module, ShardFolder, BaseModel]:
-    _refuse_pipeline(model)
-    path = resolve_model(str(model))
-    folder = safetensors_folder(path)
+    folder = safetensors_folder(_local_path(model, trust_remote_code=trust_remote_code))
     if folder is None:
-        raise NotAFolderError(f"{model!r} is not a local checkpoint folder with safetensors weights; "
+        raise NotAFolderError(f"{model!r} has no safetensors weights (model.safetensors or an index); "
                               "bake it with bake(), which loads it whole with transformers")
     config = load_config(folder, trust_remote_code=trust_remote_code)
     refuse_quantized(config, str(model))
@@ -219,7 +221,8 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
                 verify: bool = True, verify_tokens: int = 8, device: str = "cpu", trust_remote_code: bool = False,
                 progress: bool | None = False, allow_rebake: bool = False, ignore_model_mismatch: bool = False,
                 max_memory: int | None = None, plan_only: bool = False, require_runtimes=()) -> BakedModel | FoldPlan:
-    """Bake a local checkpoint folder (or alias) with memory that does not grow with the model.
+    """Bake a checkpoint folder, an alias or a Hub id (its files fetched into the Hugging Face cache
+    first) with memory that does not grow with the model.
 
     Same checks and errors as :func:`bake`.  Returns a :class:`BakedModel` whose ``model`` is a
     skeleton on the meta device with the baked structure and config; its ``save_pretrained``

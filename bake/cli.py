@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from lineas.hooks import SteeringError
 from lineas.io import ExitCode, fail
 from lineas.maps import MapsFormatError
-from lineas.models import ALIASES, ModelLoadError, checkpoint_numel, resolve_model
+from lineas.models import ALIASES, ModelLoadError, checkpoint_numel, local_checkpoint, resolve_model
 
 from .card import command_line
 from .checkpoint import parse_memory, safetensors_folder
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="M",
-                   help="model alias, local directory or Hub id (loaded in float32 for folding and verification)")
+                   help="model alias, local directory (a checkpoint or a diffusers pipeline) or Hub id (its "
+                        "safetensors fetched into the Hugging Face cache first); a causal LM bakes out of core")
     p.add_argument("--maps", required=True, action="append", metavar="F[:λ]",
                    help="lineas-maps file, optionally with its own strength; repeat to compose several")
     p.add_argument("--strength", default="1.0", metavar="λ",
@@ -175,12 +176,13 @@ class BadRuntimeError(BakeError, ValueError):
     """An unknown --require-runtime name."""
 
 
-def _checked_out(args):
+def _checked_out(args, model: str | None = None):
     """--out, checked before the model is loaded (writability, free space for the estimated export, not the
-    working directory or the model's folder); the export checks again with the exact size."""
+    working directory or the model's folder); the export checks again with the exact size.  ``model``: the
+    local folder of ``--model`` (None: a Hub id not fetched yet, whose size is not known here)."""
     from .results import default_out_dir
 
-    local = resolve_model(args.model)  # a folder, or a Hub id (then the export re-checks with the loaded size)
+    local = model or resolve_model(args.model)
     n = checkpoint_numel(local)
     needed = export_bytes(n, EXPORT_DTYPES[args.dtype].itemsize, parse_formats(args.format)) if n else None
     if needed and args.dtype != "float32" and not args.no_verify:
@@ -243,7 +245,11 @@ def _run(args, cmd: str) -> int:
             check_online()
     from .family import DIFFUSERS_PIPELINE, detect
 
-    if detect(os.path.expanduser(args.model)) is DIFFUSERS_PIPELINE:  # a model_index.json folder: the pipeline family
+    if not args.dry_run and not os.path.isdir(os.path.expanduser(args.model)) and \
+            not os.path.isdir(resolve_model(args.model)):
+        _checked_out(args)  # a Hub id: --out is checked before its download (and again with its size after)
+    model = local_checkpoint(args.model, trust_remote_code=args.trust_remote_code)  # a Hub id: fetched
+    if detect(model) is DIFFUSERS_PIPELINE:  # a model_index.json folder: the pipeline family
         from .pipeline_bake import pipeline_cli
 
         return pipeline_cli(args, maps, cmd, formats)
@@ -258,9 +264,9 @@ def _run(args, cmd: str) -> int:
     common = dict(require_standard=args.require_standard, untie=args.untie_embeddings, device=args.device,
                   trust_remote_code=args.trust_remote_code, progress=progress,
                   require_runtimes=required_runtimes(args.require_runtime, formats), **history)
-    # A local safetensors checkpoint bakes out of core (memory bounded by --max-memory); anything
-    # else (a Hub id) is loaded whole by transformers.
-    local = safetensors_folder(resolve_model(args.model))
+    # A safetensors checkpoint (a folder, or a Hub id's fetched files) bakes out of core (memory bounded by
+    # --max-memory); one with other weights is loaded whole by transformers.
+    local = safetensors_folder(model)
     if args.dry_run:
         plan = (bake_folder(args.model, maps, plan_only=True, max_memory=max_memory, **common) if local
                 else plan_bake(args.model, maps, **common))
@@ -270,7 +276,7 @@ def _run(args, cmd: str) -> int:
 
             print(describe_push_after_export(args.out or default_out_dir(args.model), args))
         return EXIT_OK
-    out = _checked_out(args)  # fail before the slow part
+    out = _checked_out(args, model)  # fail before the slow part
     if local and "onnx" in formats:  # the ONNX graph needs the whole model: refuse now, not OOM-killed later
         from .checkpoint import check_whole_model_fits, load_skeleton
         from .stream import ONNX_MEMORY_COPIES

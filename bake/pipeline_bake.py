@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lineas.models import check_device
+from lineas.models import check_device, local_checkpoint
 from lineas.pipelines import (PIPELINE_CLASS_KEY, denoiser_name, is_pipeline_folder, load_pipeline,
                              pipeline_modules, split_site)
 
@@ -53,8 +53,11 @@ class PipelineBake:
     onnx_report: object | None = None  # bake.onnx_pipeline.OnnxPipelineReport with --format hf,onnx
 
 
-def _folder(model) -> Path:
+def _folder(model, *, trust_remote_code: bool = False) -> Path:
+    """The pipeline folder ``model`` names: a local one, or a Hub id's, fetched into the Hugging Face cache."""
     path = Path(model).expanduser()
+    if not path.exists():
+        path = Path(local_checkpoint(str(model), trust_remote_code=trust_remote_code))
     if not is_pipeline_folder(path):
         raise BakeError(f"{model}: not a diffusers pipeline folder (no model_index.json)")
     return path
@@ -116,7 +119,7 @@ def plan_pipeline_bake(model, maps, strength: float = 1.0, *, trust_remote_code:
                        ignore_model_mismatch: bool = False) -> FoldPlan:
     """The fold plan only (``--dry-run``), after the bake's own checks; nothing is written.  The plan may
     hold affine sites, which :func:`bake_pipeline` refuses (``plan.affine_sites``)."""
-    folder = _folder(model)
+    folder = _folder(model, trust_remote_code=trust_remote_code)
     sources = normalise_maps(maps, strength)
     pipe = load_pipeline(folder, trust_remote_code=trust_remote_code)
     _check_maps_pipeline(sources, type(pipe).__name__, ignore_model_mismatch)
@@ -199,7 +202,7 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
     """Bake ``maps`` (a path, a SteeringMaps, or a list of ``(maps, strength)``) into the pipeline folder
     ``model`` and write the steered pipeline to ``out``.  Raises :class:`VerificationError` (with
     ``.report``) when the written pipeline does not reproduce the hooked one; nothing is written then."""
-    folder = _folder(model)
+    folder = _folder(model, trust_remote_code=trust_remote_code)
     check_device(device)
     sources = normalise_maps(maps, strength)
     eff = combined(sources)
@@ -275,6 +278,7 @@ def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[s
     """``lineas-bake --model <pipeline folder>``: the CLI's pipeline branch (bake.cli dispatches here, with
     ``--format`` already parsed by :func:`bake.export.parse_formats`)."""
     from .cli import DEFAULT_VERIFY_STEPS, EXIT_BAD_INPUT, EXIT_OK, LLM_ONLY_OPTIONS, _fail, given_options
+    from .results import default_out_dir
 
     if args.require_runtime:  # the runtime matrix answers for causal-LM runtimes, none of which runs a pipeline
         return _fail(f"--require-runtime {' '.join(args.require_runtime)}: the runtime matrix covers causal LMs; a "
@@ -288,7 +292,7 @@ def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[s
     if "hf" not in formats or set(formats) - {"hf", "onnx"} or args.dtype != "float32":
         return _fail(f"a diffusers pipeline exports --format hf or hf,onnx with --dtype float32 here (got --format "
                      f"{args.format} --dtype {args.dtype})", EXIT_BAD_INPUT)
-    out = args.out or f"{Path(args.model).expanduser().resolve().name}-steered"
+    out = args.out or default_out_dir(args.model)
     if args.dry_run:
         plan = plan_pipeline_bake(args.model, maps, trust_remote_code=args.trust_remote_code,
                                   ignore_model_mismatch=args.ignore_model_mismatch)

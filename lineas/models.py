@@ -186,6 +186,23 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def local_checkpoint(name: str, *, trust_remote_code: bool = False) -> str:
+    """``name`` as a local folder: a checkpoint or pipeline folder, an alias as :func:`resolve_model`
+    gives it, or a Hub id's files fetched into the Hugging Face cache
+    (:func:`lineas.hub_checkpoint.fetch_checkpoint`), so that a Hub model bakes from a folder, out of
+    core, like a local one.  A repo without safetensors weights comes back without weights: only
+    transformers can load it (:func:`load_model` with the Hub id)."""
+    from .hub_checkpoint import PIPELINE_INDEX, fetch_checkpoint
+
+    if (Path(name).expanduser() / PIPELINE_INDEX).is_file():
+        return str(Path(name).expanduser())
+    path = resolve_model(name)
+    if Path(path).is_dir():
+        return path
+    folder = fetch_checkpoint(path, trust_remote_code=trust_remote_code)
+    return str(folder) if (folder / PIPELINE_INDEX).is_file() else resolve_model(str(folder))
+
+
 def checkpoint_numel(path: str | os.PathLike) -> int | None:
     """Number of weights in a local checkpoint folder, from its safetensors headers (no tensor is read);
     None when it has no safetensors files or a header is unreadable."""
