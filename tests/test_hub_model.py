@@ -152,3 +152,8 @@ def test_hub_pipeline_goes_to_the_pipeline_family_without_variants(hub, tiny_pip
     fetched = [path for _, path, _ in hub.calls("GET", r"/me/pipe/resolve/")]
     assert any("unet/diffusion_pytorch_model.safetensors" in p for p in fetched)
     assert not [p for p in fetched if variant in p]
+    asked = len(hub.requests)  # once cached, it bakes offline too (diffusers' download included)
+    again = _bake(tmp_path, "--model", "me/pipe", "--maps", str(maps), "--verify-steps", "1", "--out",
+                  str(tmp_path / "again"), "--no-verify", offline=True)
+    assert again.returncode == 0, again.stderr
+    assert len(hub.requests) == asked and (tmp_path / "again" / "model_index.json").is_file()
