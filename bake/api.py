@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -76,13 +76,13 @@ log = logging.getLogger(__name__)
 IN_MEMORY_COPIES = 2.0  # the float32 model and, while its export is checked, the reloaded copy
 
 
-def _local_path(model, *, trust_remote_code: bool) -> str:
+def _local_path(model, *, trust_remote_code: bool, shards: bool = True) -> str:
     """``model`` (a folder, an alias or a Hub id) as a local folder (a Hub id fetched into the Hugging Face
     cache: :func:`lineas.models.local_checkpoint`); a diffusers pipeline belongs to the pipeline family
     (bake.pipeline_bake), not to this API."""
     from .family import DIFFUSERS_PIPELINE, detect
 
-    path = local_checkpoint(str(model), trust_remote_code=trust_remote_code)
+    path = local_checkpoint(str(model), trust_remote_code=trust_remote_code, shards=shards)
     if detect(path) is DIFFUSERS_PIPELINE:
         raise NotAFolderError(f"{str(model)!r} is a diffusers pipeline (model_index.json); bake it with "
                               f"bake.bake_pipeline({str(model)!r}, maps, out=...) or lineas-bake --model")
@@ -205,8 +205,10 @@ class NotAFolderError(BakeError, ValueError):
     """bake_folder() was given something that is not a local safetensors checkpoint folder."""
 
 
-def _open_folder(model, *, trust_remote_code: bool) -> tuple[nn.Module, ShardFolder, BaseModel]:
-    folder = safetensors_folder(_local_path(model, trust_remote_code=trust_remote_code))
+def _open_folder(model, *, trust_remote_code: bool, shards: bool = True) -> tuple[nn.Module, Path, BaseModel]:
+    """The skeleton, the safetensors folder and the provenance of ``model``; ``shards=False``: a Hub id's
+    weight shards are not fetched (its plan needs only the config)."""
+    folder = safetensors_folder(_local_path(model, trust_remote_code=trust_remote_code, shards=shards))
     if folder is None:
         raise NotAFolderError(f"{model!r} has no safetensors weights (model.safetensors or an index); "
                               "bake it with bake(), which loads it whole with transformers")
@@ -214,7 +216,7 @@ def _open_folder(model, *, trust_remote_code: bool) -> tuple[nn.Module, ShardFol
     refuse_quantized(config, str(model))
     skeleton = load_skeleton(folder, trust_remote_code=trust_remote_code, config=config)
     base = BaseModel(str(model), str(folder), display_name(str(model)), config_fingerprint(config))
-    return skeleton, ShardFolder(folder), base
+    return skeleton, folder, base
 
 
 def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = False, untie: bool = False,
@@ -239,12 +241,13 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     check_device(device)
     sources = normalise_maps(maps, strength)
     eff = combined(sources)
-    skeleton, folder, base = _open_folder(model, trust_remote_code=trust_remote_code)
+    skeleton, path, base = _open_folder(model, trust_remote_code=trust_remote_code, shards=not plan_only)
     if verify and max_memory is not None:
         device_map_for(skeleton, torch.device(device), max_memory)  # a budget too small fails now, not mid-export
 
-    def runnable():
-        return load_bounded(folder.folder, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
+    def runnable():  # only for a site whose output size only a run tells: a Hub id's dry run fetches its shards now
+        weights = local_checkpoint(str(model), trust_remote_code=trust_remote_code) if plan_only else path
+        return load_bounded(weights, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
 
     legacy = _check_history(skeleton, sources, eff, base, allow_rebake=allow_rebake,
                             ignore_model_mismatch=ignore_model_mismatch)
@@ -253,6 +256,7 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     if plan_only:
         return fold_plan
     eff_maps = check_applicable(skeleton, fold_plan, eff, allow_rebake=allow_rebake)
+    folder = ShardFolder(path)
     store = FolderStore(folder, checkpoint_keys(skeleton, folder))
     tok = load_tokenizer(str(folder.folder), trust_remote_code=trust_remote_code)
     # The skeleton takes the baked structure and config; the folded values are computed by the exporter,

@@ -248,7 +248,8 @@ def _run(args, cmd: str) -> int:
     if not args.dry_run and not os.path.isdir(os.path.expanduser(args.model)) and \
             not os.path.isdir(resolve_model(args.model)):
         _checked_out(args)  # a Hub id: --out is checked before its download (and again with its size after)
-    model = local_checkpoint(args.model, trust_remote_code=args.trust_remote_code)  # a Hub id: fetched
+    # A Hub id is fetched (a dry run plans from its config: no weight shards).
+    model = local_checkpoint(args.model, trust_remote_code=args.trust_remote_code, shards=not args.dry_run)
     if detect(model) is DIFFUSERS_PIPELINE:  # a model_index.json folder: the pipeline family
         from .pipeline_bake import pipeline_cli
 

@@ -31,22 +31,28 @@ class HubFetchError(ModelLoadError):
     """The Hub id could not be fetched (unknown or gated repo, no network and not cached)."""
 
 
-_FETCHED: dict[tuple, Path] = {}  # one fetch per process: the CLI resolves a model once, the bake again
+# One fetch per process (the CLI resolves a model once, the bake again): key -> (folder, shards fetched).
+_FETCHED: dict[tuple, tuple[Path, bool]] = {}
 
 
-def fetch_checkpoint(repo_id: str, *, trust_remote_code: bool = False) -> Path:
+def fetch_checkpoint(repo_id: str, *, trust_remote_code: bool = False, shards: bool = True) -> Path:
     """The local snapshot folder of ``repo_id`` with what a bake reads (see the module docstring).
 
+    ``shards=False`` (a dry run, which plans from the config) leaves out the weight files a
+    ``model.safetensors.index.json`` names; a single ``model.safetensors`` is fetched either way.
     Raises :class:`HubFetchError` naming ``repo_id`` when the Hub cannot serve it and it is not cached."""
     from huggingface_hub import constants
 
     key = (repo_id, trust_remote_code, constants.ENDPOINT, constants.HF_HUB_CACHE)
-    if key not in _FETCHED or not _FETCHED[key].is_dir():
-        _FETCHED[key] = _fetch(repo_id, trust_remote_code=trust_remote_code)
-    return _FETCHED[key]
+    folder, complete = _FETCHED.get(key, (None, False))
+    if folder is None or not folder.is_dir() or shards and not complete:
+        folder, complete = _fetch(repo_id, trust_remote_code=trust_remote_code, shards=shards)
+        _FETCHED[key] = folder, complete
+    return folder
 
 
-def _fetch(repo_id: str, *, trust_remote_code: bool) -> Path:
+def _fetch(repo_id: str, *, trust_remote_code: bool, shards: bool) -> tuple[Path, bool]:
+    """The snapshot folder, and whether it holds every weight file."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
@@ -58,13 +64,16 @@ def _fetch(repo_id: str, *, trust_remote_code: bool) -> Path:
         if (folder / PIPELINE_INDEX).is_file():
             from .pipelines import require_diffusers
 
-            return Path(require_diffusers().DiffusionPipeline.download(repo_id, use_safetensors=True,
-                                                   trust_remote_code=trust_remote_code))
+            pipe = require_diffusers().DiffusionPipeline.download(repo_id, use_safetensors=True,
+                                                                  trust_remote_code=trust_remote_code)
+            return Path(pipe), True
         index = folder / SAFE_WEIGHTS_INDEX_NAME
+        if index.is_file() and not shards:
+            return folder, False
         weights = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) \
             if index.is_file() else [SAFE_WEIGHTS_NAME]
         # A repo without safetensors weights gets none here: the caller loads it with transformers.
-        return Path(snapshot_download(repo_id, allow_patterns=weights))
+        return Path(snapshot_download(repo_id, allow_patterns=weights)), True
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise HubFetchError(f"{repo_id!r}: fetching it from the Hugging Face Hub failed (unknown or gated repo, "

@@ -186,12 +186,13 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def local_checkpoint(name: str, *, trust_remote_code: bool = False) -> str:
+def local_checkpoint(name: str, *, trust_remote_code: bool = False, shards: bool = True) -> str:
     """``name`` as a local folder: a checkpoint or pipeline folder, an alias as :func:`resolve_model`
     gives it, or a Hub id's files fetched into the Hugging Face cache
     (:func:`lineas.hub_checkpoint.fetch_checkpoint`), so that a Hub model bakes from a folder, out of
     core, like a local one.  A repo without safetensors weights comes back without weights: only
-    transformers can load it (:func:`load_model` with the Hub id)."""
+    transformers can load it (:func:`load_model` with the Hub id).  ``shards=False``: a dry run's fetch
+    (:func:`lineas.hub_checkpoint.fetch_checkpoint`)."""
     from .hub_checkpoint import PIPELINE_INDEX, fetch_checkpoint
 
     if (Path(name).expanduser() / PIPELINE_INDEX).is_file():
@@ -199,7 +200,7 @@ def local_checkpoint(name: str, *, trust_remote_code: bool = False) -> str:
     path = resolve_model(name)
     if Path(path).is_dir():
         return path
-    folder = fetch_checkpoint(path, trust_remote_code=trust_remote_code)
+    folder = fetch_checkpoint(path, trust_remote_code=trust_remote_code, shards=shards)
     return str(folder) if (folder / PIPELINE_INDEX).is_file() else resolve_model(str(folder))
 
 

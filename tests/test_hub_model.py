@@ -109,6 +109,16 @@ def test_cached_hub_id_bakes_offline_without_asking_the_hub(hub, hub_llama, tmp_
     assert len(hub.requests) == asked and (tmp_path / "b" / "config.json").is_file()
 
 
+def test_dry_run_of_a_hub_id_plans_from_its_config_without_fetching_the_shards(hub, hub_llama, tmp_path, capsys):
+    _, shards, maps = hub_llama
+    assert main(["--model", "me/tiny", "--maps", str(maps), "--dry-run"]) == 0
+    assert "model.layers.1.input_layernorm" in capsys.readouterr().out
+    fetched = [path for _, path, _ in hub.calls("GET", r"/me/tiny/resolve/")]
+    assert any("config.json" in p for p in fetched) and not [p for p in fetched if ".safetensors" in p and
+                                                              "index" not in p]
+    assert not list(tmp_path.glob("*-steered"))
+
+
 def test_unknown_hub_id_exits_2_naming_it_and_writes_nothing(hub, tmp_path, capsys):
     maps = tmp_path / "m.safetensors"
     make_maps(LLAMA_SITES).save(maps)
