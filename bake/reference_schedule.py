@@ -28,6 +28,7 @@ from .logit_stats import LogitStats, pool_probe_stats, probe_stats
 from .noise_floor import rounding_perturbed
 from .passes import (
     RowSlice,
+    last_position,
     pack_passes,
     position_cap,
     row_slice,
@@ -91,14 +92,16 @@ class ScheduledReference:
 
 
 def run_schedule(model: nn.Module, schedule: ReferenceSchedule, affines: Affines, probes: Sequence[Probe],
-                 prompts: torch.Tensor, *, diag: int,
+                 prompts: torch.Tensor, *, diag: int, watch: Sequence[str] = (),
                  record: Callable[[RowSlice], AbstractContextManager[dict]] | None = None,
                  on_pass: Callable[[], None] = lambda: None) -> ScheduledReference:
     """Run ``schedule``: the greedy continuation of ``prompts`` and the logits of every unit, each row
     group under its own maps.  ``record``: a context manager factory (:func:`bake.verify.record_outputs`)
-    given the rows of probe ``diag``'s hooked batch in the pass that carries it."""
+    given the rows of probe ``diag``'s hooked batch in the pass that carries it; ``watch``: the modules
+    it records and the steered sites (their outputs keep the pass's rows: :class:`bake.passes.TorchRunner`).
+    Only the logits compared are computed: every real position of a probe, the last of a greedy step."""
     variants = [affines] + [rounding_perturbed(affines, seed=s) for s in range(schedule.samples)]
-    run = torch_runner(model)
+    run = torch_runner(model, keep_layout=watch)
     ids = prompts.to(torch.int64)
     logits: list[torch.Tensor | None] = [None] * len(probes)
     pending: list[tuple[Unit, torch.Tensor]] = []  # perturbed logits whose hooked probe has not run yet
@@ -109,15 +112,17 @@ def run_schedule(model: nn.Module, schedule: ReferenceSchedule, affines: Affines
         units = [schedule.units[i] for i in members]
         batches = [(probes[u.probe].input_ids, probes[u.probe].attention_mask) for u in units]
         groups = [(probes[u.probe].input_ids.shape[0], variants[u.variant]) for u in units]
+        keeps = [None] * len(units)  # every real position of a probe
         step = k < schedule.n_tokens
         if step:
             batches.insert(0, (ids, torch.ones_like(ids)))
             groups.insert(0, (ids.shape[0], affines))
+            keeps.insert(0, last_position(ids))
         with ExitStack() as stack:
             stack.enter_context(attach_row_affines(model, groups))
             if record is not None and diag_unit in units:  # after the steering hooks: records steered outputs
                 acts = stack.enter_context(record(row_slice(batches, units.index(diag_unit) + step)))
-            outs = run_batches(run, batches)
+            outs = run_batches(run, batches, keeps)
         if step:
             ids = torch.cat([ids, outs.pop(0)[:, -1].argmax(-1, keepdim=True)], dim=1)
         for u, out in zip(units, outs):

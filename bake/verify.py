@@ -140,11 +140,14 @@ def _run_all(model_or_runner, probes, greedy_prompts, greedy_of, watch, progress
     argmax after each reference prefix.  Up to the first mismatch these are exactly the tokens its own
     greedy decoding would produce, so "identical greedy tokens" and the first divergence are decided
     without decoding token by token."""
-    run = torch_runner(model_or_runner) if isinstance(model_or_runner, nn.Module) else model_or_runner
+    run = torch_runner(model_or_runner, keep_layout=watch) if isinstance(model_or_runner, nn.Module) else model_or_runner
     batches = [(p.input_ids, p.attention_mask) for p in probes]
     prompts = greedy_prompts.to(torch.int64)
     forced = torch.cat([prompts, torch.tensor(greedy_of, dtype=torch.int64)], 1)
     batches.append((forced, torch.ones_like(forced)))
+    width, n_tokens = prompts.shape[1], len(greedy_of[0]) if greedy_of else 0
+    teacher = torch.zeros(forced.shape, dtype=torch.bool)  # the positions whose argmax is a greedy token
+    teacher[:, width - 1:width - 1 + n_tokens] = True
     vocab = reference_vocab if reference_vocab else model_vocab_size(model_or_runner)
     with tqdm(total=1, desc=desc, disable=bar_disabled(progress), leave=False) as bar:
         record = (lambda rows: record_outputs(model_or_runner, watch, rows)) if (
@@ -152,9 +155,9 @@ def _run_all(model_or_runner, probes, greedy_prompts, greedy_of, watch, progress
         # The full logits budget, as the reference's: with the reads of bake.rawmem (and no resident block
         # when they are mapped) the Gemma-2-2B-shaped bake peaks at 3.77 GiB for a float32 and for a
         # bfloat16 export (benchmarks/bake_scale.py; half the budget took a third pass).
-        outs, acts = run_grouped(run, batches, vocab, first=_diag_index(probes), record=record)
+        outs, acts = run_grouped(run, batches, vocab, first=_diag_index(probes), record=record,
+                                 keeps=[None] * len(probes) + [teacher])
         bar.update()
-    width, n_tokens = prompts.shape[1], len(greedy_of[0]) if greedy_of else 0
     greedy = outs.pop()[:, width - 1:width - 1 + n_tokens].argmax(-1).tolist()
     return outs, greedy, acts
 
@@ -177,7 +180,7 @@ def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor,
                                        vocab=model_vocab_size(model))
     with tqdm(total=len(schedule.passes), desc="verify: hooked reference", disable=bar_disabled(progress),
               leave=False) as bar:
-        done = run_schedule(model, schedule, affines, probes, prompts, diag=diag,
+        done = run_schedule(model, schedule, affines, probes, prompts, diag=diag, watch=watch,
                             record=(lambda rows: record_outputs(model, watch, rows)) if watch else None,
                             on_pass=bar.update)
     with attach_affine(model, affines):

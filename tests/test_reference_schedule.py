@@ -234,3 +234,47 @@ def test_row_groups_must_cover_the_batch_and_map_the_same_sites():
         attach_row_affines(model, [(1, one), (1, {})])
     with pytest.raises(SteeringError, match="no row groups"):
         attach_row_affines(model, [])
+
+
+# ----------------------------------------------------------------------------- the output head on kept positions
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])  # gemma2: logit soft-capping after the head
+def test_head_runs_on_kept_positions_only_and_gives_their_logits(arch):
+    model = tiny_model(arch).eval()
+    ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    keep = torch.zeros(ids.shape, dtype=torch.bool)
+    keep[0, 2:5] = keep[2, -1] = True
+    head_rows = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _m, args: head_rows.append(args[0].shape[:-1].numel()))
+    try:
+        full = passes.torch_runner(model)(ids, mask)
+        narrow = passes.run_batches(passes.torch_runner(model), [(ids, mask)], [keep])[0]
+    finally:
+        handle.remove()
+    assert head_rows == [27, 4]  # the whole pass, then the four kept positions
+    assert narrow.shape == full.shape
+    assert bool(full[~keep].abs().sum() > 0) and bool((narrow[~keep] == 0).all())
+    torch.testing.assert_close(narrow[keep], full[keep], rtol=0, atol=1e-5 * float(full.abs().max()))
+
+
+def test_head_keeps_its_rows_when_hooks_read_it(llama):
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(2))
+    keep = passes.last_position(ids)
+    head = next(n for n, m in llama.named_modules() if m is llama.get_output_embeddings())
+    seen = []
+    handle = llama.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    try:
+        passes.run_batches(passes.torch_runner(llama, keep_layout=[head]), [(ids, torch.ones_like(ids))], [keep])
+        passes.run_batches(passes.torch_runner(llama), [(ids, torch.ones_like(ids))], [keep])
+    finally:
+        handle.remove()
+    assert seen[0][:2] == (2, 5) and seen[1][:2] == (1, 2)
+
+
+def test_runner_that_is_not_torch_gets_the_other_positions_zeroed():
+    logits = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) + 1
+    ids = torch.zeros(2, 3, dtype=torch.int64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    out = passes.run_batches(lambda i, m: logits.clone(), [(ids, mask)])[0]
+    assert bool((out[0, 2] == 0).all()) and torch.equal(out[mask.bool()], logits[mask.bool()])
