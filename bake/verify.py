@@ -145,9 +145,10 @@ def _run_all(model_or_runner, probes, greedy_prompts, greedy_of, watch, progress
     prompts = greedy_prompts.to(torch.int64)
     forced = torch.cat([prompts, torch.tensor(greedy_of, dtype=torch.int64)], 1)
     batches.append((forced, torch.ones_like(forced)))
-    width, n_tokens = prompts.shape[1], len(greedy_of[0]) if greedy_of else 0
-    teacher = torch.zeros(forced.shape, dtype=torch.bool)  # the positions whose argmax is a greedy token
-    teacher[:, width - 1:width - 1 + n_tokens] = True
+    n_tokens = len(greedy_of[0]) if greedy_of else 0
+    taught = slice(prompts.shape[1] - 1, prompts.shape[1] - 1 + n_tokens)  # positions whose argmax is a greedy token
+    teacher = torch.zeros(forced.shape, dtype=torch.bool)
+    teacher[:, taught] = True
     vocab = reference_vocab if reference_vocab else model_vocab_size(model_or_runner)
     with tqdm(total=1, desc=desc, disable=bar_disabled(progress), leave=False) as bar:
         record = (lambda rows: record_outputs(model_or_runner, watch, rows)) if (
@@ -158,7 +159,7 @@ def _run_all(model_or_runner, probes, greedy_prompts, greedy_of, watch, progress
         outs, acts = run_grouped(run, batches, vocab, first=_diag_index(probes), record=record,
                                  keeps=[None] * len(probes) + [teacher])
         bar.update()
-    greedy = outs.pop()[:, width - 1:width - 1 + n_tokens].argmax(-1).tolist()
+    greedy = outs.pop()[:, taught].argmax(-1).tolist()
     return outs, greedy, acts
 
 
