@@ -29,7 +29,8 @@ from lineas.io import human_size
 
 from .errors import BakeError
 from .rawmem import HEAP_SLACK_BYTES, BufferPool, trim_heap
-from .shards import INDEX_FILE, SINGLE_FILE, ShardFolder, read_as
+from .shards import INDEX_FILE, SINGLE_FILE, ShardFolder, TensorInfo, read_as
+from .sliced_linear import slice_linears
 from .store import checkpoint_keys
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,13 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
         log.info("verification holds at most %s of the %s of weights in memory; the other blocks are read "
                  "from %s each time they run", human_size(budget), human_size(whole_model_bytes(model, dtype)),
                  folder)
-        _materialise(model, tensors, device, offloaded=lambda name: dmap[_block_of(name, dmap)] == "disk")
+
+        def is_offloaded(name: str) -> bool:
+            return dmap[_block_of(name, dmap)] == "disk"
+
+        _materialise(model, tensors, device, offloaded=is_offloaded)
+        if torch.device(device).type == "cpu":  # large Linears multiply by slices, offloaded ones from the shards
+            slice_linears(model, offloaded=is_offloaded, info_of=tensors.info, dtype=dtype)
         # accelerate warns that offloaded parameters sit on the meta device: that is the point here.
         quiet = logging.getLogger("accelerate.big_modeling")
         level = quiet.level
@@ -250,9 +257,13 @@ class ShardTensors(Mapping):
         accelerate has dropped the block's weights after it ran."""
         return self.read(name, pooled=True)
 
+    def info(self, name: str) -> TensorInfo:
+        """Where and how tensor ``name`` is stored."""
+        return self.shards.info(self.keys_of[name])
+
     def read(self, name: str, *, pooled: bool = False) -> torch.Tensor:
         """Tensor ``name`` in the run dtype; ``pooled=False``: memory of its own (a resident weight)."""
-        info = self.shards.info(self.keys_of[name])
+        info = self.info(name)
         return read_as(info, self.dtype if info.dtype.is_floating_point else info.dtype,
                        pool=self.pool if pooled else None)
 
