@@ -8,7 +8,9 @@
   (``dispatch_model``) with a ``device_map`` from :func:`device_map_for` (blocks that fit stay
   resident, the others are offloaded to disk).  Offloaded weights are read from the folder's
   safetensors shards by :class:`ShardTensors` when a block runs (no copy of the checkpoint is
-  made), and torch forward hooks (steering, recording) still fire.  A model that fits is loaded
+  made), and torch forward hooks (steering, recording) still fire.  On the CPU, offloaded ``nn.Linear``
+  weights are not read whole: their products run from the shards a slice of rows at a time
+  (:mod:`bake.sliced_linear`), and large resident weights are multiplied by slices too.  A model that fits is loaded
   whole, without any accelerate hook.
 """
 
@@ -185,7 +187,8 @@ def load_bounded(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     tensor, resident or read as its block runs, comes from :class:`ShardTensors`: read in 4 MB blocks
     straight into ``dtype`` (a 2 GB float32 embedding stored in bfloat16 never sits in memory beside a
     whole bfloat16 copy and the file's mapped pages, as a whole-tensor load through a memory map would
-    put it)."""
+    put it).  On the CPU, the offloaded ``nn.Linear`` weights are the exception: their modules multiply
+    straight from the shards, slice by slice (:func:`bake.sliced_linear.slice_linears`)."""
     from accelerate import dispatch_model
 
     folder = Path(folder)
