@@ -3,15 +3,16 @@ model whose offloaded Linears multiply straight from the shards giving the logit
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from bake_fixtures import logits
 from test_stream import sharded_checkpoint, tight_budget
 
-import bake.checkpoint as checkpoint
-import bake.rawmem as rawmem
-import bake.sliced_linear as sliced
+from bake import checkpoint, rawmem
+from bake import sliced_linear as sliced
 from bake.sliced_linear import sliced_linear
 
 
@@ -31,7 +32,7 @@ def test_sliced_linear_is_f_linear_over_consecutive_slices(bias, step):
     want = F.linear(x, w, b)
     assert got.shape == want.shape == (2, 5, 7)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    assert asked[0][0] == 0 and asked[-1][1] == 7 and all(a[1] == b[0] for a, b in zip(asked, asked[1:]))
+    assert asked[0][0] == 0 and asked[-1][1] == 7 and all(a[1] == b[0] for a, b in itertools.pairwise(asked))
     assert len(asked) == -(-7 // step)
     with pytest.raises(ValueError, match="slice_rows must be >= 1, got 0"):
         sliced_linear(x, rows, 7, b, 0)
