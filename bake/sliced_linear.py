@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ SLICE_BYTES = 8 << 20  # float32 rows per slice (measured above: 8 MB fastest, a
 SLICED_MIN_BYTES = 2 * SLICE_BYTES  # a resident weight below this is one slice: F.linear as it is
 
 Rows = Callable[[int, int], torch.Tensor]  # (start, stop) -> weight rows [stop - start, K], valid until the next call
+Sliced = Literal["stored", "resident"]  # a Linear multiplying from its shard, or from its weight in memory
 
 
 def sliced_linear(x: torch.Tensor, rows: Rows, out_features: int, bias: torch.Tensor | None,
@@ -93,27 +95,28 @@ class _StoredRows:
 
     def __init__(self, info: TensorInfo, dtype: torch.dtype, buffers: _SliceBuffers):
         n, k = info.shape
-        self.info, self.dtype = info, dtype
+        self.info, self.same = info, info.dtype == dtype
         self.step = slice_rows_for(k, dtype.itemsize)
         self.row_bytes = k * info.dtype.itemsize
-        self.buf = buffers.take(min(self.step, n), k, dtype)
         self.stored = mapped(info.file, info.begin, info.nbytes, info.dtype, (n, k))
-        self.fh = open(info.file, "rb") if self.stored is None else None  # noqa: SIM115 -- closed by close()
-        same = info.dtype == dtype
-        self.raw = self.buf.view(-1).view(torch.uint8) if same else buffers.take(
-            min(self.step, n), self.row_bytes, torch.uint8).view(-1)
+        direct = self.stored is not None and self.same  # the slices are the mapped pages: no buffer
+        self.buf = None if direct else buffers.take(min(self.step, n), k, dtype)
+        self.fh = self.raw = None
+        if self.stored is None:
+            self.fh = open(info.file, "rb")  # noqa: SIM115 -- closed by close()
+            self.raw = self.buf.view(-1).view(torch.uint8) if self.same else buffers.take(
+                min(self.step, n), self.row_bytes, torch.uint8).view(-1)
 
     def __call__(self, s: int, e: int) -> torch.Tensor:
-        same = self.info.dtype == self.dtype
         if self.stored is not None:
-            if same:
-                return self.stored[s:e]  # the mapped pages themselves
+            if self.same:
+                return self.stored[s:e]
             src = self.stored[s:e].reshape(-1).view(torch.uint8)
         else:
             src = self.raw[:(e - s) * self.row_bytes]
             self.fh.seek(self.info.begin + s * self.row_bytes)
             _read_exactly(self.fh, memoryview(src.numpy()), self.info)
-            if same:
+            if self.same:
                 return self.buf[:e - s]
         out = self.buf[:e - s]
         convert_into(out.view(-1), src, self.info.dtype)
@@ -143,7 +146,7 @@ def _resident_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def slice_linears(model: nn.Module, offloaded: Callable[[str], bool], info_of: Callable[[str], TensorInfo],
-                  dtype: torch.dtype) -> dict[str, str]:
+                  dtype: torch.dtype) -> dict[str, Sliced]:
     """Give the large ``nn.Linear`` modules of ``model`` (a skeleton whose resident weights are loaded, to
     run on the CPU in ``dtype``) a forward that multiplies by slices (:func:`sliced_linear`); call before
     accelerate's ``dispatch_model``.
@@ -156,7 +159,7 @@ def slice_linears(model: nn.Module, offloaded: Callable[[str], bool], info_of: C
     Returns ``{module name: "stored" | "resident"}`` for the modules changed."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     buffers = _SliceBuffers()
-    done: dict[str, str] = {}
+    done: dict[str, Sliced] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if type(module) is not nn.Linear or not isinstance(weight, nn.Parameter) or weight.dim() != 2:
