@@ -3,8 +3,9 @@
 An offloaded block is read from its shard every time it runs, into new memory: for a Gemma-2-2B
 verification that was ~8 GB of float32 per forward pass, converted from bfloat16.  (Its Linear weights,
 nearly all of those bytes, are now multiplied straight from the shard by slices instead:
-:mod:`bake.sliced_linear`; what follows still reads the rest, and every weight of a model that runs on a
-GPU or whose weights are not ``nn.Linear`` ones, such as GPT-2's ``Conv1D``.)  Two costs dominated
+:mod:`bake.sliced_linear`.  What follows reads the other weights: the rest of a block, and every
+weight of a model that runs on a GPU or whose layers are not ``nn.Linear``, such as GPT-2's ``Conv1D``.)
+Two costs dominated
 those reads, both measured on this project's 2-core CPU box (throwaway scripts, 0.87 GiB of bfloat16
 layers read into float32):
 

@@ -16,8 +16,8 @@ Measured on this project's 2-core CPU box (throwaway scripts, warm page cache):
   304 against 348 at 231.  With slices of 1 or 2 MB the products were slower and no longer equal to the
   whole product bit for bit; with 8 MB they were equal (each output element is the same dot product;
   :func:`sliced_linear` calls ``addmm``/``mm`` as ``F.linear`` does);
-* the float32 output head (256000 x 2304): 682 against 996 ms at 27 rows, 777 against 1404 at 60,
-  1218 against 1645 at 118 (equal bit for bit at these sizes; at 3 rows MKL takes another path and
+* the float32 output head (256000 x 2304): 741 against 996 ms at 27 rows, 917 against 1404 at 60,
+  1177 against 1645 at 118 (equal bit for bit at these sizes; at 3 rows MKL takes another path and
   the last bits of some logits differ, as between any two ways of summing, within the check's tolerance).
 
 No offloaded weight of these Linears is held in memory beyond the slice buffer, so an offloaded pass
