@@ -5,9 +5,8 @@ verification that was ~8 GB of float32 per forward pass, converted from bfloat16
 nearly all of those bytes, are now multiplied straight from the shard by slices instead:
 :mod:`bake.sliced_linear`.  What follows reads the other weights: the rest of a block, and every
 weight of a model that runs on a GPU or whose layers are not ``nn.Linear``, such as GPT-2's ``Conv1D``.)
-Two costs dominated
-those reads, both measured on this project's 2-core CPU box (throwaway scripts, 0.87 GiB of bfloat16
-layers read into float32):
+Two costs dominated those reads, both measured on this project's 2-core CPU box (throwaway scripts,
+0.87 GiB of bfloat16 layers read into float32):
 
 * **Page faults.**  A new multi-megabyte tensor is fresh anonymous memory: one fault per 4 KiB page,
   each zeroed in the kernel (373k faults, ~1.0 s of system time).  :func:`empty` asks for transparent
