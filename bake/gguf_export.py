@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import subprocess
@@ -39,6 +40,8 @@ from .gguf_greedy import long_greedy_check
 from .llamacpp import llama_cpp_python_version, llamacpp_runner, load_llamacpp
 from .runtimes import Runtime, check_required
 from .verify import bar_disabled, compare
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .results import BakedModel
@@ -123,10 +126,14 @@ def export_gguf(baked: BakedModel, folder: Path, opts: ExportOptions, *, fmt: st
     checks, details = [], {}
     if baked.reference is not None:
         with load_llamacpp(path) as llm:  # llama.cpp in a process of its own (bake.llamacpp)
+            details["llama_cpp_weight_repack"] = llm.weight_repack
+            if llm.repack_off:
+                details["llama_cpp_repack_off"] = llm.repack_off
+                log.warning("gguf %s: %s", outtype, llm.repack_off)
             check, _ = compare(llamacpp_runner(llm), baked.reference, f"gguf-{outtype}",
                                label=f"gguf {outtype} (llama.cpp)", progress=opts.progress)
             if outtype == GATING_OUTTYPE:
-                details = long_greedy_check(baked, llm, check, progress=opts.progress)
+                details |= long_greedy_check(baked, llm, check, progress=opts.progress)
         checks.append(check)
     _write_report(out, path, outtype, checks, details)
     snippet = ("GGUF for llama.cpp is in the `gguf/` subfolder:\n\n```\n"

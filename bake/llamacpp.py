@@ -64,6 +64,9 @@ class LlamaCppProcess:
             raise ValueError(f"llama.cpp could not load {self.path}: {hello.get('error')}")
         self._n_vocab = int(hello["n_vocab"])
         self.torch_loaded = bool(hello.get("torch_loaded"))  # in llama.cpp's process: should never be
+        # llama.cpp's extra weight buffers (AMX, CPU repack) as loaded, and why they are off when they are
+        self.weight_repack = bool(hello["weight_repack"])
+        self.repack_off: str | None = hello.get("repack_off")
 
     def n_vocab(self) -> int:
         return self._n_vocab

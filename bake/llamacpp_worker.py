@@ -14,7 +14,8 @@ Protocol over stdin/stdout (the parent is the only peer; no pickle): each reques
 each reply is one JSON line, followed, when the reply says ``"bytes": n``, by ``n`` bytes of a
 little-endian float32 array of the reply's ``"shape"``.
 
-* start: ``{"ok": true, "n_vocab": V, "torch_loaded": false}`` or ``{"ok": false, "error": "..."}`` (then the process exits 3)
+* start: ``{"ok": true, "n_vocab": V, "torch_loaded": false, "weight_repack": bool, "repack_off": why or null}``
+  or ``{"ok": false, "error": "..."}`` (then the process exits 3)
 * ``{"op": "logits", "tokens": [...]}``: every position's logits, ``[len(tokens), V]``
 * ``{"op": "greedy", "prompt": [...], "n_new": N}``: ``{"ok": true, "tokens": [...], "seconds": s}``,
   decoded one token at a time through llama.cpp's KV cache (the prompt's evaluation is timed too)
@@ -26,10 +27,51 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
 GGML_TYPE_F32 = 0  # ggml.h: enum ggml_type, GGML_TYPE_F32 = 0
+
+# Seen on this project's CI machines with Intel AMX (Sapphire Rapids): llama-cpp-python 0.3.36 built from
+# its sdist (GGML_NATIVE, so with the AMX backend) dies with SIGSEGV in ggml_backend_amx_mul_mat at the
+# first evaluation of any q8_0 file, SmolLM2's own unsteered one included; f32, f16 and bf16 weights
+# never go to the AMX buffers.  With llama.cpp's extra weight buffers off (``llama-cli --no-repack``)
+# the same files run.
+AMX_REPACK_CRASH = ("this CPU has AMX_INT8, and llama.cpp's AMX kernels crash on quantized weights "
+                    "(SIGSEGV in ggml_backend_amx_mul_mat, ggml-org/llama.cpp#20824): the file is checked "
+                    "with weight repacking off, as `llama-cli --no-repack` runs it")
+
+
+def repack_off_reason(system_info: str) -> str | None:
+    """Why llama.cpp's extra weight buffers (AMX, CPU repack) are turned off on this machine, or ``None``;
+    ``system_info`` is ``llama_print_system_info()``: the CPU features the build uses."""
+    return AMX_REPACK_CRASH if "AMX_INT8 = 1" in system_info else None
+
+
+@contextmanager
+def _model_params(**fields):
+    """Let ``Llama()`` start from default ``llama_model_params`` with ``fields`` set: llama-cpp-python takes
+    no argument for some of them (``use_extra_bufts``, llama.cpp's ``--no-repack``)."""
+    import llama_cpp.llama as api
+
+    known = {name for name, _ in api.llama_cpp.llama_model_params._fields_}
+    missing = set(fields) - known
+    if missing:
+        raise RuntimeError(f"this llama-cpp-python has no llama_model_params field {sorted(missing)}")
+    default = api.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        for name, value in fields.items():
+            setattr(p, name, value)
+        return p
+
+    api.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        api.llama_cpp.llama_model_default_params = default
 
 
 def _send(out, header: dict, payload: bytes = b"") -> None:
@@ -64,16 +106,20 @@ def serve(path: str, n_ctx: int, threads: int, f32_cache: bool, inp=None, out=No
     inp = inp or sys.stdin.buffer
     out = out or sys.stdout.buffer
     try:
-        from llama_cpp import Llama
+        from llama_cpp import Llama, llama_print_system_info
 
+        repack_off = repack_off_reason(llama_print_system_info().decode("utf-8", "replace"))
         kw = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32) if f32_cache else {}
-        llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                    n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
+        with _model_params(**({"use_extra_bufts": False} if repack_off else {})):
+            llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                        n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
     except Exception as e:  # noqa: BLE001 - any load failure is reported to the parent, which raises it
         _send(out, {"ok": False, "error": f"{type(e).__name__}: {e}"})
         return 3
-    # torch_loaded: the reason for this process (tests assert it stays False)
-    _send(out, {"ok": True, "n_vocab": int(llm.n_vocab()), "torch_loaded": "torch" in sys.modules})
+    # torch_loaded: the reason for this process (tests assert it stays False); weight_repack: read back from
+    # the parameters the model was loaded with
+    _send(out, {"ok": True, "n_vocab": int(llm.n_vocab()), "torch_loaded": "torch" in sys.modules,
+                "weight_repack": bool(llm.model_params.use_extra_bufts), "repack_off": repack_off})
     for line in inp:
         req = json.loads(line)
         op = req.get("op")

@@ -137,6 +137,9 @@ def test_gguf_report_rows(baked_llama):
     report = json.loads((out / "gguf" / "lineas_gguf_export.json").read_text())
     assert set(report["files"]) == {"model-f32.gguf", "model-q8_0.gguf"}
     assert report["files"]["model-f32.gguf"]["greedy"]["identical"] == 8
+    for row in report["files"].values():  # how llama.cpp ran the file: repack off only with the reason why
+        assert isinstance(row["llama_cpp_weight_repack"], bool)
+        assert row["llama_cpp_weight_repack"] == ("llama_cpp_repack_off" not in row)
     card = (out / "README.md").read_text()
     assert "gguf/model-f32.gguf" in card and "| llama.cpp | yes | tested here |" in card
 
