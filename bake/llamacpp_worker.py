@@ -33,7 +33,7 @@ import numpy as np
 
 GGML_TYPE_F32 = 0  # ggml.h: enum ggml_type, GGML_TYPE_F32 = 0
 
-# Seen on this project's CI machines with Intel AMX (Sapphire Rapids): llama-cpp-python 0.3.36 built from
+# Seen on this project's CI machines with Intel AMX (Sapphire Rapids or later): llama-cpp-python 0.3.36 built from
 # its sdist (GGML_NATIVE, so with the AMX backend) dies with SIGSEGV in ggml_backend_amx_mul_mat at the
 # first evaluation of any q8_0 file, SmolLM2's own unsteered one included; f32, f16 and bf16 weights
 # never go to the AMX buffers.  With llama.cpp's extra weight buffers off (``llama-cli --no-repack``)
