@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -50,21 +50,18 @@ def repack_off_reason(system_info: str) -> str | None:
 
 
 @contextmanager
-def _model_params(**fields):
-    """Let ``Llama()`` start from default ``llama_model_params`` with ``fields`` set: llama-cpp-python takes
-    no argument for some of them (``use_extra_bufts``, llama.cpp's ``--no-repack``)."""
+def _without_extra_buffers():
+    """Let ``Llama()`` load with llama.cpp's extra weight buffers off (``use_extra_bufts``, ``--no-repack``):
+    llama-cpp-python takes no argument for that field, so it is set on the default parameters it starts from."""
     import llama_cpp.llama as api
 
-    known = {name for name, _ in api.llama_cpp.llama_model_params._fields_}
-    missing = set(fields) - known
-    if missing:
-        raise RuntimeError(f"this llama-cpp-python has no llama_model_params field {sorted(missing)}")
+    if "use_extra_bufts" not in {name for name, _ in api.llama_cpp.llama_model_params._fields_}:
+        raise RuntimeError("this llama-cpp-python has no llama_model_params.use_extra_bufts")
     default = api.llama_cpp.llama_model_default_params
 
     def params():
         p = default()
-        for name, value in fields.items():
-            setattr(p, name, value)
+        p.use_extra_bufts = False
         return p
 
     api.llama_cpp.llama_model_default_params = params
@@ -110,7 +107,7 @@ def serve(path: str, n_ctx: int, threads: int, f32_cache: bool, inp=None, out=No
 
         repack_off = repack_off_reason(llama_print_system_info().decode("utf-8", "replace"))
         kw = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32) if f32_cache else {}
-        with _model_params(**({"use_extra_bufts": False} if repack_off else {})):
+        with _without_extra_buffers() if repack_off else nullcontext():
             llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                         n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
     except Exception as e:  # noqa: BLE001 - any load failure is reported to the parent, which raises it
