@@ -13,9 +13,9 @@ The public API mirrors the ``lineas-bake`` CLI::
 extra, so it is imported on first use and left out of ``__all__``).
 """
 
-from .api import bake, bake_folder, plan_bake
-from .errors import BakeError, FoldError, VerificationError
-from .export import (
+from bake.api import bake, bake_folder, plan_bake
+from bake.errors import BakeError, FoldError, VerificationError
+from bake.formats.export import (
     EXPORTERS,
     ExportOptions,
     ExportResult,
@@ -23,11 +23,11 @@ from .export import (
     export,
     register_exporter,
 )
-from .history import ModelMismatchError, RebakeError
-from .pipeline_bake import PipelineBake, bake_pipeline, plan_pipeline_bake
-from .results import BakedModel, BaseModel, default_out_dir
-from .tolerances import TOLERANCES, Tolerance, register_tolerance
-from .verify import VerificationReport
+from bake.plan.history import ModelMismatchError, RebakeError
+from bake.families.diffusers.bake import PipelineBake, bake_pipeline, plan_pipeline_bake
+from bake.results import BakedModel, BaseModel, default_out_dir
+from bake.verify.tolerances import TOLERANCES, Tolerance, register_tolerance
+from bake.verify.check import VerificationReport
 
 __all__ = [
     "EXPORTERS",
@@ -58,9 +58,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # load_onnx needs the onnx extra, so bake.onnx_export is imported on first use, not with the package.
+    # load_onnx needs the onnx extra, so bake.formats.onnx is imported on first use, not with the package.
     if name == "load_onnx":
-        from .onnx_export import load_onnx
+        from bake.formats.onnx import load_onnx
 
         return load_onnx
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,8 +38,8 @@ from lineas.models import (
 )
 from lineas.provenance import config_fingerprint
 
-from .errors import BakeError, VerificationError
-from .checkpoint import (
+from bake.errors import BakeError, VerificationError
+from bake.store.checkpoint import (
     check_whole_model_fits,
     device_map_for,
     load_bounded,
@@ -47,8 +47,8 @@ from .checkpoint import (
     load_skeleton,
     safetensors_folder,
 )
-from .execute import apply_plan, check_applicable, commit_plan
-from .history import (
+from bake.fold.execute import apply_plan, check_applicable, commit_plan
+from bake.plan.history import (
     BAKED_KEY,
     check_model_match,
     check_rebake,
@@ -58,13 +58,13 @@ from .history import (
     recorded_bakes,
     warn_stacked_sites,
 )
-from .inputs import combined, normalise_maps
-from .plan import FoldPlan, maps_digest
-from .plan import plan as make_plan
-from .results import BakedModel, BaseModel, StreamSource
-from .shards import ShardFolder
-from .store import FolderStore, checkpoint_keys
-from .verify import (
+from bake.plan.inputs import combined, normalise_maps
+from bake.plan.planner import FoldPlan, maps_digest
+from bake.plan.planner import plan as make_plan
+from bake.results import BakedModel, BaseModel, StreamSource
+from bake.store.shards import ShardFolder
+from bake.store.stores import FolderStore, checkpoint_keys
+from bake.verify.check import (
     VerificationReport,
     bar_disabled,
     compare,
@@ -79,8 +79,8 @@ IN_MEMORY_COPIES = 2.0  # the float32 model and, while its export is checked, th
 def _local_path(model, *, trust_remote_code: bool, shards: bool = True) -> str:
     """``model`` (a folder, an alias or a Hub id) as a local folder (a Hub id fetched into the Hugging Face
     cache: :func:`lineas.models.local_checkpoint`); a diffusers pipeline belongs to the pipeline family
-    (bake.pipeline_bake), not to this API."""
-    from .family import DIFFUSERS_PIPELINE, detect
+    (bake.families.diffusers.bake), not to this API."""
+    from bake.families.base import DIFFUSERS_PIPELINE, detect
 
     path = local_checkpoint(str(model), trust_remote_code=trust_remote_code, shards=shards)
     if detect(path) is DIFFUSERS_PIPELINE:
@@ -162,8 +162,8 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
     ``lineas_provenance.json`` of its folder) raise ``RebakeError`` unless ``allow_rebake``;
     maps learned on another ``model_type``/``config_sha256`` raise ``ModelMismatchError``
     unless ``ignore_model_mismatch`` (then a warning is logged).
-    ``require_runtimes``: :class:`bake.runtimes.Runtime` values that must load the export without custom code;
-    a plan they cannot serve raises ``FoldError`` before any work (see :mod:`bake.runtimes`).
+    ``require_runtimes``: :class:`bake.plan.runtimes.Runtime` values that must load the export without custom code;
+    a plan they cannot serve raises ``FoldError`` before any work (see :mod:`bake.plan.runtimes`).
     """
     if verify_tokens < 1:
         raise ValueError(f"verify_tokens must be >= 1, got {verify_tokens}")
@@ -232,7 +232,7 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     folder, then verifies the *written* export against it (``VerificationError``, or
     ``NonFiniteReferenceError`` for maps that overflow the hooked model, and nothing written).
     ``max_memory``: bytes of weights in memory while verifying, the block being read included (None:
-    the largest block plus 512 MiB, :func:`bake.checkpoint.default_max_memory`); the rest is read per block.
+    the largest block plus 512 MiB, :func:`bake.store.checkpoint.default_max_memory`); the rest is read per block.
     ``plan_only``: return the plan (what ``--dry-run`` prints); reads no weight unless a site's
     output size can only be measured by running the model.
     """
@@ -267,7 +267,7 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     if not verify:
         log.warning("verification skipped: the baked model will NOT be compared with the hooked model")
     # The hooked reference is recorded by save_pretrained, while the shards are written (see
-    # bake.export_stream): the two take about as long, and neither needs the other.
+    # bake.formats.hf_stream): the two take about as long, and neither needs the other.
     report = VerificationReport(skipped=not verify)
     source = StreamSource(store=store, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code,
                           verify=verify, verify_tokens=verify_tokens, progress=progress)

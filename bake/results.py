@@ -1,8 +1,8 @@
 """The result types of a bake: :class:`BaseModel` (where the model came from) and
 :class:`BakedModel` (the folded model plus how it got there).
 
-They live apart from :mod:`bake.api` so that the exporters (:mod:`bake.export`,
-:mod:`bake.onnx_export`) can name them without importing the API that calls them.
+They live apart from :mod:`bake.api` so that the exporters (:mod:`bake.formats.export`,
+:mod:`bake.formats.onnx`) can name them without importing the API that calls them.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from torch import nn
 from lineas.maps import SiteMap
 from lineas.models import display_name
 
-from .inputs import MapsSource
-from .plan import FoldPlan
-from .store import FolderStore
-from .verify import Reference, VerificationReport
+from bake.plan.inputs import MapsSource
+from bake.plan.planner import FoldPlan
+from bake.store.stores import FolderStore
+from bake.verify.check import Reference, VerificationReport
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class StreamSource:
 
     store: FolderStore  # the source shards, addressed by parameter name
     device: str
-    max_memory: int | None  # bytes of weights in memory while verifying (None: bake.checkpoint's default)
+    max_memory: int | None  # bytes of weights in memory while verifying (None: bake.store.checkpoint's default)
     trust_remote_code: bool
     verify: bool = True  # record the hooked reference and verify the written export
     verify_tokens: int = 8
@@ -69,15 +69,15 @@ class BakedModel:
     @property
     def bakes(self) -> list[dict]:
         """Every bake recorded in the model's config (earlier ones first, this one last)."""
-        from .history import recorded_bakes
+        from bake.plan.history import recorded_bakes
 
         return recorded_bakes(getattr(self.model, "config", None))
 
     def save_pretrained(self, out_dir: str | Path | None = None, *, dtype: str = "float32",
                         formats: str | Sequence[str] = "hf", overwrite: bool = False, command: str = "",
                         publish=None, progress: bool = False) -> Path:
-        """Write the export folder (atomically) and return its path; see :func:`bake.export.export`."""
-        from .export import (
+        """Write the export folder (atomically) and return its path; see :func:`bake.formats.export.export`."""
+        from bake.formats.export import (
             export,  # the exporter imports this module, not the other way round
         )
 

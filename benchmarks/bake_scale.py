@@ -66,7 +66,7 @@ sys.path.insert(0, str(HERE))
 from random_checkpoint import SHAPES, ensure, layout  # noqa: E402
 
 # Export dtype per shape.  float32 for the full-size shapes: the exact fp32 check is then the export
-# itself; a bfloat16 export also writes a float32 scratch copy to check the fold on (bake.export), which
+# itself; a bfloat16 export also writes a float32 scratch copy to check the fold on (bake.formats.export), which
 # for the 8B (16 GB source + 32 GB scratch + 16 GB export) does not fit this machine's disk.
 DEFAULT_EXPORT_DTYPE = {"gemma2-2b": "float32", "llama3-8b": "float32",
                         "tiny-gemma2": "float32", "tiny-llama": "bfloat16"}
@@ -134,7 +134,7 @@ def timed_warm_copy(src: Path, scratch: Path) -> float:
 
 def bake_command(model: Path, maps: Path, out: Path, dtype: str, extra: list[str]) -> list[str]:
     script = Path(sys.executable).with_name("lineas-bake")
-    prog = [str(script)] if script.is_file() else [sys.executable, "-m", "bake.cli"]
+    prog = [str(script)] if script.is_file() else [sys.executable, "-m", "bake.cli.main"]
     return [*prog, "--model", str(model), "--maps", str(maps), "--out", str(out), "--dtype", dtype,
             "--require-standard", *extra]
 

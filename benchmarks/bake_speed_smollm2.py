@@ -39,7 +39,7 @@ def run_once(tree: Path, maps: Path, out: Path) -> tuple[float, float, int]:
     """(wall seconds, peak RSS GiB, exit code) of one bake with ``tree`` first on the path.  Compare only
     runs that exit 0: a failed verification stops before the export is written and checked."""
     env = dict(os.environ, PYTHONPATH=str(tree))
-    cmd = [sys.executable, "-m", "bake.cli", "--model", "smollm2-135m", "--maps", str(maps), "--out", str(out)]
+    cmd = [sys.executable, "-m", "bake.cli.main", "--model", "smollm2-135m", "--maps", str(maps), "--out", str(out)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tree)
     _, status, usage = os.wait4(proc.pid, 0)

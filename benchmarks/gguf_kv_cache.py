@@ -1,5 +1,5 @@
 """How far a GGUF file in llama.cpp is from the hooked model, with a float32 and llama.cpp's default float16
-KV cache (the numbers behind the ``gguf-*`` rows of bake/tolerances.py).
+KV cache (the numbers behind the ``gguf-*`` rows of bake/verify/tolerances.py).
 
     python benchmarks/gguf_kv_cache.py --model smollm2-135m --maps maps.safetensors \\
         --gguf OUT/gguf/model-f32.gguf [--gguf OUT/gguf/model-q8_0.gguf] [--tokens 32]
@@ -15,9 +15,9 @@ import json
 
 import torch
 
-from bake.llamacpp import greedy_decode, llamacpp_runner, load_llamacpp
-from bake.tolerances import Tolerance
-from bake.verify import compare, first_divergence, record_reference
+from bake.formats.llamacpp import greedy_decode, llamacpp_runner, load_llamacpp
+from bake.verify.tolerances import Tolerance
+from bake.verify.check import compare, first_divergence, record_reference
 from lineas.maps import SteeringMaps
 from lineas.models import load_model
 

@@ -1,4 +1,4 @@
-"""Verification figures of pipeline bakes on the tiny test pipelines (the numbers in bake/tolerances.py).
+"""Verification figures of pipeline bakes on the tiny test pipelines (the numbers in bake/verify/tolerances.py).
 
     PYTHONPATH=$PWD python benchmarks/pipeline_bake_figures.py sd sdxl sd3 flux
 
@@ -26,7 +26,7 @@ def main(kinds):
         for seed in (1, 2):
             maps = work / f"{kind}-{seed}.safetensors"
             random_maps(pipe, SITES[kind], seed=seed).save(maps)
-            r = subprocess.run([sys.executable, "-m", "bake.cli", "--model", str(folder), "--maps", str(maps),
+            r = subprocess.run([sys.executable, "-m", "bake.cli.main", "--model", str(folder), "--maps", str(maps),
                                 "--strength", "0.8", "--out", str(work / f"{kind}-{seed}-out")],
                                capture_output=True, text=True)
             rows = [line for line in r.stdout.splitlines() if line.startswith(("denoiser", "image"))]

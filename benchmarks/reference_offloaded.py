@@ -2,7 +2,7 @@
 reading offloaded blocks, with no shard writer running beside it.
 
 Loads ``--model`` (a checkpoint folder) with bounded memory as ``lineas-bake`` does
-(``bake.checkpoint.load_bounded``, ``--max-memory auto``), records ``bake.verify.record_reference`` with
+(``bake.store.checkpoint.load_bounded``, ``--max-memory auto``), records ``bake.verify.check.record_reference`` with
 the maps of ``--maps`` at strength 1, and prints one JSON object:
 
   load_s        seconds to build and dispatch the model (resident blocks read)
@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-tokens", type=int, default=8, help="greedy tokens (lineas-bake --verify-tokens)")
     args = ap.parse_args(argv)
 
-    import bake.checkpoint as checkpoint
-    import bake.passes as passes
-    from bake.verify import record_reference
+    import bake.store.checkpoint as checkpoint
+    import bake.verify.passes as passes
+    from bake.verify.check import record_reference
     from lineas.maps import SteeringMaps, effective_maps
 
     reads, calls = [0.0], [0]

@@ -1,6 +1,6 @@
 """How many forward passes does the hooked reference take, and how long on the embedded SmolLM2-135M?
 
-Records ``bake.verify.record_reference`` (n_tokens greedy tokens, noise floor on) with random maps on
+Records ``bake.verify.check.record_reference`` (n_tokens greedy tokens, noise floor on) with random maps on
 all 60 input/post-attention norms, counting calls of the model's forward, on one CPU thread
 (``--threads``) so that a busy machine moves the figure less.  Prints one JSON object: the passes, the
 median wall seconds over ``--repeats`` (after one warm-up), and the first greedy continuation.  Run it
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from bake.verify import record_reference
+    from bake.verify.check import record_reference
     from lineas.models import load_model, smollm2_checkpoint
 
     loaded = load_model(str(smollm2_checkpoint()))

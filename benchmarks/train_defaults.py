@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("configs", nargs="+", metavar="CONFIG")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from lineas.train import learn_maps
+    from lineas.learn.train import learn_maps
 
     model, tok, src, tgt, score = _tiny() if args.model == "tiny" else _smollm2()
     if args.base and score is not None:

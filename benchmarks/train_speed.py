@@ -1,6 +1,6 @@
 """LinEAS training speed: the real step against a naive one, measured in the same run.
 
-Optimised step (lineas.train.train_lineas): targets computed once and cached
+Optimised step (lineas.learn.train.train_lineas): targets computed once and cached
 sorted; model weights frozen (no weight-gradient graph); the forward stops
 right after the last site (no later layers, no LM head).
 
@@ -30,8 +30,8 @@ from lineas.collect import (
     run_to_sites,
     tokenize,
 )
-from lineas.ot import w2_to_sorted_target
-from lineas.train import TrainConfig, train_lineas
+from lineas.learn.ot import w2_to_sorted_target
+from lineas.learn.train import TrainConfig, train_lineas
 
 DEFAULT_SITES = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)"
 SOURCE = ["I hate how this {} turned out, it is awful.", "What a terrible, boring {}.",

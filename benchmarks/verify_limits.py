@@ -5,7 +5,7 @@ For each (magnitude a, seed): maps with scale ~ U(1-a, 1+a) and shift ~ U(-a, a)
 the hooked reference is recorded as ``bake.bake`` records it, then
 
 * ``baked``       -- the real fold (``plan`` + ``apply_plan``) compared with the reference;
-* ``noise_floor`` -- what verification measures (bake.noise_floor): the hooked model with every
+* ``noise_floor`` -- what verification measures (bake.verify.noise_floor): the hooked model with every
                      map entry moved by one float32 ulp (random direction) against the reference;
 * ``floor_batch`` -- the hooked model run one row at a time (a pure reassociation);
 * ``floor_f64``   -- the hooked model in float64 compared with the fp32 reference;
@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bake.execute import apply_plan  # noqa: E402
-from bake.plan import plan  # noqa: E402
-from bake.verify import compare, record_reference  # noqa: E402
+from bake.fold.execute import apply_plan  # noqa: E402
+from bake.plan.planner import plan  # noqa: E402
+from bake.verify.check import compare, record_reference  # noqa: E402
 from lineas.hooks import attach_affine, module_feature_dim  # noqa: E402
 from lineas.maps import SiteMap  # noqa: E402
 
@@ -86,7 +86,8 @@ def row(check) -> dict:
 @contextmanager
 def _one_plus_w_folded_as_w():
     """Gemma's ``(1 + w)`` norms folded as if they were ``w``: the classic convention bug."""
-    from bake import execute, fold
+    from bake.fold import execute
+    from bake.core import fold_math as fold
 
     real = execute.fold_norm_scale
     execute.fold_norm_scale = lambda weight, scale, one_plus=False: fold.fold_norm_scale(weight, scale)

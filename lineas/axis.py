@@ -2,10 +2,10 @@
 
 Used by the steering hooks (:mod:`lineas.hooks`), the learners' activation
 collection (:mod:`lineas.collect`) and the baker's fallback module
-(``bake/affine_module.py``), so training, inference and the baked model
+(``bake/fold/affine_module.py``), so training, inference and the baked model
 steer the same axis.  This file imports only torch: its source is inlined
 into the ``modeling_lineas.py`` that an exported checkpoint ships (see
-``bake.affine.write_remote_code``), so keep it free of other imports.
+``bake.fold.remote_code.write_remote_code``), so keep it free of other imports.
 
 The rule:
 

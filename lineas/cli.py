@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .io import ExitCode, atomic_write_text, fail, writable_anchor
+from lineas import __version__
+from lineas.io import ExitCode, atomic_write_text, fail, writable_anchor
 
 log = logging.getLogger("lineas.cli")
 
@@ -65,8 +65,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .prompts import builtin_names
-    from .train_config import Foldable, Init, Method, Optimizer, Schedule, TrainConfig
+    from lineas.prompts import builtin_names
+    from lineas.learn.config import Foldable, Init, Method, Optimizer, Schedule, TrainConfig
 
     p = argparse.ArgumentParser(
         prog="lineas-train", description=DESCRIPTION,
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--foldable", nargs="?", const=Foldable.ON.value, choices=[f.value for f in Foldable],
                     default=d.foldable.value, metavar="{auto,on,off}",
                     help="train only what lineas-bake can fold into standard weights: the bake planner (same "
-                         "registry, bake/archs) says, per site, whether its scale and its shift fold; a part that "
+                         "registry, bake/registry/archs) says, per site, whether its scale and its shift fold; a part that "
                          "would need an affine module stays at scale 1 / shift 0 (also for Linear-AcT and --init "
                          "linear-act), a site where nothing folds is left out, and the maps then bake with "
                          "lineas-bake --require-standard. 'auto' (default): on when a registry entry describes the "
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     tr.add_argument("--seed", type=int, default=d.seed, help="seed for batching and splits (default: %(default)s)")
 
-    from .pipeline_collect import DEFAULT_SITES, DenoiseSchedule
+    from lineas.learn.pipeline_collect import DEFAULT_SITES, DenoiseSchedule
 
     t2i = p.add_argument_group(
         "text-to-image pipelines (--model is a diffusers pipeline folder with model_index.json)",
@@ -196,7 +196,7 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
 
 def train_config(args):
     """The ``TrainConfig`` of parsed arguments; its own checks are the only ones (a ``ConfigError``)."""
-    from .train_config import TrainConfig
+    from lineas.learn.config import TrainConfig
 
     return TrainConfig(method=args.method, init=args.init, steps=args.steps, optimizer=args.optimizer, lr=args.lr,
                        betas=tuple(args.betas), schedule=args.schedule, batch_size=args.batch_size,
@@ -223,12 +223,12 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
 
 
 def _train(args) -> int:
-    from .collect import SiteMatchError, match_sites
-    from .hooks import SteeringError
-    from .models import ModelLoadError, display_name, load_model
-    from .prompts import PromptError, load_prompts
-    from .train import learn_maps
-    from .train_config import ConfigError
+    from lineas.collect import SiteMatchError, match_sites
+    from lineas.hooks import SteeringError
+    from lineas.models import ModelLoadError, display_name, load_model
+    from lineas.prompts import PromptError, load_prompts
+    from lineas.learn.train import learn_maps
+    from lineas.learn.config import ConfigError
 
     try:
         config = train_config(args)
@@ -242,7 +242,7 @@ def _train(args) -> int:
         target = load_prompts(args.target)
     except (PromptError, ValueError) as e:
         return _fail(str(e))
-    from .pipelines import is_pipeline_folder
+    from lineas.pipelines import is_pipeline_folder
 
     pipeline_flags = [f for f, v in (("--denoising-steps", args.denoising_steps), ("--guidance-scale",
                       args.guidance_scale), ("--image-size", args.image_size)) if v is not None]
@@ -280,14 +280,14 @@ def _train(args) -> int:
 
 
 def _train_pipeline(args, config, source, target) -> int:
-    """``--model`` is a diffusers pipeline folder: learn at its denoiser's sites (lineas.pipeline_collect)."""
+    """``--model`` is a diffusers pipeline folder: learn at its denoiser's sites (lineas.learn.pipeline_collect)."""
     import torch
 
-    from .collect import SiteMatchError
-    from .hooks import SteeringError
-    from .models import display_name
-    from .pipeline_collect import DenoiseSchedule, learn_pipeline_maps
-    from .pipelines import PipelineLoadError, load_pipeline
+    from lineas.collect import SiteMatchError
+    from lineas.hooks import SteeringError
+    from lineas.models import display_name
+    from lineas.learn.pipeline_collect import DenoiseSchedule, learn_pipeline_maps
+    from lineas.pipelines import PipelineLoadError, load_pipeline
 
     try:
         steps = DenoiseSchedule.steps if args.denoising_steps is None else args.denoising_steps
@@ -340,8 +340,8 @@ def _write_report(path: str, result) -> None:
 
 
 def _import_mlact(argv: list[str]) -> int:
-    from .maps import MapsFormatError
-    from .mlact import MlActImportError, import_mlact
+    from lineas.maps import MapsFormatError
+    from lineas.learn.mlact import MlActImportError, import_mlact
 
     try:
         args = build_import_parser().parse_args(argv)

@@ -26,9 +26,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .axis import feature_axis, pool_features
-from .embedding_scale import outside_scale
-from .hooks import SteeringError, apply_affine, similar_names
+from lineas.axis import feature_axis, pool_features
+from lineas.embedding_scale import outside_scale
+from lineas.hooks import SteeringError, apply_affine, similar_names
 
 
 class SiteMatchError(SteeringError):
@@ -132,7 +132,7 @@ class _StopForward(Exception):
 @runtime_checkable
 class RepeatedCalls(Protocol):
     """A batch whose forward calls every site several times, e.g. once per denoising step of a
-    diffusers pipeline (:mod:`lineas.pipeline_collect`).  Every call is pooled, and
+    diffusers pipeline (:mod:`lineas.learn.pipeline_collect`).  Every call is pooled, and
     ``pool_calls(site, pooled_calls)`` combines them into ``[N, D]``; the forward may stop after the
     last site's ``calls_per_site``-th call.  Any other batch keeps a site's first call only."""
 

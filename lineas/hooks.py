@@ -21,9 +21,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .axis import affine_on_axis, feature_axis, resolve_axis
-from .embedding_scale import outside_scale
-from .maps import SiteMap, SteeringMaps, effective_maps
+from lineas.axis import affine_on_axis, feature_axis, resolve_axis
+from lineas.embedding_scale import outside_scale
+from lineas.maps import SiteMap, SteeringMaps, effective_maps
 
 __all__ = ["SteeringError", "feature_axis", "apply_affine", "attach_affine", "attach_maps", "steered",
            "SteeringHandle", "resolve_sites", "attach_row_affines", "module_feature_dim", "similar_names",

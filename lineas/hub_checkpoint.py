@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .models import ModelLoadError
+from lineas.models import ModelLoadError
 
 # Small files every checkpoint kind may need: configs, the weights index, tokenizers, chat templates.
 METADATA_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
@@ -62,7 +62,7 @@ def _fetch(repo_id: str, *, trust_remote_code: bool, shards: bool) -> tuple[Path
         folder = Path(snapshot_download(repo_id, allow_patterns=[*METADATA_PATTERNS, *code],
                                         ignore_patterns=list(IGNORED_PATTERNS)))
         if (folder / PIPELINE_INDEX).is_file():
-            from .pipelines import require_diffusers
+            from lineas.pipelines import require_diffusers
 
             pipe = require_diffusers().DiffusionPipeline.download(repo_id, use_safetensors=True,
                                                                   trust_remote_code=trust_remote_code)

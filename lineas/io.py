@@ -4,7 +4,7 @@ Atomic: data is written to a temporary file in the destination's directory
 (``.<name>.lineas-tmp-*``), flushed, then renamed over the destination, so a
 reader never sees a half-written file and a killed process leaves at most a
 hidden temp file whose name says what it was.  Folders use the same rule in
-:mod:`bake.export` (temporary sibling, then rename).
+:mod:`bake.formats.export` (temporary sibling, then rename).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .io import atomic_write
+from lineas.io import atomic_write
 
 FORMAT = "lineas-maps"
 FORMAT_VERSION = "1"

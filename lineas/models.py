@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config_compat import transformers_major, unreadable_by_this_version
+from lineas.config_compat import transformers_major, unreadable_by_this_version
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def local_checkpoint(name: str, *, trust_remote_code: bool = False, shards: bool
     core, like a local one.  A repo without safetensors weights comes back without weights: only
     transformers can load it (:func:`load_model` with the Hub id).  ``shards=False``: a dry run's fetch
     (:func:`lineas.hub_checkpoint.fetch_checkpoint`)."""
-    from .hub_checkpoint import PIPELINE_INDEX, fetch_checkpoint
+    from lineas.hub_checkpoint import PIPELINE_INDEX, fetch_checkpoint
 
     if (Path(name).expanduser() / PIPELINE_INDEX).is_file():
         return str(Path(name).expanduser())

@@ -32,7 +32,7 @@ def save_tokenizer(model_dir: Path, vocab_size: int = 128):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from bake.probes import PROMPTS
+    from bake.verify.probes import PROMPTS
 
     words = []
     for text in PROMPTS:
@@ -94,7 +94,7 @@ def corrupt_bake(monkeypatch, proj: str = "up_proj", factor: float = 1.02) -> No
 
     from bake import api
 
-    streamed = importlib.import_module("bake.export_stream")
+    streamed = importlib.import_module("bake.formats.hf_stream")
 
     real = api.apply_plan
 
@@ -133,7 +133,7 @@ def uniform_maps(model, sites, magnitude: float, seed: int = 0) -> SteeringMaps:
 def wrong_shift_bake(monkeypatch, site: str, factor: float = 1.01) -> None:
     """Make every bake fold ``site``'s shift times ``factor`` (1 % off by default): a subtly wrong fold."""
     from bake import api
-    from bake.plan import plan
+    from bake.plan.planner import plan
 
     real = api.apply_plan
 
@@ -146,7 +146,8 @@ def wrong_shift_bake(monkeypatch, site: str, factor: float = 1.01) -> None:
 
 def wrong_convention_bake(monkeypatch) -> None:
     """Make every bake fold Gemma's ``(1 + w)`` norms as if they were ``w`` (w' = s*w instead of s*(1+w) - 1)."""
-    from bake import execute, fold
+    from bake.fold import execute
+    from bake.core import fold_math as fold
 
     monkeypatch.setattr(execute, "fold_norm_scale", lambda weight, scale, one_plus=False:
                         fold.fold_norm_scale(weight, scale, one_plus=False))

@@ -86,7 +86,7 @@ def _logits(folder: Path) -> torch.Tensor:
 def produce(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from bake.cli import main as bake_main
+    from bake.cli.main import main as bake_main
     from lineas.cli import main as train_main
 
     for arch, (sites, bake_args, _) in CASES.items():

@@ -600,7 +600,7 @@ def use_endpoint(monkeypatch, endpoint: str) -> None:
     imported (``constants.ENDPOINT`` and the resolve-URL template; before 1.0 also a
     copy of that template in ``file_download``).  A test process imports it long
     before a fixture runs, so the fixture sets them (and the variable, for
-    subprocesses).  ``bake.hub`` reads ``constants.ENDPOINT`` at call time.
+    subprocesses).  ``bake.publish.hub`` reads ``constants.ENDPOINT`` at call time.
     """
     from huggingface_hub import constants, file_download
 

@@ -8,11 +8,11 @@ import torch
 from tiny import module_output, tiny_model
 from torch import nn
 
-from bake.affine_module import LineasAffine
+from bake.fold.affine_module import LineasAffine
 from lineas.axis import feature_axis, pool_features
 from lineas.collect import run_to_sites
 from lineas.hooks import attach_affine
-from lineas.train import learn_maps
+from lineas.learn.train import learn_maps
 
 QNORM = "model.layers.0.self_attn.q_norm"
 HEAD_DIM = 16  # tests/tiny.py qwen3
@@ -121,7 +121,7 @@ def test_training_on_q_norm_learns_head_dim_maps(length):
 def test_exported_remote_code_inlines_the_axis_rule_and_imports_only_torch():
     import ast
 
-    from bake.affine import _affine_source
+    from bake.fold.remote_code import _affine_source
 
     source = _affine_source()
     imported = set()

@@ -23,7 +23,7 @@ import pytest
 import torch
 from bake_fixtures import LLAMA_SITES, setup_model
 
-from bake.cli import main as bake_main
+from bake.cli.main import main as bake_main
 from lineas.cli import main as train_main
 from lineas.maps import SiteMap, SteeringMaps
 
@@ -80,10 +80,10 @@ class World:
 
 
 def _small_disk(monkeypatch):
-    import bake.outdir
+    import bake.publish.outdir
 
     real = shutil.disk_usage
-    monkeypatch.setattr(bake.outdir.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
+    monkeypatch.setattr(bake.publish.outdir.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
 
 
 def _disk_fills_while_writing(monkeypatch):
@@ -91,7 +91,7 @@ def _disk_fills_while_writing(monkeypatch):
     import errno
     import importlib
 
-    export_module = importlib.import_module("bake.export")  # the package re-exports a function of that name
+    export_module = importlib.import_module("bake.formats.export")  # the package re-exports a function of that name
 
     def full(folder, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder))
@@ -201,7 +201,7 @@ def test_every_row_is_distinct():
 CHILD = """
 import sys, time
 from pathlib import Path
-from bake.export import ExportResult, register_exporter
+from bake.formats.export import ExportResult, register_exporter
 
 def slow(baked, folder, opts):  # a registered export format that blocks once its folder holds the weights
     (Path(folder) / "slow-started").write_text("x")
@@ -209,7 +209,7 @@ def slow(baked, folder, opts):  # a registered export format that blocks once it
     return ExportResult("slow")
 
 register_exporter("slow", slow)
-from bake.cli import main
+from bake.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -262,7 +262,7 @@ def test_sigkill_leftover_is_removed_by_the_next_run(tmp_path, caplog):
 
 def test_live_runs_temp_folder_is_kept(tmp_path):
     """A temp folder whose owner is alive (another export in progress) is not touched."""
-    from bake.outdir import remove_stale
+    from bake.publish.outdir import remove_stale
 
     live = tmp_path / f"lineas_tmp_{os.getppid()}_abc"
     live.mkdir()
@@ -274,7 +274,7 @@ def test_live_runs_temp_folder_is_kept(tmp_path):
 
 def test_previous_output_moved_aside_by_a_killed_run_is_restored(tmp_path):
     """Killed between the two renames of an --overwrite: the old export sits in lineas_old_*/old, none in place."""
-    from bake.outdir import OWNER_FILE, remove_stale
+    from bake.publish.outdir import OWNER_FILE, remove_stale
 
     out = tmp_path / "export"
     aside = tmp_path / "lineas_old_999999999_abc"

@@ -10,10 +10,10 @@ from tiny import ARCHS, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from bake import VerificationError, bake
-from bake.affine import MODELING_FILE, write_remote_code
-from bake.execute import apply_plan
-from bake.plan import ScaleFold, plan
-from bake.registry import entry_for
+from bake.fold.remote_code import MODELING_FILE, write_remote_code
+from bake.fold.execute import apply_plan
+from bake.plan.planner import ScaleFold, plan
+from bake.registry.llm import entry_for
 from lineas.evaluate import model_logits
 from lineas.hooks import attach_maps, count_forward_hooks, module_feature_dim
 from lineas.maps import SiteMap, SteeringMaps, effective_maps
@@ -35,7 +35,7 @@ def _random_maps(model, sites, seed=0) -> SteeringMaps:
 def _norm_and_producer_sites(model):
     entry = entry_for(model.config)
     names = [n for n, _ in model.named_modules()]
-    from bake.registry import match_template
+    from bake.registry.llm import match_template
 
     norms = [n for n in names if any(match_template(e.site, n) is not False for e in entry.norms)]
     producers = [n for n in names if n.endswith(PRODUCER_SUFFIXES)]

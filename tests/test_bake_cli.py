@@ -19,7 +19,7 @@ from bake_fixtures import (
 )
 from safetensors.torch import save_file
 
-from bake.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_VERIFY, main
+from bake.cli.main import EXIT_BAD_INPUT, EXIT_OK, EXIT_VERIFY, main
 
 
 @pytest.fixture

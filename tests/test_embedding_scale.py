@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny import random_ids, tiny_model
 
-from bake.execute import apply_plan
-from bake.plan import Layout, plan
+from bake.fold.execute import apply_plan
+from bake.plan.planner import Layout, plan
 from lineas.collect import run_to_sites
 from lineas.embedding_scale import embedding_shift_divisor
 from lineas.evaluate import model_logits

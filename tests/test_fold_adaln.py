@@ -1,9 +1,9 @@
-"""The AdaLN fold (bake.fold.fold_adaln_rows): the identity, and each diffusers class against hooks."""
+"""The AdaLN fold (bake.core.fold_math.fold_adaln_rows): the identity, and each diffusers class against hooks."""
 
 import pytest
 import torch
 
-from bake.fold import fold_adaln_rows, fold_modulated_norm_rows
+from bake.core.fold_math import fold_adaln_rows, fold_modulated_norm_rows
 
 D, E = 6, 5
 
@@ -87,7 +87,7 @@ def _adaln_modules():
                                  "SD35AdaLayerNormZeroX"])
 def test_registry_chunk_order_matches_diffusers_against_hooks(cls):
     pytest.importorskip("diffusers")
-    from bake.pipeline_registry import load_pipeline_registry
+    from bake.registry.diffusers import load_pipeline_registry
     from lineas.hooks import attach_affine
 
     torch.manual_seed(0)

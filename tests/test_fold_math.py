@@ -1,10 +1,10 @@
-"""Random-tensor identities for the pure fold math in bake/fold.py (fp32 and bf16)."""
+"""Random-tensor identities for the pure fold math in bake/core/fold_math.py (fp32 and bf16)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bake.fold import fold_input_shift, fold_norm_bias, fold_norm_scale, fold_output_rows
+from bake.core.fold_math import fold_input_shift, fold_norm_bias, fold_norm_scale, fold_output_rows
 
 D_IN, D_OUT = 24, 16
 
@@ -122,7 +122,7 @@ def test_computed_in_float64_and_rounded_once(fn, dtype):
     w, b = torch.randn(D_OUT, generator=g).to(dtype), torch.randn(D_OUT, generator=g).to(dtype)
     s, t = _st(D_OUT)
     _, t_in = _st(D_IN)
-    folds = {  # what bake.fold computes, and the same formula written out in float64
+    folds = {  # what bake.core.fold_math computes, and the same formula written out in float64
         "norm_scale": (lambda: fold_norm_scale(w, s), lambda w, b, W, s, t, ti: s * w),
         "norm_scale_1p": (lambda: fold_norm_scale(w, s, one_plus=True), lambda w, b, W, s, t, ti: s * (1 + w) - 1),
         "norm_bias": (lambda: fold_norm_bias(b, s, t), lambda w, b, W, s, t, ti: s * b + t),

@@ -19,12 +19,12 @@ import torch
 from bake_fixtures import GEMMA2_SITES, make_maps, setup_model, write_maps
 from tiny import COMMON, save_tiny
 
-from bake.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from bake.gguf_export import convert, converter_dir
-from bake.llamacpp import llamacpp_runner, load_llamacpp
-from bake.runtimes import Runtime, Serves
-from bake.tolerances import get_tolerance
-from bake.verify import compare, record_reference
+from bake.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
+from bake.formats.gguf import convert, converter_dir
+from bake.formats.llamacpp import llamacpp_runner, load_llamacpp
+from bake.plan.runtimes import Runtime, Serves
+from bake.verify.tolerances import get_tolerance
+from bake.verify.check import compare, record_reference
 from lineas.hooks import steered
 from lineas.maps import SiteMap, SteeringMaps
 from lineas.models import resolve_model
@@ -105,7 +105,7 @@ def test_llama_cpp_runs_apart_from_torch_and_a_crash_is_an_error_naming_the_sign
     process crashed in llama_decode here.  A crash of that process fails the check with the signal named."""
     import signal
 
-    from bake.llamacpp import LlamaCppCrashed
+    from bake.formats.llamacpp import LlamaCppCrashed
     from bake.errors import VerificationError
 
     _, _, out = baked_llama
@@ -224,7 +224,7 @@ SP_ARCHS = ("gemma", "gemma2", "phi3")
 def sentencepiece_model(tmp_path_factory) -> Path:
     """A 100-piece sentencepiece model trained here (sentencepiece comes with the converter, in its own folder)."""
     path = tmp_path_factory.mktemp("sp") / "sp"
-    code = ("import sentencepiece as spm, sys; from bake.probes import PROMPTS; "
+    code = ("import sentencepiece as spm, sys; from bake.verify.probes import PROMPTS; "
             "spm.SentencePieceTrainer.train(sentence_iterator=iter(list(PROMPTS) * 20), model_prefix=sys.argv[1], "
             "vocab_size=100, model_type='bpe', bos_id=2, eos_id=1, unk_id=3, pad_id=0, minloglevel=2)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(converter_dir()), os.getcwd()]))
@@ -233,7 +233,7 @@ def sentencepiece_model(tmp_path_factory) -> Path:
 
 
 FLAGGED = ("llama", "qwen3", "gemma3_text", "gemma", "gemma2")  # a shift switches attention_bias on
-# Every registry architecture (bake/archs); Mistral's and Phi-3's input_layernorm shifts need an affine module
+# Every registry architecture (bake/registry/archs); Mistral's and Phi-3's input_layernorm shifts need an affine module
 # (no bias flag, bias-free q/k/v: refused for llama.cpp before any work, see the affine tests above), so only
 # their scale-only maps make a file; GPT-2's shift folds into ln_1's own bias and Qwen2's into its q/k/v
 # biases, which always exist: no flag.
@@ -242,7 +242,7 @@ FACT_CASES = [(a, s) for a in (*FLAGGED, "qwen2", "gpt2") for s in (True, False)
 
 
 def test_fact_cases_cover_the_registry():
-    from bake.registry import load_registry
+    from bake.registry.llm import load_registry
 
     assert {a for a, _ in FACT_CASES} == set(load_registry())
 

@@ -32,8 +32,8 @@ def demo_maps(tmp_path_factory):
 
 
 def test_smollm2_hf_gguf_export_runs_in_llama_cpp_like_the_hooked_model(demo_maps, tmp_path, capsys):
-    from bake.cli import EXIT_OK, main
-    from bake.gguf_greedy import GREEDY_TOKENS, _generate, greedy_prompt_ids
+    from bake.cli.main import EXIT_OK, main
+    from bake.formats.gguf_greedy import GREEDY_TOKENS, _generate, greedy_prompt_ids
     from lineas.models import load_model
 
     out = tmp_path / "baked"

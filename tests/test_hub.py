@@ -15,7 +15,7 @@ from onnx_extra import require_onnx_extra
 from hub_server import HubServer, Token, XetListing, disable_xet, use_endpoint
 
 from bake import bake
-from bake.hub import (
+from bake.publish.hub import (
     HubAuthError,
     HubInputError,
     HubNotFoundError,
@@ -236,7 +236,7 @@ def test_verification_catches_a_mismatch(hub, export_dir, tmp_path):
 def test_retry_is_decided_by_status_and_socket_errors_not_library_class_names():
     """requests (hub < 1.0) and httpx (hub >= 1.0) wrap a refused connection in their own classes; what both
     keep is the chain down to Python's socket error, so that is what is looked at."""
-    from bake.hub import _retryable
+    from bake.publish.hub import _retryable
 
     class LibraryConnectError(Exception):  # stands in for any HTTP library's wrapper, whatever its name
         pass
@@ -306,7 +306,7 @@ def test_token_never_appears_in_output_or_logs(hub, export_dir, monkeypatch, cap
 
 # ----------------------------------------------------------------------------- command line
 def test_cli_push_prints_verified_commit(hub, export_dir, capsys):
-    from bake.cli import main
+    from bake.cli.main import main
 
     out, *_ = export_dir
     rc = main(["push", str(out), "me/steered", "--commit-message", "first upload"])
@@ -319,7 +319,7 @@ def test_cli_push_prints_verified_commit(hub, export_dir, capsys):
 
 
 def test_cli_push_dry_run(hub, export_dir, capsys):
-    from bake.cli import main
+    from bake.cli.main import main
 
     out, *_ = export_dir
     assert main(["push", str(out), "me/steered", "--dry-run", "--private", "--branch", "dev"]) == 0
@@ -330,7 +330,7 @@ def test_cli_push_dry_run(hub, export_dir, capsys):
 
 
 def test_cli_push_errors_exit_codes(hub, export_dir, capsys, monkeypatch, tmp_path):
-    from bake.cli import main
+    from bake.cli.main import main
 
     out, *_ = export_dir
     assert main(["push", str(out), "not-a-repo-id"]) == 2
@@ -344,7 +344,7 @@ def test_cli_push_errors_exit_codes(hub, export_dir, capsys, monkeypatch, tmp_pa
 
 
 def test_cli_bake_then_push_to_hub(hub, tmp_path, capsys):
-    from bake.cli import main
+    from bake.cli.main import main
 
     model_dir, maps_path = setup_model(tmp_path)
     out = tmp_path / "baked"
@@ -359,7 +359,7 @@ def test_cli_bake_then_push_to_hub(hub, tmp_path, capsys):
 
 
 def test_cli_push_to_hub_failure_keeps_the_export(hub, tmp_path, capsys, monkeypatch):
-    from bake.cli import main
+    from bake.cli.main import main
 
     model_dir, maps_path = setup_model(tmp_path)
     out = tmp_path / "baked"
@@ -372,7 +372,7 @@ def test_cli_push_to_hub_failure_keeps_the_export(hub, tmp_path, capsys, monkeyp
 
 
 def test_cli_push_options_are_checked_before_baking(tmp_path, capsys):
-    from bake.cli import main
+    from bake.cli.main import main
 
     model_dir, maps_path = setup_model(tmp_path)
     common = ["--model", str(model_dir), "--maps", str(maps_path), "--out", str(tmp_path / "o")]
@@ -391,7 +391,7 @@ def test_cli_push_in_a_fresh_process_reads_hf_endpoint(hub, export_dir):
 
     out, *_ = export_dir
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN}
-    proc = subprocess.run([sys.executable, "-m", "bake.cli", "push", str(out), "me/fresh", "-v"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "bake.cli.main", "push", str(out), "me/fresh", "-v"], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert f"{hub.endpoint}/me/fresh/commit/{hub.head('me/fresh').oid}" in proc.stdout
@@ -401,8 +401,8 @@ def test_cli_push_in_a_fresh_process_reads_hf_endpoint(hub, export_dir):
 def test_acceptance_bake_hf_onnx_push_download_reproduces_hooked(hub, tmp_path, capsys):
     """lineas-bake --format hf,onnx --out X; lineas-bake push X me/steered; download; both formats == hooked."""
     require_onnx_extra()
-    from bake.cli import main
-    from bake.onnx_export import load_ort, ort_runner
+    from bake.cli.main import main
+    from bake.formats.onnx import load_ort, ort_runner
 
     model_dir, maps_path = setup_model(tmp_path, tokenizer=True)
     out = tmp_path / "X"
@@ -423,7 +423,7 @@ def test_acceptance_bake_hf_onnx_push_download_reproduces_hooked(hub, tmp_path, 
 
 
 def test_cli_bake_dry_run_with_push_says_where(hub, tmp_path, capsys):
-    from bake.cli import main
+    from bake.cli.main import main
 
     model_dir, maps_path = setup_model(tmp_path)
     rc = main(["--model", str(model_dir), "--maps", str(maps_path), "--out", str(tmp_path / "o"), "--dry-run",

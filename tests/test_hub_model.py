@@ -21,7 +21,7 @@ from bake_fixtures import LLAMA_SITES, hooked_and_base, logits, make_maps
 from hub_server import HubServer, Token, disable_xet, use_endpoint
 from tiny import tiny_model
 
-from bake.cli import main
+from bake.cli.main import main
 
 TOKEN = "hf_test_READ_WRITE_token_0123456789ab"
 STRENGTH = 0.8
@@ -54,7 +54,7 @@ def _bake(tmp_path: Path, *args: str, offline: bool = False) -> subprocess.Compl
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-m", "bake.cli", *args], env=env, cwd=tmp_path, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bake.cli.main", *args], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, check=False)
 
 

@@ -7,8 +7,8 @@ import torch
 from tiny import random_ids, tiny_model
 
 from lineas.hooks import attach_affine
-from lineas.ot import fit_affine_1d, matched_quantiles, quantiles_at, w2, w2_per_neuron
-from lineas.train import learn_maps
+from lineas.learn.ot import fit_affine_1d, matched_quantiles, quantiles_at, w2, w2_per_neuron
+from lineas.learn.train import learn_maps
 
 
 def test_recovers_known_affine_relation_exactly():

@@ -15,8 +15,8 @@ from lineas.collect import (
     tokenize,
 )
 from lineas.hooks import attach_affine, count_forward_hooks
-from lineas.ot import sparse_group_prox
-from lineas.train import TrainConfig, learn_maps
+from lineas.learn.ot import sparse_group_prox
+from lineas.learn.train import TrainConfig, learn_maps
 
 SITES = ["model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm"]
 

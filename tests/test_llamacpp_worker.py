@@ -2,9 +2,9 @@
 
 import runpy
 
-from bake.llamacpp import WORKER
+from bake.formats.llamacpp import WORKER
 
-worker = runpy.run_path(str(WORKER))  # by path, as bake.llamacpp runs it: llama_cpp is imported only in serve()
+worker = runpy.run_path(str(WORKER))  # by path, as bake.formats.llamacpp runs it: llama_cpp is imported only in serve()
 
 AMX_BUILD = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
              "AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | "

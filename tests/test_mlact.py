@@ -9,7 +9,7 @@ from tiny import random_ids, tiny_model
 from lineas.cli import main
 from lineas.hooks import steered
 from lineas.maps import SteeringMaps
-from lineas.mlact import MlActImportError, import_mlact
+from lineas.learn.mlact import MlActImportError, import_mlact
 
 D = 64
 

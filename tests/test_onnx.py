@@ -15,10 +15,10 @@ require_onnx_extra()
 from bake_fixtures import GEMMA2_SITES, LLAMA_SITES, load, setup_model
 from tiny import random_ids
 
-import bake.onnx_export as ox
+import bake.formats.onnx as ox
 from bake import bake
 from bake.errors import VerificationError
-from bake.tolerances import get_tolerance
+from bake.verify.tolerances import get_tolerance
 from lineas.hooks import steered
 from lineas.maps import SteeringMaps
 
@@ -186,7 +186,7 @@ def test_smollm2_onnx_end_to_end(tmp_path):
 
 def test_cli_format_hf_onnx(tmp_path, capsys):
     """Acceptance: `lineas-bake --format hf,onnx` writes both exports, each with a passing report."""
-    from bake.cli import main
+    from bake.cli.main import main
 
     model_dir, maps_path = setup_model(tmp_path, "llama", LLAMA_SITES, tokenizer=True)
     out = tmp_path / "X"

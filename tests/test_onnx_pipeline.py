@@ -1,4 +1,4 @@
-"""bake/onnx_pipeline.py: baked SD/SDXL pipelines exported by optimum-onnx, checked in ONNX Runtime."""
+"""bake/families/diffusers/onnx.py: baked SD/SDXL pipelines exported by optimum-onnx, checked in ONNX Runtime."""
 
 import json
 import re
@@ -12,10 +12,10 @@ pytest.importorskip("diffusers")
 require_onnx_extra()
 
 from bake.errors import VerificationError  # noqa: E402
-from bake.onnx_export import ONNX_REPORT_FILE, OnnxExportError  # noqa: E402
-from bake.onnx_pipeline import (DENOISER_ROW, IMAGE_ROW, export_pipeline_onnx,  # noqa: E402
+from bake.formats.onnx import ONNX_REPORT_FILE, OnnxExportError  # noqa: E402
+from bake.families.diffusers.onnx import (DENOISER_ROW, IMAGE_ROW, export_pipeline_onnx,  # noqa: E402
                                 record_reference)
-from bake.tolerances import get_tolerance  # noqa: E402
+from bake.verify.tolerances import get_tolerance  # noqa: E402
 from lineas.hooks import resolve_sites  # noqa: E402
 from lineas.pipelines import load_pipeline, pipeline_modules  # noqa: E402
 
@@ -39,7 +39,7 @@ def unet_inputs(unet, seed=1):
 def bake_layernorms(pipe, folder, seed=0):
     """Random maps on every transformer-block LayerNorm, folded into its weight and bias (the fold is
     exact: a*(w*n + c) + b = (a*w)*n + (a*c + b)); the folded pipeline is saved to ``folder``.
-    Returns the maps as affines.  Test scaffolding only: the baker (bake.pipeline_bake) makes real ones."""
+    Returns the maps as affines.  Test scaffolding only: the baker (bake.families.diffusers.bake) makes real ones."""
     mods = resolve_sites(pipeline_modules(pipe), [n for n, _ in pipeline_modules(pipe).named_modules()
                                                   if re.fullmatch(NORMS, n)])
     g = torch.Generator().manual_seed(seed)

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from bake.cli import main  # noqa: E402
-from bake.pipeline_verify import denoiser_inputs, run_denoiser, run_image  # noqa: E402
+from bake.cli.main import main  # noqa: E402
+from bake.families.diffusers.verify import denoiser_inputs, run_denoiser, run_image  # noqa: E402
 from lineas.hooks import attach_maps  # noqa: E402
 from lineas.maps import SteeringMaps  # noqa: E402
 from lineas.pipelines import PIPELINE_CLASS_KEY, denoiser_name, load_pipeline, pipeline_modules  # noqa: E402
@@ -149,8 +149,8 @@ def test_a_wrong_adaln_convention_fails_verification_and_writes_nothing(tiny_pip
                                                                        monkeypatch):
     import dataclasses
 
-    import bake.pipeline_plan as pp
-    from bake.pipeline_registry import load_pipeline_registry
+    import bake.plan.diffusers as pp
+    from bake.registry.diffusers import load_pipeline_registry
 
     reg = load_pipeline_registry()
     # AdaLayerNormContinuous chunks (scale, shift); pretend it were (shift, scale) like the Zero norms
@@ -279,8 +279,8 @@ def test_disk_check_counts_a_bf16_component_the_maps_steer_in_float32(tiny_pipel
     for the folder as it is, but not for that, is refused before any work, naming both sizes."""
     from collections import namedtuple
 
-    import bake.outdir
-    from bake.pipeline_bake import _export_bytes
+    import bake.publish.outdir
+    from bake.families.diffusers.bake import _export_bytes
 
     pipe = load_pipeline(tiny_pipeline_folder("flux"))
     m = _maps_file(pipe, SITES["flux"][:2], tmp_path / "m.safetensors")
@@ -294,7 +294,7 @@ def test_disk_check_counts_a_bf16_component_the_maps_steer_in_float32(tiny_pipel
     free = int(as_stored * 1.2)  # room for a copy, not for the float32 transformer
     assert free < _export_bytes(src, {"transformer"}) * 1.1
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(bake.outdir.shutil, "disk_usage", lambda p: usage(1 << 40, 0, free))
+    monkeypatch.setattr(bake.publish.outdir.shutil, "disk_usage", lambda p: usage(1 << 40, 0, free))
     code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")])
     err = capsys.readouterr().err
     assert code == 2 and "needs about" in err and "free" in err
@@ -308,10 +308,10 @@ def test_disk_check_counts_the_onnx_graphs_of_format_hf_onnx(tiny_pipeline_folde
 
     from safetensors import safe_open
 
-    import bake.outdir
+    import bake.publish.outdir
     from bake import bake_pipeline
-    from bake.outdir import OutputPathError
-    from bake.pipeline_bake import _export_bytes
+    from bake.publish.outdir import OutputPathError
+    from bake.families.diffusers.bake import _export_bytes
 
     pipe = load_pipeline(tiny_pipeline_folder("flux"))
     m = _maps_file(pipe, SITES["flux"][:2], tmp_path / "m.safetensors")
@@ -327,7 +327,7 @@ def test_disk_check_counts_the_onnx_graphs_of_format_hf_onnx(tiny_pipeline_folde
     assert in_float32 > 0
     assert _export_bytes(src, {"transformer"}, onnx=True) == hf_only + in_float32
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(bake.outdir.shutil, "disk_usage", lambda p: usage(1 << 40, 0, int(hf_only * 1.2)))
+    monkeypatch.setattr(bake.publish.outdir.shutil, "disk_usage", lambda p: usage(1 << 40, 0, int(hf_only * 1.2)))
     with pytest.raises(OutputPathError, match="needs about"):
         bake_pipeline(src, m, out=tmp_path / "X", formats=("hf", "onnx"))
     assert not (tmp_path / "X").exists()

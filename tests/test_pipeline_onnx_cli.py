@@ -1,4 +1,4 @@
-"""lineas-bake --format hf,onnx on diffusers pipelines: bake.pipeline_bake wires bake.onnx_pipeline."""
+"""lineas-bake --format hf,onnx on diffusers pipelines: bake.families.diffusers.bake wires bake.families.diffusers.onnx."""
 
 import json
 
@@ -9,8 +9,8 @@ from onnx_extra import require_onnx_extra  # noqa: E402
 pytest.importorskip("diffusers")
 require_onnx_extra()
 
-from bake.cli import main  # noqa: E402
-from bake.onnx_export import ONNX_REPORT_FILE  # noqa: E402
+from bake.cli.main import main  # noqa: E402
+from bake.formats.onnx import ONNX_REPORT_FILE  # noqa: E402
 from lineas.pipelines import load_pipeline  # noqa: E402
 from tiny_pipelines import random_maps  # noqa: E402
 

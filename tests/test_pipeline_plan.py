@@ -10,11 +10,11 @@ import torch
 pytest.importorskip("diffusers")
 
 from bake.errors import FoldError  # noqa: E402
-from bake.execute import apply_plan  # noqa: E402
-from bake.pipeline_plan import plan_pipeline  # noqa: E402
-from bake.pipeline_registry import RegistryError, load_pipeline_registry, parse_pipeline_registry  # noqa: E402
-from bake.pipeline_verify import denoiser_inputs, run_denoiser  # noqa: E402
-from bake.plan_types import ShiftFold, SiteKind  # noqa: E402
+from bake.fold.execute import apply_plan  # noqa: E402
+from bake.plan.diffusers import plan_pipeline  # noqa: E402
+from bake.registry.diffusers import RegistryError, load_pipeline_registry, parse_pipeline_registry  # noqa: E402
+from bake.families.diffusers.verify import denoiser_inputs, run_denoiser  # noqa: E402
+from bake.core.plan_types import ShiftFold, SiteKind  # noqa: E402
 from lineas.hooks import attach_affine  # noqa: E402
 from lineas.pipelines import load_pipeline, pipeline_modules  # noqa: E402
 
@@ -106,7 +106,7 @@ def test_a_sharded_component_keeps_its_shards(tiny_pipeline_folder, tmp_path):
 def _shipped():
     from importlib import resources
 
-    return json.loads(resources.files("bake").joinpath("archs", "diffusers", "components.json").read_text())
+    return json.loads(resources.files("bake.registry").joinpath("archs", "diffusers", "components.json").read_text())
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -1,4 +1,4 @@
-"""lineas-train on diffusers pipelines (lineas/pipeline_collect.py): collection, learning, CLI, bad inputs."""
+"""lineas-train on diffusers pipelines (lineas/learn/pipeline_collect.py): collection, learning, CLI, bad inputs."""
 
 import json
 import re
@@ -13,7 +13,7 @@ from lineas.cli import main  # noqa: E402
 from lineas.collect import run_to_sites  # noqa: E402
 from lineas.hooks import attach_maps, count_forward_hooks, resolve_sites  # noqa: E402
 from lineas.maps import SteeringMaps  # noqa: E402
-from lineas.pipeline_collect import (DEFAULT_SITES, DenoiseSchedule, PipelineRunner,  # noqa: E402
+from lineas.learn.pipeline_collect import (DEFAULT_SITES, DenoiseSchedule, PipelineRunner,  # noqa: E402
                                      PromptSeedBatch)
 from lineas.pipelines import PIPELINE_CLASS_KEY, PipelineLoadError, load_pipeline, pipeline_modules  # noqa: E402
 from lineas.prompts import load_prompts  # noqa: E402
@@ -102,7 +102,7 @@ def test_cli_learns_maps_on_a_tiny_sd_pipeline(method, tiny_pipeline_folder, tmp
     assert float(abs(steered - base).max()) > 1e-3
 
     # end to end: the learned maps bake (every site folds, the reload reproduces the hooked pipeline)
-    from bake.cli import main as bake_main
+    from bake.cli.main import main as bake_main
 
     capsys.readouterr()
     assert bake_main(["--model", str(folder), "--maps", str(out), "--strength", "0.8", "--out",
@@ -166,7 +166,7 @@ def test_builtin_text_to_image_sets_are_line_by_line_pairs():
 def test_transformer_pipelines_learn_at_their_adaln_norms(kind, expected, tiny_pipeline_folder):
     """SD3 (CFG batches) and FLUX (packed latent tokens, no CFG): the default sites are the AdaLN norms,
     whose tuple outputs are pooled on element 0, and Linear-AcT moves them towards the target."""
-    from lineas.pipeline_collect import learn_pipeline_maps
+    from lineas.learn.pipeline_collect import learn_pipeline_maps
 
     pipe = load_pipeline(tiny_pipeline_folder(kind))
     src = list(load_prompts("photo").texts[:3])
@@ -179,12 +179,12 @@ def test_transformer_pipelines_learn_at_their_adaln_norms(kind, expected, tiny_p
 
 
 def test_foldable_freezes_what_the_pipeline_planner_cannot_fold(tiny_pipeline_folder):
-    """The default --foldable auto asks the pipeline planner (bake.pipeline_plan), the one lineas-bake uses
+    """The default --foldable auto asks the pipeline planner (bake.plan.diffusers), the one lineas-bake uses
     for pipelines: a per-head RMSNorm's shift has no bias to go into, so it stays at exactly 0 while its
     scale and the AdaLN norm's map are trained; the maps then plan with require_standard."""
-    from bake.pipeline_plan import plan_pipeline
-    from lineas.pipeline_collect import learn_pipeline_maps
-    from lineas.train_config import TrainConfig
+    from bake.plan.diffusers import plan_pipeline
+    from lineas.learn.pipeline_collect import learn_pipeline_maps
+    from lineas.learn.config import TrainConfig
 
     pipe = load_pipeline(tiny_pipeline_folder("flux"))
     qnorm, adaln = "transformer.transformer_blocks.0.attn.norm_q", "transformer.transformer_blocks.0.norm1"

@@ -8,8 +8,8 @@ import torch
 from tiny import random_ids, tiny_model
 
 from bake.errors import FoldError
-from bake.execute import apply_plan
-from bake.plan import FoldOp, Layout, ScaleFold, ShiftFold, SiteKind, SitePlan, plan
+from bake.fold.execute import apply_plan
+from bake.plan.planner import FoldOp, Layout, ScaleFold, ShiftFold, SiteKind, SitePlan, plan
 from lineas.hooks import attach_affine
 from lineas.maps import SiteMap
 

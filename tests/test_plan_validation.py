@@ -15,9 +15,9 @@ from bake_fixtures import logits
 from tiny import save_tiny, tiny_model
 
 from bake.api import bake
-from bake.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from bake.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
 from bake.errors import FoldError
-from bake.plan import ScaleFold, ShiftFold, plan
+from bake.plan.planner import ScaleFold, ShiftFold, plan
 from lineas.hooks import SteeringError, attach_affine, steered
 from lineas.maps import SiteMap, SteeringMaps
 
@@ -157,7 +157,7 @@ def test_a_model_without_weights_plans_and_says_the_length_is_unchecked(caplog):
 
     with torch.device("meta"):
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON))
-    with caplog.at_level("WARNING", logger="bake.plan_check"):
+    with caplog.at_level("WARNING", logger="bake.plan.check"):
         p = plan(model, {"model.layers.0": _map(32)})
     assert p.affine_sites == ("model.layers.0",)
     assert "meta device" in caplog.text and "model.layers.0 is checked only when the steering hooks run" in caplog.text

@@ -1,4 +1,4 @@
-"""The weight reads of an out-of-core bake (bake.rawmem): fresh memory, mapped blocks, conversions in the
+"""The weight reads of an out-of-core bake (bake.store.rawmem): fresh memory, mapped blocks, conversions in the
 calling thread.  The tiny checkpoints of the other tests are below the size these paths start at, so the
 threshold is lowered here to run them."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import bake.rawmem as rawmem
-from bake.shards import ShardFolder, converted_blocks, read_as
+import bake.store.rawmem as rawmem
+from bake.store.shards import ShardFolder, converted_blocks, read_as
 
 
 @pytest.fixture
@@ -130,10 +130,10 @@ def test_offloaded_passes_read_into_reused_buffers_with_the_same_result(tmp_path
     from bake_fixtures import logits
     from test_stream import sharded_checkpoint, tight_budget
 
-    import bake.checkpoint
-    from bake.checkpoint import ShardTensors, load_bounded
+    import bake.store.checkpoint
+    from bake.store.checkpoint import ShardTensors, load_bounded
 
-    monkeypatch.setattr(bake.checkpoint, "slice_linears", lambda *a, **k: {})
+    monkeypatch.setattr(bake.store.checkpoint, "slice_linears", lambda *a, **k: {})
 
     _, src, _ = sharded_checkpoint(tmp_path, "llama", ("model.norm",), dtype=torch.bfloat16)
     with load_bounded(src) as whole:
@@ -194,7 +194,7 @@ def test_an_offloaded_pass_trims_the_heap_after_every_block(tmp_path, monkeypatc
     from bake_fixtures import logits
     from test_stream import sharded_checkpoint, tight_budget
 
-    import bake.checkpoint as checkpoint
+    import bake.store.checkpoint as checkpoint
 
     _, src, _ = sharded_checkpoint(tmp_path, "llama", ("model.norm",), dtype=torch.bfloat16)
     calls = []

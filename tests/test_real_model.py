@@ -30,7 +30,7 @@ def test_learn_bake_reload_generates_like_hooked_and_steers_positive(smollm2, tm
     from lineas.hooks import steered
     from lineas.maps import SteeringMaps
     from lineas.prompts import load_prompts
-    from lineas.train import learn_maps
+    from lineas.learn.train import learn_maps
 
     model, tok = smollm2.model, smollm2.tokenizer
     before = {k: v.clone() for k, v in model.state_dict().items() if "layernorm" in k}

@@ -18,8 +18,8 @@ from bake_fixtures import (
 from tiny import tiny_model
 
 from bake import bake
-from bake.cli import main
-from bake.history import BAKED_KEY, ModelMismatchError, RebakeError
+from bake.cli.main import main
+from bake.plan.history import BAKED_KEY, ModelMismatchError, RebakeError
 from lineas.hooks import attach_maps
 from lineas.maps import SiteMap, SteeringMaps, file_sha256
 from lineas.provenance import config_fingerprint, model_provenance
@@ -39,8 +39,8 @@ def _bake_cli(model, maps: list[str], out, *extra) -> int:
 
 
 def test_apply_plan_twice_is_refused_and_leaves_weights_alone():
-    from bake.execute import apply_plan
-    from bake.plan import plan
+    from bake.fold.execute import apply_plan
+    from bake.plan.planner import plan
 
     model = tiny_model("llama")
     maps = SteeringMaps({LLAMA_SITES[0]: SiteMap(torch.full((64,), 1.5), torch.zeros(64))})

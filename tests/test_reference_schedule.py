@@ -1,4 +1,4 @@
-"""The hooked reference in few forward passes (bake/reference_schedule.py, bake.passes.pack_passes) and
+"""The hooked reference in few forward passes (bake/verify/schedule.py, bake.verify.passes.pack_passes) and
 the per-row steering hook it relies on (lineas.hooks.attach_row_affines)."""
 
 from __future__ import annotations
@@ -9,20 +9,20 @@ from bake_fixtures import LLAMA_SITES, make_maps
 from tiny import tiny_model
 from torch import nn
 
-import bake.passes as passes
-import bake.reference_schedule as reference_schedule
-from bake.logit_stats import logit_stats
-from bake.noise_floor import SAMPLES, NoiseFloor, rounding_perturbed
-from bake.passes import (
+import bake.verify.passes as passes
+import bake.verify.schedule as reference_schedule
+from bake.verify.stats import logit_stats
+from bake.verify.noise_floor import SAMPLES, NoiseFloor, rounding_perturbed
+from bake.verify.passes import (
     greedy_tokens,
     pack_passes,
     position_cap,
     run_grouped,
     torch_runner,
 )
-from bake.probes import Probe, build_greedy_prompts, build_probes, model_vocab_size
-from bake.reference_schedule import ReferenceSchedule
-from bake.verify import _diag_index, record_outputs, record_reference, watch_modules
+from bake.verify.probes import Probe, build_greedy_prompts, build_probes, model_vocab_size
+from bake.verify.schedule import ReferenceSchedule
+from bake.verify.check import _diag_index, record_outputs, record_reference, watch_modules
 from lineas.config_compat import transformers_major
 from lineas.embedding_scale import outside_scale
 from lineas.hooks import SteeringError, attach_affine, attach_row_affines

@@ -8,15 +8,15 @@ import pytest
 import torch
 from tiny import ARCHS, tiny_model
 
-from bake.plan import ScaleFold, ShiftFold, SiteKind, plan, producer_layout
-from bake.registry import RegistryError, entry_for, load_registry, match_template, parse_entry
+from bake.plan.planner import ScaleFold, ShiftFold, SiteKind, plan, producer_layout
+from bake.registry.llm import RegistryError, entry_for, load_registry, match_template, parse_entry
 from lineas.maps import SiteMap
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")
 
 
 def _raw(model_type):
-    return json.loads(resources.files("bake").joinpath("archs", f"{model_type}.json").read_text())
+    return json.loads(resources.files("bake.registry").joinpath("archs", f"{model_type}.json").read_text())
 
 
 def _layers(model):

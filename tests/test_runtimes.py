@@ -12,16 +12,16 @@ from importlib import resources
 import pytest
 from bake_fixtures import GEMMA2_SITES, setup_model
 
-from bake.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from bake.registry import RegistryError, load_registry, parse_entry
-from bake.runtimes import Evidence, Runtime, Serves
+from bake.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
+from bake.registry.llm import RegistryError, load_registry, parse_entry
+from bake.plan.runtimes import Evidence, Runtime, Serves
 
 GEMMA2_QKV_SITES = ("model.layers.0.input_layernorm", "model.layers.1.input_layernorm")  # shifts -> q/k/v biases
 LLAMA_FLAG_SITES = ("model.layers.0.input_layernorm", "model.layers.1.post_attention_layernorm")
 
 
 def _raw(model_type: str) -> dict:
-    return json.loads(resources.files("bake").joinpath("archs", f"{model_type}.json").read_text(encoding="utf-8"))
+    return json.loads(resources.files("bake.registry").joinpath("archs", f"{model_type}.json").read_text(encoding="utf-8"))
 
 
 def _plan(tmp_path, arch, sites):
@@ -149,7 +149,7 @@ def test_optimum_exports_every_registry_model_type():
 
 
 def test_no_registry_entry_means_unknown_not_yes():
-    from bake.runtimes import runtime_matrix
+    from bake.plan.runtimes import runtime_matrix
 
     v = {x.runtime: x for x in runtime_matrix(model_type="mamba", registry=None, affine_sites=(), config_changes=())}
     assert v[Runtime.TRANSFORMERS].serves is Serves.YES

@@ -1,4 +1,4 @@
-"""Linear products by slices of rows (bake.sliced_linear): the math against F.linear, and a bounded-memory
+"""Linear products by slices of rows (bake.store.sliced_linear): the math against F.linear, and a bounded-memory
 model whose offloaded Linears multiply straight from the shards giving the logits of accelerate's reads."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from bake_fixtures import logits
 from test_stream import sharded_checkpoint, tight_budget
 
-from bake import checkpoint, rawmem
-from bake import sliced_linear as sliced
-from bake.sliced_linear import sliced_linear
+from bake.store import checkpoint
+
+from bake.store import rawmem
+from bake.store import sliced_linear as sliced
+from bake.store.sliced_linear import sliced_linear
 
 
 @pytest.mark.parametrize("bias", [False, True])

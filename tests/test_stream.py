@@ -22,10 +22,10 @@ from bake_fixtures import assert_close_rel, hooked_and_base, load, logits, make_
 from tiny import ARCHS, tiny_model
 
 from bake.api import bake, bake_folder
-from bake.checkpoint import largest_block_bytes, load_bounded, load_skeleton
-from bake.cli import main
+from bake.store.checkpoint import largest_block_bytes, load_bounded, load_skeleton
+from bake.cli.main import main
 from bake.errors import BakeError
-from bake.shards import INDEX_FILE, ShardFolder, raw_blocks, read_as
+from bake.store.shards import INDEX_FILE, ShardFolder, raw_blocks, read_as
 
 # Qwen2 has q/k/v biases of its own: every one of these folds into standard weights.
 QWEN2_SITES = ("model.layers.0.input_layernorm", "model.layers.1.input_layernorm",
@@ -149,7 +149,7 @@ def test_bounded_load_of_a_bfloat16_checkpoint_reads_blocks_into_float32(tmp_pat
 
 def test_offloaded_weights_are_read_once_per_run(tmp_path, monkeypatch):
     """accelerate asks ``name in state_dict`` before ``state_dict[name]``: answering must not read."""
-    import bake.checkpoint as ck
+    import bake.store.checkpoint as ck
 
     _, src, _ = sharded_checkpoint(tmp_path, "llama", ("model.norm",))
     with load_bounded(src, max_memory=tight_budget(src)) as m:
@@ -226,7 +226,7 @@ def test_bad_max_memory_exits_2_naming_it(tmp_path, capsys, text, says):
 def test_onnx_refused_up_front_when_the_model_cannot_fit(tmp_path, capsys, monkeypatch):
     require_onnx_extra()
     _, src, maps_path = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",))
-    import bake.checkpoint as checkpoint
+    import bake.store.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)
     rc = main(["--model", str(src), "--maps", str(maps_path), "--out", str(tmp_path / "o"), "--format", "hf,onnx"])
@@ -238,7 +238,7 @@ def test_onnx_refused_up_front_when_the_model_cannot_fit(tmp_path, capsys, monke
 CHILD = """
 import sys, time
 from pathlib import Path
-import bake.stream as stream
+import bake.formats.shard_writer as stream
 
 real = stream.write_layout
 
@@ -248,7 +248,7 @@ def slow(layout, src, dst, final, maps, **kw):  # the shards are written; the re
     time.sleep(120)
 
 stream.write_layout = slow
-from bake.cli import main
+from bake.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -287,8 +287,8 @@ def test_base_weight_overflowing_float16_fails_naming_it_and_writes_nothing(tmp_
 
 def test_in_memory_bake_of_a_folder_too_big_for_ram_is_refused_before_loading(tmp_path, monkeypatch):
     _, src, maps_path = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",))
-    import bake.checkpoint as checkpoint
-    from bake.checkpoint import MemoryBudgetError
+    import bake.store.checkpoint as checkpoint
+    from bake.store.checkpoint import MemoryBudgetError
 
     monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)
     with pytest.raises(MemoryBudgetError, match="bake_folder"):
@@ -298,7 +298,7 @@ def test_in_memory_bake_of_a_folder_too_big_for_ram_is_refused_before_loading(tm
 
 def test_device_map_keeps_tied_embeddings_and_what_fits_on_the_device(tmp_path):
     """The bounded map, computed on the meta skeleton (no GPU needed to plan one for CUDA)."""
-    from bake.checkpoint import device_map_for
+    from bake.store.checkpoint import device_map_for
 
     gemma = tmp_path / "g"
     tiny_model("gemma2").save_pretrained(gemma)  # tied embeddings

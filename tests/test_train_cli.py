@@ -173,7 +173,7 @@ def _main_as_unprivileged_user(args) -> tuple[int, str]:
     import os
     import sys
 
-    import lineas.collect, lineas.hooks, lineas.models, lineas.prompts, lineas.train  # noqa: E401,F401  (no imports as nobody)
+    import lineas.collect, lineas.hooks, lineas.models, lineas.prompts, lineas.learn.train  # noqa: E401,F401  (no imports as nobody)
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -233,7 +233,7 @@ def test_bad_config_names_the_flag(workdir, capsys, tmp_path):
 
 def test_cli_defaults_are_the_train_config_defaults():
     from lineas.cli import train_config
-    from lineas.train import TrainConfig
+    from lineas.learn.train import TrainConfig
 
     args = build_parser().parse_args(["--model", "m", "--source", "a", "--target", "b", "--sites", "x",
                                       "--out", "o.safetensors"])

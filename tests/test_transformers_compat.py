@@ -13,8 +13,8 @@ import torch
 from bake_fixtures import LLAMA_SITES, setup_model
 from tiny import COMMON
 
-from bake.cli import EXIT_BAD_INPUT, main
-from bake.export import UnknownFormatError, parse_formats
+from bake.cli.main import EXIT_BAD_INPUT, main
+from bake.formats.export import UnknownFormatError, parse_formats
 from lineas import config_compat
 from lineas.config_compat import legacy_rope_fields, unreadable_by_this_version
 from lineas.models import ModelLoadError, _drop_dequantised_quantizer, resolve_model

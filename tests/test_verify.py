@@ -19,10 +19,10 @@ from bake_fixtures import (
 from tiny import tiny_model
 
 from bake import VerificationError, bake
-from bake.noise_floor import SAMPLES
-from bake.probes import build_greedy_prompts, build_probes
-from bake.tolerances import TOLERANCES, Tolerance, get_tolerance, register_tolerance
-from bake.verify import (
+from bake.verify.noise_floor import SAMPLES
+from bake.verify.probes import build_greedy_prompts, build_probes
+from bake.verify.tolerances import TOLERANCES, Tolerance, get_tolerance, register_tolerance
+from bake.verify.check import (
     VerificationReport,
     compare,
     probe_stats,
@@ -69,7 +69,7 @@ def test_probes_without_tokenizer_are_random_ids_with_a_padded_batch(llama):
 def test_probes_with_tokenizer_include_prompts(llama, tmp_path):
     tok = save_tokenizer(tmp_path)
     probes = build_probes(llama, tok)
-    from bake.probes import PROMPTS
+    from bake.verify.probes import PROMPTS
 
     (prompts,) = [p for p in probes if p.kind == "prompt"]
     assert prompts.input_ids.shape[0] == len(PROMPTS)  # one right-padded batch
@@ -243,7 +243,7 @@ def test_reference_measures_a_noise_floor_and_the_check_uses_it(llama, maps):
 
 def test_non_finite_hooked_reference_is_bad_input_naming_where(llama):
     from bake import FoldError
-    from bake.verify import NonFiniteReferenceError
+    from bake.verify.check import NonFiniteReferenceError
 
     site = "model.layers.0.input_layernorm"
     huge = SteeringMaps({site: SiteMap(torch.full((64,), 1e30), torch.zeros(64))}, {"method": "test"})
@@ -260,7 +260,7 @@ def test_non_finite_hooked_reference_is_bad_input_naming_where(llama):
 
 
 def test_cli_non_finite_reference_exits_2_and_writes_nothing(tmp_path, capsys):
-    from bake.cli import EXIT_BAD_INPUT, main
+    from bake.cli.main import EXIT_BAD_INPUT, main
 
     model_dir, _ = setup_model(tmp_path)
     site = "model.layers.0.input_layernorm"
@@ -275,7 +275,7 @@ def test_cli_non_finite_reference_exits_2_and_writes_nothing(tmp_path, capsys):
 
 
 def test_rounding_perturbation_moves_every_entry_by_exactly_one_ulp():
-    from bake.noise_floor import rounding_perturbed
+    from bake.verify.noise_floor import rounding_perturbed
 
     g = torch.Generator().manual_seed(0)
     s, t = 1 + 0.2 * torch.randn(256, generator=g), 0.2 * torch.randn(256, generator=g)
@@ -310,7 +310,7 @@ def test_teacher_forced_greedy_finds_the_candidates_own_first_divergence(llama, 
 
 def test_passes_split_by_the_logits_budget_give_the_same_reference(llama, maps, monkeypatch):
     """A large vocabulary splits the probes over several passes: same logits, same recorded activations."""
-    import bake.passes as passes
+    import bake.verify.passes as passes
 
     aff = affines(maps)
     whole = record_reference(llama, aff, n_tokens=3, noise_floor=False)

@@ -207,7 +207,7 @@ def call_kwargs(kind: str, seed: int = 0, steps: int = 2) -> dict:
 
 def site_dims(pipe, sites) -> dict[str, int]:
     """Each site's output feature size, measured by running the denoiser once (text-encoder sites: by type)."""
-    from bake.pipeline_verify import denoiser_inputs
+    from bake.families.diffusers.verify import denoiser_inputs
     from lineas.axis import resolve_axis
     from lineas.hooks import feature_axis, module_feature_dim, resolve_sites
     from lineas.pipelines import denoiser_name, pipeline_modules

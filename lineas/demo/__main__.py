@@ -10,10 +10,10 @@ from pathlib import Path
 from dataclasses import replace
 from typing import Sequence
 
-from ..train_config import ConfigError
+from lineas.learn.config import ConfigError
 
-from ..threads import pick_threads
-from .pipeline import METHODS, DemoConfig, DemoError, run_demo, set_threads
+from lineas.threads import pick_threads
+from lineas.demo.pipeline import METHODS, DemoConfig, DemoError, run_demo, set_threads
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> tuple[DemoConfig, dict[str, Path]]:
-    from ..evaluate import load_eval_prompts
+    from lineas.evaluate import load_eval_prompts
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]

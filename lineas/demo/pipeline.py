@@ -22,11 +22,11 @@ from typing import Sequence
 
 import torch
 
-from .. import evaluate as E
-from ..hooks import steered
-from ..io import atomic_write_text
-from ..maps import SteeringMaps
-from ..train_config import TrainConfig
+from lineas import evaluate as E
+from lineas.hooks import steered
+from lineas.io import atomic_write_text
+from lineas.maps import SteeringMaps
+from lineas.learn.config import TrainConfig
 
 log = logging.getLogger("lineas.demo")
 
@@ -152,7 +152,7 @@ def _ends(xs: Sequence[float]) -> list[float]:
 
 def bake(cfg: DemoConfig, maps: Path, out: Path, logs: Path, strength: float = 1.0) -> dict:
     """``lineas-bake --format hf,onnx``; returns the plan summary and affine-module count."""
-    cmd = tool_command("lineas-bake", "bake.cli") + [
+    cmd = tool_command("lineas-bake", "bake.cli.main") + [
         "--model", cfg.model, "--maps", str(maps), "--strength", str(strength), "--format", cfg.formats,
         "--out", str(out)]
     stdout, seconds = run_tool(cmd, logs / "bake.log")
@@ -233,7 +233,7 @@ LLAMA_CPP = "baked (llama.cpp, f32 GGUF)"
 
 def llamacpp_generate(llm, tok, prompts: list[str], n_new: int) -> E.Generations:
     """Fixed-length greedy continuations in llama.cpp, one prompt at a time (the prompt's evaluation timed too)."""
-    from bake.llamacpp import greedy_decode
+    from bake.formats.llamacpp import greedy_decode
 
     rows = E.encode_prompts(tok, prompts)
     d = greedy_decode(llm, rows, n_new)
@@ -262,7 +262,7 @@ def runtime_check(base, tok, maps: SteeringMaps, baked_dir: Path, prompts: list[
     llm, llm_error = None, None
     if "gguf" in cfg.formats.split(","):
         try:
-            from bake.llamacpp import load_llamacpp
+            from bake.formats.llamacpp import load_llamacpp
 
             llm = load_llamacpp(baked_dir / "gguf" / "model-f32.gguf", threads=cfg.threads)
         except Exception as e:  # report, do not hide: the check then counts as failed
@@ -295,7 +295,7 @@ def runtime_check(base, tok, maps: SteeringMaps, baked_dir: Path, prompts: list[
         speed = E.benchmark(runners, repeats=cfg.speed_repeats)
     finally:
         if llm is not None:
-            llm.close()  # llama.cpp's own process (bake.llamacpp)
+            llm.close()  # llama.cpp's own process (bake.formats.llamacpp)
     del runners_models
     ref = last["hooked"]
     comparisons = {}
@@ -367,8 +367,8 @@ def machine_info(threads: int) -> dict:
 
 def run_demo(cfg: DemoConfig, run_dir: Path, *, maps_in: dict[str, Path] | None = None) -> dict:
     """Run every step, write ``results.json`` and ``summary.md`` into ``run_dir``; return the results."""
-    from ..models import display_name, load_model
-    from .report import write_summary
+    from lineas.models import display_name, load_model
+    from lineas.demo.report import write_summary
 
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"

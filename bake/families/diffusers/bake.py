@@ -1,0 +1,325 @@
+"""Bake steering maps into a diffusers pipeline folder: plan, fold, write, verify, card.
+
+The data path is the shared one (:mod:`bake.families.base`): the pipeline's components form one module tree
+(:class:`lineas.pipelines.PipelineModules`), :func:`bake.plan.diffusers.plan_pipeline` makes a
+:class:`FoldPlan`, the shared executor :func:`bake.fold.execute.apply_plan` carries it out (float64 fold,
+one cast), and the output is written into a temporary folder next to ``--out`` that is renamed into
+place only after verification passed (:mod:`bake.publish.outdir`); on any failure nothing is left.
+
+The written folder is the base pipeline folder with the rewritten components re-saved by their own
+``save_pretrained`` (every old weight file of such a component, variants included, is removed first, so
+no stale unsteered copy can be loaded with ``variant=``); every other file is copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lineas.models import check_device, local_checkpoint
+from lineas.pipelines import (PIPELINE_CLASS_KEY, denoiser_name, is_pipeline_folder, load_pipeline,
+                             pipeline_modules, split_site)
+
+from bake.publish.card import PROVENANCE_FILE
+from bake.errors import BakeError, FoldError, VerificationError
+from bake.fold.execute import check_applicable, commit_plan, compute_folded
+from bake.plan.history import ModelMismatchError, RebakeError
+from bake.plan.inputs import combined, normalise_maps
+from bake.publish.outdir import check_out_dir, move_into_place, sigterm_raises, temp_folder
+from bake.families.diffusers.card import PipelineExportInfo, write_files
+from bake.plan.diffusers import NO_STANDARD_FALLBACK, plan_pipeline
+from bake.families.diffusers.verify import PipelineReport, compare, record
+from bake.core.plan_types import FoldPlan
+from bake.store.shards import Entry, ShardWriter, file_tensors, raw_blocks
+from bake.store.stores import ModuleStore
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".onnx_data", ".gguf")
+
+
+@dataclass(frozen=True)
+class PipelineBake:
+    folder: Path
+    plan: FoldPlan
+    report: PipelineReport
+    components_baked: tuple[str, ...]
+    components_copied: tuple[str, ...]
+    onnx_report: object | None = None  # bake.families.diffusers.onnx.OnnxPipelineReport with --format hf,onnx
+
+
+def _folder(model, *, trust_remote_code: bool = False) -> Path:
+    """The pipeline folder ``model`` names: a local one, or a Hub id's, fetched into the Hugging Face cache."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        path = Path(local_checkpoint(str(model), trust_remote_code=trust_remote_code))
+    if not is_pipeline_folder(path):
+        raise BakeError(f"{model}: not a diffusers pipeline folder (no model_index.json)")
+    return path
+
+
+def _check_maps_pipeline(sources, pipeline_class: str, ignore: bool) -> None:
+    """Maps learned on another pipeline class are refused unless ``ignore`` (then a warning)."""
+    for s in sources:
+        learned = s.maps.metadata.get(PIPELINE_CLASS_KEY)
+        if learned and learned != pipeline_class:
+            msg = f"maps {s.origin} were learned on a {learned}, this pipeline is a {pipeline_class}"
+            if not ignore:
+                raise ModelMismatchError(msg + " (pass --ignore-model-mismatch to bake them anyway)")
+            log.warning("%s", msg)
+
+
+def _earlier_bakes(folder: Path, digest: str, allow: bool) -> list[dict]:
+    path = folder / PROVENANCE_FILE
+    if not path.is_file():
+        return []
+    import json
+
+    try:
+        bakes = list(json.loads(path.read_text()).get("bakes", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not allow and any(b.get("effective_digest") == digest for b in bakes):
+        raise RebakeError(f"these maps (effective digest {digest[:12]}) are already baked into {folder} (its "
+                          f"{PROVENANCE_FILE}); baking them again would steer twice (--allow-rebake)")
+    return bakes
+
+
+def _export_bytes(folder: Path, components: set[str], *, onnx: bool = False) -> int:
+    """About the bytes the export of ``folder`` writes, read from the safetensors headers before any
+    work: every file as it is, but the 16-bit floating tensors of ``components`` (those the maps steer)
+    counted in float32, the dtype a rewritten component is written in (:func:`_rewrite_component`).
+    ``onnx`` (``--format hf,onnx``): plus the ONNX graphs beside it, which hold every component's floating
+    weights once more, in float32 (:mod:`bake.families.diffusers.onnx` exports from the float32 pipeline)."""
+    total = 0
+    for f in folder.rglob("*"):
+        if not f.is_file():
+            continue
+        total += f.stat().st_size
+        steered = f.relative_to(folder).parts[0] in components
+        if f.suffix == ".safetensors" and (steered or onnx):
+            try:
+                infos, _ = file_tensors(f)
+            except (OSError, ValueError):  # unreadable here: the load names it
+                continue
+            floats = [i for i in infos.values() if i.dtype.is_floating_point]
+            if steered:
+                total += sum(i.nbytes * (4 // i.dtype.itemsize - 1) for i in floats if i.dtype.itemsize < 4)
+            if onnx:
+                total += sum(i.nbytes // i.dtype.itemsize * 4 for i in floats)
+    return total
+
+
+def plan_pipeline_bake(model, maps, strength: float = 1.0, *, trust_remote_code: bool = False,
+                       ignore_model_mismatch: bool = False) -> FoldPlan:
+    """The fold plan only (``--dry-run``), after the bake's own checks; nothing is written.  The plan may
+    hold affine sites, which :func:`bake_pipeline` refuses (``plan.affine_sites``)."""
+    folder = _folder(model, trust_remote_code=trust_remote_code)
+    sources = normalise_maps(maps, strength)
+    pipe = load_pipeline(folder, trust_remote_code=trust_remote_code)
+    _check_maps_pipeline(sources, type(pipe).__name__, ignore_model_mismatch)
+    return plan_pipeline(pipeline_modules(pipe), combined(sources))
+
+
+def _rewrite_component(folder: Path, new: dict[str, torch.Tensor]) -> bool:
+    """Rewrite the safetensors files of one component folder in place, replacing the tensors in ``new``
+    (keys relative to the component) and copying every other tensor's bytes (:class:`ShardWriter`,
+    same file names, order and metadata).  False, with nothing changed, when the folder's default
+    (non-variant) safetensors files do not hold every key of ``new``, or hold one of them in a dtype other
+    than float32: the export is float32, and a fold rounded to bf16/fp16 is not what the hooked pipeline
+    computes (8e-5 relative on the tiny FLUX transformer stored in bf16, over the 1e-5 row), so the caller
+    re-saves the whole component in float32."""
+    files = [f for f in sorted(folder.glob("*.safetensors")) if _is_default_safetensors(f.name)]
+    tensors = {f: file_tensors(f) for f in files}
+    stored = {k: i.dtype for infos, _ in tensors.values() for k, i in infos.items()}
+    if not set(new) <= set(stored):
+        return False
+    narrow = sorted({str(stored[k]).removeprefix("torch.") for k in new if stored[k] != torch.float32})
+    if narrow:
+        log.warning("%s stores folded tensors in %s: the component is written in float32 (the export's dtype)",
+                    folder.name, ", ".join(narrow))
+        return False
+    for f, (infos, meta) in tensors.items():
+        tmp = f.with_name(f.name + ".lineas-tmp")
+        writer = ShardWriter(tmp, [Entry(k, i.dtype, i.shape) for k, i in infos.items()], metadata=meta or None)
+        try:
+            for k, info in infos.items():
+                writer.write(k, new[k].to(info.dtype) if k in new else raw_blocks(info))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        os.replace(tmp, f)
+    return True
+
+
+def write_pipeline(dst: Path, src: Path, pipe, final: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """``src`` copied into ``dst`` byte for byte, then each component with a folded tensor in ``final``
+    (keys ``<component>.<parameter>``) rewritten: in its own safetensors files when they hold every
+    folded key, else re-saved with its ``save_pretrained``.  Weight files of a rewritten component that
+    were not rewritten (variants such as ``*.fp16.safetensors``, ``.bin`` copies) are removed: they
+    would load unsteered.  Returns the removed files (relative paths)."""
+    shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=shutil.copyfile)
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in final.items():
+        component, key = split_site(name)
+        by_component.setdefault(component, {})[key] = value
+    removed = []
+    for component, new in by_component.items():
+        folder = dst / component
+        rewritten = _rewrite_component(folder, new)
+        keep = {f for f in folder.iterdir() if _is_default_safetensors(f.name)} if rewritten else set()
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f not in keep and (f.name.endswith(WEIGHT_SUFFIXES) or f.name.endswith(".json")
+                                                  and ".index" in f.name):
+                f.unlink()
+                removed.append(f.relative_to(dst))
+        if not rewritten:
+            pipe.components[component].save_pretrained(str(folder), safe_serialization=True)
+    gone = tuple(str(f) for f in removed if not (dst / f).exists())  # save_pretrained may write the same names
+    for f in gone:
+        log.warning("removed %s: a weight file of a rewritten component that the bake did not rewrite "
+                    "(it would load unsteered)", f)
+    return gone
+
+
+def _is_default_safetensors(name: str) -> bool:
+    """``diffusion_pytorch_model.safetensors``, its shards ``...-00001-of-00002.safetensors`` and index; not a
+    variant (``.fp16.``)."""
+    return (name.endswith(".safetensors") and name.count(".") == 1) or (
+        name.endswith(".safetensors.index.json") and name.count(".") == 3)
+
+
+def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = False, verify: bool = True,
+                  steps: int = 2, seed: int = 0, trust_remote_code: bool = False, allow_rebake: bool = False,
+                  ignore_model_mismatch: bool = False, command: str = "", device: str = "cpu",
+                  formats: tuple[str, ...] = ("hf",)) -> PipelineBake:
+    """Bake ``maps`` (a path, a SteeringMaps, or a list of ``(maps, strength)``) into the pipeline folder
+    ``model`` and write the steered pipeline to ``out``.  Raises :class:`VerificationError` (with
+    ``.report``) when the written pipeline does not reproduce the hooked one; nothing is written then."""
+    folder = _folder(model, trust_remote_code=trust_remote_code)
+    check_device(device)
+    sources = normalise_maps(maps, strength)
+    eff = combined(sources)
+    steered = {split_site(site)[0] for site in eff if "." in site}
+    onnx = "onnx" in formats
+    out = check_out_dir(out, overwrite, model_dir=folder,
+                        needed_bytes=int(_export_bytes(folder, steered, onnx=onnx) * 1.1))
+    pipe = load_pipeline(folder, trust_remote_code=trust_remote_code, device=device)
+    pipeline_class = type(pipe).__name__
+    _check_maps_pipeline(sources, pipeline_class, ignore_model_mismatch)
+    modules = pipeline_modules(pipe)
+    plan = plan_pipeline(modules, eff, require_standard=True)  # no standard fallback (bake.plan.diffusers)
+    earlier = _earlier_bakes(folder, plan.maps_digest, allow_rebake)
+    baked = tuple(dict.fromkeys(split_site(t)[0] for p in plan.sites for step in p.steps for t in step.tensors))
+    copied = tuple(c for c in modules._modules if c not in baked)
+    if not baked:
+        raise FoldError("every map is the identity: there is nothing to bake")
+    affines = {site: (m.scale, m.shift) for site, m in eff.items()}
+    if onnx:
+        from bake.families.diffusers.onnx import check_onnx_supported
+
+        check_onnx_supported(pipeline_class)
+    base = hooked = None
+    if verify or onnx:  # the ONNX check compares with the hooked reference, also under --no-verify
+        base, hooked = record(pipe, seed=seed, steps=steps), record(pipe, affines, seed=seed, steps=steps)
+    if onnx:
+        from bake.families.diffusers.onnx import PipelineReference
+        from bake.families.diffusers.verify import denoiser_inputs, pipeline_call
+
+        probe = dict(denoiser_inputs=denoiser_inputs(pipe.components[denoiser_name(pipe)], seed),
+                     call_kwargs=pipeline_call(pipe, seed, steps), seed=seed)
+        onnx_refs = [PipelineReference(**probe, denoiser=o.denoiser, image=o.image) for o in (base, hooked)]
+    maps_checked = check_applicable(modules, plan, eff)
+    final = compute_folded(modules, plan, maps_checked, ModuleStore(modules))
+    commit_plan(modules, plan, maps_checked, final)  # the in-memory components now compute the baked outputs
+    with sigterm_raises():
+        tmp = temp_folder(out)
+        try:
+            removed = write_pipeline(tmp, folder, pipe, final)
+            del pipe, modules
+            if verify:
+                cand = record(load_pipeline(tmp, device=device), seed=seed, steps=steps)
+                report = compare(base, hooked, cand, steps=steps, seed=seed)
+                if not report.passed:
+                    err = VerificationError("; ".join(report.failures()))
+                    err.report = report
+                    raise err
+            else:
+                report = PipelineReport(rows=(), steps=steps, seed=seed, skipped=True)
+            onnx_report = None
+            if onnx:  # exported from the written folder; ORT vs hooked, nothing kept on failure
+                from bake.formats.onnx import ONNX_SUBDIR
+                from bake.families.diffusers.onnx import export_pipeline_onnx
+
+                onnx_report = export_pipeline_onnx(tmp, tmp / ONNX_SUBDIR, onnx_refs[1], base=onnx_refs[0])
+            entry = {"effective_digest": plan.maps_digest, "sites": [p.site for p in plan.sites],
+                     "maps": [s.describe() for s in sources]}
+            info = PipelineExportInfo(base_model=str(model), base_path=str(folder.resolve()),
+                                      pipeline_class=pipeline_class, maps=[s.describe() for s in sources], plan=plan,
+                                      report=report, components_baked=list(baked), components_copied=list(copied),
+                                      command=command, bakes=earlier + [entry], removed_files=list(removed),
+                                      onnx=onnx_report)
+            write_files(tmp, info)
+            move_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return PipelineBake(folder=out, plan=plan, report=report, components_baked=baked, components_copied=copied,
+                        onnx_report=onnx_report)
+
+
+def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[str, ...]) -> int:
+    """``lineas-bake --model <pipeline folder>``: the CLI's pipeline branch (bake.cli.main dispatches here, with
+    ``--format`` already parsed by :func:`bake.formats.export.parse_formats`)."""
+    from bake.cli.main import DEFAULT_VERIFY_STEPS, EXIT_BAD_INPUT, EXIT_OK, LLM_ONLY_OPTIONS, _fail, given_options
+    from bake.results import default_out_dir
+
+    if args.require_runtime:  # the runtime matrix answers for causal-LM runtimes, none of which runs a pipeline
+        return _fail(f"--require-runtime {' '.join(args.require_runtime)}: the runtime matrix covers causal LMs; a "
+                     "baked pipeline loads in plain diffusers (no custom code, always) and, with --format hf,onnx, "
+                     "in ONNX Runtime", EXIT_BAD_INPUT)
+    llm_only = given_options(args, LLM_ONLY_OPTIONS)
+    if llm_only:  # said, not silently ignored: a pipeline is loaded whole (no out-of-core engine here)
+        return _fail(f"{', '.join(llm_only)}: causal-LM option(s); a diffusers pipeline is loaded whole in float32 "
+                     "(no --max-memory bound), has no embeddings to untie and verifies --verify-steps denoising "
+                     "steps, not tokens", EXIT_BAD_INPUT)
+    if "hf" not in formats or set(formats) - {"hf", "onnx"} or args.dtype != "float32":
+        return _fail(f"a diffusers pipeline exports --format hf or hf,onnx with --dtype float32 here (got --format "
+                     f"{args.format} --dtype {args.dtype})", EXIT_BAD_INPUT)
+    out = args.out or default_out_dir(args.model)
+    if args.dry_run:
+        plan = plan_pipeline_bake(args.model, maps, trust_remote_code=args.trust_remote_code,
+                                  ignore_model_mismatch=args.ignore_model_mismatch)
+        print(plan.to_table())
+        if plan.affine_sites:
+            return _fail(f"{len(plan.affine_sites)} site(s) need an affine module; {NO_STANDARD_FALLBACK}",
+                         EXIT_BAD_INPUT)
+        if args.push_to_hub:
+            from bake.cli.push import describe_push_after_export
+
+            print(describe_push_after_export(out, args))
+        return EXIT_OK
+    result = bake_pipeline(args.model, maps, out=out, overwrite=args.overwrite, verify=not args.no_verify,
+                           steps=DEFAULT_VERIFY_STEPS if args.verify_steps is None else args.verify_steps,
+                           trust_remote_code=args.trust_remote_code,
+                           allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch,
+                           command=cmd, device=args.device, formats=formats)
+    print(result.plan.to_table())
+    print()
+    print(result.report.to_table())
+    if result.onnx_report is not None:
+        print(f"\nONNX ({result.onnx_report.ort_class}, {result.onnx_report.provider}):")
+        print(result.onnx_report.to_table())
+    print(f"\nwrote {result.folder}")
+    if args.push_to_hub:
+        from bake.cli.push import run_push
+
+        return run_push(result.folder, args.push_to_hub, revision=args.revision, private=args.private,
+                        commit_message=args.commit_message)
+    return EXIT_OK

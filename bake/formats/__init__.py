@@ -1,0 +1,1 @@
+"""Export formats: the all-or-nothing export folder, HF (streamed shards), ONNX and GGUF, each with its own checks."""

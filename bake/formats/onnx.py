@@ -1,0 +1,448 @@
+"""ONNX export of a baked model, checked in ONNX Runtime against the hooked fp32 model.
+
+``--format onnx`` writes ``<out>/onnx/``: a self-contained folder that
+``optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(<out>, subfolder="onnx")``
+runs, with the config, generation config, tokenizer (when the base has one),
+its own model card, verification report and provenance.
+
+Steps (:func:`export_onnx`, registered as the ``onnx`` exporter):
+
+1. Export the *in-memory baked model* with Optimum's exporter
+   (``onnx_export_from_model``, task ``text-generation-with-past``: the
+   generation-ready graph with past key/values, one merged decoder).  Affine
+   fallback modules are plain torch ops, so they trace into the graph and the
+   ONNX model needs no custom code.
+2. ``onnx.checker.check_model`` on the *path* (works for >2 GB models with
+   external data).
+3. Load it with ``ORTModelForCausalLM`` (CPUExecutionProvider, or
+   CUDAExecutionProvider when onnxruntime-gpu and a GPU are present) and compare
+   with the hooked reference recorded before the fold
+   (:func:`bake.verify.check.compare`): logits on every probe and greedy tokens
+   (full recompute), then greedy decoding *through the KV cache*
+   (:func:`greedy_with_cache`), which must give the same tokens.
+   Thresholds: the ``onnx-*`` rows of :mod:`bake.verify.tolerances`.
+
+External data: protobuf caps a single ONNX file at 2 GiB.  Models whose
+parameters exceed :data:`EXTERNAL_DATA_THRESHOLD` bytes are written in the
+external-data format (``model.onnx`` + ``model.onnx_data``) by setting
+Optimum's ``FORCE_ONNX_EXTERNAL_DATA`` for the export.  The threshold is a
+parameter, so tests exercise that path with a tiny model (threshold 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from bake.publish.card import write_json, write_provenance, write_verification
+from bake.errors import BakeError
+from bake.formats.hf_stream import ensure_reference
+from bake.formats.shard_writer import materialised
+from bake.formats.export import (
+    ExportOptions,
+    ExportResult,
+    copy_base_files,
+    export_info,
+    onnx_stack_conflict,
+    register_exporter,
+)
+from bake.verify.check import CheckResult, Reference, Runner, bar_disabled, compare, first_divergence
+
+if TYPE_CHECKING:
+    from bake.results import BakedModel
+
+log = logging.getLogger(__name__)
+
+# Fail at import when the extra is missing, so ``--format onnx`` is refused before the slow part
+# (bake.formats.export.parse_formats turns this ImportError into "pip install 'lineas-bake[onnx]'").
+for _dep in ("onnx", "onnxruntime", "optimum"):
+    if importlib.util.find_spec(_dep) is None:
+        raise ImportError(f"No module named {_dep!r} (ONNX export needs optimum-onnx, onnx and onnxruntime)")
+
+ONNX_SUBDIR = "onnx"
+ONNX_FILE = "model.onnx"
+TASK = "text-generation-with-past"
+# Protobuf's hard limit is 2 GiB for the whole file (weights + graph); keep headroom for the graph
+# and for constants the exporter may duplicate.
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024 ** 3)
+ONNX_REPORT_FILE = "lineas_onnx_export.json"
+
+
+class OnnxExportError(BakeError):
+    """The model cannot be exported to ONNX (missing extra, unsupported model, checker failure)."""
+
+
+# ----------------------------------------------------------------------------- dependencies
+def require_onnx_extra() -> None:
+    """Fail early, with the fix, when the ``onnx`` extra is not installed or cannot run here."""
+    conflict = onnx_stack_conflict()
+    if conflict:
+        raise OnnxExportError(conflict)
+    missing = []
+    for mod in ("onnx", "onnxruntime", "optimum.exporters.onnx", "optimum.onnxruntime"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise OnnxExportError(f"ONNX export needs {', '.join(missing)}: pip install 'lineas-bake[onnx]' "
+                              "(optimum-onnx, onnx, onnxruntime)")
+
+
+def pick_provider() -> str:
+    """CUDA when onnxruntime-gpu is installed *and* torch sees a GPU, else CPU."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and torch.cuda.is_available():
+        return "CUDAExecutionProvider"
+    return "CPUExecutionProvider"
+
+
+def tolerance_for(provider: str) -> str:
+    return "onnx-float32-cuda" if provider == "CUDAExecutionProvider" else "onnx-float32"
+
+
+# ----------------------------------------------------------------------------- export
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of unique parameters and buffers (tied weights counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@dataclass(frozen=True)
+class OnnxArtifact:
+    folder: Path
+    onnx_path: Path
+    external_data: bool
+    files: tuple[str, ...]
+    export_seconds: float
+    opset: int | None
+
+
+def export_graph(model: torch.nn.Module, folder: Path, *, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                 opset: int | None = None) -> OnnxArtifact:
+    """Export ``model`` (a transformers causal LM, possibly with affine modules) into ``folder``.
+
+    The model is exported as it is in memory: fp32, on its device, in eval mode.
+    """
+    require_onnx_extra()
+    import warnings
+
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or model.get_output_embeddings() is None:
+        raise OnnxExportError(f"{type(model).__name__} is not a decoder-only causal LM; ONNX export supports "
+                              "causal LMs (text-generation-with-past)")
+    folder.mkdir(parents=True, exist_ok=True)
+    external = parameter_bytes(model) >= external_data_threshold
+    t0 = time.perf_counter()
+    # Optimum reads FORCE_ONNX_EXTERNAL_DATA at call time; torch also switches on its own past 2 GiB.
+    with _env("FORCE_ONNX_EXTERNAL_DATA", "1" if external else None), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python bools in the cache code: expected
+        try:
+            onnx_export_from_model(model, folder, task=TASK, opset=opset, do_validation=False,
+                                   device=str(next(model.parameters()).device))
+        except (KeyError, ValueError) as e:
+            raise OnnxExportError(f"Optimum cannot export {type(model).__name__} "
+                                  f"(model_type {getattr(model.config, 'model_type', '?')!r}) to ONNX: {e}") from e
+    seconds = time.perf_counter() - t0
+    onnx_path = folder / ONNX_FILE
+    if not onnx_path.is_file():
+        raise OnnxExportError(f"Optimum wrote no {ONNX_FILE} into {folder} (got: {sorted(os.listdir(folder))})")
+    files = tuple(sorted(p.name for p in folder.iterdir()))
+    uses_external = any(n.startswith(ONNX_FILE + "_data") or n.endswith(".data") for n in files) or external
+    return OnnxArtifact(folder, onnx_path, uses_external, files, seconds, opset)
+
+
+def check_graph(onnx_path: Path) -> None:
+    """``onnx.checker`` on the path (the in-memory form cannot hold >2 GiB models)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(onnx_path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise OnnxExportError(f"onnx.checker rejected {onnx_path}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+def load_ort(folder: Path, provider: str = "CPUExecutionProvider"):
+    """``ORTModelForCausalLM`` on the exported folder, with the KV-cache shapes taken from the graph.
+
+    optimum-onnx 0.1.0 sizes the empty past key/values from the config and gets
+    them wrong for some architectures (Gemma2: it uses ``num_attention_heads``
+    instead of ``num_key_value_heads``).  The graph declares the true sizes on
+    its ``past_key_values.0.key`` input, so those are used when they are fixed.
+    """
+    return load_ort_with_fix(folder, provider)[0]
+
+
+def load_onnx(path: str | os.PathLike, *, provider: str | None = None):
+    """An ONNX export of ``lineas-bake`` in ONNX Runtime, ready for ``generate``: ``bake.load_onnx(path)``.
+
+    ``path``: the export folder (its ``onnx/`` subfolder is loaded) or that subfolder itself.
+    ``provider``: an ONNX Runtime execution provider (default: CUDA when available, else CPU).
+    Unlike a bare ``ORTModelForCausalLM.from_pretrained``, the empty KV cache is sized from the
+    graph, so Gemma-2 (which optimum-onnx 0.1.0 sizes wrongly, see :func:`load_ort`) generates.
+    """
+    require_onnx_extra()
+    folder = Path(path)
+    if not (folder / ONNX_FILE).is_file() and (folder / ONNX_SUBDIR / ONNX_FILE).is_file():
+        folder = folder / ONNX_SUBDIR
+    if not (folder / ONNX_FILE).is_file():
+        raise OnnxExportError(f"{str(path)!r} holds no {ONNX_FILE} (nor {ONNX_SUBDIR}/{ONNX_FILE}): "
+                              "not an ONNX export of lineas-bake")
+    return load_ort(folder, provider or pick_provider())
+
+
+def load_ort_with_fix(folder: Path, provider: str = "CPUExecutionProvider"):
+    """:func:`load_ort`, also returning the cache-shape fix it applied (see :func:`cache_shape_fix`)."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(folder, provider=provider, use_cache=True)
+    fix = cache_shape_fix(model)
+    if fix is not None:
+        log.info("ORT cache shape taken from the graph: %s (optimum derived %s from the config)",
+                 fix["graph"], fix["optimum"])
+        model.num_key_value_heads, model.embed_size_per_head = fix["graph"]
+    return model, fix
+
+
+def cache_shape_fix(ort_model) -> dict | None:
+    """``{"optimum": (heads, dim), "graph": (heads, dim)}`` when optimum's config-derived KV-cache shape
+    disagrees with the graph's declared ``past_key_values.0.key`` shape, else None."""
+    shapes = {i.name: i.shape for i in ort_model.session.get_inputs()}
+    key = shapes.get("past_key_values.0.key")
+    if key is None or len(key) != 4 or not (isinstance(key[1], int) and isinstance(key[3], int)):
+        return None
+    derived = (getattr(ort_model, "num_key_value_heads", None), getattr(ort_model, "embed_size_per_head", None))
+    return None if derived == (key[1], key[3]) else {"optimum": derived, "graph": (key[1], key[3])}
+
+
+def _device_of(ort_model) -> torch.device:
+    return torch.device(getattr(ort_model, "device", "cpu"))
+
+
+def ort_runner(ort_model) -> Runner:
+    """(input_ids, attention_mask) -> fp32 cpu logits, without past key/values (full recompute)."""
+    dev = _device_of(ort_model)
+
+    @torch.no_grad()
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = ort_model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=True)
+        return out.logits.detach().to("cpu", torch.float32)
+
+    return run
+
+
+@torch.no_grad()
+def greedy_with_cache(ort_model, prompt: torch.Tensor, n_new: int) -> list[int]:
+    """Greedy decoding that feeds one token at a time with the graph's past key/values."""
+    dev = _device_of(ort_model)
+    ids = prompt[None].to(torch.int64).to(dev)
+    out = ort_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    tokens = []
+    for i in range(n_new):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(nxt[0, 0]))
+        if i == n_new - 1:
+            break
+        ids = torch.cat([ids, nxt], dim=1)
+        out = ort_model(input_ids=nxt, attention_mask=torch.ones_like(ids), past_key_values=out.past_key_values,
+                        use_cache=True)
+    return tokens
+
+
+def check_ort(folder: Path, reference: Reference, *, provider: str | None = None, progress: bool | None = False,
+              ) -> tuple[CheckResult, list[dict], dict | None]:
+    """Compare the ONNX model in ORT with the hooked reference; the KV-cache greedy run joins the same check.
+
+    Returns the check, the KV-cache greedy details and the cache-shape fix :func:`load_ort` applied (or None).
+    """
+    provider = provider or pick_provider()
+    ort_model, fix = load_ort_with_fix(folder, provider)
+    check, _ = compare(ort_runner(ort_model), reference, tolerance_for(provider),
+                       label=f"onnx float32 ({provider.replace('ExecutionProvider', '')})", progress=progress)
+    cached = []
+    for prompt, want in zip(reference.greedy_prompts, reference.greedy):
+        got = greedy_with_cache(ort_model, prompt, reference.n_tokens)
+        first = first_divergence(want, got)
+        cached.append({"prompt_len": int(prompt.numel()), "identical": want == got, "first_mismatch": first,
+                       "reference": want, "candidate": got, "path": "kv-cache"})
+    bad = [c for c in cached if not c["identical"]]
+    check.greedy_detail.extend(cached)
+    if bad and check.tolerance.greedy_identical:
+        check.failures.append(f"greedy generation through the ONNX KV cache differs on {len(bad)}/{len(cached)} "
+                              f"prompts ({reference.n_tokens} new tokens)")
+    del ort_model
+    return check, cached, fix
+
+
+# ----------------------------------------------------------------------------- the exporter
+def _onnx_card(baked: BakedModel, report, art: OnnxArtifact, provider: str, fix: dict | None = None) -> str:
+    strengths = ", ".join(f"{m.strength:g}" for m in baked.maps)
+    external = (f" The weights are in the external-data file `{ONNX_FILE}_data`, which must stay next to "
+                f"`{ONNX_FILE}`." if art.external_data else "")
+    return f"""---
+base_model: {json.dumps(baked.base.display)}
+library_name: onnx
+tags:
+- onnx
+- activation-steering
+- lineas
+- steered
+---
+
+# {baked.base.display} — steered with lineas-bake (ONNX)
+
+The baked model (steering maps folded into the weights at strength λ = {strengths}; any affine fallback
+modules are ordinary graph ops) exported with Optimum to ONNX as a generation-ready decoder with past
+key/values.{external} The parent folder's `README.md` describes the maps and the fold plan.
+
+## Verification
+
+`onnx.checker` passed. In ONNX Runtime ({provider}), logits on every probe and greedy generation of
+{report.n_tokens} new tokens (by full recompute and through the KV cache) were compared with the original
+float32 model plus steering hooks:
+
+```
+{report.to_table()}
+```
+
+Details: `lineas_verification.json`.
+
+## How to run
+
+{_run_snippet(fix, "path/to/this/folder")}
+{_cache_note(fix)}"""
+
+
+def _run_snippet(fix: dict | None, folder: str, subfolder: str = "") -> str:
+    """How to load the graph: plain Optimum, or ``bake.load_onnx`` where Optimum sizes the KV cache wrongly."""
+    if fix is None:
+        sub = f', subfolder="{subfolder}"' if subfolder else ""
+        return ("```python\nfrom optimum.onnxruntime import ORTModelForCausalLM\n\n"
+                f'model = ORTModelForCausalLM.from_pretrained("{folder}"{sub})\n```')
+    return ("```python\nfrom bake import load_onnx   # pip install 'lineas-bake[onnx]'\n\n"
+            f'model = load_onnx("{folder}")   # ORTModelForCausalLM, KV cache sized from the graph\n```')
+
+
+def _cache_note(fix: dict | None) -> str:
+    if fix is None:
+        return ""
+    (h0, d0), (h1, d1) = fix["optimum"], fix["graph"]
+    return (f"""
+Why `load_onnx`: the optimum-onnx version used here sizes this architecture's empty KV cache as {h0} heads x
+{d0}, but the graph's cache inputs are {h1} heads x {d1}, so a bare `ORTModelForCausalLM.from_pretrained`
+fails to generate ("invalid dimensions for input past_key_values"). `load_onnx` takes the sizes from the
+graph (the verification above did the same). Without lineas-bake, set them after loading:
+
+```python
+model.num_key_value_heads, model.embed_size_per_head = {h1}, {d1}
+```
+""")
+
+
+def export_onnx(baked: BakedModel, folder: Path, opts: ExportOptions, *,
+                external_data_threshold: int | None = None, provider: str | None = None) -> ExportResult:
+    """The ``onnx`` exporter: writes ``folder/onnx`` and returns its gating check."""
+    from tqdm.auto import tqdm
+
+    require_onnx_extra()
+    ensure_reference(baked)
+    threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
+    out = Path(folder) / ONNX_SUBDIR
+    if opts.dtype != "float32":
+        log.warning("--dtype %s applies to the HF weights; the ONNX graph is exported and verified in float32",
+                    opts.dtype)
+    steps = tqdm(total=3, desc="onnx", disable=bar_disabled(opts.progress), leave=False)
+    try:
+        steps.set_postfix_str("export")
+        with materialised(baked, step="the ONNX export") as model:
+            art = export_graph(model, out, external_data_threshold=threshold)
+        steps.update()
+        steps.set_postfix_str("checker")
+        check_graph(art.onnx_path)
+        steps.update()
+        tok = copy_base_files(baked, out)
+        checks, cached, fix, provider_used = [], [], None, provider or pick_provider()
+        if baked.reference is not None:
+            steps.set_postfix_str(f"ORT vs hooked ({provider_used})")
+            check, cached, fix = check_ort(out, baked.reference, provider=provider_used, progress=opts.progress)
+            checks.append(check)
+        else:  # not verified: still find out whether the card must point to load_onnx
+            fix = load_ort_with_fix(out, provider_used)[1]
+        steps.update()
+    finally:
+        steps.close()
+    # The folder's own report: the in-memory bake check plus the ONNX check (the HF reload check is
+    # about the other format and lives in the parent folder's report).
+    report = copy.copy(baked.report)
+    report.checks = list(report.checks) + checks
+    write_verification(out, report)
+    write_json(out / ONNX_REPORT_FILE, {
+        "task": TASK, "provider": provider_used, "external_data": art.external_data,
+        "external_data_threshold_bytes": threshold, "parameter_bytes": parameter_bytes(baked.model),
+        "export_seconds": round(art.export_seconds, 3), "checker": "onnx.checker.check_model(path, full_check=True)",
+        "kv_cache_greedy": cached, "ort_cache_shape_fix": fix,
+    })
+    snippet = ("ONNX (generation-ready, with past key/values) is in the `onnx/` subfolder:\n\n"
+               + _run_snippet(fix, "path/to/this/folder", ONNX_SUBDIR))
+    result = ExportResult("onnx", checks=checks, has_tokenizer=tok, load_snippets=[snippet])
+    info = export_info(baked, report, opts, [result], out)
+    write_provenance(out, info)
+    (out / "README.md").write_text(_onnx_card(baked, report, art, provider_used, fix), encoding="utf-8")
+    if not report.passed:  # export() also refuses, but say which format failed
+        log.error("ONNX verification failed: %s", "; ".join(report.failures))
+    log.info("ONNX export: %.2fs, external data: %s, files: %s", art.export_seconds, art.external_data,
+             ", ".join(art.files))
+    return result
+
+
+register_exporter("onnx", export_onnx)
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "ONNX_SUBDIR",
+    "OnnxExportError",
+    "check_graph",
+    "check_ort",
+    "export_graph",
+    "export_onnx",
+    "greedy_with_cache",
+    "load_onnx",
+    "load_ort",
+    "ort_runner",
+    "parameter_bytes",
+    "pick_provider",
+    "require_onnx_extra",
+]

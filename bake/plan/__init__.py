@@ -1,0 +1,1 @@
+"""Planning a bake without touching weights: the planner, its checks, the maps given, bake history, runtimes, foldability."""

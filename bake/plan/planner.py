@@ -1,0 +1,405 @@
+"""Decide, per site, how its effective map ``y -> s*y + t`` is baked; describe it as frozen data.
+
+:func:`plan` looks at the model (registry entry, module types, biases, config
+flags, tied weights) and returns a :class:`FoldPlan` (records in
+:mod:`bake.core.plan_types`); nothing is modified.  :func:`bake.fold.execute.apply_plan`
+carries the plan out.  The split lets ``lineas-bake --dry-run`` print exactly
+what would happen, after the same checks as the real run.
+
+Decision rules, per site (an identity scale / zero shift needs nothing):
+
+* **norm** (registry entry whose class matches, or ``nn.LayerNorm`` /
+  ``nn.GroupNorm`` / ``torch.nn.RMSNorm`` by type): the scale folds into the
+  weight (``s*w`` or Gemma's ``s*(1+w) - 1``); the shift folds into the norm's
+  own bias when it has one, else into the biases of *every* consumer linear the
+  registry lists (``b += W t``) when each has a bias or a config flag that adds
+  one; else the shift stays in a shift-only affine module.
+* **producer** (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv2d``, plain
+  ``nn.Embedding``; a registry producer must have the layout the registry
+  says): rows ``W' = diag(s) W``, ``b' = s*b + t``; a missing bias comes from a
+  registry flag or the shift stays in an affine module.  A tied weight is never
+  written: the site gets an affine module unless untying is allowed and the tie
+  is the config's ``tie_word_embeddings``.
+* anything else: a full affine module.
+
+Each decision is a function of the site's facts that returns its
+:class:`SitePlan` and what it needs from the whole plan (config flags to switch
+on, parameters to untie, notes); :class:`_Planner` gathers those afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from lineas.hooks import SteeringError, feature_axis, resolve_sites
+from lineas.maps import SiteMap
+
+from bake.errors import FoldError
+from bake.core.fold_math import is_identity_scale, is_zero_shift
+from bake.plan.module_kinds import norm_kind_by_type, producer_layout, tied_groups
+from bake.plan.check import _normalise_maps, check_site_outputs, maps_digest
+from bake.core.plan_types import (
+    NORM_KINDS,
+    PLAN_VERSION,
+    AffineSpec,
+    ConfigChange,
+    FoldOp,
+    FoldPlan,
+    FoldStep,
+    Layout,
+    ScaleFold,
+    ShiftFold,
+    SiteKind,
+    SitePlan,
+    Untie,
+)
+from bake.registry.llm import ArchEntry, entry_for, expand, match_template
+from bake.plan.runtimes import check_required, runtime_matrix
+
+# Callers import the plan types from here, beside plan() itself.
+__all__ = ["NORM_KINDS", "PLAN_VERSION", "AffineSpec", "ConfigChange", "FoldOp", "FoldPlan", "FoldStep", "Layout",
+           "ScaleFold", "ShiftFold", "SiteKind", "SitePlan", "Untie", "maps_digest", "plan", "producer_layout"]
+
+log = logging.getLogger(__name__)
+
+UNTIE_HINT = "pass --untie-embeddings (Python: untie=True) to give it its own copy"
+REQUIRE_STANDARD = "--require-standard (Python: require_standard=True)"
+
+
+# -- per-site facts and decisions --------------------------------------------------
+@dataclass(frozen=True)
+class _Site:
+    """What a decision knows about one site."""
+
+    name: str
+    module: nn.Module
+    map: SiteMap
+    kind: SiteKind
+    source: str                              # "registry:<model_type>" or "module type"
+    layout: Layout | None = None             # producers
+    consumers: tuple[str, ...] | None = None  # norms: the registry's consumer linears (None: none known)
+    consumers_note: str = ""                 # the registry's word on an empty consumer list
+    mismatch: str = ""                       # why the registry entry for this site was not used
+
+    @property
+    def identity_scale(self) -> bool:
+        return is_identity_scale(self.map.scale)
+
+    @property
+    def zero_shift(self) -> bool:
+        return is_zero_shift(self.map.shift)
+
+    def plan(self, *, scale: ScaleFold, shift: ShiftFold, steps: Iterable[FoldStep] = (),
+             shift_targets: tuple[str, ...] = (), affine: AffineSpec | None = None, reason: str = "") -> SitePlan:
+        return SitePlan(site=self.name, module_class=type(self.module).__name__, kind=self.kind,
+                        source=self.source, scale=scale, shift=shift, steps=tuple(steps),
+                        shift_targets=shift_targets, affine=affine, reason=reason)
+
+
+@dataclass(frozen=True)
+class _Needs:
+    """What one site's plan asks of the whole plan."""
+
+    flags: tuple[str, ...] = ()                          # config bias flags to switch on
+    untie: tuple[tuple[str, tuple[str, ...]], ...] = ()  # parameter, what it is tied to
+    notes: tuple[str, ...] = ()                          # registry/model disagreements
+
+    def __add__(self, other: _Needs) -> _Needs:
+        return _Needs(flags=self.flags + other.flags, untie=self.untie + other.untie, notes=self.notes + other.notes)
+
+
+NOTHING = _Needs()
+
+
+def _to_affine(site: _Site, *, reason: str, steps: Iterable[FoldStep] = (), scale_folded: bool = False) -> SitePlan:
+    """The one fallback: whatever ``steps`` do not fold stays in an affine module after the site."""
+    scale = ScaleFold.IDENTITY if site.identity_scale else (ScaleFold.FOLDED if scale_folded else ScaleFold.AFFINE)
+    shift = ShiftFold.ZERO if site.zero_shift else ShiftFold.AFFINE
+    spec = AffineSpec(site=site.name, dim=site.map.dim, axis=feature_axis(site.module),
+                      scale=scale is ScaleFold.AFFINE, shift=shift is ShiftFold.AFFINE)
+    return site.plan(scale=scale, shift=shift, steps=steps, affine=spec,
+                     reason=f"{site.mismatch}; {reason}" if site.mismatch else reason)
+
+
+def _folded_scale(site: _Site) -> ScaleFold:
+    return ScaleFold.IDENTITY if site.identity_scale else ScaleFold.FOLDED
+
+
+class _Planner:
+    """The model-wide facts (registry entry, modules, ties, config) that per-site decisions consult,
+    and the bookkeeping that merges what the decisions need into one plan."""
+
+    def __init__(self, model: nn.Module, *, untie: bool, entry: ArchEntry | None = None):
+        self.model = model
+        self.config = getattr(model, "config", None)
+        self.modules = dict(model.named_modules())
+        self.tied = tied_groups(model)
+        self.allow_untie = untie
+        self.notes: list[str] = []
+        if entry is None and self.config is not None:
+            entry = entry_for(self.config)
+        self.entry: ArchEntry | None = entry
+        if self.entry is not None and self.entry.describes(model) is None:
+            self._note(f"registry entry {self.entry.model_type!r} describes {', '.join(self.entry.architectures)}, "
+                       f"not {type(model).__name__}: every site is planned by module type")
+            self.entry = None
+        self.registry_source = f"registry:{self.entry.model_type}" if self.entry else ""
+
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            log.warning("fold plan: %s", text)
+            self.notes.append(text)
+
+    # ---- facts
+    def classify(self, name: str, m: SiteMap) -> _Site:
+        module = self.modules[name]
+        cls = type(module).__name__
+        mismatch = ""
+        if self.entry is not None:
+            mt = self.entry.model_type
+            hit = self.entry.match_norm(name)
+            producer = self.entry.match_producer(name)
+            if hit is not None:
+                norm, layer = hit
+                if norm.module_class == cls:
+                    return _Site(name=name, module=module, map=m, kind=norm.kind, source=self.registry_source,
+                                 consumers=tuple(expand(c, layer) for c in norm.consumers),
+                                 consumers_note=norm.note)
+                mismatch = f"registry {mt!r} expects a {norm.module_class} at {name}, the model has a {cls}"
+            elif producer is not None:
+                if producer_layout(module) is producer.layout:
+                    return _Site(name=name, module=module, map=m, kind=SiteKind(producer.layout.value),
+                                 source=self.registry_source, layout=producer.layout)
+                mismatch = (f"registry {mt!r} lists {name} as a {producer.layout.value} layer, "
+                            f"the model has a {cls}")
+        kind = norm_kind_by_type(module)
+        if kind is not None:
+            return _Site(name=name, module=module, map=m, kind=kind, source="module type", mismatch=mismatch)
+        layout = producer_layout(module)
+        if layout is not None:
+            return _Site(name=name, module=module, map=m, kind=SiteKind(layout.value), source="module type",
+                         layout=layout, mismatch=mismatch)
+        return _Site(name=name, module=module, map=m, kind=SiteKind.MODULE, source="module type", mismatch=mismatch)
+
+    def write_access(self, params: Iterable[str]) -> tuple[str | None, _Needs]:
+        """(None, the unties needed) when every parameter may be written; else (why not, nothing)."""
+        untie = []
+        for param in params:
+            others = self.tied.get(param)
+            if not others:
+                continue
+            if self.allow_untie and self._tied_by_config(param):
+                untie.append((param, others))
+                continue
+            why = f"{param} is tied to {', '.join(others)}"
+            if not self.allow_untie:
+                return f"{why} ({UNTIE_HINT})", NOTHING
+            return why + " by something other than config.tie_word_embeddings, so it cannot be untied safely", NOTHING
+        return None, _Needs(untie=tuple(untie))
+
+    def _tied_by_config(self, param: str) -> bool:
+        if self.config is None or not getattr(self.config, "tie_word_embeddings", False):
+            return False
+        try:
+            emb = self.model.get_input_embeddings().weight
+            out = self.model.get_output_embeddings().weight
+        except Exception:
+            return False
+        return emb is out and dict(self.model.named_parameters(remove_duplicate=False)).get(param) is emb
+
+    def bias_route(self, name: str, module: nn.Module) -> tuple[str | None, _Needs]:
+        """(None, flag to switch on if any) when ``module`` has or can get a bias; else (why not, nothing)."""
+        if getattr(module, "bias", None) is not None:
+            return None, NOTHING
+        flag = self.entry.flag_for(name) if self.entry else None
+        if flag is not None and self.config is not None and hasattr(self.config, flag):
+            return None, _Needs(flags=(flag,))
+        if flag is not None:
+            return f"{name} has no bias and the config lacks the {flag!r} flag", NOTHING
+        return f"{name} has no bias and no config flag adds one", NOTHING
+
+    def consumer_route(self, site: _Site) -> tuple[str | None, tuple[FoldStep, ...], _Needs]:
+        """Can the shift move into the bias of every linear reading the site? (why not | None, steps, needs)"""
+        if site.consumers is None:
+            return ("no registry entry names the linears that read this output, so its shift cannot move into "
+                    "their biases"), (), NOTHING
+        if not site.consumers:
+            return (site.consumers_note or "no linear consumes this output") + "; the shift has no bias to fold into", \
+                (), NOTHING
+        steps, needs = [], NOTHING
+        for c in site.consumers:
+            mod = self.modules.get(c)
+            if mod is None:
+                return f"registry consumer {c} is not in the model", (), NOTHING
+            layout = self.entry.match_producer(c).layout  # the registry validator made every consumer a producer
+            if producer_layout(mod) is not layout:
+                mismatch = f"registry {self.entry.model_type!r} lists {c} as a {layout.value} layer, the model has a " \
+                           f"{type(mod).__name__}"
+                return f"consumer {c}: {mismatch}", (), _Needs(notes=(mismatch + ": shift not folded into it",))
+            why, flag = self.bias_route(c, mod)
+            if why is None and getattr(mod, "bias", None) is not None:
+                why, _ = self.write_access([f"{c}.bias"])
+            if why is not None:
+                return f"consumer {why}", (), NOTHING
+            steps.append(FoldStep(op=FoldOp.INPUT_SHIFT, module=c, layout=layout, tensors=(f"{c}.bias",)))
+            needs = needs + flag
+        return None, tuple(steps), needs
+
+    # ---- decisions
+    def decide(self, site: _Site) -> tuple[SitePlan, _Needs]:
+        if site.identity_scale and site.zero_shift:
+            return site.plan(scale=ScaleFold.IDENTITY, shift=ShiftFold.ZERO), NOTHING
+        if site.kind.is_norm:
+            return self.decide_norm(site)
+        if site.layout is not None:
+            return self.decide_producer(site)
+        return _to_affine(site, reason=f"no exact fold is known for a {type(site.module).__name__} output"), NOTHING
+
+    def decide_norm(self, site: _Site) -> tuple[SitePlan, _Needs]:
+        name, module = site.name, site.module
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if not isinstance(weight, torch.Tensor) and not site.identity_scale:
+            # elementwise_affine=False: a shift can still move into the consumers' biases, a scale cannot
+            return _to_affine(site, reason="norm has no weight (elementwise_affine=False) to take the scale"), NOTHING
+        if site.kind in (SiteKind.RMSNORM, SiteKind.RMSNORM_1P) and bias is not None:
+            return _to_affine(site, reason="RMSNorm with a bias is not a known convention"), NOTHING
+        steps = []
+        if not site.identity_scale:
+            op = FoldOp.NORM_SCALE_1P if site.kind is SiteKind.RMSNORM_1P else FoldOp.NORM_SCALE
+            steps.append(FoldStep(op=op, module=name, layout=Layout.NORM, tensors=(f"{name}.weight",)))
+        if bias is not None:  # b' = s*b + t: written whenever the map is not the identity
+            steps.append(FoldStep(op=FoldOp.NORM_BIAS, module=name, layout=Layout.NORM, tensors=(f"{name}.bias",)))
+        blocked, needs = self.write_access(t for step in steps for t in step.tensors)
+        if blocked:
+            return _to_affine(site, reason=blocked), NOTHING
+        scale = _folded_scale(site)
+        if site.zero_shift:
+            return site.plan(scale=scale, shift=ShiftFold.ZERO, steps=steps), needs
+        if bias is not None:
+            return site.plan(scale=scale, shift=ShiftFold.OWN_BIAS, steps=steps), needs
+        # A shift on a bias-free norm moves to every consumer's bias, or stays in an affine module.
+        why, consumer_steps, consumer_needs = self.consumer_route(site)
+        if why is None:
+            return site.plan(scale=scale, shift=ShiftFold.CONSUMERS, steps=[*steps, *consumer_steps],
+                             shift_targets=site.consumers), needs + consumer_needs
+        return _to_affine(site, reason=why, steps=steps, scale_folded=True), needs + consumer_needs
+
+    def decide_producer(self, site: _Site) -> tuple[SitePlan, _Needs]:
+        name, module, layout = site.name, site.module, site.layout
+        has_bias = layout is not Layout.EMBEDDING and getattr(module, "bias", None) is not None
+        rows = (f"{name}.weight", f"{name}.bias") if has_bias else (f"{name}.weight",)
+        if site.zero_shift or layout is Layout.EMBEDDING:  # an embedding's shift goes into every row
+            blocked, needs = self.write_access(rows)
+            if blocked:
+                return _to_affine(site, reason=blocked), NOTHING
+            step = FoldStep(op=FoldOp.ROWS, module=name, layout=layout, tensors=rows)
+            shift = ShiftFold.ZERO if site.zero_shift else ShiftFold.OWN_BIAS
+            return site.plan(scale=_folded_scale(site), shift=shift, steps=[step]), needs
+        no_bias, flag = self.bias_route(name, module)
+        if no_bias is None:
+            blocked, needs = self.write_access(rows)
+            if blocked:
+                return _to_affine(site, reason=blocked), NOTHING
+            step = FoldStep(op=FoldOp.ROWS, module=name, layout=layout, tensors=(f"{name}.weight", f"{name}.bias"))
+            return site.plan(scale=_folded_scale(site), shift=ShiftFold.OWN_BIAS, steps=[step]), needs + flag
+        # No bias to take the shift: the scale folds into the rows, the shift stays in an affine module.
+        if site.identity_scale:
+            return _to_affine(site, reason=no_bias), NOTHING
+        blocked, needs = self.write_access(rows)
+        if blocked:
+            return _to_affine(site, reason=blocked), NOTHING
+        step = FoldStep(op=FoldOp.ROWS, module=name, layout=layout, tensors=rows)
+        return _to_affine(site, reason=no_bias, steps=[step], scale_folded=True), needs
+
+    # ---- bookkeeping
+    def plan_sites(self, maps: Mapping[str, SiteMap]) -> tuple[tuple[SitePlan, ...], dict[str, list[str]],
+                                                                dict[str, tuple[str, ...]]]:
+        """Every site's plan, the config flags to switch on (flag -> sites) and the parameters to untie."""
+        sites, flags, untie = [], {}, {}
+        for name, m in maps.items():
+            site = self.classify(name, m)
+            if site.mismatch:
+                self._note(site.mismatch + ": planned by module type")
+            site_plan, needs = self.decide(site)
+            sites.append(site_plan)
+            for flag in dict.fromkeys(needs.flags):
+                flags.setdefault(flag, []).append(name)
+            untie.update(needs.untie)
+            for note in needs.notes:
+                self._note(note)
+        return tuple(sites), flags, untie
+
+    def config_changes(self, flags: Mapping[str, list[str]], untie: Mapping[str, tuple[str, ...]]
+                       ) -> tuple[ConfigChange, ...]:
+        out = []
+        for flag, sites in flags.items():
+            old = getattr(self.config, flag)
+            if old is True:
+                continue
+            templates = self.entry.bias_flags[flag]
+            targets = tuple(name for name, mod in self.modules.items()
+                            if any(match_template(t, name) is not False for t in templates)
+                            and getattr(mod, "bias", None) is None)
+            out.append(ConfigChange(key=flag, old=old, new=True,
+                                    reason=f"needed by {len(sites)} site{'s' if len(sites) != 1 else ''}",
+                                    adds_bias_to=targets))
+        if untie:
+            out.append(ConfigChange(key="tie_word_embeddings", old=True, new=False, reason="untie " + ", ".join(untie)))
+        return tuple(out)
+
+
+def _resolve(model: nn.Module, sites: Iterable[str]) -> dict[str, nn.Module]:
+    try:
+        return resolve_sites(model, list(sites))
+    except SteeringError as e:
+        raise FoldError(str(e)) from None
+
+
+def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_standard: bool = False,
+         untie: bool = False, runnable=None, entry: ArchEntry | None = None,
+         require_runtimes=()) -> FoldPlan:
+    """Plan how to bake ``effective_maps`` (site -> effective ``SiteMap``, e.g. from
+    :func:`lineas.maps.effective_maps`) into ``model``.  Nothing is modified.
+
+    Raises :class:`FoldError` for maps the bake would refuse: unknown or root sites, a map
+    length that does not match the site's output (checked with one tiny forward pass for
+    sites whose type does not tell their size), non-finite values.
+    ``require_standard``: raise :class:`FoldError` naming every site that would need an
+    affine module (so the result loads with plain transformers, no remote code).
+    ``untie``: allow giving a tied output/input embedding its own copy so it can be folded.
+    ``model`` may be a skeleton on the meta device (nothing here reads a weight); ``runnable``
+    then opens a runnable copy for the one check forward pass, if a site needs it.
+    ``entry``: the registry entry to plan with (default: the one for ``model.config``); a model
+    family without configs (a diffusers pipeline, :mod:`bake.plan.diffusers`) builds its own.
+    ``require_runtimes``: :class:`bake.plan.runtimes.Runtime` values that must serve the export without custom
+    code (:attr:`FoldPlan.runtimes`); raise :class:`FoldError` with the reasons otherwise.
+    """
+    maps = _normalise_maps(effective_maps)
+    check_site_outputs(model, _resolve(model, maps), maps, runnable=runnable)
+    planner = _Planner(model, untie=untie, entry=entry)
+    sites, flags, untied = planner.plan_sites(maps)
+    config = getattr(model, "config", None)
+    result = FoldPlan(
+        model_class=type(model).__name__,
+        model_type=getattr(config, "model_type", None),
+        registry=planner.entry.model_type if planner.entry else None,
+        sites=sites,
+        config_changes=planner.config_changes(flags, untied),
+        untied=tuple(Untie(parameter=p, tied_to=o) for p, o in untied.items()),
+        maps_digest=maps_digest(maps),
+        notes=tuple(planner.notes),
+    )
+    result = replace(result, runtimes=runtime_matrix(
+        model_type=result.model_type, registry=result.registry, affine_sites=result.affine_sites,
+        config_changes=result.config_changes))
+    check_required(result, require_runtimes)
+    if require_standard and result.affine_sites:
+        lines = [f"  {p.site}: {p.reason}" for p in result.sites if p.affine is not None]
+        raise FoldError(f"{len(lines)} site(s) cannot be folded into standard weights, as {REQUIRE_STANDARD} "
+                        f"demands:\n" + "\n".join(lines))
+    return result

@@ -1,0 +1,184 @@
+"""Which serving runtimes load a bake's export without custom code, and why.
+
+For each :class:`Runtime` the planner records a :class:`RuntimeVerdict` in the fold plan
+(:attr:`bake.core.plan_types.FoldPlan.runtimes`): ``--dry-run`` prints it, the model card carries it,
+``--require-runtime`` (and ``--format gguf``, which needs llama.cpp) refuses a plan whose verdict
+is not "yes", before any work.
+
+The reasons are facts, each with where it comes from:
+
+* transformers: the export is a standard ``<Model>ForCausalLM`` whose bias flags are transformers'
+  own config keys, unless affine modules ship as remote code. Tested by every bake (the export is
+  reloaded with transformers and compared with the hooked model).
+* ONNX Runtime: the graph is traced from the baked transformers model, so folded biases and affine
+  modules alike become ordinary graph ops; optimum-onnx 0.1.0 exports every registry model type
+  (``TasksManager.get_supported_tasks_for_model_type``: text-generation-with-past). Tested by
+  ``--format onnx``.
+* llama.cpp, vLLM, TGI: per architecture, the runtime's name for it and the bias flags whose
+  biases it loads and applies, read from its source and cited in the registry
+  (``runtimes`` in ``bake/registry/archs/<model_type>.json``). llama.cpp's are also tested here: ``--format
+  gguf`` checks the file in llama.cpp, and ``tests/test_gguf.py`` converts every registry
+  architecture with its bias flags on. vLLM's and TGI's are read from source only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from bake.registry.llm import ArchEntry, Runtime, load_registry
+
+
+class Serves(str, Enum):
+    YES = "yes"
+    NO = "no"
+    UNKNOWN = "unknown"  # nothing recorded for this architecture: not claimed either way
+
+
+class Evidence(str, Enum):
+    TESTED = "tested here"
+    SOURCE = "read from source"
+
+
+# Which runtimes' facts the test suite runs (the others are read from their source).
+TESTED = frozenset({Runtime.TRANSFORMERS, Runtime.ONNX_RUNTIME, Runtime.LLAMA_CPP})
+
+
+@dataclass(frozen=True)
+class RuntimeVerdict:
+    runtime: Runtime
+    serves: Serves
+    evidence: Evidence
+    reason: str
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"runtime": self.runtime.value, "serves": self.serves.value, "evidence": self.evidence.value,
+                "reason": self.reason, "source": self.source}
+
+
+def parse_runtime(name: str) -> Runtime:
+    """``--require-runtime`` value -> :class:`Runtime` (a few spellings accepted)."""
+    key = name.strip().lower().replace("_", "-")
+    aliases = {"llamacpp": Runtime.LLAMA_CPP, "llama-cpp": Runtime.LLAMA_CPP, "gguf": Runtime.LLAMA_CPP,
+               "ort": Runtime.ONNX_RUNTIME, "onnx": Runtime.ONNX_RUNTIME, "onnx-runtime": Runtime.ONNX_RUNTIME,
+               "text-generation-inference": Runtime.TGI, "hf": Runtime.TRANSFORMERS}
+    if key in aliases:
+        return aliases[key]
+    try:
+        return Runtime(key)
+    except ValueError:
+        raise ValueError(f"unknown runtime {name!r}; choose from {', '.join(r.value for r in Runtime)}") from None
+
+
+def _evidence(runtime: Runtime) -> Evidence:
+    return Evidence.TESTED if runtime in TESTED else Evidence.SOURCE
+
+
+def _switched_flags(config_changes, entry: ArchEntry | None) -> list[str]:
+    """Bias flags the plan switches on (config keys the registry lists as bias flags)."""
+    flags = set(entry.bias_flags) if entry is not None else set()
+    return [c.key for c in config_changes if c.key in flags and c.new is True]
+
+
+def _onnx_environment_note() -> str:
+    """Where --format onnx runs: optimum-onnx 0.1.0 needs transformers < 4.58 (bake.formats.export.onnx_stack_conflict)."""
+    from bake.formats.export import onnx_stack_conflict
+
+    return " (in a transformers < 4.58 environment with the onnx extra, not this one)" if onnx_stack_conflict() else ""
+
+
+def runtime_matrix(*, model_type: str | None, registry: str | None, affine_sites: tuple[str, ...],
+                   config_changes) -> tuple[RuntimeVerdict, ...]:
+    """The verdict of every :class:`Runtime` for a plan (called by :func:`bake.plan.planner.plan`)."""
+    entry = load_registry().get(registry) if registry else None
+    flags = _switched_flags(config_changes, entry)
+    flags_text = ", ".join(f"{f}=True" for f in flags)
+    affine = (f"{len(affine_sites)} affine module(s) (LineasAffine, shipped as modeling_lineas.py remote code): "
+              + ", ".join(affine_sites[:4]) + (", ..." if len(affine_sites) > 4 else "")) if affine_sites else ""
+    out = []
+    if affine:
+        out.append(RuntimeVerdict(Runtime.TRANSFORMERS, Serves.NO, Evidence.TESTED,
+                                  f"only with trust_remote_code=True: {affine}"))
+    else:
+        out.append(RuntimeVerdict(Runtime.TRANSFORMERS, Serves.YES, Evidence.TESTED,
+                                  "standard model class" + (f" with {flags_text} (transformers' own config flags)"
+                                                            if flags else "") + "; the export is reloaded and checked"))
+    if entry is not None:  # optimum-onnx 0.1.0 exports every registry model type (TasksManager, text-generation)
+        out.append(RuntimeVerdict(Runtime.ONNX_RUNTIME, Serves.YES, Evidence.TESTED,
+                                  "the graph is traced from the baked model" + (
+                                      ": affine modules become ordinary graph ops" if affine else "")
+                                  + "; --format onnx exports it with Optimum and checks it in ONNX Runtime"
+                                  + _onnx_environment_note()))
+    else:
+        out.append(RuntimeVerdict(Runtime.ONNX_RUNTIME, Serves.UNKNOWN, Evidence.TESTED,
+                                  f"no registry entry for model type {model_type!r}: --format onnx finds out "
+                                  "whether Optimum exports it (and refuses before writing anything)"))
+    for runtime in (Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.TGI):
+        fact = entry.runtimes.get(runtime) if entry is not None else None
+        if affine:
+            out.append(RuntimeVerdict(runtime, Serves.NO, _evidence(runtime), f"needs custom code: {affine}"))
+        elif fact is None:
+            what = f"registry entry {registry!r}" if entry is not None else "a registry entry for this model"
+            out.append(RuntimeVerdict(runtime, Serves.UNKNOWN, _evidence(runtime),
+                                      f"not recorded: {what} has no {runtime.value} fact"))
+        else:
+            missing = [f for f in flags if f not in fact.bias_flags_served]
+            if missing:
+                out.append(RuntimeVerdict(runtime, Serves.NO, _evidence(runtime),
+                                          f"its {fact.architecture} does not serve {', '.join(missing)}: the folded "
+                                          "biases would be dropped or refused", fact.source))
+            else:
+                served = f" with {flags_text}" if flags else ""
+                out.append(RuntimeVerdict(runtime, Serves.YES, _evidence(runtime),
+                                          f"its {fact.architecture}{served}", fact.source))
+    return tuple(out)
+
+
+def matrix_table(verdicts) -> str:
+    """Plain-text rows for ``--dry-run`` (sources are in the card and the provenance)."""
+    rows = [("runtime", "loads without custom code", "evidence", "why")]
+    rows += [(v.runtime.value, v.serves.value, v.evidence.value, v.reason) for v in verdicts]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 3)
+    return "\n".join(lines)
+
+
+def matrix_markdown(verdicts: list[dict]) -> str:
+    """The model card's table, from the plan's JSON form (``FoldPlan.to_dict()["runtimes"]``)."""
+    lines = ["| runtime | loads without custom code | evidence | why | source |", "|---|---|---|---|---|"]
+    for v in verdicts:
+        cells = [v["runtime"], v["serves"], v["evidence"], v["reason"], v["source"] or "—"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def refusals(verdicts, required) -> list[RuntimeVerdict]:
+    """The verdicts of ``required`` runtimes that are not "yes"."""
+    want = set(required)
+    return [v for v in verdicts if v.runtime in want and v.serves is not Serves.YES]
+
+
+def check_required(plan, required) -> None:
+    """Raise :class:`bake.errors.FoldError` (exit 2) when a runtime in ``required`` cannot serve ``plan``;
+    affine sites are named, with the way out (``lineas-train --foldable``)."""
+    from bake.errors import FoldError
+
+    bad = refusals(plan.runtimes, required)
+    if not bad:
+        return
+    lines = [f"  {v.runtime.value}: {v.serves.value}: {v.reason}" + (f" [{v.source}]" if v.source else "")
+             for v in bad]
+    names = " ".join(f"--require-runtime {v.runtime.value}" for v in bad)
+    fix = (f"\nlearn maps that this runtime serves with `lineas-train {names}` (it freezes the shifts whose fold "
+           "needs a bias flag the runtime does not load), or steer other sites")
+    if plan.affine_sites:
+        reasons = {p.site: p.reason for p in plan.sites if p.affine is not None}
+        fix = ("\nsites that need an affine module:\n" + "\n".join(f"  {s}: {r}" for s, r in reasons.items())
+               + "\nlearn maps that fold into standard weights with `lineas-train --foldable` (already the default, "
+               f"auto, for models with a registry entry; it freezes the scale or shift of each such site; add {names} "
+               "for bias flags the runtime does not load), or steer other sites")
+    names = ", ".join(v.runtime.value for v in bad)
+    raise FoldError(f"the export cannot be served by {names} without custom code, nothing was done:\n"
+                    + "\n".join(lines) + fix)

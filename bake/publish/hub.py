@@ -1,0 +1,420 @@
+"""Publish an export folder to the Hugging Face Hub, then prove the upload arrived intact.
+
+This is the only module in ``bake/`` that talks to the network.  Steps:
+
+1. :func:`plan_push` (offline): list the files ``upload_folder`` will send (same
+   ignore rules), hash each one (sha256 and git blob sha1) and check the repo id.
+   ``--dry-run`` stops here and prints :func:`format_plan`.
+2. :func:`push`: ``create_repo(exist_ok=True)``, ``create_branch(exist_ok=True)``
+   for a non-default ``--revision``, ``upload_folder``.
+3. Verify: list the remote tree *at the new commit* and compare every local file
+   by size and content hash: the LFS oid (sha256) for LFS files (Xet-stored
+   ones included), the Xet hash for a file listed with nothing else, the git
+   blob sha1 for regular files.  All are content hashes, so a match means the
+   bytes on the Hub are the bytes on disk.
+
+Errors are mapped to messages a user can act on (401/403: token, 404: repo or
+namespace); 5xx, 429 and connection errors are retried with exponential backoff
+(:class:`RetryPolicy`), then reported.  Every failure message names the local
+export, which is never modified, so ``lineas-bake push DIR OWNER/NAME`` can be
+run again.
+
+The token comes from ``token=`` or, by default, from huggingface_hub's own
+lookup (``HF_TOKEN``, then the cached ``hf auth login`` token).  It is never
+printed, logged or written by this module; messages are scrubbed of it anyway.
+
+Endpoint: huggingface_hub reads ``HF_ENDPOINT`` once, at import time, and some
+of its helpers (e.g. ``CommitInfo``) parse URLs against that value only.  So
+the endpoint is taken from ``huggingface_hub.constants.ENDPOINT``; an explicit
+``endpoint=`` that disagrees with it is refused up front rather than failing
+after the commit has been made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lineas.io import ExitCode, human_size
+
+from bake.errors import BakeError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 8 * 1024 * 1024
+MODEL_CARD = "README.md"
+
+
+# ----------------------------------------------------------------------------- errors
+class HubError(BakeError):
+    """Publishing failed; ``exit_code`` is what the CLI returns."""
+
+    exit_code = ExitCode.FAIL
+
+
+class HubInputError(HubError, ValueError):
+    """Bad repo id, missing folder, missing model card, inconsistent endpoint."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class HubAuthError(HubError):
+    """No token, or the Hub refused it (401) or refused the action (403)."""
+
+
+class HubNotFoundError(HubError):
+    """404: the repo, namespace or revision does not exist (or is invisible to this token)."""
+
+
+class HubUnavailableError(HubError):
+    """5xx / 429 / connection errors that outlasted the retries."""
+
+
+class HubVerificationError(HubError):
+    """The files listed at the new commit do not match the local files."""
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class LocalFile:
+    path: str  # posix path relative to the folder = path in the repo
+    size: int
+    sha256: str  # what the Hub reports as the LFS oid
+    git_sha1: str  # what the Hub reports as the blob oid of a regular (non-LFS) file
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff: waits ``base * 2**i`` capped at ``max``, ``attempts`` tries in all."""
+
+    attempts: int = 4
+    base_delay_s: float = 2.0
+    max_delay_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay_s, self.base_delay_s * (2 ** attempt))
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    folder: Path
+    repo_id: str
+    revision: str
+    private: bool
+    commit_message: str
+    endpoint: str
+    files: tuple[LocalFile, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def repo_url(self) -> str:
+        return f"{self.endpoint}/{self.repo_id}"
+
+    def retry_hint(self) -> str:
+        return (f"The local export is unchanged at {self.folder}; push it again with:\n"
+                f"  lineas-bake push {self.folder} {self.repo_id}"
+                + (f" --revision {self.revision}" if self.revision != "main" else ""))
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    revision: str
+    commit_oid: str
+    commit_url: str
+    files: tuple[LocalFile, ...]
+    remote_extra: tuple[str, ...] = field(default=())  # files at the commit that are not in the folder
+
+    def summary(self) -> str:
+        lines = [(f"pushed {len(self.files)} files to {self.repo_id}@{self.revision}, verified "
+                  "(size + sha256/git-sha1 of every file at the new commit)"),
+                 f"commit: {self.commit_url}"]
+        if self.remote_extra:
+            lines.append(f"note: the repo also holds {len(self.remote_extra)} file(s) not in this export: "
+                         + ", ".join(self.remote_extra))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- offline part
+def hash_file(path: Path) -> tuple[int, str, str]:
+    """(size, sha256, git blob sha1) in one pass over the file."""
+    size = path.stat().st_size
+    sha256 = hashlib.sha256()
+    sha1 = hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            sha256.update(chunk)
+            sha1.update(chunk)
+    return size, sha256.hexdigest(), sha1.hexdigest()
+
+
+def upload_paths(folder: Path) -> list[str]:
+    """Exactly the relative paths ``HfApi.upload_folder`` sends (same listing, same ignore rules)."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    rel = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
+    return list(filter_repo_objects(rel, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS)))
+
+
+def check_online() -> None:
+    """Fail at once when huggingface_hub is in offline mode (it would otherwise retry for many seconds)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "")
+    if constants.HF_HUB_OFFLINE or env.strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        raise HubInputError(f"offline mode is on (HF_HUB_OFFLINE={env or '1'}): nothing can be pushed to the Hub; "
+                            "unset HF_HUB_OFFLINE to publish")
+
+
+def default_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
+def check_repo_id(repo_id: str) -> str:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise HubInputError(f"repository {repo_id!r} must be OWNER/NAME (a user or organisation, then the repo name)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubInputError(f"repository {repo_id!r} is not a valid Hub repo id: {e}") from None
+    return repo_id
+
+
+def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = False,
+              commit_message: str | None = None, endpoint: str | None = None) -> PushPlan:
+    """Check the inputs and hash the files to upload; no network."""
+    folder = Path(folder).expanduser().resolve()
+    check_repo_id(repo_id)
+    if not folder.is_dir():
+        raise HubInputError(f"export folder {str(folder)!r} does not exist or is not a directory")
+    configured = default_endpoint()
+    if endpoint is not None and endpoint.rstrip("/") != configured:
+        raise HubInputError(f"endpoint {endpoint!r} differs from huggingface_hub's configured endpoint {configured!r}; "
+                            "set HF_ENDPOINT in the environment before starting instead")
+    paths = upload_paths(folder)
+    if MODEL_CARD not in paths:
+        raise HubInputError(f"{folder} has no {MODEL_CARD} (model card); the card is part of every upload. "
+                            "Push a folder written by lineas-bake, or add a card")
+    revision = revision or "main"
+    if not revision.strip() or any(c in revision for c in " \t\n~^:?*[\\"):
+        raise HubInputError(f"revision {revision!r} is not a valid branch name")
+    files = []
+    for rel in paths:
+        size, sha256, sha1 = hash_file(folder / rel)
+        files.append(LocalFile(rel, size, sha256, sha1))
+    message = commit_message or f"Upload steered model baked with lineas-bake ({folder.name})"
+    return PushPlan(folder, repo_id, revision, bool(private), message, configured, tuple(files))
+
+
+def format_plan(plan: PushPlan) -> str:
+    """What ``--dry-run`` prints: destination, then one line per file."""
+    lines = [f"would upload {len(plan.files)} files ({human_size(plan.total_bytes)}) from {plan.folder}",
+             f"  to {plan.repo_url} (branch {plan.revision}, {'private' if plan.private else 'public'} if created)",
+             f"  commit message: {plan.commit_message!r}"]
+    width = max(len(f.path) for f in plan.files)
+    lines += [f"  {f.path.ljust(width)}  {human_size(f.size):>9}  sha256 {f.sha256[:12]}" for f in plan.files]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- network part
+def _status(exc: BaseException) -> int | None:
+    resp = getattr(exc, "response", None)
+    return getattr(resp, "status_code", None)
+
+
+# What a transport failure is made of, whatever HTTP library huggingface_hub uses: requests (hub < 1.0),
+# httpx (hub >= 1.0) and their connection pools all raise their own classes, but chain them (``raise X from
+# e`` or during handling) to the socket error underneath, which is one of these builtins.
+_TRANSIENT_OS_ERRORS = (ConnectionError, TimeoutError, socket.gaierror)
+
+
+def _causes(exc: BaseException):
+    """``exc`` and every exception it was raised from or while handling, outermost first."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _retryable(exc: BaseException) -> bool:
+    """5xx and 429 answers, and failures to reach the server at all (no HTTP answer; a connection, DNS or
+    timeout error somewhere in the chain).  Decided by the status code and by Python's own socket errors,
+    never by the HTTP library's exception names."""
+    status = _status(exc)
+    if status is not None:
+        return status >= 500 or status == 429
+    return any(isinstance(e, _TRANSIENT_OS_ERRORS) for e in _causes(exc))
+
+
+def _transport_failure(exc: BaseException) -> str:
+    """``connection error (ConnectionRefusedError: ...)``: the socket error under the HTTP library's wrapper."""
+    root = next((e for e in _causes(exc) if isinstance(e, _TRANSIENT_OS_ERRORS)), exc)
+    kind = "timeout" if isinstance(root, TimeoutError) else "connection error"
+    return f"{kind}: {type(root).__name__}"
+
+
+def _server_message(exc: BaseException) -> str:
+    msg = getattr(exc, "server_message", None) or ""
+    return f" (server said: {msg.strip()})" if msg.strip() else ""
+
+
+def _classify(exc: BaseException, plan: PushPlan, step: str) -> HubError:
+    status = _status(exc)
+    owner = plan.repo_id.split("/")[0]
+    if status == 401:
+        return HubAuthError(f"{step}: the Hub rejected the token (401 Unauthorized){_server_message(exc)}. Check that "
+                            "HF_TOKEN (or the token saved by `hf auth login`) is current and valid.")
+    if status == 403:
+        return HubAuthError(f"{step}: permission denied (403 Forbidden){_server_message(exc)}. The token is valid but "
+                            f"may not write to {plan.repo_id}: use a token with write access to the namespace "
+                            f"{owner!r} (a 'write' token, or a fine-grained token granting it).")
+    if status == 404:
+        return HubNotFoundError(f"{step}: not found (404){_server_message(exc)}. Check that the namespace {owner!r} "
+                                f"exists and that the token can see {plan.repo_id}"
+                                + (f" and its branch {plan.revision!r}" if plan.revision != "main" else "") + ".")
+    if _retryable(exc):
+        what = f"HTTP {status}" if status is not None else _transport_failure(exc)
+        return HubUnavailableError(f"{step}: the Hub at {plan.endpoint} is unavailable ({what}){_server_message(exc)}.")
+    if status is not None:
+        return HubError(f"{step}: the Hub answered HTTP {status}{_server_message(exc)}.")
+    return HubError(f"{step}: {type(exc).__name__}: {exc}")
+
+
+class _Scrubber:
+    """Removes the token from any text we produce (defence in depth: we never format it in)."""
+
+    def __init__(self, token: str | None):
+        self.token = token
+
+    def __call__(self, text: str) -> str:
+        return text.replace(self.token, "<token>") if self.token else text
+
+
+def _with_retries(fn: Callable, plan: PushPlan, step: str, retry: RetryPolicy, sleep: Callable[[float], None]):
+    for attempt in range(retry.attempts):
+        try:
+            return fn()
+        except HubError:
+            raise
+        except Exception as exc:
+            err = _classify(exc, plan, step)
+            if not isinstance(err, HubUnavailableError) or attempt == retry.attempts - 1:
+                if isinstance(err, HubUnavailableError):
+                    err = HubUnavailableError(f"{err} Gave up after {retry.attempts} attempts.")
+                raise err from exc
+            wait = retry.delay(attempt)
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", step,
+                        f"HTTP {_status(exc)}" if _status(exc) else _transport_failure(exc),
+                        attempt + 1, retry.attempts - 1, wait)
+            sleep(wait)
+
+
+def make_api(plan: PushPlan, token: str | None = None):
+    """An ``HfApi`` bound to the plan's endpoint; the token defaults to HF_TOKEN / the cached login."""
+    from huggingface_hub import HfApi, get_token
+
+    token = token if token is not None else get_token()
+    if not token:
+        raise HubAuthError("no Hugging Face token found: set HF_TOKEN or run `hf auth login` "
+                           "(the token needs write access to " + plan.repo_id.split("/")[0] + ").")
+    return HfApi(endpoint=plan.endpoint, token=token, library_name="lineas-bake"), token
+
+
+def _xet_hashes(folder: Path, paths: list[str]) -> dict[str, str]:
+    """Local Xet hashes (the merkle hash the Hub reports as ``xetHash``), computed by ``hf_xet`` itself."""
+    if not paths:
+        return {}
+    try:
+        import hf_xet
+    except ImportError:
+        raise HubVerificationError(f"the Hub reports only a Xet hash for {', '.join(paths)}; computing the local one "
+                                   "needs the package hf_xet (pip install hf_xet)") from None
+    infos = hf_xet.hash_files([str(folder / p) for p in paths])
+    return {p: info.hash for p, info in zip(paths, infos)}
+
+
+def _remote_mismatch(f: LocalFile, r, xet_local: dict[str, str]) -> str | None:
+    """Why the remote file ``r`` (a ``RepoFile``) is not the local file ``f``, or None.
+
+    Which hash the Hub gives (checked against huggingface_hub 2.4's source): a commit names every LFS
+    file by its sha256 (``_commit_api.py``, ``_prepare_commit_payload``: ``lfsFile`` with ``algo: sha256``),
+    also when the bytes went through Xet, whose upload backfills that sha256 (``_commit_api.py``,
+    ``_upload_xet_files``: ``op.upload_info.sha256 = ...xet_info.sha256``); the tree then lists it as
+    ``lfs.oid`` (``hf_api.py``, ``RepoFile.__init__``) beside ``xetHash``.  So the sha256 is compared when
+    it is there; a file listed with a Xet hash and no LFS entry is compared by Xet hash; a regular file by
+    git blob sha1.
+    """
+    if r.size != f.size:
+        return f"remote size {r.size} != local {f.size}"
+    xet = getattr(r, "xet_hash", None)  # RepoFile has it since huggingface_hub 0.32
+    if r.lfs is not None:
+        if r.lfs.sha256 != f.sha256:
+            return f"remote LFS sha256 {r.lfs.sha256[:12]} != local {f.sha256[:12]}"
+    elif xet:
+        if xet != xet_local[f.path]:
+            return f"remote Xet hash {xet[:12]} != local {xet_local[f.path][:12]}"
+    elif r.blob_id != f.git_sha1:
+        return f"remote git blob {r.blob_id[:12]} != local {f.git_sha1[:12]}"
+    return None
+
+
+def verify_remote(api, plan: PushPlan, commit_oid: str) -> tuple[str, ...]:
+    """Compare the tree at ``commit_oid`` with the local files; returns remote-only paths."""
+    remote = {}
+    for entry in api.list_repo_tree(plan.repo_id, recursive=True, revision=commit_oid):
+        if hasattr(entry, "size") and hasattr(entry, "blob_id"):  # RepoFile (RepoFolder has tree_id)
+            remote[entry.path] = entry
+    xet_only = [f.path for f in plan.files if f.path in remote and remote[f.path].lfs is None
+                and getattr(remote[f.path], "xet_hash", None) and remote[f.path].size == f.size]
+    xet_local = _xet_hashes(plan.folder, xet_only)
+    problems = []
+    for f in plan.files:
+        r = remote.get(f.path)
+        why = f"missing at commit {commit_oid[:12]}" if r is None else _remote_mismatch(f, r, xet_local)
+        if why is not None:
+            problems.append(f"{f.path}: {why}")
+    if problems:
+        raise HubVerificationError(f"the upload to {plan.repo_id} at commit {commit_oid} does not match the local "
+                                   "files:\n  " + "\n  ".join(problems))
+    local = {f.path for f in plan.files}
+    return tuple(sorted(p for p in remote if p not in local and p != ".gitattributes"))
+
+
+def push(plan: PushPlan, *, token: str | None = None, api=None, retry: RetryPolicy = RetryPolicy(),
+         sleep: Callable[[float], None] = time.sleep) -> PushResult:
+    """Create the repo (and branch), upload the folder, verify the commit.  Raises :class:`HubError`."""
+    scrub = _Scrubber(token)
+    if api is None:
+        check_online()
+    try:
+        if api is None:
+            api, token = make_api(plan, token)
+            scrub = _Scrubber(token)
+        created = _with_retries(lambda: api.create_repo(plan.repo_id, private=plan.private, exist_ok=True),
+                                plan, "create repo", retry, sleep)
+        log.info("repository ready: %s", created)
+        if plan.revision != "main":
+            _with_retries(lambda: api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True),
+                          plan, f"create branch {plan.revision!r}", retry, sleep)
+        info = _with_retries(lambda: api.upload_folder(repo_id=plan.repo_id, folder_path=str(plan.folder),
+                                                       revision=plan.revision, commit_message=plan.commit_message,
+                                                       ignore_patterns=[]),
+                             plan, "upload", retry, sleep)
+        extra = _with_retries(lambda: verify_remote(api, plan, info.oid), plan, "verify upload", retry, sleep)
+    except HubError as e:
+        raise type(e)(scrub(f"{e}\n{plan.retry_hint()}")) from e.__cause__
+    return PushResult(plan.repo_id, plan.revision, info.oid, scrub(info.commit_url), plan.files, extra)

@@ -1,0 +1,109 @@
+"""Where the fold reads tensor values from: one interface, two backings.
+
+The plan addresses tensors by their parameter names (``model.layers.3.input_layernorm.weight``).
+:class:`ModuleStore` reads them from an ``nn.Module`` in memory (the Python API);
+:class:`FolderStore` reads them lazily from the safetensors shards of a checkpoint folder,
+with names resolved the way transformers resolves them (a tied ``lm_head.weight`` is stored
+once, under ``model.embed_tokens.weight``).  :func:`bake.fold.execute.compute_folded` runs the same
+fold code on either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from bake.errors import FoldError
+from bake.store.shards import ShardFolder
+
+
+class TensorStore(Protocol):
+    def has(self, name: str) -> bool: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def read(self, name: str) -> torch.Tensor:
+        """The current value (its stored dtype, on :attr:`device`)."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+
+class ModuleStore:
+    """The parameters of a model in memory (tied parameters under every name)."""
+
+    def __init__(self, model: nn.Module):
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        first = next(iter(self.params.values()), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def has(self, name: str) -> bool:
+        return name in self.params
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.params[name].dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.params[name].detach()
+
+
+def checkpoint_keys(skeleton: nn.Module, folder: ShardFolder) -> dict[str, str]:
+    """Parameter name of ``skeleton`` -> the key that holds its value in ``folder``.
+
+    Tied parameters share one Parameter object in the skeleton; the checkpoint stores one of
+    their names.  A ``base_model_prefix`` missing from the stored keys (a checkpoint saved
+    from the bare base model) is accepted too.
+    """
+    by_id: dict[int, list[str]] = {}
+    names = list(dict(skeleton.named_parameters(remove_duplicate=False)))
+    params = dict(skeleton.named_parameters(remove_duplicate=False))
+    for n in names:
+        by_id.setdefault(id(params[n]), []).append(n)
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    out: dict[str, str] = {}
+    for n in names:
+        for cand in by_id[id(params[n])]:
+            if cand in folder:
+                out[n] = cand
+                break
+            if prefix and cand.startswith(prefix + ".") and cand[len(prefix) + 1:] in folder:
+                out[n] = cand[len(prefix) + 1:]
+                break
+    return out
+
+
+class FolderStore:
+    """Parameters read on demand from a checkpoint folder's shards (nothing is loaded up front)."""
+
+    def __init__(self, folder: ShardFolder, keys: Mapping[str, str]):
+        self.folder = folder
+        self.keys = dict(keys)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def has(self, name: str) -> bool:
+        return name in self.keys
+
+    def key(self, name: str) -> str:
+        try:
+            return self.keys[name]
+        except KeyError:
+            raise FoldError(f"{name} is not in the checkpoint {self.folder.folder} (its safetensors keys do not "
+                            "match the model's parameter names); bake it with the Python API bake(), which "
+                            "loads the model with transformers") from None
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.folder.info(self.key(name)).dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.folder.get(self.key(name))
