@@ -15,6 +15,7 @@ extra, so it is imported on first use and left out of ``__all__``).
 
 from bake.api import bake, bake_folder, plan_bake
 from bake.errors import BakeError, FoldError, VerificationError
+from bake.families.diffusers.bake import PipelineBake, bake_pipeline, plan_pipeline_bake
 from bake.formats.export import (
     EXPORTERS,
     ExportOptions,
@@ -24,10 +25,9 @@ from bake.formats.export import (
     register_exporter,
 )
 from bake.plan.history import ModelMismatchError, RebakeError
-from bake.families.diffusers.bake import PipelineBake, bake_pipeline, plan_pipeline_bake
 from bake.results import BakedModel, BaseModel, default_out_dir
-from bake.verify.tolerances import TOLERANCES, Tolerance, register_tolerance
 from bake.verify.check import VerificationReport
+from bake.verify.tolerances import TOLERANCES, Tolerance, register_tolerance
 
 __all__ = [
     "EXPORTERS",

@@ -28,25 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lineas.models import (
-    check_device,
-    display_name,
-    load_model,
-    load_tokenizer,
-    local_checkpoint,
-    refuse_quantized,
-)
-from lineas.provenance import config_fingerprint
-
 from bake.errors import BakeError, VerificationError
-from bake.store.checkpoint import (
-    check_whole_model_fits,
-    device_map_for,
-    load_bounded,
-    load_config,
-    load_skeleton,
-    safetensors_folder,
-)
 from bake.fold.execute import apply_plan, check_applicable, commit_plan
 from bake.plan.history import (
     BAKED_KEY,
@@ -62,6 +44,14 @@ from bake.plan.inputs import combined, normalise_maps
 from bake.plan.planner import FoldPlan, maps_digest
 from bake.plan.planner import plan as make_plan
 from bake.results import BakedModel, BaseModel, StreamSource
+from bake.store.checkpoint import (
+    check_whole_model_fits,
+    device_map_for,
+    load_bounded,
+    load_config,
+    load_skeleton,
+    safetensors_folder,
+)
 from bake.store.shards import ShardFolder
 from bake.store.stores import FolderStore, checkpoint_keys
 from bake.verify.check import (
@@ -71,6 +61,15 @@ from bake.verify.check import (
     record_reference,
     site_divergence,
 )
+from lineas.models import (
+    check_device,
+    display_name,
+    load_model,
+    load_tokenizer,
+    local_checkpoint,
+    refuse_quantized,
+)
+from lineas.provenance import config_fingerprint
 
 log = logging.getLogger(__name__)
 IN_MEMORY_COPIES = 2.0  # the float32 model and, while its export is checked, the reloaded copy

@@ -13,13 +13,12 @@ from pathlib import Path
 
 from torch import nn
 
-from lineas.maps import SiteMap
-from lineas.models import display_name
-
 from bake.plan.inputs import MapsSource
 from bake.plan.planner import FoldPlan
 from bake.store.stores import FolderStore
 from bake.verify.check import Reference, VerificationReport
+from lineas.maps import SiteMap
+from lineas.models import display_name
 
 
 @dataclass(frozen=True)

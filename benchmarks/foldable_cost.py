@@ -55,9 +55,9 @@ def gemma2_2b_on_paper() -> dict:
     import transformers as tf
     from accelerate import init_empty_weights
 
+    from bake.plan.foldable import plan_foldable
     from bake.plan.planner import plan
     from lineas.collect import match_sites
-    from bake.plan.foldable import plan_foldable
     from lineas.maps import SiteMap
 
     cfg = tf.Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from bake.plan.planner import plan
-    from lineas.prompts import load_prompts
     from lineas.learn.train import TrainConfig, learn_maps
+    from lineas.prompts import load_prompts
 
     src, tgt = load_prompts("negative"), load_prompts("positive")
     tok = word_tokenizer(src.texts + tgt.texts)

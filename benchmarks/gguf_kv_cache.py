@@ -16,8 +16,8 @@ import json
 import torch
 
 from bake.formats.llamacpp import greedy_decode, llamacpp_runner, load_llamacpp
-from bake.verify.tolerances import Tolerance
 from bake.verify.check import compare, first_divergence, record_reference
+from bake.verify.tolerances import Tolerance
 from lineas.maps import SteeringMaps
 from lineas.models import load_model
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from lineas.pipelines import load_pipeline  # noqa: E402
 from test_pipeline_bake import SITES  # noqa: E402
 from tiny_pipelines import random_maps, save_pipeline  # noqa: E402
+
+from lineas.pipelines import load_pipeline  # noqa: E402
 
 
 def main(kinds):

@@ -86,8 +86,8 @@ def row(check) -> dict:
 @contextmanager
 def _one_plus_w_folded_as_w():
     """Gemma's ``(1 + w)`` norms folded as if they were ``w``: the classic convention bug."""
-    from bake.fold import execute
     from bake.core import fold_math as fold
+    from bake.fold import execute
 
     real = execute.fold_norm_scale
     execute.fold_norm_scale = lambda weight, scale, one_plus=False: fold.fold_norm_scale(weight, scale)

@@ -1,7 +1,7 @@
 """lineas: steering maps (format, hooks) and how to learn them (LinEAS, Linear-AcT)."""
 
-from lineas.maps import FORMAT, FORMAT_VERSION, MapsFormatError, SiteMap, SteeringMaps, effective_maps, file_sha256
 from lineas.hooks import SteeringError, SteeringHandle, attach_affine, attach_maps, steered
+from lineas.maps import FORMAT, FORMAT_VERSION, MapsFormatError, SiteMap, SteeringMaps, effective_maps, file_sha256
 
 __version__ = "0.1.0"
 

@@ -65,8 +65,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lineas.prompts import builtin_names
     from lineas.learn.config import Foldable, Init, Method, Optimizer, Schedule, TrainConfig
+    from lineas.prompts import builtin_names
 
     p = argparse.ArgumentParser(
         prog="lineas-train", description=DESCRIPTION,
@@ -225,10 +225,10 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
 def _train(args) -> int:
     from lineas.collect import SiteMatchError, match_sites
     from lineas.hooks import SteeringError
+    from lineas.learn.config import ConfigError
+    from lineas.learn.train import learn_maps
     from lineas.models import ModelLoadError, display_name, load_model
     from lineas.prompts import PromptError, load_prompts
-    from lineas.learn.train import learn_maps
-    from lineas.learn.config import ConfigError
 
     try:
         config = train_config(args)
@@ -285,8 +285,8 @@ def _train_pipeline(args, config, source, target) -> int:
 
     from lineas.collect import SiteMatchError
     from lineas.hooks import SteeringError
-    from lineas.models import display_name
     from lineas.learn.pipeline_collect import DenoiseSchedule, learn_pipeline_maps
+    from lineas.models import display_name
     from lineas.pipelines import PipelineLoadError, load_pipeline
 
     try:
@@ -340,8 +340,8 @@ def _write_report(path: str, result) -> None:
 
 
 def _import_mlact(argv: list[str]) -> int:
-    from lineas.maps import MapsFormatError
     from lineas.learn.mlact import MlActImportError, import_mlact
+    from lineas.maps import MapsFormatError
 
     try:
         args = build_import_parser().parse_args(argv)

@@ -146,8 +146,8 @@ def wrong_shift_bake(monkeypatch, site: str, factor: float = 1.01) -> None:
 
 def wrong_convention_bake(monkeypatch) -> None:
     """Make every bake fold Gemma's ``(1 + w)`` norms as if they were ``w`` (w' = s*w instead of s*(1+w) - 1)."""
-    from bake.fold import execute
     from bake.core import fold_math as fold
+    from bake.fold import execute
 
     monkeypatch.setattr(execute, "fold_norm_scale", lambda weight, scale, one_plus=False:
                         fold.fold_norm_scale(weight, scale, one_plus=False))

@@ -10,8 +10,8 @@ from tiny import ARCHS, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from bake import VerificationError, bake
-from bake.fold.remote_code import MODELING_FILE, write_remote_code
 from bake.fold.execute import apply_plan
+from bake.fold.remote_code import MODELING_FILE, write_remote_code
 from bake.plan.planner import ScaleFold, plan
 from bake.registry.llm import entry_for
 from lineas.evaluate import model_logits

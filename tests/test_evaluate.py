@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from lineas import evaluate as E
 from lineas.hooks import attach_affine, steered
 from lineas.maps import SiteMap, SteeringMaps
 from lineas.prompts import builtin_names, load_prompts
-from tiny import tiny_model
 
 PROMPTS = ["The cat", "A dog sat on", "Hi", "Once upon a time there"]
 

@@ -18,8 +18,8 @@ from bake_fixtures import (
 from safetensors import safe_open
 
 from bake import EXPORTERS, ExportResult, OutputExistsError, bake, register_exporter
-from bake.publish.card import CARD_TAGS
 from bake.formats.export import UnknownFormatError, parse_formats
+from bake.publish.card import CARD_TAGS
 from bake.verify.check import compare
 from lineas.maps import file_sha256
 from lineas.models import TOKENIZER_FILES

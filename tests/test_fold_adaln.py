@@ -73,8 +73,12 @@ def test_bad_chunks_and_shapes_are_refused():
 
 
 def _adaln_modules():
-    from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle,
-                                                SD35AdaLayerNormZeroX)
+    from diffusers.models.normalization import (
+        AdaLayerNormContinuous,
+        AdaLayerNormZero,
+        AdaLayerNormZeroSingle,
+        SD35AdaLayerNormZeroX,
+    )
 
     return {"AdaLayerNormZero": (AdaLayerNormZero(D), lambda m, x, e: m(x, emb=e)),
             "AdaLayerNormZeroSingle": (AdaLayerNormZeroSingle(D), lambda m, x, e: m(x, emb=e)),

@@ -12,14 +12,14 @@ from tiny import ARCHS, random_ids, save_tiny, tiny_model
 
 from bake import FoldError, bake
 from bake.cli.main import main as bake_main
+from bake.plan.foldable import METADATA_KEY, plan_foldable
 from bake.registry.llm import entry_for, match_template
 from lineas.cli import main as train_main
 from lineas.evaluate import model_logits
-from bake.plan.foldable import METADATA_KEY, plan_foldable
 from lineas.hooks import attach_maps
-from lineas.maps import SteeringMaps
 from lineas.learn.ot import fit_affine_1d, matched_quantiles
 from lineas.learn.train import learn_maps
+from lineas.maps import SteeringMaps
 
 GEMMA2_NORMS = r"model\.layers\.\d+\.(input|post_attention|pre_feedforward|post_feedforward)_layernorm"
 TRAIN = dict(steps=12, lr=0.05, batch_size=8, progress=False)

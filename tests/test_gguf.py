@@ -23,8 +23,8 @@ from bake.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
 from bake.formats.gguf import convert, converter_dir
 from bake.formats.llamacpp import llamacpp_runner, load_llamacpp
 from bake.plan.runtimes import Runtime, Serves
-from bake.verify.tolerances import get_tolerance
 from bake.verify.check import compare, record_reference
+from bake.verify.tolerances import get_tolerance
 from lineas.hooks import steered
 from lineas.maps import SiteMap, SteeringMaps
 from lineas.models import resolve_model
@@ -105,8 +105,8 @@ def test_llama_cpp_runs_apart_from_torch_and_a_crash_is_an_error_naming_the_sign
     process crashed in llama_decode here.  A crash of that process fails the check with the signal named."""
     import signal
 
-    from bake.formats.llamacpp import LlamaCppCrashed
     from bake.errors import VerificationError
+    from bake.formats.llamacpp import LlamaCppCrashed
 
     _, _, out = baked_llama
     with load_llamacpp(out / "gguf" / "model-f32.gguf") as llm:

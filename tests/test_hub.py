@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from bake_fixtures import assert_close_rel, hooked_and_base, load, logits, setup_model
-from onnx_extra import require_onnx_extra
 from hub_server import HubServer, Token, XetListing, disable_xet, use_endpoint
+from onnx_extra import require_onnx_extra
 
 from bake import bake
 from bake.publish.hub import (

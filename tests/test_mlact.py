@@ -8,8 +8,8 @@ from tiny import random_ids, tiny_model
 
 from lineas.cli import main
 from lineas.hooks import steered
-from lineas.maps import SteeringMaps
 from lineas.learn.mlact import MlActImportError, import_mlact
+from lineas.maps import SteeringMaps
 
 D = 64
 

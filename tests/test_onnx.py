@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from onnx_extra import require_onnx_extra  # noqa: E402  (skips here, with why, without the extra)
 
 require_onnx_extra()

@@ -5,16 +5,14 @@ import re
 
 import pytest
 import torch
-
 from onnx_extra import require_onnx_extra  # noqa: E402
 
 pytest.importorskip("diffusers")
 require_onnx_extra()
 
 from bake.errors import VerificationError  # noqa: E402
+from bake.families.diffusers.onnx import DENOISER_ROW, IMAGE_ROW, export_pipeline_onnx, record_reference  # noqa: E402
 from bake.formats.onnx import ONNX_REPORT_FILE, OnnxExportError  # noqa: E402
-from bake.families.diffusers.onnx import (DENOISER_ROW, IMAGE_ROW, export_pipeline_onnx,  # noqa: E402
-                                record_reference)
 from bake.verify.tolerances import get_tolerance  # noqa: E402
 from lineas.hooks import resolve_sites  # noqa: E402
 from lineas.pipelines import load_pipeline, pipeline_modules  # noqa: E402

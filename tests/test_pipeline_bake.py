@@ -10,12 +10,13 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from tiny_pipelines import random_maps  # noqa: E402
+
 from bake.cli.main import main  # noqa: E402
 from bake.families.diffusers.verify import denoiser_inputs, run_denoiser, run_image  # noqa: E402
 from lineas.hooks import attach_maps  # noqa: E402
 from lineas.maps import SteeringMaps  # noqa: E402
 from lineas.pipelines import PIPELINE_CLASS_KEY, denoiser_name, load_pipeline, pipeline_modules  # noqa: E402
-from tiny_pipelines import random_maps  # noqa: E402
 
 # Per kind: sites covering GroupNorm, affine LayerNorm, Linear/Conv producers (UNets) and every AdaLN class.
 SITES = {
@@ -310,8 +311,8 @@ def test_disk_check_counts_the_onnx_graphs_of_format_hf_onnx(tiny_pipeline_folde
 
     import bake.publish.outdir
     from bake import bake_pipeline
-    from bake.publish.outdir import OutputPathError
     from bake.families.diffusers.bake import _export_bytes
+    from bake.publish.outdir import OutputPathError
 
     pipe = load_pipeline(tiny_pipeline_folder("flux"))
     m = _maps_file(pipe, SITES["flux"][:2], tmp_path / "m.safetensors")

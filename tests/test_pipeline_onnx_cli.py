@@ -3,16 +3,16 @@
 import json
 
 import pytest
-
 from onnx_extra import require_onnx_extra  # noqa: E402
 
 pytest.importorskip("diffusers")
 require_onnx_extra()
 
+from tiny_pipelines import random_maps  # noqa: E402
+
 from bake.cli.main import main  # noqa: E402
 from bake.formats.onnx import ONNX_REPORT_FILE  # noqa: E402
 from lineas.pipelines import load_pipeline  # noqa: E402
-from tiny_pipelines import random_maps  # noqa: E402
 
 SITES = {"sd": ["unet.down_blocks.1.attentions.0.transformer_blocks.0.norm3", "unet.conv_norm_out"],
          "sdxl": ["unet.down_blocks.1.attentions.0.transformer_blocks.1.norm1", "unet.down_blocks.1.resnets.1.norm2"]}

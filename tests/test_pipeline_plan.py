@@ -9,12 +9,12 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from bake.core.plan_types import ShiftFold, SiteKind  # noqa: E402
 from bake.errors import FoldError  # noqa: E402
+from bake.families.diffusers.verify import denoiser_inputs, run_denoiser  # noqa: E402
 from bake.fold.execute import apply_plan  # noqa: E402
 from bake.plan.diffusers import plan_pipeline  # noqa: E402
 from bake.registry.diffusers import RegistryError, load_pipeline_registry, parse_pipeline_registry  # noqa: E402
-from bake.families.diffusers.verify import denoiser_inputs, run_denoiser  # noqa: E402
-from bake.core.plan_types import ShiftFold, SiteKind  # noqa: E402
 from lineas.hooks import attach_affine  # noqa: E402
 from lineas.pipelines import load_pipeline, pipeline_modules  # noqa: E402
 
@@ -85,8 +85,9 @@ def test_an_adaln_site_and_its_own_linear_are_not_baked_together(tiny_pipeline_f
 def test_a_sharded_component_keeps_its_shards(tiny_pipeline_folder, tmp_path):
     import shutil
 
-    from bake import bake_pipeline
     from tiny_pipelines import random_maps
+
+    from bake import bake_pipeline
 
     src = tmp_path / "src"
     shutil.copytree(tiny_pipeline_folder("sd"), src)

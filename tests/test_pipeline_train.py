@@ -12,9 +12,8 @@ from lineas.axis import feature_axis, pool_features  # noqa: E402
 from lineas.cli import main  # noqa: E402
 from lineas.collect import run_to_sites  # noqa: E402
 from lineas.hooks import attach_maps, count_forward_hooks, resolve_sites  # noqa: E402
+from lineas.learn.pipeline_collect import DEFAULT_SITES, DenoiseSchedule, PipelineRunner, PromptSeedBatch  # noqa: E402
 from lineas.maps import SteeringMaps  # noqa: E402
-from lineas.learn.pipeline_collect import (DEFAULT_SITES, DenoiseSchedule, PipelineRunner,  # noqa: E402
-                                     PromptSeedBatch)
 from lineas.pipelines import PIPELINE_CLASS_KEY, PipelineLoadError, load_pipeline, pipeline_modules  # noqa: E402
 from lineas.prompts import load_prompts  # noqa: E402
 
@@ -183,8 +182,8 @@ def test_foldable_freezes_what_the_pipeline_planner_cannot_fold(tiny_pipeline_fo
     for pipelines: a per-head RMSNorm's shift has no bias to go into, so it stays at exactly 0 while its
     scale and the AdaLN norm's map are trained; the maps then plan with require_standard."""
     from bake.plan.diffusers import plan_pipeline
-    from lineas.learn.pipeline_collect import learn_pipeline_maps
     from lineas.learn.config import TrainConfig
+    from lineas.learn.pipeline_collect import learn_pipeline_maps
 
     pipe = load_pipeline(tiny_pipeline_folder("flux"))
     qnorm, adaln = "transformer.transformer_blocks.0.attn.norm_q", "transformer.transformer_blocks.0.norm1"

@@ -7,10 +7,18 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from lineas.hooks import SteeringError, attach_affine, resolve_sites  # noqa: E402
-from lineas.pipelines import (PipelineLoadError, denoiser_name, is_pipeline_folder, load_pipeline,  # noqa: E402
-                              pipeline_class_name, pipeline_modules, split_site)
 from tiny_pipelines import call_kwargs  # noqa: E402
+
+from lineas.hooks import SteeringError, attach_affine, resolve_sites  # noqa: E402
+from lineas.pipelines import (  # noqa: E402
+    PipelineLoadError,
+    denoiser_name,
+    is_pipeline_folder,
+    load_pipeline,
+    pipeline_class_name,
+    pipeline_modules,
+    split_site,
+)
 
 # One steered site per kind, with the feature size and the module class the tiny config gives it.
 SITES = {

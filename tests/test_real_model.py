@@ -28,9 +28,9 @@ def test_learn_bake_reload_generates_like_hooked_and_steers_positive(smollm2, tm
     from bake import bake
     from lineas import evaluate as E
     from lineas.hooks import steered
+    from lineas.learn.train import learn_maps
     from lineas.maps import SteeringMaps
     from lineas.prompts import load_prompts
-    from lineas.learn.train import learn_maps
 
     model, tok = smollm2.model, smollm2.tokenizer
     before = {k: v.clone() for k, v in model.state_dict().items() if "layernorm" in k}
@@ -76,8 +76,9 @@ NORM_SITES = [f"model.layers.{i}.{k}" for i in range(30) for k in ("input_layern
 def test_random_maps_on_all_60_norms_are_not_refused(smollm2, magnitude):
     """Section 5: scale 1 +- a, shift +- a on every norm is fp32 rounding, not a wrong fold.
     Before the noise-floor limit, a = 0.1 and 0.2 were refused (max rel 1.1e-5, 2.1e-5 > 1e-5)."""
-    from bake import bake
     from bake_fixtures import uniform_maps
+
+    from bake import bake
 
     maps = uniform_maps(smollm2.model, NORM_SITES, magnitude, seed=0)
     baked = bake(smollm2.model, maps, 1.0, tokenizer=smollm2.tokenizer)
@@ -89,8 +90,9 @@ def test_random_maps_on_all_60_norms_are_not_refused(smollm2, magnitude):
 
 @pytest.mark.parametrize("site", ["model.layers.0.input_layernorm", "model.layers.29.post_attention_layernorm"])
 def test_one_norm_shift_off_by_one_percent_is_refused(smollm2, site, monkeypatch):
-    from bake import VerificationError, bake
     from bake_fixtures import uniform_maps, wrong_shift_bake
+
+    from bake import VerificationError, bake
 
     maps = uniform_maps(smollm2.model, NORM_SITES, 0.05, seed=0)  # the smallest shifts: the subtlest error
     wrong_shift_bake(monkeypatch, site, 1.01)

@@ -11,7 +11,7 @@ from torch import nn
 
 import bake.verify.passes as passes
 import bake.verify.schedule as reference_schedule
-from bake.verify.stats import logit_stats
+from bake.verify.check import _diag_index, record_outputs, record_reference, watch_modules
 from bake.verify.noise_floor import SAMPLES, NoiseFloor, rounding_perturbed
 from bake.verify.passes import (
     greedy_tokens,
@@ -22,7 +22,7 @@ from bake.verify.passes import (
 )
 from bake.verify.probes import Probe, build_greedy_prompts, build_probes, model_vocab_size
 from bake.verify.schedule import ReferenceSchedule
-from bake.verify.check import _diag_index, record_outputs, record_reference, watch_modules
+from bake.verify.stats import logit_stats
 from lineas.config_compat import transformers_major
 from lineas.embedding_scale import outside_scale
 from lineas.hooks import SteeringError, attach_affine, attach_row_affines

@@ -61,7 +61,6 @@ def test_entry_matches_the_model(arch):
 def test_registry_bias_flag_really_adds_biases():
     """llama's attention_bias/mlp_bias switch on exactly the linears the registry says."""
     import transformers as tf
-
     from tiny import COMMON
 
     cfg = tf.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True)
@@ -195,7 +194,6 @@ def test_unmatched_registry_entry_is_still_used_where_it_agrees():
 
 def test_architecture_not_listed_means_entry_not_used():
     import transformers as tf
-
     from tiny import COMMON
 
     model = tf.LlamaForSequenceClassification(tf.LlamaConfig(**COMMON, num_labels=2)).eval()

@@ -13,8 +13,8 @@ import pytest
 from bake_fixtures import GEMMA2_SITES, setup_model
 
 from bake.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
-from bake.registry.llm import RegistryError, load_registry, parse_entry
 from bake.plan.runtimes import Evidence, Runtime, Serves
+from bake.registry.llm import RegistryError, load_registry, parse_entry
 
 GEMMA2_QKV_SITES = ("model.layers.0.input_layernorm", "model.layers.1.input_layernorm")  # shifts -> q/k/v biases
 LLAMA_FLAG_SITES = ("model.layers.0.input_layernorm", "model.layers.1.post_attention_layernorm")

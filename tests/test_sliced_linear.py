@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from bake_fixtures import logits
 from test_stream import sharded_checkpoint, tight_budget
 
-from bake.store import checkpoint
-
-from bake.store import rawmem
+from bake.store import checkpoint, rawmem
 from bake.store import sliced_linear as sliced
 from bake.store.sliced_linear import sliced_linear
 

@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-from onnx_extra import require_onnx_extra
 import torch
 from bake_fixtures import assert_close_rel, hooked_and_base, load, logits, make_maps
+from onnx_extra import require_onnx_extra
 from tiny import ARCHS, tiny_model
 
 from bake.api import bake, bake_folder
-from bake.store.checkpoint import largest_block_bytes, load_bounded, load_skeleton
 from bake.cli.main import main
 from bake.errors import BakeError
+from bake.store.checkpoint import largest_block_bytes, load_bounded, load_skeleton
 from bake.store.shards import INDEX_FILE, ShardFolder, raw_blocks, read_as
 
 # Qwen2 has q/k/v biases of its own: every one of these folds into standard weights.

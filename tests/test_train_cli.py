@@ -173,7 +173,7 @@ def _main_as_unprivileged_user(args) -> tuple[int, str]:
     import os
     import sys
 
-    import lineas.collect, lineas.hooks, lineas.models, lineas.prompts, lineas.learn.train  # noqa: E401,F401  (no imports as nobody)
+    import lineas.collect  # noqa: E401,F401  (no imports as nobody)
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()

@@ -19,19 +19,19 @@ from bake_fixtures import (
 from tiny import tiny_model
 
 from bake import VerificationError, bake
-from bake.verify.noise_floor import SAMPLES
-from bake.verify.probes import build_greedy_prompts, build_probes
-from bake.verify.tolerances import TOLERANCES, Tolerance, get_tolerance, register_tolerance
 from bake.verify.check import (
     VerificationReport,
     compare,
-    probe_stats,
     greedy_tokens,
+    probe_stats,
     record_reference,
-    torch_runner,
     site_divergence,
+    torch_runner,
     watch_modules,
 )
+from bake.verify.noise_floor import SAMPLES
+from bake.verify.probes import build_greedy_prompts, build_probes
+from bake.verify.tolerances import TOLERANCES, Tolerance, get_tolerance, register_tolerance
 from lineas.hooks import count_forward_hooks, steered
 from lineas.maps import SiteMap, SteeringMaps, effective_maps
 

@@ -9,17 +9,16 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from bake.errors import BakeError, FoldError, VerificationError
+from bake.formats.export import EXPORT_DTYPES, known_formats, parse_formats
+from bake.plan.inputs import MAX_PLAIN_STRENGTH, check_strength_magnitude, parse_maps_arg
+from bake.publish.card import command_line
+from bake.publish.outdir import Terminated, check_out_dir, export_bytes
+from bake.store.checkpoint import parse_memory, safetensors_folder
 from lineas.hooks import SteeringError
 from lineas.io import ExitCode, fail
 from lineas.maps import MapsFormatError
 from lineas.models import ALIASES, ModelLoadError, checkpoint_numel, local_checkpoint, resolve_model
-
-from bake.publish.card import command_line
-from bake.store.checkpoint import parse_memory, safetensors_folder
-from bake.errors import BakeError, FoldError, VerificationError
-from bake.formats.export import EXPORT_DTYPES, known_formats, parse_formats
-from bake.plan.inputs import MAX_PLAIN_STRENGTH, check_strength_magnitude, parse_maps_arg
-from bake.publish.outdir import Terminated, check_out_dir, export_bytes
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFY = ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.VERIFY
 EXIT_TERMINATED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
@@ -279,8 +278,8 @@ def _run(args, cmd: str) -> int:
         return EXIT_OK
     out = _checked_out(args, model)  # fail before the slow part
     if local and "onnx" in formats:  # the ONNX graph needs the whole model: refuse now, not OOM-killed later
-        from bake.store.checkpoint import check_whole_model_fits, load_skeleton
         from bake.formats.shard_writer import ONNX_MEMORY_COPIES
+        from bake.store.checkpoint import check_whole_model_fits, load_skeleton
 
         check_whole_model_fits(load_skeleton(local, trust_remote_code=args.trust_remote_code),
                                step="the ONNX export", copies=ONNX_MEMORY_COPIES)

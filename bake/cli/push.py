@@ -11,9 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lineas.io import ExitCode, fail
-
 from bake.publish.hub import HubError, check_online, format_plan, plan_push, push
+from lineas.io import ExitCode, fail
 
 PROG = "lineas-bake push"
 EXIT_OK, EXIT_HUB, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAIL, ExitCode.BAD_INPUT

@@ -9,22 +9,28 @@ biases created, tied weights untied, tensors written and affine modules inserted
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from bake.core.fold_math import (
+    fold_adaln_rows,
+    fold_input_shift,
+    fold_modulated_norm_rows,
+    fold_norm_bias,
+    fold_norm_scale,
+    fold_output_rows,
+    work_dtype,
+)
+from bake.errors import FoldError, NonFiniteCastError
+from bake.fold.affine_module import LineasAffine, wrap_affine_sites
+from bake.fold.remote_code import AFFINE_SITES_KEY
+from bake.plan.history import BAKED_KEY, RebakeError, new_entry, recorded_bakes
+from bake.plan.planner import FoldOp, FoldPlan, FoldStep, Layout, _normalise_maps, maps_digest
+from bake.store.stores import ModuleStore, TensorStore
 from lineas.embedding_scale import outside_scale, table_scale
 from lineas.maps import SiteMap
-
-from bake.fold.remote_code import AFFINE_SITES_KEY
-from bake.fold.affine_module import LineasAffine, wrap_affine_sites
-from bake.errors import FoldError, NonFiniteCastError
-from bake.core.fold_math import (fold_adaln_rows, fold_input_shift, fold_modulated_norm_rows, fold_norm_bias, fold_norm_scale,
-                   fold_output_rows, work_dtype)
-from bake.plan.history import BAKED_KEY, RebakeError, new_entry, recorded_bakes
-from bake.store.stores import ModuleStore, TensorStore
-from bake.plan.planner import FoldOp, FoldPlan, FoldStep, Layout, _normalise_maps, maps_digest
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,9 @@ from pathlib import Path
 
 from torch import nn
 
-from lineas.io import atomic_write_text
-
-from bake.fold.affine_module import LINEAS_AFFINE_VERSION, LineasAffine, wrap_affine_sites
 from bake.errors import BakeError
+from bake.fold.affine_module import LINEAS_AFFINE_VERSION, LineasAffine, wrap_affine_sites
+from lineas.io import atomic_write_text
 
 __all__ = ["LineasAffine", "wrap_affine_sites", "affine_sites", "write_remote_code", "MODELING_FILE",
            "AFFINE_SITES_KEY"]

@@ -31,10 +31,9 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from lineas.models import TOKENIZER_FILES
-
-from bake.publish.card import ExportInfo, write_card, write_provenance, write_verification
 from bake.errors import BakeError, ExportWriteError, NonFiniteCastError, VerificationError
+from bake.formats.shard_writer import set_config_dtype
+from bake.publish.card import ExportInfo, write_card, write_provenance, write_verification
 from bake.publish.outdir import (
     OWNER_FILE,
     check_out_dir,
@@ -43,13 +42,13 @@ from bake.publish.outdir import (
     sigterm_raises,
     temp_folder,
 )
-from bake.formats.shard_writer import set_config_dtype
 from bake.verify.check import (
     CheckResult,
     bar_disabled,
     compare,
     model_device,
 )
+from lineas.models import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from bake.results import BakedModel

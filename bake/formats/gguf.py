@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from bake.publish.card import write_json
 from bake.errors import BakeError
 from bake.formats.export import ExportOptions, ExportResult, register_exporter
 from bake.formats.gguf_greedy import long_greedy_check
 from bake.formats.llamacpp import llama_cpp_python_version, llamacpp_runner, load_llamacpp
 from bake.plan.runtimes import Runtime, check_required
+from bake.publish.card import write_json
 from bake.verify.check import bar_disabled, compare
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from lineas.hooks import attach_affine
-
 from bake.formats.llamacpp import greedy_decode
-from bake.verify.probes import PROMPTS, _encode, _random_ids, model_vocab_size
 from bake.verify.check import CheckResult, bar_disabled, first_divergence
+from bake.verify.probes import PROMPTS, _encode, _random_ids, model_vocab_size
+from lineas.hooks import attach_affine
 
 if TYPE_CHECKING:
     from bake.results import BakedModel

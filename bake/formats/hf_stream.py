@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from bake.store.checkpoint import load_bounded, release_memory
 from bake.fold.execute import compute_folded
 from bake.formats.export import (
     EXPORT_DTYPES,
@@ -24,8 +23,9 @@ from bake.formats.export import (
     explained_cast_failure,
     has_remote_code,
 )
-from bake.results import BakedModel
 from bake.formats.shard_writer import write_baked_folder
+from bake.results import BakedModel
+from bake.store.checkpoint import load_bounded, release_memory
 from bake.verify.check import CheckResult, VerificationReport, compare, record_reference, site_divergence
 
 FP32_CHECK_DIR = ".lineas-fp32-check"  # inside the temporary export folder; removed before the rename

@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lineas.threads import pick_threads
-
 from bake.errors import VerificationError
+from lineas.threads import pick_threads
 
 N_CTX = 512  # longest probe (33 tokens) or greedy prompt plus its new tokens fits with room to spare
 WORKER = Path(__file__).with_name("llamacpp_worker.py")

@@ -44,10 +44,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bake.publish.card import write_json, write_provenance, write_verification
 from bake.errors import BakeError
-from bake.formats.hf_stream import ensure_reference
-from bake.formats.shard_writer import materialised
 from bake.formats.export import (
     ExportOptions,
     ExportResult,
@@ -56,6 +53,9 @@ from bake.formats.export import (
     onnx_stack_conflict,
     register_exporter,
 )
+from bake.formats.hf_stream import ensure_reference
+from bake.formats.shard_writer import materialised
+from bake.publish.card import write_json, write_provenance, write_verification
 from bake.verify.check import CheckResult, Reference, Runner, bar_disabled, compare, first_divergence
 
 if TYPE_CHECKING:

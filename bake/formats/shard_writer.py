@@ -14,8 +14,8 @@ written, so nothing the baked model expects is missing.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -24,12 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lineas.config_compat import legacy_rope_fields
-from lineas.io import atomic_write_text
-from lineas.maps import SiteMap
-
-from bake.fold.affine_module import LineasAffine
 from bake.errors import BakeError
+from bake.fold.affine_module import LineasAffine
 from bake.store.shards import (
     Entry,
     ShardFolder,
@@ -40,6 +36,9 @@ from bake.store.shards import (
 )
 from bake.store.stores import FolderStore
 from bake.verify.check import bar_disabled
+from lineas.config_compat import legacy_rope_fields
+from lineas.io import atomic_write_text
+from lineas.maps import SiteMap
 
 
 class Source(Enum):
@@ -229,8 +228,8 @@ def materialised(baked, *, step: str):
         return
     from transformers import AutoModelForCausalLM
 
-    from bake.store.checkpoint import check_whole_model_fits
     from bake.fold.execute import apply_plan
+    from bake.store.checkpoint import check_whole_model_fits
 
     check_whole_model_fits(baked.model, step=step, copies=ONNX_MEMORY_COPIES)
     src = baked.source

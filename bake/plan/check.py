@@ -25,13 +25,12 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
+from bake.errors import FoldError
+from bake.verify.probes import model_vocab_size
 from lineas.collect import run_hooked
 from lineas.evaluate import input_device
 from lineas.hooks import SteeringError, apply_affine, feature_axis, module_feature_dim
 from lineas.maps import SiteMap, SteeringMaps
-
-from bake.errors import FoldError
-from bake.verify.probes import model_vocab_size
 
 log = logging.getLogger(__name__)
 

@@ -20,19 +20,33 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from bake.core.fold_math import ADALN_SCALE, ADALN_SHIFT
+from bake.core.plan_types import (
+    AffineSpec,
+    FoldOp,
+    FoldPlan,
+    FoldStep,
+    Layout,
+    ScaleFold,
+    ShiftFold,
+    SiteKind,
+    SitePlan,
+)
+from bake.errors import FoldError
+from bake.plan.check import _normalise_maps, maps_digest
+from bake.plan.module_kinds import producer_layout
+from bake.plan.planner import _resolve, plan
+from bake.registry.diffusers import (
+    REGISTRY_NAME,
+    AdalnRule,
+    ModulatedNormRule,
+    PipelineRegistry,
+    load_pipeline_registry,
+)
+from bake.registry.llm import ArchEntry, NormEntry, ProducerEntry
 from lineas.hooks import feature_axis
 from lineas.maps import SiteMap
 from lineas.pipelines import PipelineModules, split_site
-
-from bake.errors import FoldError
-from bake.core.fold_math import ADALN_SCALE, ADALN_SHIFT
-from bake.plan.planner import _resolve, plan
-from bake.plan.check import _normalise_maps, maps_digest
-from bake.core.plan_types import AffineSpec, FoldOp, FoldPlan, FoldStep, Layout, ScaleFold, ShiftFold, SiteKind, SitePlan
-from bake.plan.module_kinds import producer_layout
-from bake.registry.diffusers import (REGISTRY_NAME, AdalnRule, ModulatedNormRule, PipelineRegistry,
-                                load_pipeline_registry)
-from bake.registry.llm import ArchEntry, NormEntry, ProducerEntry
 
 SOURCE = f"registry:{REGISTRY_NAME}"
 NO_STANDARD_FALLBACK = (

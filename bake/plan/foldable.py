@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from lineas.maps import SiteMap, SteeringMaps
 from lineas.learn.config import Foldable
+from lineas.maps import SiteMap, SteeringMaps
 
 PROBE_SCALE, PROBE_SHIFT = 1.5, 0.5  # any non-identity values: the planner looks only at identity-ness
 METADATA_KEY = "foldable"             # lineas-maps v1 metadata key (JSON, see FoldableSites.to_metadata)
@@ -160,9 +160,8 @@ def plan_foldable(model: nn.Module, dims: Mapping[str, int], mode: Foldable | st
 
     Raises :class:`bake.errors.FoldError` (a ``ValueError``) for sites the baker refuses outright, and when
     the maps that are left still cannot be served by ``runtimes`` (a runtime with no fact for the model)."""
-    from bake.registry.llm import Runtime
     from bake.plan.runtimes import check_required
-
+    from bake.registry.llm import Runtime
     from lineas.pipelines import PipelineModules
 
     mode = Foldable(mode)
@@ -213,7 +212,7 @@ def check_standard(model: nn.Module, maps: SteeringMaps, runtimes=()) -> None:
     """Plan ``maps`` exactly as ``lineas-bake --require-standard [--require-runtime R ...]`` does; raises
     ``FoldError`` if any site would need an affine module or a runtime in ``runtimes`` could not serve the
     export (the guarantee, checked on the trained maps themselves)."""
-    from bake.registry.llm import Runtime
     from bake.plan.runtimes import check_required
+    from bake.registry.llm import Runtime
 
     check_required(_planner(model)(model, maps.maps, require_standard=True), [Runtime(r) for r in runtimes])

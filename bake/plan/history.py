@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lineas.provenance import config_fingerprint
-
-from bake.publish.card import PROVENANCE_FILE
 from bake.errors import BakeError
+from bake.publish.card import PROVENANCE_FILE
+from lineas.provenance import config_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lineas.embedding_scale import is_scaled_embedding
-
 from bake.core.plan_types import Layout, SiteKind
+from lineas.embedding_scale import is_scaled_embedding
 
 
 def _conv1d_type():

@@ -36,13 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lineas.hooks import SteeringError, feature_axis, resolve_sites
-from lineas.maps import SiteMap
-
-from bake.errors import FoldError
 from bake.core.fold_math import is_identity_scale, is_zero_shift
-from bake.plan.module_kinds import norm_kind_by_type, producer_layout, tied_groups
-from bake.plan.check import _normalise_maps, check_site_outputs, maps_digest
 from bake.core.plan_types import (
     NORM_KINDS,
     PLAN_VERSION,
@@ -58,8 +52,13 @@ from bake.core.plan_types import (
     SitePlan,
     Untie,
 )
-from bake.registry.llm import ArchEntry, entry_for, expand, match_template
+from bake.errors import FoldError
+from bake.plan.check import _normalise_maps, check_site_outputs, maps_digest
+from bake.plan.module_kinds import norm_kind_by_type, producer_layout, tied_groups
 from bake.plan.runtimes import check_required, runtime_matrix
+from bake.registry.llm import ArchEntry, entry_for, expand, match_template
+from lineas.hooks import SteeringError, feature_axis, resolve_sites
+from lineas.maps import SiteMap
 
 # Callers import the plan types from here, beside plan() itself.
 __all__ = ["NORM_KINDS", "PLAN_VERSION", "AffineSpec", "ConfigChange", "FoldOp", "FoldPlan", "FoldStep", "Layout",

@@ -41,9 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lineas.io import ExitCode, human_size
-
 from bake.errors import BakeError
+from lineas.io import ExitCode, human_size
 
 log = logging.getLogger(__name__)
 

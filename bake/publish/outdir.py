@@ -29,9 +29,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from lineas.io import human_size, writable_anchor
-
 from bake.errors import BakeError
+from lineas.io import human_size, writable_anchor
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ site names for the shared planner, and :class:`AdalnRule` s for the AdaLN fold.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
-from typing import Mapping
 
 from torch import nn
 
@@ -206,7 +206,7 @@ def parse_pipeline_registry(data: object, origin: str = "<diffusers registry>") 
                             notes=data.get("notes", ""))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_pipeline_registry() -> PipelineRegistry:
     f = resources.files("bake.registry").joinpath("archs", "diffusers", "components.json")
     try:

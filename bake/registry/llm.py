@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import lru_cache
+from functools import cache
 from importlib import resources
-from typing import Mapping
 
-from bake.errors import BakeError
 from bake.core.plan_types import NORM_KINDS, Layout, SiteKind
+from bake.errors import BakeError
 
 PRODUCER_LAYOUTS = (Layout.LINEAR, Layout.CONV1D)
 
@@ -237,7 +237,7 @@ def _parse_runtimes(data: dict, flags: Mapping[str, tuple[str, ...]], origin: st
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_registry() -> Mapping[str, ArchEntry]:
     """All shipped entries, keyed by ``model_type`` (each file is validated)."""
     out: dict[str, ArchEntry] = {}

@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lineas.io import human_size
-
 from bake.errors import BakeError
 from bake.store.rawmem import HEAP_SLACK_BYTES, BufferPool, trim_heap
 from bake.store.shards import INDEX_FILE, SINGLE_FILE, ShardFolder, TensorInfo, read_as
 from bake.store.sliced_linear import slice_linears
 from bake.store.stores import checkpoint_keys
+from lineas.io import human_size
 
 log = logging.getLogger(__name__)
 

@@ -26,22 +26,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lineas.hooks import attach_affine
-
 from bake.errors import FoldError
-from bake.verify.stats import STATS_CHUNK, LogitStats, logit_stats, probe_stats  # noqa: F401 (re-exported)
 from bake.verify.noise_floor import SAMPLES as FLOOR_SAMPLES
 from bake.verify.noise_floor import NoiseFloor
 from bake.verify.passes import (  # noqa: F401 (re-exported)
-    Runner,
     RowSlice,
+    Runner,
     greedy_tokens,
     run_batches,
     run_grouped,
     torch_runner,
 )
 from bake.verify.probes import Probe, build_greedy_prompts, build_probes, model_vocab_size
-from bake.verify.schedule import ReferenceSchedule, run_schedule
 from bake.verify.report import (  # noqa: F401  (re-exported: callers import the report types from here)
     METRIC_DEFINITIONS,
     CheckResult,
@@ -51,7 +47,10 @@ from bake.verify.report import (  # noqa: F401  (re-exported: callers import the
     _le,
     format_table,
 )
+from bake.verify.schedule import ReferenceSchedule, run_schedule
+from bake.verify.stats import STATS_CHUNK, LogitStats, logit_stats, probe_stats  # noqa: F401 (re-exported)
 from bake.verify.tolerances import Tolerance, get_tolerance
+from lineas.hooks import attach_affine
 
 DIAG_PROBE_KIND = "random"  # the first random probe has no padding: every position is comparable
 

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lineas.evaluate import model_logits
-
 from bake.store.rawmem import trim_heap
+from lineas.evaluate import model_logits
 
 # A candidate is anything mapping (input_ids, attention_mask) -> logits [B, L, V];
 # torch models are wrapped by :func:`torch_runner`; ONNX exporters pass their own.

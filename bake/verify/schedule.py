@@ -22,9 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lineas.hooks import attach_row_affines
-
-from bake.verify.stats import LogitStats, pool_probe_stats, probe_stats
 from bake.verify.noise_floor import rounding_perturbed
 from bake.verify.passes import (
     RowSlice,
@@ -36,6 +33,8 @@ from bake.verify.passes import (
     torch_runner,
 )
 from bake.verify.probes import Probe
+from bake.verify.stats import LogitStats, pool_probe_stats, probe_stats
+from lineas.hooks import attach_row_affines
 
 Affines = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 HOOKED = 0  # variant of the hooked maps; variant 1 + s is noise-floor perturbation s

@@ -6,14 +6,13 @@ import argparse
 import datetime as _dt
 import logging
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
+from pathlib import Path
 
-from lineas.learn.config import ConfigError
-
-from lineas.threads import pick_threads
 from lineas.demo.pipeline import METHODS, DemoConfig, DemoError, run_demo, set_threads
+from lineas.learn.config import ConfigError
+from lineas.threads import pick_threads
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 

@@ -16,17 +16,17 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from lineas import evaluate as E
 from lineas.hooks import steered
 from lineas.io import atomic_write_text
-from lineas.maps import SteeringMaps
 from lineas.learn.config import TrainConfig
+from lineas.maps import SteeringMaps
 
 log = logging.getLogger("lineas.demo")
 
@@ -367,8 +367,8 @@ def machine_info(threads: int) -> dict:
 
 def run_demo(cfg: DemoConfig, run_dir: Path, *, maps_in: dict[str, Path] | None = None) -> dict:
     """Run every step, write ``results.json`` and ``summary.md`` into ``run_dir``; return the results."""
-    from lineas.models import display_name, load_model
     from lineas.demo.report import write_summary
+    from lineas.models import display_name, load_model
 
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"

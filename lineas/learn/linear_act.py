@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from lineas.collect import TokenSet, collect_pooled
 from bake.plan.foldable import SiteParts
+from lineas.collect import TokenSet, collect_pooled
 from lineas.learn.ot import fit_affine_1d
 
 

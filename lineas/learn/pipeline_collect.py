@@ -35,8 +35,14 @@ from dataclasses import dataclass
 import torch
 
 from lineas.hooks import SteeringError
-from lineas.pipelines import PIPELINE_CLASS_KEY, PipelineLoadError, PipelineModules, denoiser_name, pipeline_modules, \
-    split_site
+from lineas.pipelines import (
+    PIPELINE_CLASS_KEY,
+    PipelineLoadError,
+    PipelineModules,
+    denoiser_name,
+    pipeline_modules,
+    split_site,
+)
 
 log = logging.getLogger(__name__)
 

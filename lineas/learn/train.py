@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from bake.plan.foldable import METADATA_KEY, FoldableSites, SiteParts, check_standard, plan_foldable
 from lineas import __version__
 from lineas.collect import (
     TokenSet,
@@ -33,13 +34,12 @@ from lineas.collect import (
     run_to_sites,
     tokenize,
 )
-from bake.plan.foldable import METADATA_KEY, FoldableSites, SiteParts, check_standard, plan_foldable
+from lineas.learn.config import ConfigError, Foldable, Init, Method, Optimizer, Schedule, TrainConfig
 from lineas.learn.linear_act import fit_linear_act
-from lineas.maps import SiteMap, SteeringMaps
 from lineas.learn.ot import sparse_group_prox, w2, w2_to_sorted_target
+from lineas.maps import SiteMap, SteeringMaps
 from lineas.prompts import split_texts, texts_sha256
 from lineas.provenance import model_provenance
-from lineas.learn.config import ConfigError, Foldable, Init, Method, Optimizer, Schedule, TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,22 +21,27 @@ from pathlib import Path
 
 import torch
 
-from lineas.models import check_device, local_checkpoint
-from lineas.pipelines import (PIPELINE_CLASS_KEY, denoiser_name, is_pipeline_folder, load_pipeline,
-                             pipeline_modules, split_site)
-
-from bake.publish.card import PROVENANCE_FILE
+from bake.core.plan_types import FoldPlan
 from bake.errors import BakeError, FoldError, VerificationError
+from bake.families.diffusers.card import PipelineExportInfo, write_files
+from bake.families.diffusers.verify import PipelineReport, compare, record
 from bake.fold.execute import check_applicable, commit_plan, compute_folded
+from bake.plan.diffusers import NO_STANDARD_FALLBACK, plan_pipeline
 from bake.plan.history import ModelMismatchError, RebakeError
 from bake.plan.inputs import combined, normalise_maps
+from bake.publish.card import PROVENANCE_FILE
 from bake.publish.outdir import check_out_dir, move_into_place, sigterm_raises, temp_folder
-from bake.families.diffusers.card import PipelineExportInfo, write_files
-from bake.plan.diffusers import NO_STANDARD_FALLBACK, plan_pipeline
-from bake.families.diffusers.verify import PipelineReport, compare, record
-from bake.core.plan_types import FoldPlan
 from bake.store.shards import Entry, ShardWriter, file_tensors, raw_blocks
 from bake.store.stores import ModuleStore
+from lineas.models import check_device, local_checkpoint
+from lineas.pipelines import (
+    PIPELINE_CLASS_KEY,
+    denoiser_name,
+    is_pipeline_folder,
+    load_pipeline,
+    pipeline_modules,
+    split_site,
+)
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +259,8 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
                 report = PipelineReport(rows=(), steps=steps, seed=seed, skipped=True)
             onnx_report = None
             if onnx:  # exported from the written folder; ORT vs hooked, nothing kept on failure
-                from bake.formats.onnx import ONNX_SUBDIR
                 from bake.families.diffusers.onnx import export_pipeline_onnx
+                from bake.formats.onnx import ONNX_SUBDIR
 
                 onnx_report = export_pipeline_onnx(tmp, tmp / ONNX_SUBDIR, onnx_refs[1], base=onnx_refs[0])
             entry = {"effective_digest": plan.maps_digest, "sites": [p.site for p in plan.sites],

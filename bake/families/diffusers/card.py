@@ -7,11 +7,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lineas.io import atomic_write_text
-
-from bake.publish.card import CARD_FILE, CARD_TAGS, PROVENANCE_FILE, VERIFICATION_FILE, _base_link, _versions, write_json
-from bake.families.base import DIFFUSERS_PIPELINE
 from bake.core.plan_types import FoldPlan
+from bake.families.base import DIFFUSERS_PIPELINE
+from bake.publish.card import (
+    CARD_FILE,
+    CARD_TAGS,
+    PROVENANCE_FILE,
+    VERIFICATION_FILE,
+    _base_link,
+    _versions,
+    write_json,
+)
+from lineas.io import atomic_write_text
 
 
 @dataclass

@@ -38,6 +38,15 @@ from pathlib import Path
 
 import torch
 
+from bake.errors import VerificationError
+from bake.families.diffusers.verify import Row, make_row, max_abs, max_rel, rows_table
+from bake.formats.onnx import (
+    ONNX_REPORT_FILE,
+    OnnxExportError,
+    check_graph,
+    require_onnx_extra,
+)
+from bake.verify.tolerances import get_tolerance
 from lineas.hooks import attach_affine
 from lineas.pipelines import (
     denoiser_name,
@@ -45,16 +54,6 @@ from lineas.pipelines import (
     pipeline_class_name,
     pipeline_modules,
 )
-
-from bake.errors import VerificationError
-from bake.formats.onnx import (
-    ONNX_REPORT_FILE,
-    OnnxExportError,
-    check_graph,
-    require_onnx_extra,
-)
-from bake.families.diffusers.verify import Row, make_row, max_abs, max_rel, rows_table
-from bake.verify.tolerances import get_tolerance
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from lineas.hooks import attach_affine
-from lineas.pipelines import denoiser_name, pipeline_modules
-
 from bake.verify.report import format_table
 from bake.verify.tolerances import get_tolerance
+from lineas.hooks import attach_affine
+from lineas.pipelines import denoiser_name, pipeline_modules
 
 DENOISER_ROW, IMAGE_ROW = "pipeline-denoiser-float32", "pipeline-image-float32"
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse", "blurry, low quality"
