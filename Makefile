@@ -14,7 +14,7 @@ VENV_TF5  ?= .venv-tf5
 BIN_TF5   := $(VENV_TF5)/bin
 STAMP_TF5 := $(VENV_TF5)/.lineas-installed
 
-.PHONY: setup setup-gguf demo test test-slow test-gguf setup-tf5 test-tf5 test-slow-tf5 test-cross docs bench-tables clean
+.PHONY: setup setup-gguf demo test test-slow test-gguf setup-tf5 test-tf5 test-slow-tf5 test-cross lint docs bench-tables clean
 
 setup: $(STAMP)
 
@@ -73,10 +73,18 @@ test-cross: setup setup-tf5
 	LINEAS_PYTHON_TF4=$(abspath $(BIN))/python LINEAS_PYTHON_TF5=$(abspath $(BIN_TF5))/python \
 		$(BIN)/python -m pytest -q -m crossversion
 
-# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on broken links.
+# ruff, and import-linter's contracts (pyproject.toml): every package imports only the layers below it.
+lint: setup
+	$(BIN)/pip install -q -e '.[lint]'
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on broken links, and the
+# benchmark tables must match benchmarks/results/*.json.
 docs: setup
 	$(BIN)/pip install -q -e '.[docs]'
 	$(BIN)/mkdocs build --strict -d site
+	$(BIN)/python benchmarks/tables.py --check
 
 # Regenerate the tables of docs/benchmarks.md from benchmarks/results/*.json (runs no benchmark, no test).
 bench-tables:

@@ -14,13 +14,12 @@ extra, so it is imported on first use and left out of ``__all__``).
 """
 
 from bake.api import bake, bake_folder, plan_bake
-from bake.errors import BakeError, FoldError, VerificationError
+from bake.errors import BakeError, FoldError, OutputExistsError, VerificationError
 from bake.families.diffusers.bake import PipelineBake, bake_pipeline, plan_pipeline_bake
 from bake.formats.export import (
     EXPORTERS,
     ExportOptions,
     ExportResult,
-    OutputExistsError,
     export,
     register_exporter,
 )

@@ -33,3 +33,7 @@ class ExportWriteError(BakeError, ValueError):
 
 class VerificationError(BakeError):
     """The baked model does not reproduce the hooked model within tolerance."""
+
+
+class OutputExistsError(BakeError, ValueError):
+    """``out_dir`` exists and is not empty, and overwriting was not asked for."""

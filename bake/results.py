@@ -1,8 +1,8 @@
 """The result types of a bake: :class:`BaseModel` (where the model came from) and
 :class:`BakedModel` (the folded model plus how it got there).
 
-They live apart from :mod:`bake.api` so that the exporters (:mod:`bake.formats.export`,
-:mod:`bake.formats.onnx`) can name them without importing the API that calls them.
+:class:`BakedModel` is what :func:`bake.api.bake` returns; the exporters read it through the
+:class:`bake.formats.baked.Baked` protocol, so they do not import this module (it imports them).
 """
 
 from __future__ import annotations
@@ -13,35 +13,13 @@ from pathlib import Path
 
 from torch import nn
 
+from bake.formats.baked import BaseModel, StreamSource
+from bake.formats.export import export
 from bake.plan.inputs import MapsSource
 from bake.plan.planner import FoldPlan
-from bake.store.stores import FolderStore
 from bake.verify.check import Reference, VerificationReport
 from lineas.maps import SiteMap
 from lineas.models import display_name
-
-
-@dataclass(frozen=True)
-class BaseModel:
-    """Where the original model came from (for provenance and copying its tokenizer)."""
-
-    name: str  # what the user gave
-    path: str  # resolved directory or Hub id ("" for an in-memory module without one)
-    display: str  # Hub-style name for the model card
-    config_sha256: str  # of the original config, before any fold changed a flag
-
-
-@dataclass(frozen=True)
-class StreamSource:
-    """What the streaming exporter needs to write a baked folder from its source checkpoint."""
-
-    store: FolderStore  # the source shards, addressed by parameter name
-    device: str
-    max_memory: int | None  # bytes of weights in memory while verifying (None: bake.store.checkpoint's default)
-    trust_remote_code: bool
-    verify: bool = True  # record the hooked reference and verify the written export
-    verify_tokens: int = 8
-    progress: bool | None = False
 
 
 @dataclass
@@ -76,10 +54,6 @@ class BakedModel:
                         formats: str | Sequence[str] = "hf", overwrite: bool = False, command: str = "",
                         publish=None, progress: bool = False) -> Path:
         """Write the export folder (atomically) and return its path; see :func:`bake.formats.export.export`."""
-        from bake.formats.export import (
-            export,  # the exporter imports this module, not the other way round
-        )
-
         out = Path(out_dir) if out_dir is not None else Path(default_out_dir(self.base.display))
         return export(self, out, formats=formats, dtype=dtype, overwrite=overwrite, command=command,
                       publish=publish, progress=progress)

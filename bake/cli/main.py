@@ -5,31 +5,31 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
+from bake.cli.options import (
+    DEFAULT_VERIFY_STEPS,
+    DEFAULT_VERIFY_TOKENS,
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_VERIFY,
+    PIPELINE_ONLY_OPTIONS,
+    PROG,
+    fail_cli,
+    given_options,
+)
 from bake.errors import BakeError, FoldError, VerificationError
 from bake.formats.export import EXPORT_DTYPES, known_formats, parse_formats
+from bake.formats.kinds import GGUF_FORMATS, check_request, export_bytes
 from bake.plan.inputs import MAX_PLAIN_STRENGTH, check_strength_magnitude, parse_maps_arg
 from bake.publish.card import command_line
-from bake.publish.outdir import Terminated, check_out_dir, export_bytes
+from bake.publish.outdir import Terminated, check_out_dir
 from bake.store.checkpoint import parse_memory, safetensors_folder
 from lineas.hooks import SteeringError
-from lineas.io import ExitCode, fail
 from lineas.maps import MapsFormatError
 from lineas.models import ALIASES, ModelLoadError, checkpoint_numel, local_checkpoint, resolve_model
-
-EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFY = ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.VERIFY
-EXIT_TERMINATED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
-PROG = "lineas-bake"
-DEFAULT_VERIFY_TOKENS, DEFAULT_VERIFY_STEPS = 8, 2
-# Options of one model family only, as (flag, argparse dest).  Their parser defaults are None (or False), so
-# that an option the command line sets is refused for the other family even at its default value; the
-# defaults are applied where the family's path reads them.
-LLM_ONLY_OPTIONS = (("--max-memory", "max_memory"), ("--untie-embeddings", "untie_embeddings"),
-                    ("--verify-tokens", "verify_tokens"))
-PIPELINE_ONLY_OPTIONS = (("--verify-steps", "verify_steps"),)
 
 DESCRIPTION = """\
 Bake steering maps into a model: fold each map y -> s*y + t into the weights
@@ -139,15 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str, code: int) -> int:
-    return fail(PROG, msg, code)
-
-
-def given_options(args, options: Sequence[tuple[str, str]]) -> list[str]:
-    """The flags of ``options`` (``(flag, dest)`` pairs) that the command line set."""
-    return [flag for flag, dest in options if getattr(args, dest) not in (None, False)]
-
-
 def _maps_arg(args) -> list[tuple[str, float]]:
     from lineas.maps import check_strength
 
@@ -166,7 +157,7 @@ def required_runtimes(names: Sequence[str], formats: Sequence[str]) -> tuple:
         wanted = [parse_runtime(n) for n in names]
     except ValueError as e:
         raise BadRuntimeError(str(e)) from None
-    if any(f.startswith("gguf") for f in formats):
+    if any(f in GGUF_FORMATS for f in formats):
         wanted.append(Runtime.LLAMA_CPP)
     return tuple(dict.fromkeys(wanted))
 
@@ -202,9 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format=f"{PROG}: %(levelname)s: %(message)s")
     for flag, value in (("--verify-tokens", args.verify_tokens), ("--verify-steps", args.verify_steps)):
         if value is not None and value < 1:
-            return _fail(f"{flag} must be >= 1, got {value}", EXIT_BAD_INPUT)
+            return fail_cli(f"{flag} must be >= 1, got {value}", EXIT_BAD_INPUT)
     if not args.push_to_hub and (args.private or args.revision or args.commit_message):
-        return _fail("--private, --revision and --commit-message only apply with --push-to-hub", EXIT_BAD_INPUT)
+        return fail_cli("--private, --revision and --commit-message only apply with --push-to-hub", EXIT_BAD_INPUT)
     cmd = command_line([PROG, *(sys.argv[1:] if argv is None else argv)])
     try:
         return _run(args, cmd)
@@ -214,15 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report.to_table(), file=sys.stderr)
             print("\nper-module divergence on probe " + report.diag_probe + ":", file=sys.stderr)
             print(report.site_table(), file=sys.stderr)
-        return _fail(f"verification failed, nothing written: {e}", EXIT_VERIFY)
+        return fail_cli(f"verification failed, nothing written: {e}", EXIT_VERIFY)
     except ModelLoadError as e:
-        return _fail(" ".join(str(e).split()), EXIT_BAD_INPUT)  # transformers' messages span lines
+        return fail_cli(" ".join(str(e).split()), EXIT_BAD_INPUT)  # transformers' messages span lines
     except (MapsFormatError, FoldError, SteeringError) as e:
-        return _fail(str(e), EXIT_BAD_INPUT)
+        return fail_cli(str(e), EXIT_BAD_INPUT)
     except BakeError as e:
-        return _fail(str(e), EXIT_BAD_INPUT if isinstance(e, ValueError) else 1)
+        return fail_cli(str(e), EXIT_BAD_INPUT if isinstance(e, ValueError) else 1)
     except Terminated:
-        return _fail("terminated by SIGTERM; the unfinished export was removed", EXIT_TERMINATED)
+        return fail_cli("terminated by SIGTERM; the unfinished export was removed", EXIT_TERMINATED)
 
 
 def _run(args, cmd: str) -> int:
@@ -231,10 +222,7 @@ def _run(args, cmd: str) -> int:
 
     maps = _maps_arg(args)
     formats = parse_formats(args.format)
-    if any(f.startswith("gguf") for f in formats):
-        from bake.formats.gguf import check_request
-
-        check_request(formats, args.dtype)  # GGUF converts the float32 HF export: say so before any work
+    check_request(formats, args.dtype)  # e.g. GGUF converts the float32 HF export: say so before any work
     progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal
     if args.push_to_hub:
         from bake.publish.hub import check_online, check_repo_id
@@ -250,12 +238,12 @@ def _run(args, cmd: str) -> int:
     # A Hub id is fetched (a dry run plans from its config: no weight shards).
     model = local_checkpoint(args.model, trust_remote_code=args.trust_remote_code, shards=not args.dry_run)
     if detect(model) is DIFFUSERS_PIPELINE:  # a model_index.json folder: the pipeline family
-        from bake.families.diffusers.bake import pipeline_cli
+        from bake.cli.pipeline import pipeline_cli
 
         return pipeline_cli(args, maps, cmd, formats)
     pipeline_only = given_options(args, PIPELINE_ONLY_OPTIONS)
     if pipeline_only:  # said, not silently ignored
-        return _fail(f"{', '.join(pipeline_only)}: diffusers-pipeline option(s), but {args.model!r} is not a pipeline "
+        return fail_cli(f"{', '.join(pipeline_only)}: diffusers-pipeline option(s), but {args.model!r} is not a pipeline "
                      "folder (no model_index.json): it bakes as a causal LM, verified on --verify-tokens greedy "
                      f"tokens (default {DEFAULT_VERIFY_TOKENS})", EXIT_BAD_INPUT)
     max_memory = None if args.max_memory in (None, "auto") else parse_memory(args.max_memory)

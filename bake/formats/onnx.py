@@ -40,26 +40,18 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from bake.errors import BakeError
-from bake.formats.export import (
-    ExportOptions,
-    ExportResult,
-    copy_base_files,
-    export_info,
-    onnx_stack_conflict,
-    register_exporter,
-)
-from bake.formats.hf_stream import ensure_reference
+from bake.formats.baked import Baked
+from bake.formats.base import ExportOptions, ExportResult, register_exporter
+from bake.formats.export import export_info
+from bake.formats.hf import copy_base_files
 from bake.formats.shard_writer import materialised
+from bake.plan.runtimes import onnx_stack_conflict
 from bake.publish.card import write_json, write_provenance, write_verification
 from bake.verify.check import CheckResult, Reference, Runner, bar_disabled, compare, first_divergence
-
-if TYPE_CHECKING:
-    from bake.results import BakedModel
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +300,7 @@ def check_ort(folder: Path, reference: Reference, *, provider: str | None = None
 
 
 # ----------------------------------------------------------------------------- the exporter
-def _onnx_card(baked: BakedModel, report, art: OnnxArtifact, provider: str, fix: dict | None = None) -> str:
+def _onnx_card(baked: Baked, report, art: OnnxArtifact, provider: str, fix: dict | None = None) -> str:
     strengths = ", ".join(f"{m.strength:g}" for m in baked.maps)
     external = (f" The weights are in the external-data file `{ONNX_FILE}_data`, which must stay next to "
                 f"`{ONNX_FILE}`." if art.external_data else "")
@@ -372,13 +364,12 @@ model.num_key_value_heads, model.embed_size_per_head = {h1}, {d1}
 """)
 
 
-def export_onnx(baked: BakedModel, folder: Path, opts: ExportOptions, *,
+def export_onnx(baked: Baked, folder: Path, opts: ExportOptions, *,
                 external_data_threshold: int | None = None, provider: str | None = None) -> ExportResult:
     """The ``onnx`` exporter: writes ``folder/onnx`` and returns its gating check."""
     from tqdm.auto import tqdm
 
     require_onnx_extra()
-    ensure_reference(baked)
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     out = Path(folder) / ONNX_SUBDIR
     if opts.dtype != "float32":

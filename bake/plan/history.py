@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bake.errors import BakeError
-from bake.publish.card import PROVENANCE_FILE
 from lineas.provenance import config_fingerprint
+
+PROVENANCE_FILE = "lineas_provenance.json"  # beside the export; records every bake, read back here
 
 log = logging.getLogger(__name__)
 

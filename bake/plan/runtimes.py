@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from bake.registry.llm import ArchEntry, Runtime, load_registry
+from lineas import config_compat
 
 
 class Serves(str, Enum):
@@ -81,10 +82,25 @@ def _switched_flags(config_changes, entry: ArchEntry | None) -> list[str]:
     return [c.key for c in config_changes if c.key in flags and c.new is True]
 
 
-def _onnx_environment_note() -> str:
-    """Where --format onnx runs: optimum-onnx 0.1.0 needs transformers < 4.58 (bake.formats.export.onnx_stack_conflict)."""
-    from bake.formats.export import onnx_stack_conflict
+ONNX_TRANSFORMERS_MAX = "4.58"  # optimum-onnx 0.1.0 (the newest) requires transformers < 4.58
 
+
+def onnx_stack_conflict() -> str | None:
+    """Why the ONNX exporter cannot run next to the installed transformers, or None.
+
+    optimum-onnx pins transformers < 4.58; installing the ``onnx`` extra into a transformers 5
+    environment would make pip downgrade transformers (and huggingface_hub below 1.0).  So the
+    conflict is named here, at use time, and the fix is a separate environment, not that install."""
+    if config_compat.transformers_major() < 5:
+        return None
+    return (f"ONNX export needs optimum-onnx 0.1.0, which requires transformers < {ONNX_TRANSFORMERS_MAX}, but this "
+            f"environment has transformers {config_compat.transformers_version()}. Installing the onnx extra here would "
+            "downgrade transformers and huggingface_hub. Use --format hf in this environment; for ONNX, bake in a "
+            "separate one: python -m venv onnx-env && onnx-env/bin/pip install 'lineas-bake[onnx]'")
+
+
+def _onnx_environment_note() -> str:
+    """Where --format onnx runs: optimum-onnx 0.1.0 needs transformers < 4.58 (:func:`onnx_stack_conflict`)."""
     return " (in a transformers < 4.58 environment with the onnx extra, not this one)" if onnx_stack_conflict() else ""
 
 
@@ -133,16 +149,6 @@ def runtime_matrix(*, model_type: str | None, registry: str | None, affine_sites
                 out.append(RuntimeVerdict(runtime, Serves.YES, _evidence(runtime),
                                           f"its {fact.architecture}{served}", fact.source))
     return tuple(out)
-
-
-def matrix_table(verdicts) -> str:
-    """Plain-text rows for ``--dry-run`` (sources are in the card and the provenance)."""
-    rows = [("runtime", "loads without custom code", "evidence", "why")]
-    rows += [(v.runtime.value, v.serves.value, v.evidence.value, v.reason) for v in verdicts]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 3)
-    return "\n".join(lines)
 
 
 def matrix_markdown(verdicts: list[dict]) -> str:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bake.plan.history import PROVENANCE_FILE
 from lineas.io import atomic_write_text
 
-PROVENANCE_FILE = "lineas_provenance.json"
 VERIFICATION_FILE = "lineas_verification.json"
 CARD_FILE = "README.md"
 CARD_TAGS = ("activation-steering", "lineas", "steered")

@@ -3,7 +3,7 @@
 * :func:`check_out_dir` runs before the model is loaded: the folder must not be
   the working directory (or contain it, or contain the model being baked), its
   nearest existing ancestor must be a writable directory, and that file system
-  must have room for the estimated export (:func:`export_bytes`).
+  must have room for the estimated export (:func:`bake.formats.kinds.export_bytes`).
 * :func:`temp_folder` creates ``lineas_tmp_<pid>_<random>`` next to the output,
   with an owner marker; SIGTERM during the export becomes :class:`Terminated`, so
   the ``except`` that removes the temporary folder runs.  SIGKILL cannot be
@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from bake.errors import BakeError
+from bake.errors import BakeError, OutputExistsError
 from lineas.io import human_size, writable_anchor
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ OWNER_FILE = ".lineas_owner.json"
 # Temp folder names become Python module names when transformers imports remote code from them:
 # letters, digits and underscores only (mkdtemp's random part uses the same alphabet).
 _OWNED = re.compile(rf"^(?:{TMP_PREFIX}|{OLD_PREFIX})(\d+)_\w+$")
-_SPACE_MARGIN = 1.05  # safetensors headers, config, card, tokenizer: a few percent at most
 
 
 class OutputPathError(BakeError, ValueError):
@@ -52,22 +51,10 @@ class Terminated(BaseException):
     """SIGTERM arrived during an export (a BaseException, so no ``except Exception`` swallows it)."""
 
 
-def export_bytes(n_params: int, dtype_bytes: int, formats=("hf",)) -> int:
-    """Estimated size of an export: every parameter once in the export dtype (ONNX adds an fp32 copy, each
-    GGUF file one in its type: f32 4 bytes, f16/bf16 2, q8_0 34 bytes per block of 32)."""
-    total = n_params * dtype_bytes
-    if "onnx" in formats:
-        total += n_params * 4
-    gguf_bytes = {"gguf": 4.0, "gguf-f16": 2.0, "gguf-bf16": 2.0, "gguf-q8_0": 34 / 32}
-    total += sum(n_params * b for f, b in gguf_bytes.items() if f in formats)
-    return int(total * _SPACE_MARGIN)
-
-
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, *, model_dir: str | os.PathLike | None = None,
                   needed_bytes: int | None = None) -> Path:
     """Validate ``out_dir`` before any work; returns it as a Path. Raises :class:`OutputPathError` /
-    :class:`bake.formats.export.OutputExistsError` naming the folder and the reason."""
-    from bake.formats.export import OutputExistsError
+    :class:`bake.errors.OutputExistsError` naming the folder and the reason."""
 
     out = Path(out_dir).expanduser()
     full = out.resolve()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ from bake.verify.passes import (  # noqa: F401 (re-exported)
     torch_runner,
 )
 from bake.verify.probes import Probe, build_greedy_prompts, build_probes, model_vocab_size
+from bake.verify.reference import Reference  # noqa: F401 (re-exported)
 from bake.verify.report import (  # noqa: F401  (re-exported: callers import the report types from here)
     METRIC_DEFINITIONS,
     CheckResult,
@@ -108,19 +108,6 @@ def record_outputs(model: nn.Module, names: Sequence[str], rows: RowSlice | None
 
 
 # ----------------------------------------------------------------------------- reference
-@dataclass
-class Reference:
-    probes: list[Probe]
-    logits: list[torch.Tensor]  # per probe, [B, L, V] fp32 cpu
-    greedy_prompts: torch.Tensor  # [P, L]
-    greedy: list[list[int]]
-    n_tokens: int
-    watch: list[str]
-    activations: dict[str, torch.Tensor]  # diagnostic probe, execution order
-    diag_probe: str
-    noise_floor: NoiseFloor | None = None  # see bake.verify.noise_floor; None: not measured
-
-
 class NonFiniteReferenceError(FoldError):
     """The hooked model itself produces inf/NaN: the maps are bad input, there is nothing to bake."""
 

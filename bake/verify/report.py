@@ -15,7 +15,7 @@ from bake.verify.noise_floor import NoiseFloor
 from bake.verify.tolerances import Tolerance
 
 if TYPE_CHECKING:
-    from bake.verify.check import Reference
+    from bake.verify.reference import Reference
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from bake.errors import BakeError, FoldError, VerificationError
 from bake.families.diffusers.card import PipelineExportInfo, write_files
 from bake.families.diffusers.verify import PipelineReport, compare, record
 from bake.fold.execute import check_applicable, commit_plan, compute_folded
-from bake.plan.diffusers import NO_STANDARD_FALLBACK, plan_pipeline
+from bake.plan.diffusers import plan_pipeline
 from bake.plan.history import ModelMismatchError, RebakeError
 from bake.plan.inputs import combined, normalise_maps
 from bake.publish.card import PROVENANCE_FILE
@@ -277,54 +277,3 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
             raise
     return PipelineBake(folder=out, plan=plan, report=report, components_baked=baked, components_copied=copied,
                         onnx_report=onnx_report)
-
-
-def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[str, ...]) -> int:
-    """``lineas-bake --model <pipeline folder>``: the CLI's pipeline branch (bake.cli.main dispatches here, with
-    ``--format`` already parsed by :func:`bake.formats.export.parse_formats`)."""
-    from bake.cli.main import DEFAULT_VERIFY_STEPS, EXIT_BAD_INPUT, EXIT_OK, LLM_ONLY_OPTIONS, _fail, given_options
-    from bake.results import default_out_dir
-
-    if args.require_runtime:  # the runtime matrix answers for causal-LM runtimes, none of which runs a pipeline
-        return _fail(f"--require-runtime {' '.join(args.require_runtime)}: the runtime matrix covers causal LMs; a "
-                     "baked pipeline loads in plain diffusers (no custom code, always) and, with --format hf,onnx, "
-                     "in ONNX Runtime", EXIT_BAD_INPUT)
-    llm_only = given_options(args, LLM_ONLY_OPTIONS)
-    if llm_only:  # said, not silently ignored: a pipeline is loaded whole (no out-of-core engine here)
-        return _fail(f"{', '.join(llm_only)}: causal-LM option(s); a diffusers pipeline is loaded whole in float32 "
-                     "(no --max-memory bound), has no embeddings to untie and verifies --verify-steps denoising "
-                     "steps, not tokens", EXIT_BAD_INPUT)
-    if "hf" not in formats or set(formats) - {"hf", "onnx"} or args.dtype != "float32":
-        return _fail(f"a diffusers pipeline exports --format hf or hf,onnx with --dtype float32 here (got --format "
-                     f"{args.format} --dtype {args.dtype})", EXIT_BAD_INPUT)
-    out = args.out or default_out_dir(args.model)
-    if args.dry_run:
-        plan = plan_pipeline_bake(args.model, maps, trust_remote_code=args.trust_remote_code,
-                                  ignore_model_mismatch=args.ignore_model_mismatch)
-        print(plan.to_table())
-        if plan.affine_sites:
-            return _fail(f"{len(plan.affine_sites)} site(s) need an affine module; {NO_STANDARD_FALLBACK}",
-                         EXIT_BAD_INPUT)
-        if args.push_to_hub:
-            from bake.cli.push import describe_push_after_export
-
-            print(describe_push_after_export(out, args))
-        return EXIT_OK
-    result = bake_pipeline(args.model, maps, out=out, overwrite=args.overwrite, verify=not args.no_verify,
-                           steps=DEFAULT_VERIFY_STEPS if args.verify_steps is None else args.verify_steps,
-                           trust_remote_code=args.trust_remote_code,
-                           allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch,
-                           command=cmd, device=args.device, formats=formats)
-    print(result.plan.to_table())
-    print()
-    print(result.report.to_table())
-    if result.onnx_report is not None:
-        print(f"\nONNX ({result.onnx_report.ort_class}, {result.onnx_report.provider}):")
-        print(result.onnx_report.to_table())
-    print(f"\nwrote {result.folder}")
-    if args.push_to_hub:
-        from bake.cli.push import run_push
-
-        return run_push(result.folder, args.push_to_hub, revision=args.revision, private=args.private,
-                        commit_message=args.commit_message)
-    return EXIT_OK
