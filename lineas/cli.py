@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--schedule", choices=[c.value for c in Schedule], default=d.schedule.value,
                     help="learning-rate schedule; cosine anneals to 0 over --steps (default: %(default)s)")
     tr.add_argument("--batch-size", type=int, default=d.batch_size,
-                    help="source prompts per LinEAS step, and batch size for activation collection (default: %(default)s)")
+                    help="source prompts per LinEAS step, and batch size for activation collection "
+                         "(default: %(default)s)")
     tr.add_argument("--max-length", type=int, default=d.max_length,
                     help="truncate prompts to this many tokens (default: %(default)s)")
     tr.add_argument("--sparsity-l1", type=float, default=d.sparsity_l1, metavar="X",
@@ -115,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--foldable", nargs="?", const=Foldable.ON.value, choices=[f.value for f in Foldable],
                     default=d.foldable.value, metavar="{auto,on,off}",
                     help="train only what lineas-bake can fold into standard weights: the bake planner (same "
-                         "registry, bake/registry/archs) says, per site, whether its scale and its shift fold; a part that "
-                         "would need an affine module stays at scale 1 / shift 0 (also for Linear-AcT and --init "
+                         "registry, bake/registry/archs) says, per site, whether its scale and its shift fold; a part "
+                         "that would need an affine module stays at scale 1 / shift 0 (also for Linear-AcT and --init "
                          "linear-act), a site where nothing folds is left out, and the maps then bake with "
                          "lineas-bake --require-standard. 'auto' (default): on when a registry entry describes the "
                          "model; '--foldable' alone: on; 'off': train every part (the bake may need affine modules "
@@ -195,14 +196,20 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
 
 
 def train_config(args):
-    """The ``TrainConfig`` of parsed arguments; its own checks are the only ones (a ``ConfigError``)."""
+    """The ``TrainConfig`` of parsed arguments; a ``ConfigError`` when out of range (its own checks), or for a
+    ``--require-runtime`` the bake does not know (:func:`bake.plan.foldable.runtime_names`, which also spells
+    the names as the bake does: ``llamacpp`` -> ``llama.cpp``)."""
+    from dataclasses import replace
+
+    from bake.plan.foldable import runtime_names
     from lineas.learn.config import TrainConfig
 
-    return TrainConfig(method=args.method, init=args.init, steps=args.steps, optimizer=args.optimizer, lr=args.lr,
-                       betas=tuple(args.betas), schedule=args.schedule, batch_size=args.batch_size,
-                       max_length=args.max_length, sparsity_l1=args.sparsity_l1, sparsity_group=args.sparsity_group,
-                       seed=args.seed, holdout=args.holdout, foldable=args.foldable,
-                       runtimes=tuple(args.require_runtime))
+    config = TrainConfig(method=args.method, init=args.init, steps=args.steps, optimizer=args.optimizer, lr=args.lr,
+                         betas=tuple(args.betas), schedule=args.schedule, batch_size=args.batch_size,
+                         max_length=args.max_length, sparsity_l1=args.sparsity_l1,
+                         sparsity_group=args.sparsity_group, seed=args.seed, holdout=args.holdout,
+                         foldable=args.foldable)
+    return replace(config, runtimes=runtime_names(args.require_runtime))  # checked again, with the runtimes
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
@@ -223,6 +230,7 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
 
 
 def _train(args) -> int:
+    from bake.plan.foldable import FOLD_PLANNER
     from lineas.collect import SiteMatchError, match_sites
     from lineas.hooks import SteeringError
     from lineas.learn.config import ConfigError
@@ -271,7 +279,7 @@ def _train(args) -> int:
         result = learn_maps(
             loaded.model, loaded.tokenizer, source.texts, target.texts, sites, config, progress=not args.quiet,
             base_model=display_name(args.model), source_desc=source.description, target_desc=target.description,
-            source_sha256=source.sha256, target_sha256=target.sha256)
+            source_sha256=source.sha256, target_sha256=target.sha256, planner=FOLD_PLANNER)
     except (SteeringError, ValueError) as e:
         return _fail(str(e))
     except FloatingPointError as e:
@@ -283,6 +291,7 @@ def _train_pipeline(args, config, source, target) -> int:
     """``--model`` is a diffusers pipeline folder: learn at its denoiser's sites (lineas.learn.pipeline_collect)."""
     import torch
 
+    from bake.plan.foldable import FOLD_PLANNER
     from lineas.collect import SiteMatchError
     from lineas.hooks import SteeringError
     from lineas.learn.pipeline_collect import DenoiseSchedule, learn_pipeline_maps
@@ -307,7 +316,7 @@ def _train_pipeline(args, config, source, target) -> int:
         result = learn_pipeline_maps(
             pipe, source.texts, target.texts, args.sites, config, schedule=schedule, progress=not args.quiet,
             base_model=display_name(args.model), source_desc=source.description, target_desc=target.description,
-            source_sha256=source.sha256, target_sha256=target.sha256)
+            source_sha256=source.sha256, target_sha256=target.sha256, planner=FOLD_PLANNER)
     except (PipelineLoadError, SiteMatchError, SteeringError, ValueError) as e:
         return _fail(str(e))
     except FloatingPointError as e:

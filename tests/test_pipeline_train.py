@@ -182,6 +182,7 @@ def test_foldable_freezes_what_the_pipeline_planner_cannot_fold(tiny_pipeline_fo
     for pipelines: a per-head RMSNorm's shift has no bias to go into, so it stays at exactly 0 while its
     scale and the AdaLN norm's map are trained; the maps then plan with require_standard."""
     from bake.plan.diffusers import plan_pipeline
+    from bake.plan.foldable import FOLD_PLANNER
     from lineas.learn.config import TrainConfig
     from lineas.learn.pipeline_collect import learn_pipeline_maps
 
@@ -189,7 +190,8 @@ def test_foldable_freezes_what_the_pipeline_planner_cannot_fold(tiny_pipeline_fo
     qnorm, adaln = "transformer.transformer_blocks.0.attn.norm_q", "transformer.transformer_blocks.0.norm1"
     src, tgt = list(load_prompts("photo").texts[:3]), list(load_prompts("anime").texts[:3])
     result = learn_pipeline_maps(pipe, src, tgt, [qnorm, adaln], TrainConfig(steps=5, lr=0.02),
-                                 schedule=DenoiseSchedule(steps=1, height=32, width=32), progress=False)
+                                 schedule=DenoiseSchedule(steps=1, height=32, width=32), progress=False,
+                                 planner=FOLD_PLANNER)  # as lineas-train plans
     maps = result.maps
     assert torch.equal(maps[qnorm].shift, torch.zeros_like(maps[qnorm].shift))
     assert not torch.equal(maps[qnorm].scale, torch.ones_like(maps[qnorm].scale))  # the foldable part moved

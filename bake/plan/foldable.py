@@ -23,105 +23,20 @@ as well, and the trained maps are planned with that requirement before they are 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from lineas.learn.config import Foldable
+from lineas.learn.config import ConfigError, Foldable
+from lineas.learn.parts import METADATA_KEY, FoldableSites, SiteParts
 from lineas.maps import SiteMap, SteeringMaps
 
+__all__ = ["FOLD_PLANNER", "METADATA_KEY", "BakeFoldPlanner", "FoldableSites", "SiteParts", "check_standard",
+           "plan_foldable", "runtime_names"]
+
 PROBE_SCALE, PROBE_SHIFT = 1.5, 0.5  # any non-identity values: the planner looks only at identity-ness
-METADATA_KEY = "foldable"             # lineas-maps v1 metadata key (JSON, see FoldableSites.to_metadata)
-
-
-@dataclass(frozen=True)
-class SiteParts:
-    """Which parts of one site's map are trained (``True``) or frozen at the identity, and why."""
-
-    site: str
-    scale: bool
-    shift: bool
-    scale_reason: str = ""   # the planner's reason when the scale is frozen
-    shift_reason: str = ""   # the planner's reason when the shift is frozen
-
-    @property
-    def excluded(self) -> bool:
-        return not (self.scale or self.shift)
-
-    def project(self, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, shift)`` with the frozen parts put back at exactly 1 / 0."""
-        return (scale if self.scale else torch.ones_like(scale), shift if self.shift else torch.zeros_like(shift))
-
-
-@dataclass(frozen=True)
-class FoldableSites:
-    """The outcome of :func:`plan_foldable` for a list of sites (in training order)."""
-
-    mode: Foldable
-    applied: bool                          # False: every part is trained (mode off, or auto without a registry entry)
-    registry: str | None                   # the registry entry the planner used, None when none describes the model
-    sites: tuple[SiteParts, ...]
-    config_changes: tuple[str, ...] = ()   # config flags the bake will switch on for the trained shifts
-    note: str = ""                         # why it was not applied
-    runtimes: tuple[str, ...] = ()         # runtimes (bake.registry.llm.Runtime values) the maps fold for
-
-    def __getitem__(self, site: str) -> SiteParts:
-        for p in self.sites:
-            if p.site == site:
-                return p
-        raise KeyError(site)
-
-    @property
-    def trained(self) -> list[str]:
-        return [p.site for p in self.sites if not p.excluded]
-
-    @property
-    def excluded(self) -> tuple[SiteParts, ...]:
-        return tuple(p for p in self.sites if p.excluded)
-
-    @property
-    def partly_frozen(self) -> tuple[SiteParts, ...]:
-        return tuple(p for p in self.sites if not p.excluded and not (p.scale and p.shift))
-
-    def parts(self) -> dict[str, SiteParts] | None:
-        """Site -> parts for the trainers, or None when nothing is frozen by this check."""
-        return {p.site: p for p in self.sites if not p.excluded} if self.applied else None
-
-    def summary(self) -> str:
-        if not self.applied:
-            return f"foldable ({self.mode.value}): not applied, every scale and shift is trained: {self.note}"
-        n_scale = sum(not p.scale for p in self.partly_frozen)
-        n_shift = sum(not p.shift for p in self.partly_frozen)
-        planned = f"registry {self.registry!r}" if self.registry else "module types"
-        planned += f", for {', '.join(self.runtimes)}" if self.runtimes else ""
-        head = (f"foldable ({self.mode.value}, planned with {planned}): {len(self.trained)} site(s) trained, "
-                f"{n_shift} shift(s) frozen at 0, {n_scale} scale(s) frozen at 1, "
-                f"{len(self.excluded)} site(s) left out")
-        lines = [head]
-        for p in self.partly_frozen:
-            part, why = ("shift", p.shift_reason) if not p.shift else ("scale", p.scale_reason)
-            lines.append(f"  {p.site}: {part} frozen ({why})")
-        lines += [f"  {p.site}: left out, nothing folds ({p.scale_reason})" for p in self.excluded]
-        if self.config_changes:
-            lines.append("  the bake will switch on: " + ", ".join(self.config_changes))
-        return "\n".join(lines)
-
-    def to_metadata(self) -> str:
-        """JSON for the maps file's ``foldable`` metadata key (lineas-maps v1 metadata is free-form)."""
-        frozen = {p.site: {part: why for part, on, why in (("scale", p.scale, p.scale_reason),
-                                                           ("shift", p.shift, p.shift_reason)) if not on}
-                  for p in self.partly_frozen}
-        return json.dumps({
-            "mode": self.mode.value, "applied": self.applied, "registry": self.registry,
-            "frozen": frozen, "excluded": {p.site: p.scale_reason for p in self.excluded},
-            "config_changes": list(self.config_changes), "note": self.note, "runtimes": list(self.runtimes),
-        }, sort_keys=True)
-
-    def to_dict(self) -> dict:
-        return {**json.loads(self.to_metadata()), "sites": [asdict(p) for p in self.sites]}
 
 
 def _planner(model: nn.Module):
@@ -156,28 +71,27 @@ def plan_foldable(model: nn.Module, dims: Mapping[str, int], mode: Foldable | st
                   runtimes=()) -> FoldableSites:
     """Which parts of maps at ``dims`` (site -> map length, in training order) fold into ``model``'s
     standard weights, as ``lineas-bake`` (no ``--untie-embeddings``) would plan them; with ``runtimes``
-    (:class:`bake.registry.llm.Runtime` values), into weights each of those runtimes serves.
+    (:class:`bake.registry.llm.Runtime` values or names :func:`bake.plan.runtimes.parse_runtime` reads),
+    into weights each of those runtimes serves.
 
     Raises :class:`bake.errors.FoldError` (a ``ValueError``) for sites the baker refuses outright, and when
     the maps that are left still cannot be served by ``runtimes`` (a runtime with no fact for the model)."""
-    from bake.plan.runtimes import check_required
-    from bake.registry.llm import Runtime
+    from bake.plan.runtimes import check_required, parse_runtime
     from lineas.pipelines import PipelineModules
 
     mode = Foldable(mode)
-    runtimes = tuple(Runtime(r) for r in runtimes)
+    runtimes = tuple(dict.fromkeys(parse_runtime(r) for r in runtimes))
     if runtimes and isinstance(model, PipelineModules):  # as lineas-bake refuses it for a pipeline
         raise ValueError(f"--require-runtime {' '.join(r.value for r in runtimes)}: the runtime matrix covers causal "
                          "LMs; none of its runtimes runs a diffusers pipeline")
     sites = list(dims)
-    everything = tuple(SiteParts(site=s, scale=True, shift=True) for s in sites)
     if mode is Foldable.OFF:  # with runtimes: refused by TrainConfig, before the model is loaded
-        return FoldableSites(mode=mode, applied=False, registry=None, sites=everything, note="--foldable off")
+        return FoldableSites.not_applied(mode, sites, "--foldable off")
     scale_plan = _probe(model, dims, {s: (True, False) for s in sites})
     if mode is Foldable.AUTO and scale_plan.registry is None and not runtimes:
         why = (f"no registry entry (bake/registry/archs) describes {type(model).__name__}, so the planner would freeze "
                "shifts only for want of knowing which linears read them; --foldable on freezes them anyway")
-        return FoldableSites(mode=mode, applied=False, registry=None, sites=everything, note=why)
+        return FoldableSites.not_applied(mode, sites, why)
     shift_plan = _probe(model, dims, {s: (False, True) for s in sites})
     parts = {}
     for s in sites:
@@ -212,7 +126,43 @@ def check_standard(model: nn.Module, maps: SteeringMaps, runtimes=()) -> None:
     """Plan ``maps`` exactly as ``lineas-bake --require-standard [--require-runtime R ...]`` does; raises
     ``FoldError`` if any site would need an affine module or a runtime in ``runtimes`` could not serve the
     export (the guarantee, checked on the trained maps themselves)."""
-    from bake.plan.runtimes import check_required
+    from bake.plan.runtimes import check_required, parse_runtime
+
+    check_required(_planner(model)(model, maps.maps, require_standard=True), [parse_runtime(r) for r in runtimes])
+
+
+def runtime_names(names: str | Sequence[str]) -> tuple[str, ...]:
+    """``--require-runtime`` values as the bake spells them (:func:`bake.plan.runtimes.parse_runtime`:
+    ``llamacpp`` -> ``llama.cpp``), without repeats; a :class:`lineas.learn.config.ConfigError` for the
+    field ``require_runtime`` naming a value that is not a runtime (``lineas-train`` prints it as its flag)."""
+    from bake.plan.runtimes import parse_runtime
     from bake.registry.llm import Runtime
 
-    check_required(_planner(model)(model, maps.maps, require_standard=True), [Runtime(r) for r in runtimes])
+    if isinstance(names, str):
+        names = (names,)
+    out = []
+    for n in names or ():
+        try:
+            out.append(parse_runtime(n).value)
+        except ValueError:
+            raise ConfigError("require_runtime", f"got {n!r}, not a runtime: choose from "
+                                                 f"{', '.join(r.value for r in Runtime)}") from None
+    return tuple(dict.fromkeys(out))
+
+
+class BakeFoldPlanner:
+    """:class:`lineas.learn.parts.FoldPlanner` with the bake planner: what ``lineas-train`` passes to
+    :func:`lineas.learn.train.learn_maps` (``planner=FOLD_PLANNER``)."""
+
+    def plan(self, model: nn.Module, dims: Mapping[str, int], mode: Foldable | str,
+             runtimes: Sequence[str] = ()) -> FoldableSites:
+        return plan_foldable(model, dims, mode, runtimes)
+
+    def check_standard(self, model: nn.Module, maps: SteeringMaps, runtimes: Sequence[str] = ()) -> None:
+        check_standard(model, maps, runtimes)
+
+    def __repr__(self) -> str:
+        return "bake.plan.foldable.FOLD_PLANNER"
+
+
+FOLD_PLANNER = BakeFoldPlanner()

@@ -12,6 +12,6 @@
    base / hooked / baked generation in the same run;
 5. write ``results/<run>/results.json`` and ``summary.md``.
 
-The pieces: :mod:`.pipeline` (the steps), :mod:`.report` (summary.md), and
+The pieces: :mod:`.pipeline` (the steps), :mod:`.runtimes` (step 4), :mod:`.report` (summary.md), and
 :mod:`.__main__` (the command line).
 """

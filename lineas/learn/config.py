@@ -32,9 +32,9 @@ class Init(str, enum.Enum):
 
 
 class Foldable(str, enum.Enum):
-    """Train only the parts of the maps that fold into standard weights (see :mod:`bake.plan.foldable`)?"""
+    """Train only the parts of the maps that fold into standard weights (see :mod:`lineas.learn.parts`)?"""
 
-    AUTO = "auto"  # on when a registry entry (bake/registry/archs) describes the model: the planner then knows its folds
+    AUTO = "auto"  # on when a registry entry (bake/registry/archs) describes the model: the planner knows its folds
     ON = "on"      # also without a registry entry (planned by module type: conservative)
     OFF = "off"    # train every scale and shift; the bake may need affine modules (trust_remote_code)
 
@@ -92,7 +92,8 @@ class TrainConfig:
     holdout: float = 0.0
     foldable: Foldable = Foldable.AUTO
     # Serving runtimes (bake.registry.llm.Runtime values) the maps must fold for: a shift whose fold switches on a
-    # bias flag one of them does not serve is frozen too (lineas-train --require-runtime; needs foldable).
+    # bias flag one of them does not serve is frozen too (lineas-train --require-runtime; needs foldable and a
+    # fold planner, see learn_maps).  Plain names here: the planner checks them.
     runtimes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -128,20 +129,8 @@ class TrainConfig:
 
 
 def _runtime_names(names) -> tuple[str, ...]:
-    """Runtime names as the bake spells them (``bake.plan.runtimes.parse_runtime``: ``llamacpp`` -> ``llama.cpp``)."""
+    """Runtime names as plain strings, without repeats.  They are checked where they are planned (the fold
+    planner; ``lineas-train`` spells them as the bake does first, ``llamacpp`` -> ``llama.cpp``)."""
     if isinstance(names, str):
         names = (names,)
-    if not names:
-        return ()
-    from bake.plan.runtimes import parse_runtime
-
-    out = []
-    for n in names:
-        try:
-            out.append(parse_runtime(n).value)
-        except ValueError:
-            from bake.registry.llm import Runtime
-
-            raise ConfigError("require_runtime", f"got {n!r}, not a runtime: choose from "
-                                                 f"{', '.join(r.value for r in Runtime)}") from None
-    return tuple(dict.fromkeys(out))
+    return tuple(dict.fromkeys(str(getattr(n, "value", n)) for n in names or ()))

@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from bake.plan.foldable import SiteParts
 from lineas.collect import TokenSet, collect_pooled
 from lineas.learn.ot import fit_affine_1d
+from lineas.learn.parts import SiteParts
 
 
 def fit_linear_act(model: nn.Module, source: TokenSet, target_pooled: dict[str, torch.Tensor], sites: Sequence[str], *,
@@ -29,7 +29,7 @@ def fit_linear_act(model: nn.Module, source: TokenSet, target_pooled: dict[str, 
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Incremental closed-form fit; ``target_pooled`` holds unsteered target activations per site.
 
-    ``parts`` (:func:`bake.plan.foldable.plan_foldable`): per site, which of scale and shift are fitted;
+    ``parts`` (a :class:`~lineas.learn.parts.FoldPlanner`'s plan): per site, which of scale and shift are fitted;
     a frozen one stays exactly at the identity and the other is the constrained least-squares fit.
     Returns float32 ``(scale, shift)`` per site, in ``sites`` order.
     """

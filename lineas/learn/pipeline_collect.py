@@ -177,7 +177,7 @@ def learn_pipeline_maps(pipe, source_texts: Sequence[str], target_texts: Sequenc
     """:func:`lineas.learn.train.learn_maps` on a loaded pipeline (LinEAS or Linear-AcT as ``config.method``
     says).  ``sites``: names or full-match regexes of ``<denoiser>.<path>`` sites (default:
     :data:`DEFAULT_SITES`).  The metadata names the pipeline class (``PIPELINE_CLASS_KEY``) and the
-    schedule."""
+    schedule.  Other keywords go to ``learn_maps`` (``planner``: the fold planner, as there)."""
     from lineas.collect import match_sites
     from lineas.learn.train import learn_maps
 

@@ -19,12 +19,11 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
-from bake.plan.foldable import METADATA_KEY, FoldableSites, SiteParts, check_standard, plan_foldable
 from lineas import __version__
 from lineas.collect import (
     TokenSet,
@@ -37,73 +36,16 @@ from lineas.collect import (
 from lineas.learn.config import ConfigError, Foldable, Init, Method, Optimizer, Schedule, TrainConfig
 from lineas.learn.linear_act import fit_linear_act
 from lineas.learn.ot import sparse_group_prox, w2, w2_to_sorted_target
+from lineas.learn.parts import METADATA_KEY, FoldableSites, FoldPlanner, SiteParts
+from lineas.learn.result import SiteReport, TrainResult
 from lineas.maps import SiteMap, SteeringMaps
 from lineas.prompts import split_texts, texts_sha256
 from lineas.provenance import model_provenance
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "Foldable", "Init", "Method", "Optimizer", "Schedule", "TrainConfig", "SiteReport",
-           "TrainResult", "learn_maps", "train_lineas"]
-
-
-@dataclass(frozen=True)
-class SiteReport:
-    """Per-site W2^2 (mean over neurons) between pooled source and target, before/after steering."""
-
-    site: str
-    w2_before: float
-    w2_after: float
-    w2_before_holdout: float | None = None
-    w2_after_holdout: float | None = None
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    maps: SteeringMaps
-    report: tuple[SiteReport, ...]
-    support: float
-    config: TrainConfig
-    losses: tuple[float, ...] = ()  # LinEAS: loss per step
-    seconds: float = 0.0
-    timing: dict = field(default_factory=dict)  # collect_s, fit_s, steps_per_s (LinEAS)
-    fell_back_to_linear_act: bool = False  # init=linear-act and LinEAS ended worse: the Linear-AcT maps
-    foldable: FoldableSites | None = None  # what was frozen so that the maps bake into standard weights
-
-    @property
-    def w2_before(self) -> float:
-        return sum(r.w2_before for r in self.report) / len(self.report)
-
-    @property
-    def w2_after(self) -> float:
-        return sum(r.w2_after for r in self.report) / len(self.report)
-
-    def table(self) -> str:
-        """Human summary: per-site W2 before/after (train, and held-out when present), support."""
-        held = self.report[0].w2_before_holdout is not None
-        name_w = max(12, *(len(r.site) for r in self.report))
-        head = f"{'site':<{name_w}}  {'W2 before':>10}  {'W2 after':>10}  {'change':>7}"
-        if held:
-            head += f"  {'held before':>11}  {'held after':>10}  {'change':>7}"
-        lines = [head, "-" * len(head)]
-
-        def pct(a, b):
-            return f"{100 * (b - a) / a:+6.1f}%" if a > 0 else "   n/a"
-
-        rows = list(self.report)
-        if len(rows) > 1:
-            mean = lambda k: sum(getattr(r, k) for r in rows) / len(rows)
-            rows.append(SiteReport("(mean)", mean("w2_before"), mean("w2_after"),
-                                   mean("w2_before_holdout") if held else None,
-                                   mean("w2_after_holdout") if held else None))
-        for r in rows:
-            line = f"{r.site:<{name_w}}  {r.w2_before:>10.4g}  {r.w2_after:>10.4g}  {pct(r.w2_before, r.w2_after)}"
-            if held:
-                line += (f"  {r.w2_before_holdout:>11.4g}  {r.w2_after_holdout:>10.4g}  "
-                         f"{pct(r.w2_before_holdout, r.w2_after_holdout)}")
-            lines.append(line)
-        lines.append(f"support: {self.support:.3f} of coordinates differ from identity (|scale-1| or |shift| > 1e-5)")
-        return "\n".join(lines)
+__all__ = ["ConfigError", "Foldable", "FoldPlanner", "Init", "Method", "Optimizer", "Schedule", "TrainConfig",
+           "SiteReport", "TrainResult", "learn_maps", "train_lineas"]
 
 
 def _bar(progress: bool, **kw):
@@ -112,13 +54,18 @@ def _bar(progress: bool, **kw):
     return tqdm(disable=not progress, file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
 
 
+NO_PLANNER = ("no fold planner given (learn_maps(planner=...)); lineas-train passes bake's, "
+              "bake.plan.foldable.FOLD_PLANNER")
+
+
 def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts: Sequence, sites: Sequence[str],
                config: TrainConfig | None = None, *, progress: bool = True,
                eval_batch_size: int | None = None, base_model: str | None = None,
                source_desc: str | None = None, target_desc: str | None = None,
                source_sha256: str | None = None, target_sha256: str | None = None,
                metadata: dict[str, str] | None = None, target_model: nn.Module | None = None,
-               encode: Callable[[Sequence], TokenSet] | None = None, **hyperparameters) -> TrainResult:
+               encode: Callable[[Sequence], TokenSet] | None = None, planner: FoldPlanner | None = None,
+               **hyperparameters) -> TrainResult:
     """Learn per-site affine maps that move source activations towards target activations.
 
     Hyperparameters: ``config`` (default ``TrainConfig()``, where the defaults live) with any
@@ -137,13 +84,18 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     check costs one collection pass; tracking the best iterate would cost one per step, and
     mini-batch losses cannot show it.
 
-    ``foldable`` (default ``auto``, see :mod:`bake.plan.foldable`): before training, the bake planner
-    says which parts of each site's map fold into standard weights; only those are trained (the
-    rest stays exactly at ``scale = 1`` / ``shift = 0``, for Linear-AcT too), sites where nothing
-    folds are left out (``ValueError`` if none is left), and the trained maps are planned with
-    ``require_standard`` before they are returned.  Metadata ``foldable`` records what was frozen.
+    ``foldable`` (default ``auto``, see :mod:`lineas.learn.parts`) with a fold ``planner``
+    (:class:`~lineas.learn.parts.FoldPlanner`; ``lineas-train`` passes bake's,
+    :data:`bake.plan.foldable.FOLD_PLANNER`): before training, the planner says which parts of each
+    site's map fold into standard weights; only those are trained (the rest stays exactly at
+    ``scale = 1`` / ``shift = 0``, for Linear-AcT too), sites where nothing folds are left out
+    (``ValueError`` if none is left), and the trained maps are checked with the planner's
+    ``check_standard`` before they are returned.  Metadata ``foldable`` records what was frozen.
     ``runtimes`` (``--require-runtime``): shifts whose fold one of those runtimes cannot serve (a bias flag
     it does not load) are frozen too, and the check above requires them.
+    Without a planner (``lineas`` never imports the baker): ``foldable="auto"`` is not applied and every
+    part is trained (``result.foldable.note`` says no planner was given); ``foldable="on"`` or
+    ``runtimes`` raise a :class:`ConfigError` naming ``planner`` before any work; ``"off"`` needs none.
 
     ``target_model`` (default: ``model``) is the model whose activations on the
     target prompts define the target distribution -- e.g. a copy of the model
@@ -156,119 +108,191 @@ def learn_maps(model: nn.Module, tokenizer, source_texts: Sequence, target_texts
     pipeline denoises.
     """
     cfg = replace(config or TrainConfig(), **hyperparameters)
+    _require_planner(cfg, planner)
     t0 = time.perf_counter()
     device = _model_device(model)
-    eval_bs = eval_batch_size or max(cfg.batch_size, 16)
     site_names = _resolve(model, sites)
-
-    src_train, src_held = split_texts(source_texts, cfg.holdout, cfg.seed)
-    tgt_train, tgt_held = split_texts(target_texts, cfg.holdout, cfg.seed + 1)
-    encode = encode or (lambda texts: tokenize(tokenizer, texts, cfg.max_length))
-    src_tok, tgt_tok = encode(src_train), encode(tgt_train)
-    held = (encode(src_held), encode(tgt_held)) if cfg.holdout > 0 else None
-
-    def collect(m, tokens, affines=None, bar=None):
-        return collect_pooled(m, tokens, site_names, batch_size=eval_bs, affines=affines, device=device, progress=bar)
-
-    def mean_w2(pooled, target):
-        return sum(w2(pooled[s], target[s]) for s in site_names) / len(site_names)
-
+    inputs = _Inputs.encode(source_texts, target_texts, cfg,
+                            encode or (lambda texts: tokenize(tokenizer, texts, cfg.max_length)))
     was_training = model.training
     model.eval()
-    fallback = None
     try:
-        probe_batch = src_tok.batch(range(min(2, len(src_tok))), device)
-        site_names = forward_order(model, probe_batch, site_names)
-        fold = _plan_foldable(model, probe_batch, site_names, cfg.foldable, cfg.runtimes)
-        site_names = fold.trained
-        parts = fold.parts()
-        n_collect = len(src_tok) + len(tgt_tok) + (len(held[0]) + len(held[1]) if held else 0)
-        with _bar(progress, total=n_collect, desc="collecting activations", unit="prompt") as bar:
-            tgt_model = model if target_model is None else target_model
-            tgt = collect(tgt_model, tgt_tok, bar=bar)
-            src_before = collect(model, src_tok, bar=bar)
-            if held:
-                held_tgt = collect(tgt_model, held[1], bar=bar)
-                held_before = collect(model, held[0], bar=bar)
+        probe_batch = inputs.source.batch(range(min(2, len(inputs.source))), device)
+        fold = _plan_foldable(model, probe_batch, forward_order(model, probe_batch, site_names), cfg, planner)
+        collect = _Collector(model, fold.trained, eval_batch_size or max(cfg.batch_size, 16), device)
+        before = _collect_unsteered(collect, inputs, target_model, progress)
         t_collect = time.perf_counter() - t0
-        losses: list[float] = []
         t1 = time.perf_counter()
-        start = None
-        if cfg.method is Method.LINEAR_ACT or cfg.init is Init.LINEAR_ACT:
-            with _bar(progress, total=len(site_names), desc="Linear-AcT (incremental)", unit="site") as bar:
-                start = fit_linear_act(model, src_tok, tgt, site_names, batch_size=eval_bs, device=device,
-                                       progress=bar, parts=parts)
-        if cfg.method is Method.LINEAR_ACT:
-            affines = start
-        else:
-            affines, losses = train_lineas(model, src_tok, tgt, site_names, cfg, device=device, progress=progress,
-                                           init=start, parts=parts)
+        affines, losses, start = _fit(collect, inputs.source, before.target, cfg, fold.parts(), progress)
         t_fit = time.perf_counter() - t1
-
-        src_after = collect(model, src_tok, affines)
-        if cfg.method is Method.LINEAS and start is not None:
-            src_start = collect(model, src_tok, start)
-            w2_start, w2_end = mean_w2(src_start, tgt), mean_w2(src_after, tgt)
-            if w2_end > w2_start:
-                log.warning("LinEAS from Linear-AcT ended at training W2 %.4g > %.4g of its Linear-AcT start; "
-                            "returning the Linear-AcT maps", w2_end, w2_start)
-                fallback = {"lineas_w2": w2_end, "linear_act_w2": w2_start}
-                affines, src_after = start, src_start
-        if held:
-            held_after = collect(model, held[0], affines)
-        reports = []
-        for s in site_names:
-            r = SiteReport(s, w2(src_before[s], tgt[s]), w2(src_after[s], tgt[s]))
-            if held:
-                r = SiteReport(s, r.w2_before, r.w2_after, w2(held_before[s], held_tgt[s]),
-                               w2(held_after[s], held_tgt[s]))
-            reports.append(r)
+        affines, src_after, fallback = _keep_the_better(collect, inputs.source, before.target, affines,
+                                                        start if cfg.method is Method.LINEAS else None)
+        reports = _site_reports(collect, inputs, before, src_after, affines)
     finally:
         model.train(was_training)
 
-    site_maps = {s: SiteMap(sc.detach().float().cpu(), sh.detach().float().cpu()) for s, (sc, sh) in affines.items()}
-    meta = model_provenance(model, base_model)
-    meta.update({
-        "method": cfg.method.value,
-        "sites": json.dumps(site_names),
-        "pooling": "mean",
-        "hyperparameters": cfg.to_json(),
+    described = {
         "source": source_desc or f"{len(source_texts)} prompts (in memory)",
         "source_sha256": source_sha256 or texts_sha256(source_texts),
         "target": target_desc or f"{len(target_texts)} prompts (in memory)",
         "target_sha256": target_sha256 or texts_sha256(target_texts),
-        "created_by": f"lineas-bake {__version__}",
-    })
-    if fallback:
-        meta["init_fallback"] = json.dumps(fallback)
-    meta[METADATA_KEY] = fold.to_metadata()
-    maps_obj = SteeringMaps(site_maps, meta)
-    support = maps_obj.support()
-    meta["support"] = f"{support:.6f}"
-    meta["train_report"] = json.dumps([asdict(r) for r in reports])
-    meta.update(metadata or {})
-    maps_obj = SteeringMaps(site_maps, meta)
+    }
+    maps_obj = _steering_maps(model, base_model, affines, cfg, described, fold, reports, fallback, metadata)
     if fold.applied:  # the guarantee, on the maps themselves: what --require-standard will plan
-        check_standard(model, maps_obj, fold.runtimes)
+        planner.check_standard(model, maps_obj, fold.runtimes)
     timing = {"collect_s": t_collect, "fit_s": t_fit}
     if losses:
         timing["steps_per_s"] = len(losses) / t_fit
-    return TrainResult(maps_obj, tuple(reports), support, cfg, tuple(losses), time.perf_counter() - t0, timing,
-                       fell_back_to_linear_act=fallback is not None, foldable=fold)
+    return TrainResult(maps_obj, tuple(reports), maps_obj.support(), cfg, tuple(losses), time.perf_counter() - t0,
+                       timing, fell_back_to_linear_act=fallback is not None, foldable=fold)
 
 
-def _plan_foldable(model: nn.Module, batch, sites: list[str], mode: Foldable, runtimes=()) -> FoldableSites:
-    """:func:`bake.plan.foldable.plan_foldable` at the sites' real map lengths (one short forward pass)."""
-    with torch.no_grad():
-        pooled = run_to_sites(model, batch, sites)
-    fold = plan_foldable(model, {s: int(pooled[s].shape[-1]) for s in sites}, mode, runtimes)
+def _require_planner(cfg: TrainConfig, planner: FoldPlanner | None) -> None:
+    """``foldable="on"`` and ``runtimes`` need a fold planner: refused before any work without one."""
+    if planner is not None:
+        return
+    if cfg.foldable is Foldable.ON or cfg.runtimes:
+        what = "foldable='on'" if cfg.foldable is Foldable.ON else f"runtimes={list(cfg.runtimes)!r}"
+        raise ConfigError("planner", f"is required for {what} (lineas-train passes bake's: "
+                                     "planner=bake.plan.foldable.FOLD_PLANNER); or train every part with "
+                                     "foldable='off'")
+
+
+def _plan_foldable(model: nn.Module, batch, sites: list[str], cfg: TrainConfig,
+                   planner: FoldPlanner | None) -> FoldableSites:
+    """What ``planner`` trains of maps at the sites' real lengths (one short forward pass); with
+    ``foldable="off"`` or no planner, every part."""
+    if cfg.foldable is Foldable.OFF:
+        fold = FoldableSites.not_applied(cfg.foldable, sites, "--foldable off")
+    elif planner is None:
+        fold = FoldableSites.not_applied(cfg.foldable, sites, NO_PLANNER)
+    else:
+        with torch.no_grad():
+            pooled = run_to_sites(model, batch, sites)
+        fold = planner.plan(model, {s: int(pooled[s].shape[-1]) for s in sites}, cfg.foldable, cfg.runtimes)
     if fold.applied and (fold.partly_frozen or fold.excluded):
         log.info("%s", fold.summary())
     if not fold.trained:
-        raise ValueError(f"no part of any site's map folds into standard weights, so --foldable {mode.value} "
+        raise ValueError(f"no part of any site's map folds into standard weights, so --foldable {cfg.foldable.value} "
                          "leaves nothing to train:\n" + fold.summary()
                          + "\nchoose other --sites, or pass --foldable off (the bake then needs affine modules)")
     return fold
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The encoded prompt sets: training source and target, and the held-out pair (with ``holdout``)."""
+
+    source: TokenSet
+    target: TokenSet
+    held: tuple[TokenSet, TokenSet] | None
+
+    @classmethod
+    def encode(cls, source_texts: Sequence, target_texts: Sequence, cfg: TrainConfig, encode) -> _Inputs:
+        src_train, src_held = split_texts(source_texts, cfg.holdout, cfg.seed)
+        tgt_train, tgt_held = split_texts(target_texts, cfg.holdout, cfg.seed + 1)
+        source, target = encode(src_train), encode(tgt_train)
+        return cls(source, target, (encode(src_held), encode(tgt_held)) if cfg.holdout > 0 else None)
+
+    def __len__(self) -> int:
+        return len(self.source) + len(self.target) + (len(self.held[0]) + len(self.held[1]) if self.held else 0)
+
+
+@dataclass(frozen=True)
+class _Collector:
+    """Pooled activations at the trained ``sites`` (in forward order), ``batch_size`` prompts at a time."""
+
+    model: nn.Module
+    sites: list[str]
+    batch_size: int
+    device: torch.device
+
+    def __call__(self, tokens: TokenSet, affines=None, bar=None, model: nn.Module | None = None):
+        return collect_pooled(self.model if model is None else model, tokens, self.sites, batch_size=self.batch_size,
+                              affines=affines, device=self.device, progress=bar)
+
+    def mean_w2(self, pooled, target) -> float:
+        return sum(w2(pooled[s], target[s]) for s in self.sites) / len(self.sites)
+
+
+@dataclass(frozen=True)
+class _Unsteered:
+    """Activations without maps: the target prompts (on ``target_model``) and the source prompts."""
+
+    target: dict[str, torch.Tensor]
+    source: dict[str, torch.Tensor]
+    held_target: dict[str, torch.Tensor] | None = None
+    held_source: dict[str, torch.Tensor] | None = None
+
+
+def _collect_unsteered(collect: _Collector, inputs: _Inputs, target_model: nn.Module | None,
+                       progress: bool) -> _Unsteered:
+    with _bar(progress, total=len(inputs), desc="collecting activations", unit="prompt") as bar:
+        target = collect(inputs.target, bar=bar, model=target_model)
+        source = collect(inputs.source, bar=bar)
+        if not inputs.held:
+            return _Unsteered(target, source)
+        held_target = collect(inputs.held[1], bar=bar, model=target_model)
+        return _Unsteered(target, source, held_target, collect(inputs.held[0], bar=bar))
+
+
+def _fit(collect: _Collector, source: TokenSet, target: dict[str, torch.Tensor], cfg: TrainConfig,
+         parts: Mapping[str, SiteParts] | None, progress: bool):
+    """``(maps, LinEAS losses, Linear-AcT maps or None)`` of ``cfg.method`` (and ``cfg.init``)."""
+    start = None
+    if cfg.method is Method.LINEAR_ACT or cfg.init is Init.LINEAR_ACT:
+        with _bar(progress, total=len(collect.sites), desc="Linear-AcT (incremental)", unit="site") as bar:
+            start = fit_linear_act(collect.model, source, target, collect.sites, batch_size=collect.batch_size,
+                                   device=collect.device, progress=bar, parts=parts)
+    if cfg.method is Method.LINEAR_ACT:
+        return start, [], start
+    affines, losses = train_lineas(collect.model, source, target, collect.sites, cfg, device=collect.device,
+                                   progress=progress, init=start, parts=parts)
+    return affines, losses, start
+
+
+def _keep_the_better(collect: _Collector, source: TokenSet, target: dict[str, torch.Tensor], affines, start):
+    """``(maps, steered source activations, init_fallback record or None)``: the LinEAS maps, or its
+    Linear-AcT ``start`` when LinEAS ended at a higher training W2 (``start`` None: no such check)."""
+    src_after = collect(source, affines)
+    if start is None:
+        return affines, src_after, None
+    src_start = collect(source, start)
+    w2_start, w2_end = collect.mean_w2(src_start, target), collect.mean_w2(src_after, target)
+    if w2_end <= w2_start:
+        return affines, src_after, None
+    log.warning("LinEAS from Linear-AcT ended at training W2 %.4g > %.4g of its Linear-AcT start; "
+                "returning the Linear-AcT maps", w2_end, w2_start)
+    return start, src_start, {"lineas_w2": w2_end, "linear_act_w2": w2_start}
+
+
+def _site_reports(collect: _Collector, inputs: _Inputs, before: _Unsteered, src_after, affines) -> list[SiteReport]:
+    held_after = collect(inputs.held[0], affines) if inputs.held else None
+    reports = []
+    for s in collect.sites:
+        r = SiteReport(s, w2(before.source[s], before.target[s]), w2(src_after[s], before.target[s]))
+        if held_after is not None:
+            r = replace(r, w2_before_holdout=w2(before.held_source[s], before.held_target[s]),
+                        w2_after_holdout=w2(held_after[s], before.held_target[s]))
+        reports.append(r)
+    return reports
+
+
+def _steering_maps(model: nn.Module, base_model: str | None, affines, cfg: TrainConfig, described: dict[str, str],
+                   fold: FoldableSites, reports: list[SiteReport], fallback: dict | None,
+                   metadata: dict[str, str] | None) -> SteeringMaps:
+    """The maps (float32, on CPU) with their metadata: provenance, training, what was frozen, the report."""
+    site_maps = {s: SiteMap(sc.detach().float().cpu(), sh.detach().float().cpu()) for s, (sc, sh) in affines.items()}
+    meta = model_provenance(model, base_model)
+    meta.update({"method": cfg.method.value, "sites": json.dumps(fold.trained), "pooling": "mean",
+                 "hyperparameters": cfg.to_json(), **described, "created_by": f"lineas-bake {__version__}"})
+    if fallback:
+        meta["init_fallback"] = json.dumps(fallback)
+    meta[METADATA_KEY] = fold.to_metadata()
+    meta["support"] = f"{SteeringMaps(site_maps, meta).support():.6f}"
+    meta["train_report"] = json.dumps([asdict(r) for r in reports])
+    meta.update(metadata or {})
+    return SteeringMaps(site_maps, meta)
 
 
 def _resolve(model: nn.Module, sites: Sequence[str]) -> list[str]:
@@ -295,7 +319,7 @@ def train_lineas(model: nn.Module, source: TokenSet, target_pooled: dict[str, to
     """Jointly train all maps from identity (or from ``init``, ``{site: (scale, shift)}``);
     returns ``({site: (scale, shift)}, losses)``.
 
-    ``parts`` (:func:`bake.plan.foldable.plan_foldable`): per site, which of scale and shift are trained;
+    ``parts`` (a :class:`~lineas.learn.parts.FoldPlanner`'s plan): per site, which of scale and shift are trained;
     a frozen one is a constant tensor at exactly 1 / 0 (``init`` is projected), outside the
     optimiser and the proximal step.
 
