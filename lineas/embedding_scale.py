@@ -65,8 +65,3 @@ def outside_scale(model: nn.Module, module: nn.Module) -> float:
     if get is None or get() is not module:
         return 1.0
     return float(config.hidden_size) ** 0.5
-
-
-def embedding_shift_divisor(model: nn.Module, module: nn.Module) -> float:
-    """What a site's shift is divided by to fold it into the rows of ``module``'s table: ``c * k``."""
-    return outside_scale(model, module) * table_scale(module)

@@ -156,14 +156,6 @@ class SteeringMaps:
         meta["strength_applied"] = repr(check_strength(strength))
         return SteeringMaps({s: m.scaled(strength) for s, m in self.maps.items()}, meta)
 
-    def compose(self, other: SteeringMaps) -> SteeringMaps:
-        """Apply ``self`` then ``other``; sites present in one only are kept as is."""
-        merged = dict(self.maps)
-        for site, m in other.maps.items():
-            merged[site] = merged[site].then(m) if site in merged else m
-        meta = {"method": "composed", "composed_from": json.dumps([dict(self.metadata), dict(other.metadata)])}
-        return SteeringMaps(merged, meta)
-
     def support(self, tol: float = 1e-5) -> float:
         """Fraction of coordinates with ``|scale-1| > tol`` or ``|shift| > tol``."""
         active = total = 0

@@ -14,7 +14,7 @@ from tiny import random_ids, tiny_model
 from bake.fold.execute import apply_plan
 from bake.plan.planner import Layout, plan
 from lineas.collect import run_to_sites
-from lineas.embedding_scale import embedding_shift_divisor
+from lineas.embedding_scale import outside_scale, table_scale
 from lineas.evaluate import model_logits
 from lineas.hooks import attach_maps
 from lineas.maps import SiteMap, SteeringMaps, effective_maps
@@ -71,7 +71,9 @@ def test_the_fold_divides_the_shift_by_the_scale_and_matches_the_hooks(arch):
     maps = _maps(d)
     m = maps[SITE]
     table = model.model.embed_tokens.weight.detach().clone()
-    assert embedding_shift_divisor(model, model.model.embed_tokens) == pytest.approx(d ** 0.5)
+    # what bake.fold.execute divides the shift by: c (outside the module, 4.x) times k (inside it, 5.x)
+    emb = model.model.embed_tokens
+    assert outside_scale(model, emb) * table_scale(emb) == pytest.approx(d ** 0.5)
     base = model_logits(model, ids)
     with attach_maps(model, maps, 1.0):
         hooked = model_logits(model, ids)
