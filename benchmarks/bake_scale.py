@@ -89,8 +89,10 @@ class MapSite:
 # Gemma-2: input_layernorm's shift goes into q/k/v biases; its MLP has no bias flag, so a shift on
 # pre_feedforward_layernorm would need an affine module: scale only there.
 MAP_SITES = {
-    "llama": (MapSite(suffix="input_layernorm", shifted=True), MapSite(suffix="post_attention_layernorm", shifted=True)),
-    "gemma2": (MapSite(suffix="input_layernorm", shifted=True), MapSite(suffix="pre_feedforward_layernorm", shifted=False)),
+    "llama": (MapSite(suffix="input_layernorm", shifted=True),
+              MapSite(suffix="post_attention_layernorm", shifted=True)),
+    "gemma2": (MapSite(suffix="input_layernorm", shifted=True),
+               MapSite(suffix="pre_feedforward_layernorm", shifted=False)),
 }
 
 
@@ -121,7 +123,7 @@ def folder_bytes(folder: Path) -> int:
 def timed_warm_copy(src: Path, scratch: Path) -> float:
     """Seconds of a ``cp -r`` of ``src`` run right after an untimed one (page cache warm); the copies are
     deleted as soon as each finishes, and dirty pages are synced outside the timing."""
-    for timed in (False, True):
+    for _warm_then_timed in (False, True):
         if scratch.exists():
             raise FileExistsError(f"{scratch} exists; delete it (a leftover copy of an interrupted run)")
         start = time.perf_counter()

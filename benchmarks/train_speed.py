@@ -53,7 +53,9 @@ def load(name: str):
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2)
-        ids = lambda texts: [[(ord(c) * 7 + i) % 509 + 2 for i, c in enumerate(t)][:32] for t in texts]
+        def ids(texts):
+            return [[(ord(c) * 7 + i) % 509 + 2 for i, c in enumerate(t)][:32] for t in texts]
+
         return LlamaForCausalLM(cfg).eval(), None, ids
     from lineas.models import load_model
 

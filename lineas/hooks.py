@@ -147,7 +147,7 @@ def attach_affine(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, to
 
 def _checked_sites(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, nn.Module]:
     modules = resolve_sites(model, list(affines))
-    for site, (scale, shift) in affines.items():
+    for site, (scale, _shift) in affines.items():
         d = module_feature_dim(modules[site])
         if d is not None and d != scale.numel():
             raise SteeringError(f"site {site!r}: map has length {scale.numel()} but "

@@ -197,7 +197,8 @@ class SteeringMaps:
             raise MapsFormatError(f"{origin}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
         if meta.get("format_version") != FORMAT_VERSION:
             raise MapsFormatError(
-                f"{origin}: unsupported format_version {meta.get('format_version')!r} (this tool reads {FORMAT_VERSION!r})"
+                f"{origin}: unsupported format_version {meta.get('format_version')!r} "
+                f"(this tool reads {FORMAT_VERSION!r})"
             )
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():

@@ -572,7 +572,9 @@ def _handler_for(hub: HubServer):
             self._json(200, hub.commit(tok, a["repo"], a["rev"], body))
 
         def do_tree(self, tok, a, body, q):
-            flag = lambda k: q.get(k, ["False"])[0].lower() in ("1", "true")
+            def flag(k):
+                return q.get(k, ["False"])[0].lower() in ("1", "true")
+
             self._json(200, hub.tree(tok, a["repo"], a["rev"], a.get("path", ""), flag("recursive"), flag("expand")))
 
         def do_paths_info(self, tok, a, body, q):

@@ -36,7 +36,8 @@ def _python(var: str) -> str:
 def _run(exe: str, *args) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([exe, str(RUNNER), *map(str, args)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{exe} {' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"{exe} {' '.join(map(str, args))} failed:\n"
+                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,8 @@ def test_generation_stops_at_eos(tok):
 def test_steering_changes_generation_and_comparison_reports_it(model, tok):
     base = E.generate(model, tok, PROMPTS, max_new_tokens=8, fixed_length=True)
     site = "model.layers.0.post_attention_layernorm"
-    h = attach_affine(model, {site: (torch.full((64,), 3.0), torch.randn(64, generator=torch.Generator().manual_seed(0)))})
+    shift = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    h = attach_affine(model, {site: (torch.full((64,), 3.0), shift)})
     try:
         hooked = E.generate(model, tok, PROMPTS, max_new_tokens=8, fixed_length=True)
     finally:
@@ -198,7 +199,8 @@ def test_demo_expectations_are_measured_not_assumed():
     got = {e["name"]: e["met"] for e in expectations(conds, {"affine_modules": 0}, rt)}
     assert got["LinEAS λ=1 raises mean VADER compound"] and got["LinEAS λ=1 positive rate"]
     assert got["LinEAS λ=1 generation perplexity increase"] is True  # +10%
-    assert got["baked (transformers) greedy tokens == hooked"] and not got["baked (ONNX Runtime) greedy tokens == hooked"]
+    assert got["baked (transformers) greedy tokens == hooked"]
+    assert not got["baked (ONNX Runtime) greedy tokens == hooked"]
     conds[2] = _cond("LinEAS", 1.0, 0.75, 0.85, 3.6)  # 85% positive, +20% perplexity
     got = {e["name"]: e["met"] for e in expectations(conds, {"affine_modules": 2}, None)}
     assert not got["LinEAS λ=1 positive rate"] and not got["LinEAS λ=1 generation perplexity increase"]

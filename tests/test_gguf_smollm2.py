@@ -50,7 +50,8 @@ def test_smollm2_hf_gguf_export_runs_in_llama_cpp_like_the_hooked_model(demo_map
     greedy = report["greedy"]
     assert greedy["prompts"] == 8 and greedy["tokens"] == GREEDY_TOKENS == 32
     assert greedy["identical"] == 8, f"first divergences: {greedy['first_divergence']}"
-    assert greedy["reference"].startswith("hooked model")  # the source with hooks, not the export checked against itself
+    # the source with hooks, not the export checked against itself
+    assert greedy["reference"].startswith("hooked model")
 
     # The steering is in the file: llama.cpp's tokens are the hooked model's, and they are not the base model's.
     torch.set_num_threads(1)

@@ -28,7 +28,8 @@ def _capture(model, site, ids):
     """Output of ``site`` (after any hooks registered before this one) and the logits."""
     got = {}
     module = dict(model.named_modules())[site]
-    h = module.register_forward_hook(lambda m, i, o: got.__setitem__("y", (o[0] if isinstance(o, tuple) else o).clone()))
+    h = module.register_forward_hook(
+        lambda m, i, o: got.__setitem__("y", (o[0] if isinstance(o, tuple) else o).clone()))
     try:
         with torch.no_grad():
             logits = model(ids).logits

@@ -53,7 +53,8 @@ def test_constant_neuron_gets_identity_scale():
     y = torch.arange(10, dtype=torch.float64).unsqueeze(1).repeat(1, 2) + 5
     scale, shift = fit_affine_1d(x, y)
     assert scale[0] == 1 and torch.isclose(shift[0], torch.tensor(9.5 - 1, dtype=torch.float64))
-    assert torch.isclose(scale[1], torch.tensor(1.0, dtype=torch.float64)) and torch.isclose(shift[1], torch.tensor(5.0, dtype=torch.float64))
+    assert torch.isclose(scale[1], torch.tensor(1.0, dtype=torch.float64))
+    assert torch.isclose(shift[1], torch.tensor(5.0, dtype=torch.float64))
 
 
 def test_quantiles_and_w2_basics():

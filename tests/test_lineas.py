@@ -147,7 +147,8 @@ def test_proximal_operator():
     scale = torch.tensor([1.0, 1.5, 0.7, 1.05])
     shift = torch.tensor([0.0, -0.3, 0.02, 2.0])
     s, t = sparse_group_prox(scale, shift, lr=0.1, l1=1.0, group=0.0)  # threshold 0.1
-    assert torch.allclose(s, torch.tensor([1.0, 1.4, 0.8, 1.0])) and torch.allclose(t, torch.tensor([0.0, -0.2, 0.0, 1.9]))
+    assert torch.allclose(s, torch.tensor([1.0, 1.4, 0.8, 1.0]))
+    assert torch.allclose(t, torch.tensor([0.0, -0.2, 0.0, 1.9]))
     s, t = sparse_group_prox(scale, shift, lr=1.0, l1=0.0, group=10.0)
     assert torch.equal(s, torch.ones(4)) and torch.equal(t, torch.zeros(4))
     u = torch.tensor([3.0, 4.0])
@@ -176,8 +177,9 @@ def test_smollm2_lineas_reduces_w2():
     from lineas.models import load_model
 
     lm = load_model("smollm2-135m")
-    neg = [f"I hate this {w}, it is awful." for w in ("movie", "meal", "book", "song", "trip", "game", "show", "car")]
-    pos = [f"I love this {w}, it is wonderful." for w in ("movie", "meal", "book", "song", "trip", "game", "show", "car")]
+    things = ("movie", "meal", "book", "song", "trip", "game", "show", "car")
+    neg = [f"I hate this {w}, it is awful." for w in things]
+    pos = [f"I love this {w}, it is wonderful." for w in things]
     sites = [r"model\.layers\.(10|20)\.post_attention_layernorm"]
     r = learn_maps(lm.model, lm.tokenizer, neg, pos, sites, steps=30, lr=0.01, optimizer="adam", batch_size=8,
                    max_length=16, progress=False)

@@ -92,7 +92,8 @@ def test_wrong_dtype(tmp_path):
 
 
 def test_unexpected_tensor_name(tmp_path):
-    p = _write(tmp_path / "x.safetensors", {"s.scale": torch.ones(3), "s.shift": torch.zeros(3), "s.bias": torch.ones(3)})
+    tensors = {"s.scale": torch.ones(3), "s.shift": torch.zeros(3), "s.bias": torch.ones(3)}
+    p = _write(tmp_path / "x.safetensors", tensors)
     with pytest.raises(MapsFormatError, match="unexpected tensor"):
         SteeringMaps.load(p)
 

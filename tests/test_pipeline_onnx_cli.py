@@ -1,4 +1,5 @@
-"""lineas-bake --format hf,onnx on diffusers pipelines: bake.families.diffusers.bake wires bake.families.diffusers.onnx."""
+"""lineas-bake --format hf,onnx on diffusers pipelines (bake.families.diffusers.bake wires in
+bake.families.diffusers.onnx)."""
 
 import json
 

@@ -73,7 +73,7 @@ def randomise_norms(module: torch.nn.Module, seed: int) -> None:
     projections would make a wrong fold invisible)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, sub in module.named_modules():
+        for sub in module.modules():
             kind = type(sub).__name__
             if not ("Norm" in kind and "Ada" not in kind):
                 continue
@@ -181,7 +181,7 @@ def build_pipeline(kind: str, seed: int = 0, scratch: Path | None = None):
     make = _BUILDERS[kind]()
     tok = clip_tokenizer(Path(scratch or tempfile.mkdtemp(prefix="tiny-tok-")) / "tokenizer")
     pipe = make(tok)
-    for i, (name, comp) in enumerate(sorted(pipe.components.items())):
+    for i, (_name, comp) in enumerate(sorted(pipe.components.items())):
         if isinstance(comp, torch.nn.Module):
             randomise_norms(comp, seed * 100 + i)
             comp.eval()
