@@ -21,6 +21,7 @@ from bake import EXPORTERS, ExportResult, OutputExistsError, bake, register_expo
 from bake.formats.export import UnknownFormatError, parse_formats
 from bake.publish.card import CARD_TAGS
 from bake.verify.check import compare
+from bake.verify.tolerances import GGUF_ROWS, RELOAD_ROWS, TOLERANCES, Row, get_tolerance, gguf_row, reload_row
 from lineas.maps import file_sha256
 from lineas.models import TOKENIZER_FILES
 
@@ -166,6 +167,19 @@ def test_bfloat16_export_reports_top1_and_kl(llama_baked):
     assert 0.0 < check["mean_kl"] < 0.05 and 0.9 <= check["top1"] <= 1.0
     assert check["tolerance"]["name"] == "reload-bfloat16"
     assert baked.model.dtype == torch.float32  # the in-memory bake is untouched
+
+
+def test_tolerance_rows_are_named_by_the_row_enum():
+    """Every built-in row is registered under its :class:`Row`; an export dtype or GGUF type names its row."""
+    assert {r.value for r in Row} <= set(TOLERANCES)
+    assert all(type(name) is str and type(t.name) is str for name, t in TOLERANCES.items())  # plain names
+    assert get_tolerance(Row.RELOAD_BF16) is get_tolerance("reload-bfloat16") and f"{Row.GGUF_Q8_0}" == "gguf-q8_0"
+    assert [reload_row(d) for d in RELOAD_ROWS] == [Row.RELOAD_F32, Row.RELOAD_BF16, Row.RELOAD_F16]
+    assert [gguf_row(t) for t in GGUF_ROWS] == [Row.GGUF_F32, Row.GGUF_F16, Row.GGUF_BF16, Row.GGUF_Q8_0]
+    with pytest.raises(KeyError, match="no reload tolerance row for dtype 'int8'"):
+        reload_row("int8")
+    with pytest.raises(KeyError, match="no GGUF tolerance row for outtype 'q4_k'"):
+        gguf_row("q4_k")
 
 
 def test_gemma2_affine_fallback_reloads_with_remote_code(tmp_path):

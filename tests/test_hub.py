@@ -15,18 +15,14 @@ from hub_server import HubServer, Token, XetListing, disable_xet, use_endpoint
 from onnx_extra import require_onnx_extra
 
 from bake import bake
-from bake.publish.hub import (
+from bake.publish.hub import format_plan, make_api, plan_push, push, verify_remote
+from bake.publish.hub_errors import (
     HubAuthError,
     HubInputError,
     HubNotFoundError,
     HubUnavailableError,
     HubVerificationError,
     RetryPolicy,
-    format_plan,
-    make_api,
-    plan_push,
-    push,
-    verify_remote,
 )
 
 TOKEN = "hf_test_WRITE_token_0123456789abcdef"
@@ -236,7 +232,7 @@ def test_verification_catches_a_mismatch(hub, export_dir, tmp_path):
 def test_retry_is_decided_by_status_and_socket_errors_not_library_class_names():
     """requests (hub < 1.0) and httpx (hub >= 1.0) wrap a refused connection in their own classes; what both
     keep is the chain down to Python's socket error, so that is what is looked at."""
-    from bake.publish.hub import _retryable
+    from bake.publish.hub_errors import is_retryable
 
     class LibraryConnectError(Exception):  # stands in for any HTTP library's wrapper, whatever its name
         pass
@@ -250,10 +246,10 @@ def test_retry_is_decided_by_status_and_socket_errors_not_library_class_names():
         except LibraryConnectError as outer:
             return outer
 
-    assert _retryable(wrapped(ConnectionRefusedError(111, "refused")))
-    assert _retryable(wrapped(TimeoutError("read timed out")))
-    assert not _retryable(wrapped(ValueError("bad header")))  # a wrapper alone is not a transport failure
-    assert not _retryable(LibraryConnectError("no cause"))
+    assert is_retryable(wrapped(ConnectionRefusedError(111, "refused")))
+    assert is_retryable(wrapped(TimeoutError("read timed out")))
+    assert not is_retryable(wrapped(ValueError("bad header")))  # a wrapper alone is not a transport failure
+    assert not is_retryable(LibraryConnectError("no cause"))
 
 
 @pytest.mark.parametrize("listing", [XetListing.WITH_LFS, XetListing.XET_ONLY])
@@ -402,7 +398,7 @@ def test_acceptance_bake_hf_onnx_push_download_reproduces_hooked(hub, tmp_path, 
     """lineas-bake --format hf,onnx --out X; lineas-bake push X me/steered; download; both formats == hooked."""
     require_onnx_extra()
     from bake.cli.main import main
-    from bake.formats.onnx import load_ort, ort_runner
+    from bake.formats.onnx_runtime import load_ort, ort_runner
 
     model_dir, maps_path = setup_model(tmp_path, tokenizer=True)
     out = tmp_path / "X"

@@ -15,6 +15,7 @@ from bake_fixtures import GEMMA2_SITES, LLAMA_SITES, load, setup_model
 from tiny import random_ids
 
 import bake.formats.onnx as ox
+import bake.formats.onnx_runtime as ort
 from bake import bake
 from bake.errors import VerificationError
 from bake.verify.tolerances import get_tolerance
@@ -106,13 +107,13 @@ def test_ort_logits_and_greedy_match_hooked_torch(onnx_export):
     ids = random_ids(2, 16, 128, seed=11)
     hooked, base, hooked_greedy = _hooked_and_base(model_dir, maps_path, ids)
     assert _rel(hooked, base) > 1e-2, "the maps must change the model for this test to mean anything"
-    ort_model = ox.load_ort(out / ox.ONNX_SUBDIR)
-    ort_logits = ox.ort_runner(ort_model)(ids, torch.ones_like(ids))
+    ort_model = ort.load_ort(out / ox.ONNX_SUBDIR)
+    ort_logits = ort.ort_runner(ort_model)(ids, torch.ones_like(ids))
     tol = get_tolerance("onnx-float32")
     err = _rel(ort_logits, hooked)
     assert err <= tol.max_rel, f"{arch}: ORT vs hooked max rel {err:.3g} > {tol.max_rel:g}"
     assert _rel(ort_logits, base) > 1e-2  # and it is the steered model, not the base one
-    assert ox.greedy_with_cache(ort_model, ids[0], N_TOKENS) == hooked_greedy
+    assert ort.greedy_with_cache(ort_model, ids[0], N_TOKENS) == hooked_greedy
 
 
 def test_verification_report_has_the_onnx_check(onnx_export):
@@ -212,7 +213,7 @@ def test_gemma2_kv_cache_shape_is_taken_from_the_graph(onnx_export):
     cfg = AutoConfig.from_pretrained(model_dir)
     assert cfg.num_key_value_heads != cfg.num_attention_heads  # GQA, or this test proves nothing
     raw = ORTModelForCausalLM.from_pretrained(out / ox.ONNX_SUBDIR)
-    fix = ox.cache_shape_fix(raw)
+    fix = ort.cache_shape_fix(raw)
     assert fix is not None and fix["graph"][0] == cfg.num_key_value_heads
     meta = json.loads((out / ox.ONNX_SUBDIR / ox.ONNX_REPORT_FILE).read_text())
     assert meta["ort_cache_shape_fix"]["graph"] == list(fix["graph"])

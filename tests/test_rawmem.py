@@ -143,7 +143,8 @@ def test_offloaded_passes_read_into_reused_buffers_with_the_same_result(tmp_path
     real_read, real_empty, real_init = ShardTensors.read, rawmem.empty, ShardTensors.__init__
     monkeypatch.setattr(ShardTensors, "read", lambda self, name, **k: reads.append(name) or real_read(self, name, **k))
     monkeypatch.setattr(rawmem, "empty", lambda shape, dtype: fresh.append(tuple(shape)) or real_empty(shape, dtype))
-    monkeypatch.setattr(ShardTensors, "__init__", lambda self, *a, **k: real_init(self, *a, **k) or pools.append(self.pool))
+    monkeypatch.setattr(ShardTensors, "__init__",
+                        lambda self, *a, **k: real_init(self, *a, **k) or pools.append(self.pool))
     with load_bounded(src, max_memory=tight_budget(src)) as m:
         offloaded = {k for k, v in m.hf_device_map.items() if v == "disk" and ".layers." in k}
         assert len(offloaded) >= 2  # layers of one shape read one after the other

@@ -95,6 +95,8 @@ def test_match_template():
     (lambda d: d["norms"][0].update(module_class=""), "'module_class' must name"),
     (lambda d: d.update(architectures=[]), "'architectures' must be a non-empty list"),
     (lambda d: d.update(norms={}), "'norms' must be list"),
+    (lambda d: d.update(notes="free text"), r"unknown key\(s\) \['notes'\]"),  # remarks live in the docs
+    (lambda d: d["norms"][0].update(note="read by q/k/v"), "'note' .* only with an empty 'consumers'"),
 ])
 def test_validator_rejects(mutate, message):
     data = copy.deepcopy(_raw("llama"))
@@ -106,6 +108,14 @@ def test_validator_rejects(mutate, message):
 def test_validator_accepts_shipped_files():
     for model_type in load_registry():
         assert parse_entry(_raw(model_type)).model_type == model_type
+
+
+def test_a_norm_note_is_the_reason_for_a_shift_nothing_reads():
+    """``note`` (only on a norm no linear reads) is what the plan says about the shift it cannot fold."""
+    entry = load_registry()["gemma2"]
+    norm, _ = entry.match_norm("model.layers.0.post_attention_layernorm")
+    assert norm.consumers == () and "residual stream" in norm.note
+    assert all(n.note == "" for e in load_registry().values() for n in e.norms if n.consumers)
 
 
 # -- the registry drives the planner: where entry and model disagree, the plan says so --------------------
@@ -144,11 +154,13 @@ L0 = "model.layers.0"
 MISMATCHES = [
     pytest.param("model.norm", lambda: torch.nn.RMSNorm(64), "model.norm", SiteKind.RMSNORM, ScaleFold.FOLDED,
                  ShiftFold.AFFINE, "registry 'llama' expects a LlamaRMSNorm at model.norm, the model has a RMSNorm",
-                 "registry 'llama' expects a LlamaRMSNorm at model.norm, the model has a RMSNorm: planned by module type",
+                 "registry 'llama' expects a LlamaRMSNorm at model.norm, the model has a RMSNorm: "
+                 "planned by module type",
                  id="norm-class-known-by-type"),
     pytest.param("model.norm", lambda: OddNorm(64), "model.norm", SiteKind.MODULE, ScaleFold.AFFINE, ShiftFold.AFFINE,
                  "the model has a OddNorm; no exact fold is known for a OddNorm output",
-                 "registry 'llama' expects a LlamaRMSNorm at model.norm, the model has a OddNorm: planned by module type",
+                 "registry 'llama' expects a LlamaRMSNorm at model.norm, the model has a OddNorm: "
+                 "planned by module type",
                  id="norm-class-unknown"),
     pytest.param(f"{L0}.self_attn.o_proj", lambda: _conv1d(64, 64), f"{L0}.self_attn.o_proj", SiteKind.CONV1D,
                  ScaleFold.FOLDED, ShiftFold.OWN_BIAS, None,

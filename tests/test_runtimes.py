@@ -21,7 +21,8 @@ LLAMA_FLAG_SITES = ("model.layers.0.input_layernorm", "model.layers.1.post_atten
 
 
 def _raw(model_type: str) -> dict:
-    return json.loads(resources.files("bake.registry").joinpath("archs", f"{model_type}.json").read_text(encoding="utf-8"))
+    path = resources.files("bake.registry").joinpath("archs", f"{model_type}.json")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _plan(tmp_path, arch, sites):

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bake.publish.hub import HubError, check_online, format_plan, plan_push, push
+from bake.publish.hub import check_online, format_plan, plan_push, push
+from bake.publish.hub_errors import HubError
 from lineas.io import ExitCode, fail
 
 PROG = "lineas-bake push"

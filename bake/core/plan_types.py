@@ -47,11 +47,6 @@ class Layout(str, Enum):
     CONV = "conv"
     EMBEDDING = "embedding"
 
-    @property
-    def is_linear(self) -> bool:
-        """A layer ``y = W x + b`` whose input shift can move into ``b`` (``b += W t``)."""
-        return self in (Layout.LINEAR, Layout.CONV1D)
-
 
 class ScaleFold(str, Enum):
     IDENTITY = "identity"   # scale is 1 everywhere: nothing to do
@@ -160,7 +155,7 @@ class FoldPlan:
     untied: tuple[Untie, ...] = ()
     maps_digest: str = ""
     notes: tuple[str, ...] = ()           # registry/model disagreements the user should know about
-    runtimes: tuple = ()                  # bake.plan.runtimes.RuntimeVerdict per runtime (set by bake.plan.planner.plan)
+    runtimes: tuple = ()                  # bake.plan.runtimes.RuntimeVerdict per runtime (set by plan())
 
     # -- views -----------------------------------------------------------------
     @property

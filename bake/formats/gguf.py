@@ -41,6 +41,7 @@ from bake.formats.llamacpp import llama_cpp_python_version, llamacpp_runner, loa
 from bake.plan.runtimes import Runtime, check_required
 from bake.publish.card import write_json
 from bake.verify.check import bar_disabled, compare
+from bake.verify.tolerances import gguf_row
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def export_gguf(baked: Baked, folder: Path, opts: ExportOptions, *, fmt: str = "
             if llm.repack_off:
                 details["llama_cpp_repack_off"] = llm.repack_off
                 log.warning("gguf %s: %s", outtype, llm.repack_off)
-            check, _ = compare(llamacpp_runner(llm), baked.reference, f"gguf-{outtype}",
+            check, _ = compare(llamacpp_runner(llm), baked.reference, gguf_row(outtype),
                                label=f"gguf {outtype} (llama.cpp)", progress=opts.progress)
             if outtype == GATING_OUTTYPE:
                 details |= long_greedy_check(baked, llm, check, progress=opts.progress)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from bake.formats.baked import Baked
 from bake.formats.llamacpp import greedy_decode
 from bake.verify.check import CheckResult, bar_disabled, first_divergence
-from bake.verify.probes import PROMPTS, _encode, _random_ids, model_vocab_size
+from bake.verify.probes import PROMPTS, encode_prompt, model_vocab_size, random_ids
 from lineas.hooks import attach_affine
 
 GREEDY_PROMPTS = PROMPTS + (
@@ -31,11 +31,11 @@ def greedy_prompt_ids(model, tokenizer) -> torch.Tensor:
     """``[8, L]``: the prompts cut to the shortest (one unpadded batch), or random ids without a tokenizer."""
     vocab = model_vocab_size(model)
     if tokenizer is not None:
-        rows = [r[r < vocab] for r in (_encode(tokenizer, t) for t in GREEDY_PROMPTS)]
+        rows = [r[r < vocab] for r in (encode_prompt(tokenizer, t) for t in GREEDY_PROMPTS)]
         n = min(r.numel() for r in rows)
         if n >= 2:
             return torch.stack([r[:n] for r in rows])
-    return _random_ids(len(GREEDY_PROMPTS), 6, vocab, torch.Generator().manual_seed(SEED))
+    return random_ids(len(GREEDY_PROMPTS), 6, vocab, torch.Generator().manual_seed(SEED))
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from bake.formats.baked import Baked
 from bake.formats.base import EXPORT_DTYPES, ExportOptions, ExportResult
 from bake.formats.shard_writer import set_config_dtype
 from bake.verify.check import bar_disabled, compare, model_device
+from bake.verify.tolerances import reload_row
 from lineas.models import TOKENIZER_FILES
 
 GENERATION_FILES = ("generation_config.json",)
@@ -150,7 +151,7 @@ def export_hf_in_memory(baked: Baked, folder: Path, opts: ExportOptions) -> Expo
             steps.set_postfix_str("reload check")
             # Our own freshly written code: trusting it is what the user will have to do.
             reloaded = reload_hf(folder, opts.dtype, model_device(baked.model), trust_remote_code=remote)
-            check, _ = compare(reloaded, baked.reference, f"reload-{opts.dtype}",
+            check, _ = compare(reloaded, baked.reference, reload_row(opts.dtype),
                                label=f"exported {opts.dtype}, reloaded", progress=opts.progress)
             checks.append(check)
             del reloaded

@@ -21,17 +21,18 @@ from bake.formats.hf import copy_base_files, explained_cast_failure, has_remote_
 from bake.formats.shard_writer import write_baked_folder
 from bake.store.checkpoint import load_bounded, release_memory
 from bake.verify.check import CheckResult, Reference, compare, record_reference, site_divergence
+from bake.verify.tolerances import reload_row
 
 FP32_CHECK_DIR = ".lineas-fp32-check"  # inside the temporary export folder; removed before the rename
 
 
-def _check_written(baked: Baked, reference: Reference, folder: Path, dtype: str, tolerance: str, label: str,
-                   opts: ExportOptions) -> tuple[CheckResult, list]:
-    """Load a written folder with bounded memory and compare it with the hooked reference."""
+def _check_written(baked: Baked, reference: Reference, folder: Path, dtype: str, label: str, opts: ExportOptions,
+                   ) -> tuple[CheckResult, list]:
+    """Load a written folder with bounded memory and compare it with the hooked reference (row: :func:`reload_row`)."""
     src = baked.source
     with load_bounded(folder, dtype=EXPORT_DTYPES[dtype], device=src.device, max_memory=src.max_memory,
                       trust_remote_code=has_remote_code(folder)) as model:  # our own freshly written code
-        check, acts = compare(model, reference, tolerance, label=label, progress=opts.progress)
+        check, acts = compare(model, reference, reload_row(dtype), label=label, progress=opts.progress)
         del model  # the last reference: load_bounded frees it and hands the memory back
     sites = site_divergence(reference, acts, baked.effective, baked.plan.differs_by_design())
     return check, sites
@@ -136,7 +137,7 @@ def export_hf_streamed(baked: Baked, folder: Path, opts: ExportOptions) -> Expor
             scratch.mkdir()
             try:
                 write_baked_folder(baked, scratch, folded("float32"), torch.float32, progress=opts.progress)
-                check, sites = _check_written(baked, reference(), scratch, "float32", "reload-float32",
+                check, sites = _check_written(baked, reference(), scratch, "float32",
                                               "float32 scratch copy, reloaded (the fold)", opts)
                 checks.append(check)
             finally:
@@ -153,7 +154,7 @@ def export_hf_streamed(baked: Baked, folder: Path, opts: ExportOptions) -> Expor
     remote = has_remote_code(folder)
     tok = copy_base_files(baked, folder)
     if src.verify:
-        check, written_sites = _check_written(baked, reference(), folder, opts.dtype, f"reload-{opts.dtype}",
+        check, written_sites = _check_written(baked, reference(), folder, opts.dtype,
                                               f"exported {opts.dtype}, reloaded", opts)
         checks.append(check)
         sites = sites or written_sites

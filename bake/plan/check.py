@@ -1,7 +1,7 @@
 """Check, before anything is planned or baked, that the maps are sound and fit their sites' outputs.
 
-:func:`_normalise_maps` turns what the caller gave into finite :class:`SiteMap` values;
-:func:`maps_digest` binds a plan to them.
+:func:`normalise_maps` turns what the caller gave into finite :class:`SiteMap` values;
+:func:`resolve_site_modules` finds each site's module; :func:`maps_digest` binds a plan to them.
 
 A module whose type tells its output size (a norm, a linear, ...) is checked from
 that size.  Any other site (a decoder layer, an attention block) shows its output
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 
 import torch
@@ -29,7 +29,7 @@ from bake.errors import FoldError
 from bake.verify.probes import model_vocab_size
 from lineas.collect import run_hooked
 from lineas.evaluate import input_device
-from lineas.hooks import SteeringError, apply_affine, feature_axis, module_feature_dim
+from lineas.hooks import SteeringError, apply_affine, feature_axis, module_feature_dim, resolve_sites
 from lineas.maps import SiteMap, SteeringMaps
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def maps_digest(maps: Mapping[str, SiteMap]) -> str:
     return h.hexdigest()
 
 
-def _normalise_maps(effective_maps) -> dict[str, SiteMap]:
+def normalise_maps(effective_maps) -> dict[str, SiteMap]:
     """Site -> finite :class:`SiteMap` from a maps object, or a mapping of SiteMaps or (scale, shift) pairs."""
     if isinstance(effective_maps, SteeringMaps):  # a maps object at strength 1 is its own effective map
         effective_maps = effective_maps.maps
@@ -70,6 +70,14 @@ def _normalise_maps(effective_maps) -> dict[str, SiteMap]:
     if not out:
         raise FoldError("no sites to bake: the effective maps are empty")
     return out
+
+
+def resolve_site_modules(model: nn.Module, sites: Iterable[str]) -> dict[str, nn.Module]:
+    """Site name -> module; :class:`FoldError` for an unknown or root site."""
+    try:
+        return resolve_sites(model, list(sites))
+    except SteeringError as e:
+        raise FoldError(str(e)) from None
 
 
 CHECK_TOKENS = 4  # enough for any sequence-shaped output; the pass costs one short forward

@@ -33,9 +33,9 @@ from bake.core.plan_types import (
     SitePlan,
 )
 from bake.errors import FoldError
-from bake.plan.check import _normalise_maps, maps_digest
+from bake.plan.check import maps_digest, normalise_maps, resolve_site_modules
 from bake.plan.module_kinds import producer_layout
-from bake.plan.planner import _resolve, plan
+from bake.plan.planner import plan
 from bake.registry.diffusers import (
     REGISTRY_NAME,
     AdalnRule,
@@ -68,8 +68,7 @@ def _component_notes(modules: PipelineModules, sites, registry: PipelineRegistry
     return known, notes
 
 
-def site_entry(modules: Mapping[str, nn.Module], sites, registry: PipelineRegistry,
-               pipeline_class: str) -> ArchEntry:
+def site_entry(modules: Mapping[str, nn.Module], sites, registry: PipelineRegistry) -> ArchEntry:
     """An :class:`ArchEntry` of exact names (no templates) for the ``sites`` the registry rules match."""
     norms, producers = [], {}
     for name in sites:
@@ -88,8 +87,7 @@ def site_entry(modules: Mapping[str, nn.Module], sites, registry: PipelineRegist
             layout = producer_layout(modules[name])
             producers[name] = ProducerEntry(site=name, layout=layout if layout in prule.layouts else prule.layouts[0])
     return ArchEntry(model_type=REGISTRY_NAME, architectures=(PipelineModules.__name__,), norms=tuple(norms),
-                     producers=tuple(producers.values()), bias_flags={},
-                     notes=f"diffusers registry rules for the steered sites of a {pipeline_class}")
+                     producers=tuple(producers.values()), bias_flags={})
 
 
 def _modulation_linear(name: str, owner: str, module: nn.Module, rule: AdalnRule, m: SiteMap) -> nn.Linear:
@@ -153,8 +151,8 @@ def plan_pipeline(modules: PipelineModules, effective_maps, *, require_standard:
     ``require_standard``, for a plan that needs an affine module (listing the sites and why).
     """
     registry = registry or load_pipeline_registry()
-    maps = _normalise_maps(effective_maps)
-    resolved = _resolve(modules, maps)
+    maps = normalise_maps(effective_maps)
+    resolved = resolve_site_modules(modules, maps)
     known, notes = _component_notes(modules, maps, registry)
     named = dict(modules.named_modules())
     adaln, ordinary = {}, {}
@@ -176,7 +174,7 @@ def plan_pipeline(modules: PipelineModules, effective_maps, *, require_standard:
                             f"of them (or compose them into one map on {name!r})")
     shared = None
     if ordinary:
-        entry = site_entry(named, [s for s in ordinary if split_site(s)[0] in known], registry, modules.pipeline_class)
+        entry = site_entry(named, [s for s in ordinary if split_site(s)[0] in known], registry)
         shared = plan(modules, ordinary, entry=entry)
         notes.extend(shared.notes)
     by_site = {p.site: p for p in (shared.sites if shared else ())} | adaln

@@ -24,19 +24,19 @@ Decision rules, per site (an identity scale / zero shift needs nothing):
 
 Each decision is a function of the site's facts that returns its
 :class:`SitePlan` and what it needs from the whole plan (config flags to switch
-on, parameters to untie, notes); :class:`_Planner` gathers those afterwards.
+on, parameters to untie, notes: :class:`bake.plan.sites.Needs`); :class:`_Planner`
+gathers those afterwards.  The maps are checked first (:mod:`bake.plan.check`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from bake.core.fold_math import is_identity_scale, is_zero_shift
 from bake.core.plan_types import (
     NORM_KINDS,
     PLAN_VERSION,
@@ -53,11 +53,11 @@ from bake.core.plan_types import (
     Untie,
 )
 from bake.errors import FoldError
-from bake.plan.check import _normalise_maps, check_site_outputs, maps_digest
+from bake.plan.check import check_site_outputs, maps_digest, normalise_maps, resolve_site_modules
 from bake.plan.module_kinds import norm_kind_by_type, producer_layout, tied_groups
 from bake.plan.runtimes import check_required, runtime_matrix
+from bake.plan.sites import NOTHING, Needs, Site, folded_scale, to_affine
 from bake.registry.llm import ArchEntry, entry_for, expand, match_template
-from lineas.hooks import SteeringError, feature_axis, resolve_sites
 from lineas.maps import SiteMap
 
 # Callers import the plan types from here, beside plan() itself.
@@ -68,65 +68,6 @@ log = logging.getLogger(__name__)
 
 UNTIE_HINT = "pass --untie-embeddings (Python: untie=True) to give it its own copy"
 REQUIRE_STANDARD = "--require-standard (Python: require_standard=True)"
-
-
-# -- per-site facts and decisions --------------------------------------------------
-@dataclass(frozen=True)
-class _Site:
-    """What a decision knows about one site."""
-
-    name: str
-    module: nn.Module
-    map: SiteMap
-    kind: SiteKind
-    source: str                              # "registry:<model_type>" or "module type"
-    layout: Layout | None = None             # producers
-    consumers: tuple[str, ...] | None = None  # norms: the registry's consumer linears (None: none known)
-    consumers_note: str = ""                 # the registry's word on an empty consumer list
-    mismatch: str = ""                       # why the registry entry for this site was not used
-
-    @property
-    def identity_scale(self) -> bool:
-        return is_identity_scale(self.map.scale)
-
-    @property
-    def zero_shift(self) -> bool:
-        return is_zero_shift(self.map.shift)
-
-    def plan(self, *, scale: ScaleFold, shift: ShiftFold, steps: Iterable[FoldStep] = (),
-             shift_targets: tuple[str, ...] = (), affine: AffineSpec | None = None, reason: str = "") -> SitePlan:
-        return SitePlan(site=self.name, module_class=type(self.module).__name__, kind=self.kind,
-                        source=self.source, scale=scale, shift=shift, steps=tuple(steps),
-                        shift_targets=shift_targets, affine=affine, reason=reason)
-
-
-@dataclass(frozen=True)
-class _Needs:
-    """What one site's plan asks of the whole plan."""
-
-    flags: tuple[str, ...] = ()                          # config bias flags to switch on
-    untie: tuple[tuple[str, tuple[str, ...]], ...] = ()  # parameter, what it is tied to
-    notes: tuple[str, ...] = ()                          # registry/model disagreements
-
-    def __add__(self, other: _Needs) -> _Needs:
-        return _Needs(flags=self.flags + other.flags, untie=self.untie + other.untie, notes=self.notes + other.notes)
-
-
-NOTHING = _Needs()
-
-
-def _to_affine(site: _Site, *, reason: str, steps: Iterable[FoldStep] = (), scale_folded: bool = False) -> SitePlan:
-    """The one fallback: whatever ``steps`` do not fold stays in an affine module after the site."""
-    scale = ScaleFold.IDENTITY if site.identity_scale else (ScaleFold.FOLDED if scale_folded else ScaleFold.AFFINE)
-    shift = ShiftFold.ZERO if site.zero_shift else ShiftFold.AFFINE
-    spec = AffineSpec(site=site.name, dim=site.map.dim, axis=feature_axis(site.module),
-                      scale=scale is ScaleFold.AFFINE, shift=shift is ShiftFold.AFFINE)
-    return site.plan(scale=scale, shift=shift, steps=steps, affine=spec,
-                     reason=f"{site.mismatch}; {reason}" if site.mismatch else reason)
-
-
-def _folded_scale(site: _Site) -> ScaleFold:
-    return ScaleFold.IDENTITY if site.identity_scale else ScaleFold.FOLDED
 
 
 class _Planner:
@@ -155,7 +96,7 @@ class _Planner:
             self.notes.append(text)
 
     # ---- facts
-    def classify(self, name: str, m: SiteMap) -> _Site:
+    def classify(self, name: str, m: SiteMap) -> Site:
         module = self.modules[name]
         cls = type(module).__name__
         mismatch = ""
@@ -166,26 +107,26 @@ class _Planner:
             if hit is not None:
                 norm, layer = hit
                 if norm.module_class == cls:
-                    return _Site(name=name, module=module, map=m, kind=norm.kind, source=self.registry_source,
+                    return Site(name=name, module=module, map=m, kind=norm.kind, source=self.registry_source,
                                  consumers=tuple(expand(c, layer) for c in norm.consumers),
                                  consumers_note=norm.note)
                 mismatch = f"registry {mt!r} expects a {norm.module_class} at {name}, the model has a {cls}"
             elif producer is not None:
                 if producer_layout(module) is producer.layout:
-                    return _Site(name=name, module=module, map=m, kind=SiteKind(producer.layout.value),
+                    return Site(name=name, module=module, map=m, kind=SiteKind(producer.layout.value),
                                  source=self.registry_source, layout=producer.layout)
                 mismatch = (f"registry {mt!r} lists {name} as a {producer.layout.value} layer, "
                             f"the model has a {cls}")
         kind = norm_kind_by_type(module)
         if kind is not None:
-            return _Site(name=name, module=module, map=m, kind=kind, source="module type", mismatch=mismatch)
+            return Site(name=name, module=module, map=m, kind=kind, source="module type", mismatch=mismatch)
         layout = producer_layout(module)
         if layout is not None:
-            return _Site(name=name, module=module, map=m, kind=SiteKind(layout.value), source="module type",
+            return Site(name=name, module=module, map=m, kind=SiteKind(layout.value), source="module type",
                          layout=layout, mismatch=mismatch)
-        return _Site(name=name, module=module, map=m, kind=SiteKind.MODULE, source="module type", mismatch=mismatch)
+        return Site(name=name, module=module, map=m, kind=SiteKind.MODULE, source="module type", mismatch=mismatch)
 
-    def write_access(self, params: Iterable[str]) -> tuple[str | None, _Needs]:
+    def write_access(self, params: Iterable[str]) -> tuple[str | None, Needs]:
         """(None, the unties needed) when every parameter may be written; else (why not, nothing)."""
         untie = []
         for param in params:
@@ -199,7 +140,7 @@ class _Planner:
             if not self.allow_untie:
                 return f"{why} ({UNTIE_HINT})", NOTHING
             return why + " by something other than config.tie_word_embeddings, so it cannot be untied safely", NOTHING
-        return None, _Needs(untie=tuple(untie))
+        return None, Needs(untie=tuple(untie))
 
     def _tied_by_config(self, param: str) -> bool:
         if self.config is None or not getattr(self.config, "tie_word_embeddings", False):
@@ -211,18 +152,18 @@ class _Planner:
             return False
         return emb is out and dict(self.model.named_parameters(remove_duplicate=False)).get(param) is emb
 
-    def bias_route(self, name: str, module: nn.Module) -> tuple[str | None, _Needs]:
+    def bias_route(self, name: str, module: nn.Module) -> tuple[str | None, Needs]:
         """(None, flag to switch on if any) when ``module`` has or can get a bias; else (why not, nothing)."""
         if getattr(module, "bias", None) is not None:
             return None, NOTHING
         flag = self.entry.flag_for(name) if self.entry else None
         if flag is not None and self.config is not None and hasattr(self.config, flag):
-            return None, _Needs(flags=(flag,))
+            return None, Needs(flags=(flag,))
         if flag is not None:
             return f"{name} has no bias and the config lacks the {flag!r} flag", NOTHING
         return f"{name} has no bias and no config flag adds one", NOTHING
 
-    def consumer_route(self, site: _Site) -> tuple[str | None, tuple[FoldStep, ...], _Needs]:
+    def consumer_route(self, site: Site) -> tuple[str | None, tuple[FoldStep, ...], Needs]:
         """Can the shift move into the bias of every linear reading the site? (why not | None, steps, needs)"""
         if site.consumers is None:
             return ("no registry entry names the linears that read this output, so its shift cannot move into "
@@ -239,7 +180,7 @@ class _Planner:
             if producer_layout(mod) is not layout:
                 mismatch = f"registry {self.entry.model_type!r} lists {c} as a {layout.value} layer, the model has a " \
                            f"{type(mod).__name__}"
-                return f"consumer {c}: {mismatch}", (), _Needs(notes=(mismatch + ": shift not folded into it",))
+                return f"consumer {c}: {mismatch}", (), Needs(notes=(mismatch + ": shift not folded into it",))
             why, flag = self.bias_route(c, mod)
             if why is None and getattr(mod, "bias", None) is not None:
                 why, _ = self.write_access([f"{c}.bias"])
@@ -250,23 +191,23 @@ class _Planner:
         return None, tuple(steps), needs
 
     # ---- decisions
-    def decide(self, site: _Site) -> tuple[SitePlan, _Needs]:
+    def decide(self, site: Site) -> tuple[SitePlan, Needs]:
         if site.identity_scale and site.zero_shift:
             return site.plan(scale=ScaleFold.IDENTITY, shift=ShiftFold.ZERO), NOTHING
         if site.kind.is_norm:
             return self.decide_norm(site)
         if site.layout is not None:
             return self.decide_producer(site)
-        return _to_affine(site, reason=f"no exact fold is known for a {type(site.module).__name__} output"), NOTHING
+        return to_affine(site, reason=f"no exact fold is known for a {type(site.module).__name__} output"), NOTHING
 
-    def decide_norm(self, site: _Site) -> tuple[SitePlan, _Needs]:
+    def decide_norm(self, site: Site) -> tuple[SitePlan, Needs]:
         name, module = site.name, site.module
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         if not isinstance(weight, torch.Tensor) and not site.identity_scale:
             # elementwise_affine=False: a shift can still move into the consumers' biases, a scale cannot
-            return _to_affine(site, reason="norm has no weight (elementwise_affine=False) to take the scale"), NOTHING
+            return to_affine(site, reason="norm has no weight (elementwise_affine=False) to take the scale"), NOTHING
         if site.kind in (SiteKind.RMSNORM, SiteKind.RMSNORM_1P) and bias is not None:
-            return _to_affine(site, reason="RMSNorm with a bias is not a known convention"), NOTHING
+            return to_affine(site, reason="RMSNorm with a bias is not a known convention"), NOTHING
         steps = []
         if not site.identity_scale:
             op = FoldOp.NORM_SCALE_1P if site.kind is SiteKind.RMSNORM_1P else FoldOp.NORM_SCALE
@@ -275,8 +216,8 @@ class _Planner:
             steps.append(FoldStep(op=FoldOp.NORM_BIAS, module=name, layout=Layout.NORM, tensors=(f"{name}.bias",)))
         blocked, needs = self.write_access(t for step in steps for t in step.tensors)
         if blocked:
-            return _to_affine(site, reason=blocked), NOTHING
-        scale = _folded_scale(site)
+            return to_affine(site, reason=blocked), NOTHING
+        scale = folded_scale(site)
         if site.zero_shift:
             return site.plan(scale=scale, shift=ShiftFold.ZERO, steps=steps), needs
         if bias is not None:
@@ -286,34 +227,34 @@ class _Planner:
         if why is None:
             return site.plan(scale=scale, shift=ShiftFold.CONSUMERS, steps=[*steps, *consumer_steps],
                              shift_targets=site.consumers), needs + consumer_needs
-        return _to_affine(site, reason=why, steps=steps, scale_folded=True), needs + consumer_needs
+        return to_affine(site, reason=why, steps=steps, scale_folded=True), needs + consumer_needs
 
-    def decide_producer(self, site: _Site) -> tuple[SitePlan, _Needs]:
+    def decide_producer(self, site: Site) -> tuple[SitePlan, Needs]:
         name, module, layout = site.name, site.module, site.layout
         has_bias = layout is not Layout.EMBEDDING and getattr(module, "bias", None) is not None
         rows = (f"{name}.weight", f"{name}.bias") if has_bias else (f"{name}.weight",)
         if site.zero_shift or layout is Layout.EMBEDDING:  # an embedding's shift goes into every row
             blocked, needs = self.write_access(rows)
             if blocked:
-                return _to_affine(site, reason=blocked), NOTHING
+                return to_affine(site, reason=blocked), NOTHING
             step = FoldStep(op=FoldOp.ROWS, module=name, layout=layout, tensors=rows)
             shift = ShiftFold.ZERO if site.zero_shift else ShiftFold.OWN_BIAS
-            return site.plan(scale=_folded_scale(site), shift=shift, steps=[step]), needs
+            return site.plan(scale=folded_scale(site), shift=shift, steps=[step]), needs
         no_bias, flag = self.bias_route(name, module)
         if no_bias is None:
             blocked, needs = self.write_access(rows)
             if blocked:
-                return _to_affine(site, reason=blocked), NOTHING
+                return to_affine(site, reason=blocked), NOTHING
             step = FoldStep(op=FoldOp.ROWS, module=name, layout=layout, tensors=(f"{name}.weight", f"{name}.bias"))
-            return site.plan(scale=_folded_scale(site), shift=ShiftFold.OWN_BIAS, steps=[step]), needs + flag
+            return site.plan(scale=folded_scale(site), shift=ShiftFold.OWN_BIAS, steps=[step]), needs + flag
         # No bias to take the shift: the scale folds into the rows, the shift stays in an affine module.
         if site.identity_scale:
-            return _to_affine(site, reason=no_bias), NOTHING
+            return to_affine(site, reason=no_bias), NOTHING
         blocked, needs = self.write_access(rows)
         if blocked:
-            return _to_affine(site, reason=blocked), NOTHING
+            return to_affine(site, reason=blocked), NOTHING
         step = FoldStep(op=FoldOp.ROWS, module=name, layout=layout, tensors=rows)
-        return _to_affine(site, reason=no_bias, steps=[step], scale_folded=True), needs
+        return to_affine(site, reason=no_bias, steps=[step], scale_folded=True), needs
 
     # ---- bookkeeping
     def plan_sites(self, maps: Mapping[str, SiteMap]) -> tuple[tuple[SitePlan, ...], dict[str, list[str]],
@@ -352,13 +293,6 @@ class _Planner:
         return tuple(out)
 
 
-def _resolve(model: nn.Module, sites: Iterable[str]) -> dict[str, nn.Module]:
-    try:
-        return resolve_sites(model, list(sites))
-    except SteeringError as e:
-        raise FoldError(str(e)) from None
-
-
 def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_standard: bool = False,
          untie: bool = False, runnable=None, entry: ArchEntry | None = None,
          require_runtimes=()) -> FoldPlan:
@@ -378,8 +312,8 @@ def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_sta
     ``require_runtimes``: :class:`bake.plan.runtimes.Runtime` values that must serve the export without custom
     code (:attr:`FoldPlan.runtimes`); raise :class:`FoldError` with the reasons otherwise.
     """
-    maps = _normalise_maps(effective_maps)
-    check_site_outputs(model, _resolve(model, maps), maps, runnable=runnable)
+    maps = normalise_maps(effective_maps)
+    check_site_outputs(model, resolve_site_modules(model, maps), maps, runnable=runnable)
     planner = _Planner(model, untie=untie, entry=entry)
     sites, flags, untied = planner.plan_sites(maps)
     config = getattr(model, "config", None)

@@ -1,6 +1,7 @@
 """Publish an export folder to the Hugging Face Hub, then prove the upload arrived intact.
 
-This is the only module in ``bake/`` that talks to the network.  Steps:
+This is the only module in ``bake/`` that calls the Hub (:mod:`bake.publish.hub_errors` turns the
+calls' failures into messages and retries them).  Steps:
 
 1. :func:`plan_push` (offline): list the files ``upload_folder`` will send (same
    ignore rules), hash each one (sha256 and git blob sha1) and check the repo id.
@@ -15,7 +16,7 @@ This is the only module in ``bake/`` that talks to the network.  Steps:
 
 Errors are mapped to messages a user can act on (401/403: token, 404: repo or
 namespace); 5xx, 429 and connection errors are retried with exponential backoff
-(:class:`RetryPolicy`), then reported.  Every failure message names the local
+(:class:`bake.publish.hub_errors.RetryPolicy`), then reported.  Every failure message names the local
 export, which is never modified, so ``lineas-bake push DIR OWNER/NAME`` can be
 run again.
 
@@ -35,48 +36,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bake.errors import BakeError
-from lineas.io import ExitCode, human_size
+from bake.publish.hub_errors import (
+    HubAuthError,
+    HubError,
+    HubInputError,
+    HubVerificationError,
+    RetryPolicy,
+    Scrubber,
+    with_retries,
+)
+from lineas.io import human_size
 
 log = logging.getLogger(__name__)
 
 CHUNK = 8 * 1024 * 1024
 MODEL_CARD = "README.md"
-
-
-# ----------------------------------------------------------------------------- errors
-class HubError(BakeError):
-    """Publishing failed; ``exit_code`` is what the CLI returns."""
-
-    exit_code = ExitCode.FAIL
-
-
-class HubInputError(HubError, ValueError):
-    """Bad repo id, missing folder, missing model card, inconsistent endpoint."""
-
-    exit_code = ExitCode.BAD_INPUT
-
-
-class HubAuthError(HubError):
-    """No token, or the Hub refused it (401) or refused the action (403)."""
-
-
-class HubNotFoundError(HubError):
-    """404: the repo, namespace or revision does not exist (or is invisible to this token)."""
-
-
-class HubUnavailableError(HubError):
-    """5xx / 429 / connection errors that outlasted the retries."""
-
-
-class HubVerificationError(HubError):
-    """The files listed at the new commit do not match the local files."""
+DEFAULT_RETRY = RetryPolicy()
 
 
 # ----------------------------------------------------------------------------- data
@@ -86,18 +66,6 @@ class LocalFile:
     size: int
     sha256: str  # what the Hub reports as the LFS oid
     git_sha1: str  # what the Hub reports as the blob oid of a regular (non-LFS) file
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff: waits ``base * 2**i`` capped at ``max``, ``attempts`` tries in all."""
-
-    attempts: int = 4
-    base_delay_s: float = 2.0
-    max_delay_s: float = 30.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.max_delay_s, self.base_delay_s * (2 ** attempt))
 
 
 @dataclass(frozen=True)
@@ -229,99 +197,6 @@ def format_plan(plan: PushPlan) -> str:
 
 
 # ----------------------------------------------------------------------------- network part
-def _status(exc: BaseException) -> int | None:
-    resp = getattr(exc, "response", None)
-    return getattr(resp, "status_code", None)
-
-
-# What a transport failure is made of, whatever HTTP library huggingface_hub uses: requests (hub < 1.0),
-# httpx (hub >= 1.0) and their connection pools all raise their own classes, but chain them (``raise X from
-# e`` or during handling) to the socket error underneath, which is one of these builtins.
-_TRANSIENT_OS_ERRORS = (ConnectionError, TimeoutError, socket.gaierror)
-
-
-def _causes(exc: BaseException):
-    """``exc`` and every exception it was raised from or while handling, outermost first."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _retryable(exc: BaseException) -> bool:
-    """5xx and 429 answers, and failures to reach the server at all (no HTTP answer; a connection, DNS or
-    timeout error somewhere in the chain).  Decided by the status code and by Python's own socket errors,
-    never by the HTTP library's exception names."""
-    status = _status(exc)
-    if status is not None:
-        return status >= 500 or status == 429
-    return any(isinstance(e, _TRANSIENT_OS_ERRORS) for e in _causes(exc))
-
-
-def _transport_failure(exc: BaseException) -> str:
-    """``connection error (ConnectionRefusedError: ...)``: the socket error under the HTTP library's wrapper."""
-    root = next((e for e in _causes(exc) if isinstance(e, _TRANSIENT_OS_ERRORS)), exc)
-    kind = "timeout" if isinstance(root, TimeoutError) else "connection error"
-    return f"{kind}: {type(root).__name__}"
-
-
-def _server_message(exc: BaseException) -> str:
-    msg = getattr(exc, "server_message", None) or ""
-    return f" (server said: {msg.strip()})" if msg.strip() else ""
-
-
-def _classify(exc: BaseException, plan: PushPlan, step: str) -> HubError:
-    status = _status(exc)
-    owner = plan.repo_id.split("/")[0]
-    if status == 401:
-        return HubAuthError(f"{step}: the Hub rejected the token (401 Unauthorized){_server_message(exc)}. Check that "
-                            "HF_TOKEN (or the token saved by `hf auth login`) is current and valid.")
-    if status == 403:
-        return HubAuthError(f"{step}: permission denied (403 Forbidden){_server_message(exc)}. The token is valid but "
-                            f"may not write to {plan.repo_id}: use a token with write access to the namespace "
-                            f"{owner!r} (a 'write' token, or a fine-grained token granting it).")
-    if status == 404:
-        return HubNotFoundError(f"{step}: not found (404){_server_message(exc)}. Check that the namespace {owner!r} "
-                                f"exists and that the token can see {plan.repo_id}"
-                                + (f" and its branch {plan.revision!r}" if plan.revision != "main" else "") + ".")
-    if _retryable(exc):
-        what = f"HTTP {status}" if status is not None else _transport_failure(exc)
-        return HubUnavailableError(f"{step}: the Hub at {plan.endpoint} is unavailable ({what}){_server_message(exc)}.")
-    if status is not None:
-        return HubError(f"{step}: the Hub answered HTTP {status}{_server_message(exc)}.")
-    return HubError(f"{step}: {type(exc).__name__}: {exc}")
-
-
-class _Scrubber:
-    """Removes the token from any text we produce (defence in depth: we never format it in)."""
-
-    def __init__(self, token: str | None):
-        self.token = token
-
-    def __call__(self, text: str) -> str:
-        return text.replace(self.token, "<token>") if self.token else text
-
-
-def _with_retries(fn: Callable, plan: PushPlan, step: str, retry: RetryPolicy, sleep: Callable[[float], None]):
-    for attempt in range(retry.attempts):
-        try:
-            return fn()
-        except HubError:
-            raise
-        except Exception as exc:
-            err = _classify(exc, plan, step)
-            if not isinstance(err, HubUnavailableError) or attempt == retry.attempts - 1:
-                if isinstance(err, HubUnavailableError):
-                    err = HubUnavailableError(f"{err} Gave up after {retry.attempts} attempts.")
-                raise err from exc
-            wait = retry.delay(attempt)
-            log.warning("%s failed (%s); retry %d/%d in %.1fs", step,
-                        f"HTTP {_status(exc)}" if _status(exc) else _transport_failure(exc),
-                        attempt + 1, retry.attempts - 1, wait)
-            sleep(wait)
-
-
 def make_api(plan: PushPlan, token: str | None = None):
     """An ``HfApi`` bound to the plan's endpoint; the token defaults to HF_TOKEN / the cached login."""
     from huggingface_hub import HfApi, get_token
@@ -393,27 +268,27 @@ def verify_remote(api, plan: PushPlan, commit_oid: str) -> tuple[str, ...]:
     return tuple(sorted(p for p in remote if p not in local and p != ".gitattributes"))
 
 
-def push(plan: PushPlan, *, token: str | None = None, api=None, retry: RetryPolicy = RetryPolicy(),
+def push(plan: PushPlan, *, token: str | None = None, api=None, retry: RetryPolicy = DEFAULT_RETRY,
          sleep: Callable[[float], None] = time.sleep) -> PushResult:
     """Create the repo (and branch), upload the folder, verify the commit.  Raises :class:`HubError`."""
-    scrub = _Scrubber(token)
+    scrub = Scrubber(token)
     if api is None:
         check_online()
     try:
         if api is None:
             api, token = make_api(plan, token)
-            scrub = _Scrubber(token)
-        created = _with_retries(lambda: api.create_repo(plan.repo_id, private=plan.private, exist_ok=True),
+            scrub = Scrubber(token)
+        created = with_retries(lambda: api.create_repo(plan.repo_id, private=plan.private, exist_ok=True),
                                 plan, "create repo", retry, sleep)
         log.info("repository ready: %s", created)
         if plan.revision != "main":
-            _with_retries(lambda: api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True),
+            with_retries(lambda: api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True),
                           plan, f"create branch {plan.revision!r}", retry, sleep)
-        info = _with_retries(lambda: api.upload_folder(repo_id=plan.repo_id, folder_path=str(plan.folder),
+        info = with_retries(lambda: api.upload_folder(repo_id=plan.repo_id, folder_path=str(plan.folder),
                                                        revision=plan.revision, commit_message=plan.commit_message,
                                                        ignore_patterns=[]),
                              plan, "upload", retry, sleep)
-        extra = _with_retries(lambda: verify_remote(api, plan, info.oid), plan, "verify upload", retry, sleep)
+        extra = with_retries(lambda: verify_remote(api, plan, info.oid), plan, "verify upload", retry, sleep)
     except HubError as e:
         raise type(e)(scrub(f"{e}\n{plan.retry_hint()}")) from e.__cause__
     return PushResult(plan.repo_id, plan.revision, info.oid, scrub(info.commit_url), plan.files, extra)

@@ -1,1 +1,2 @@
-"""Architecture data: which tensors each fold touches, per LLM architecture and per diffusers component (archs/ JSON)."""
+"""Architecture data: which tensors each fold touches, per LLM architecture and per diffusers component
+(archs/ JSON)."""

@@ -11,7 +11,8 @@ the attribute of its modulation Linear and the name of each row chunk (see
 :func:`bake.core.fold_math.fold_adaln_rows`).  ``components`` lists the component classes the rules were
 checked on; a site in another component is planned by module type only, with a note.
 
-Validated strictly like :mod:`bake.registry.llm` (an unknown key is an error), and every field is read by
+Validated strictly like :mod:`bake.registry.llm` (an unknown key is an error; a norm's ``note``, the reason
+the plan gives for a shift nothing can take, only with an empty consumer list), and every field is read by
 the planner (:mod:`bake.plan.diffusers`): the rules become an :class:`bake.registry.llm.ArchEntry` of exact
 site names for the shared planner, and :class:`AdalnRule` s for the AdaLN fold.
 """
@@ -28,17 +29,15 @@ from torch import nn
 
 from bake.core.fold_math import ADALN_SCALE, ADALN_SHIFT
 from bake.core.plan_types import NORM_KINDS, Layout, SiteKind
-from bake.registry.llm import RegistryError, _check_keys
+from bake.registry.llm import RegistryError, check_keys, check_note
 
 REGISTRY_NAME = "diffusers"
-_TOP = {"family": str, "components": list, "adaln": list, "norms": list, "modulated_norms": list, "producers": list,
-        "notes": str}
-_ADALN = {"module_class": str, "linear": str, "chunks": list, "when": dict, "note": str}
+_TOP = {"family": str, "components": list, "adaln": list, "norms": list, "modulated_norms": list, "producers": list}
+_ADALN = {"module_class": str, "linear": str, "chunks": list, "when": dict}
 _NORM = {"parent_class": str, "attribute": str, "module_class": str, "kind": str, "consumers": list, "when": dict,
          "note": str}
 _PRODUCER = {"parent_class": str, "attribute": str, "layouts": list}
-_MODULATED = {"parent_class": str, "attribute": str, "module_class": str, "modulator": str, "scale": str, "shift": str,
-              "note": str}
+_MODULATED = {"parent_class": str, "attribute": str, "module_class": str, "modulator": str, "scale": str, "shift": str}
 _PRODUCER_LAYOUTS = (Layout.LINEAR, Layout.CONV)
 _JSON_SCALARS = (str, bool, int, float, type(None))
 
@@ -64,7 +63,6 @@ class AdalnRule:
     linear: str                    # attribute of the modulation Linear
     chunks: tuple[str, ...]        # one name per row block; "scale" and "shift" modulate output 0
     when: Mapping[str, tuple] = None
-    note: str = ""
 
     def applies(self, module: nn.Module) -> bool:
         return type(module).__name__ == self.module_class and _when_holds(self.when or {}, module)
@@ -78,7 +76,7 @@ class NormRule:
     kind: SiteKind
     consumers: tuple[str, ...]
     when: Mapping[str, tuple] = None
-    note: str = ""
+    note: str = ""                 # consumers empty: why nothing reads the output (the plan's reason for the shift)
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,6 @@ class ModulatedNormRule:
     modulator: str
     scale: str
     shift: str
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,7 +106,6 @@ class PipelineRegistry:
     norms: tuple[NormRule, ...]
     producers: tuple[ProducerRule, ...]
     modulated: tuple[ModulatedNormRule, ...] = ()
-    notes: str = ""
 
     def modulated_rule(self, name: str, modules: Mapping[str, nn.Module]) -> tuple[ModulatedNormRule, str] | None:
         for r in self.modulated:
@@ -161,25 +157,26 @@ def _strings(obj: list, where: str) -> tuple[str, ...]:
 
 
 def parse_pipeline_registry(data: object, origin: str = "<diffusers registry>") -> PipelineRegistry:
-    _check_keys(data, _TOP, {"family", "components", "adaln", "norms", "producers"}, origin)
+    check_keys(data, _TOP, {"family", "components", "adaln", "norms", "producers"}, origin)
     if data["family"] != REGISTRY_NAME:
         raise RegistryError(f"{origin}: family {data['family']!r} is not {REGISTRY_NAME!r}")
     adaln = []
     for i, a in enumerate(data["adaln"]):
         where = f"{origin}: adaln[{i}]"
-        _check_keys(a, _ADALN, {"module_class", "linear", "chunks"}, where)
+        check_keys(a, _ADALN, {"module_class", "linear", "chunks"}, where)
         chunks = _strings(a["chunks"], where + ".chunks")
         if chunks.count(ADALN_SCALE) != 1 or chunks.count(ADALN_SHIFT) != 1 or len(set(chunks)) != len(chunks):
             raise RegistryError(f"{where}: chunks {list(chunks)} must be distinct names with exactly one "
                                 f"{ADALN_SCALE!r} and one {ADALN_SHIFT!r}")
         adaln.append(AdalnRule(module_class=a["module_class"], linear=a["linear"], chunks=chunks,
-                               when=_when(a.get("when", {}), where), note=a.get("note", "")))
+                               when=_when(a.get("when", {}), where)))
     norms = []
     for i, n in enumerate(data["norms"]):
         where = f"{origin}: norms[{i}]"
-        _check_keys(n, _NORM, {"parent_class", "attribute", "module_class", "kind", "consumers"}, where)
+        check_keys(n, _NORM, {"parent_class", "attribute", "module_class", "kind", "consumers"}, where)
         if n["kind"] not in NORM_KINDS:
             raise RegistryError(f"{where}: kind {n['kind']!r} is not one of {[k.value for k in NORM_KINDS]}")
+        check_note(n, where)
         norms.append(NormRule(parent_class=n["parent_class"], attribute=n["attribute"],
                               module_class=n["module_class"], kind=SiteKind(n["kind"]),
                               consumers=_strings(n["consumers"], where + ".consumers"),
@@ -187,14 +184,14 @@ def parse_pipeline_registry(data: object, origin: str = "<diffusers registry>") 
     modulated = []
     for i, n in enumerate(data.get("modulated_norms", [])):
         where = f"{origin}: modulated_norms[{i}]"
-        _check_keys(n, _MODULATED, set(_MODULATED) - {"note"}, where)
+        check_keys(n, _MODULATED, set(_MODULATED), where)
         if not any(n["scale"] in a.chunks and n["shift"] in a.chunks for a in adaln):
             raise RegistryError(f"{where}: no adaln rule has chunks named {n['scale']!r} and {n['shift']!r}")
         modulated.append(ModulatedNormRule(**n))
     producers = []
     for i, p in enumerate(data["producers"]):
         where = f"{origin}: producers[{i}]"
-        _check_keys(p, _PRODUCER, set(_PRODUCER), where)
+        check_keys(p, _PRODUCER, set(_PRODUCER), where)
         bad = [x for x in p["layouts"] if x not in [lay.value for lay in _PRODUCER_LAYOUTS]]
         if bad or not p["layouts"]:
             raise RegistryError(f"{where}: layouts {p['layouts']!r} must be a non-empty list of "
@@ -202,8 +199,7 @@ def parse_pipeline_registry(data: object, origin: str = "<diffusers registry>") 
         producers.append(ProducerRule(parent_class=p["parent_class"], attribute=p["attribute"],
                                       layouts=tuple(Layout(x) for x in p["layouts"])))
     return PipelineRegistry(components=_strings(data["components"], origin + ": components"), adaln=tuple(adaln),
-                            norms=tuple(norms), producers=tuple(producers), modulated=tuple(modulated),
-                            notes=data.get("notes", ""))
+                            norms=tuple(norms), producers=tuple(producers), modulated=tuple(modulated))
 
 
 @cache

@@ -6,8 +6,10 @@ convention), which linears consume each norm's output, which linears are
 producers (and their weight layout), which config flags switch biases on, and
 (``runtimes``) what llama.cpp, vLLM and TGI make of those flags, cited from their source.
 Module names are templates with a ``{layer}`` placeholder.  Every field drives
-:mod:`bake.plan.planner`; whatever the model itself tells exactly (biases present,
-weights tied) is read from the model, not written here.
+:mod:`bake.plan.planner` (a norm's ``note``, allowed only with an empty consumer list, is the reason
+its plan gives for a shift with no bias to fold into); whatever the model itself tells exactly
+(biases present, weights tied) is read from the model, not written here.  Free-text remarks on an
+entry live in ``docs/reference/registry.md``, not in the data.
 
 The data is validated strictly on load (an unknown key is an error): a typo in
 a registry file must not silently turn a fold off -- or on.  Where an entry
@@ -35,7 +37,7 @@ from bake.errors import BakeError
 PRODUCER_LAYOUTS = (Layout.LINEAR, Layout.CONV1D)
 
 _TOP_KEYS = {"model_type": str, "architectures": list, "norms": list, "producers": list,
-             "bias_flags": dict, "runtimes": dict, "notes": str}
+             "bias_flags": dict, "runtimes": dict}
 _REQUIRED_TOP = {"model_type", "architectures", "norms", "producers", "bias_flags"}
 _NORM_KEYS = {"site": str, "kind": str, "module_class": str, "consumers": list, "note": str}
 _REQUIRED_NORM = {"site", "kind", "module_class", "consumers"}
@@ -71,7 +73,7 @@ class NormEntry:
     kind: SiteKind                  # one of NORM_KINDS: fixes the weight convention (w or 1+w)
     consumers: tuple[str, ...]      # templates of the linears reading this norm's output
     module_class: str               # the class the convention was checked on; another class: entry not used
-    note: str = ""
+    note: str = ""                  # consumers empty: why nothing reads the output (the plan's reason for the shift)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,6 @@ class ArchEntry:
     norms: tuple[NormEntry, ...]
     producers: tuple[ProducerEntry, ...]
     bias_flags: Mapping[str, tuple[str, ...]]  # config flag -> templates of linears it gives a bias
-    notes: str = ""
     runtimes: Mapping[Runtime, RuntimeEntry] = field(default_factory=dict)  # one of RUNTIMES_IN_REGISTRY -> entry
 
     def describes(self, model) -> str | None:
@@ -149,7 +150,7 @@ def match_template(template: str, name: str) -> str | None | bool:
 
 
 # -- validation ---------------------------------------------------------------
-def _check_keys(obj: object, allowed: Mapping[str, type], required: set, where: str) -> None:
+def check_keys(obj: object, allowed: Mapping[str, type], required: set, where: str) -> None:
     if not isinstance(obj, dict):
         raise RegistryError(f"{where}: expected an object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(allowed))
@@ -161,6 +162,14 @@ def _check_keys(obj: object, allowed: Mapping[str, type], required: set, where: 
     for k, typ in allowed.items():
         if k in obj and not isinstance(obj[k], typ):
             raise RegistryError(f"{where}: {k!r} must be {typ.__name__}, got {type(obj[k]).__name__}")
+
+
+def check_note(norm: Mapping, where: str) -> None:
+    """A norm's ``note`` is the reason the plan gives for a shift nothing can take, so it needs an empty
+    ``consumers`` list: elsewhere nothing would read it."""
+    if norm.get("note") is not None and norm["consumers"]:
+        raise RegistryError(f"{where}: 'note' says why no linear reads the norm's output, so it is allowed only with "
+                            "an empty 'consumers' list")
 
 
 def _check_template(t: object, where: str) -> str:
@@ -180,23 +189,24 @@ def _str_list(obj: object, where: str) -> tuple[str, ...]:
 
 def parse_entry(data: object, origin: str = "<registry>") -> ArchEntry:
     """Validate one registry document and build its :class:`ArchEntry`."""
-    _check_keys(data, _TOP_KEYS, _REQUIRED_TOP, origin)
+    check_keys(data, _TOP_KEYS, _REQUIRED_TOP, origin)
     assert isinstance(data, dict)
     norms = []
     for i, n in enumerate(data["norms"]):
         where = f"{origin}: norms[{i}]"
-        _check_keys(n, _NORM_KEYS, _REQUIRED_NORM, where)
+        check_keys(n, _NORM_KEYS, _REQUIRED_NORM, where)
         if n["kind"] not in NORM_KINDS:
             raise RegistryError(f"{where}: kind {n['kind']!r} is not one of {[k.value for k in NORM_KINDS]}")
         if not n["module_class"]:
             raise RegistryError(f"{where}: 'module_class' must name the norm's class")
+        check_note(n, where)
         norms.append(NormEntry(site=_check_template(n["site"], where), kind=SiteKind(n["kind"]),
                                consumers=_str_list(n["consumers"], where + ".consumers"),
                                module_class=n["module_class"], note=n.get("note", "")))
     producers = []
     for i, p in enumerate(data["producers"]):
         where = f"{origin}: producers[{i}]"
-        _check_keys(p, _PRODUCER_KEYS, set(_PRODUCER_KEYS), where)
+        check_keys(p, _PRODUCER_KEYS, set(_PRODUCER_KEYS), where)
         if p["layout"] not in PRODUCER_LAYOUTS:
             raise RegistryError(f"{where}: layout {p['layout']!r} is not one of {[x.value for x in PRODUCER_LAYOUTS]}")
         producers.append(ProducerEntry(site=_check_template(p["site"], where), layout=Layout(p["layout"])))
@@ -215,7 +225,7 @@ def parse_entry(data: object, origin: str = "<registry>") -> ArchEntry:
     if not archs or not all(isinstance(a, str) and a for a in archs):
         raise RegistryError(f"{origin}: 'architectures' must be a non-empty list of class names")
     return ArchEntry(model_type=data["model_type"], architectures=tuple(archs), norms=tuple(norms),
-                     producers=tuple(producers), bias_flags=flags, notes=data.get("notes", ""), runtimes=runtimes)
+                     producers=tuple(producers), bias_flags=flags, runtimes=runtimes)
 
 
 def _parse_runtimes(data: dict, flags: Mapping[str, tuple[str, ...]], origin: str) -> dict[Runtime, RuntimeEntry]:
@@ -225,7 +235,7 @@ def _parse_runtimes(data: dict, flags: Mapping[str, tuple[str, ...]], origin: st
         where = f"{origin}: runtimes[{name!r}]"
         if name not in allowed:
             raise RegistryError(f"{where}: unknown runtime; allowed: {list(allowed)}")
-        _check_keys(r, _RUNTIME_KEYS, set(_RUNTIME_KEYS), where)
+        check_keys(r, _RUNTIME_KEYS, set(_RUNTIME_KEYS), where)
         served = r["bias_flags_served"]
         unknown = [f for f in served if f not in flags]
         if unknown:
@@ -233,7 +243,8 @@ def _parse_runtimes(data: dict, flags: Mapping[str, tuple[str, ...]], origin: st
                                 f"{sorted(flags)}")
         if not r["architecture"] or not r["source"].strip():
             raise RegistryError(f"{where}: 'architecture' and 'source' must be non-empty (cite the runtime's source)")
-        out[allowed[name]] = RuntimeEntry(architecture=r["architecture"], bias_flags_served=tuple(served), source=r["source"])
+        out[allowed[name]] = RuntimeEntry(architecture=r["architecture"], bias_flags_served=tuple(served),
+                                          source=r["source"])
     return out
 
 

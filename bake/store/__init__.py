@@ -1,1 +1,2 @@
-"""Tensor stores: safetensors shards, folder and module stores, the bounded-memory loader, raw memory and sliced products."""
+"""Tensor stores: safetensors shards, folder and module stores, the bounded-memory loader, raw memory and
+sliced products."""

@@ -10,8 +10,8 @@
   safetensors shards by :class:`ShardTensors` when a block runs (no copy of the checkpoint is
   made), and torch forward hooks (steering, recording) still fire.  On the CPU, offloaded ``nn.Linear``
   weights are not read whole: their products run from the shards a slice of rows at a time
-  (:mod:`bake.store.sliced_linear`), and large resident weights are multiplied by slices too.  A model that fits is loaded
-  whole, without any accelerate hook.
+  (:mod:`bake.store.sliced_linear`), and large resident weights are multiplied by slices too.  A model
+  that fits is loaded whole, without any accelerate hook.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def raw_blocks(info: TensorInfo, block: int = READ_BLOCK) -> Iterator[memoryview
         left = info.nbytes
         while left:
             view = memoryview(buf)[:min(block, left)]
-            _read_exactly(fh, view, info)
+            read_exactly(fh, view, info)
             left -= len(view)
             yield view
 
@@ -196,19 +196,19 @@ def read_as(info: TensorInfo, dtype: torch.dtype, block: int = READ_BLOCK, *,
     with open(info.file, "rb") as fh:
         fh.seek(info.begin)
         if dtype == info.dtype:
-            _read_exactly(fh, memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b""), info)
+            read_exactly(fh, memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b""), info)
             return out
         buf = torch.empty(max(item, min(block - block % item, info.nbytes)), dtype=torch.uint8)
         at = 0
         while at < flat.numel():
             n = min(buf.numel() // item, flat.numel() - at)
-            _read_exactly(fh, memoryview(buf.numpy())[:n * item], info)
+            read_exactly(fh, memoryview(buf.numpy())[:n * item], info)
             convert_into(flat[at:at + n], buf[:n * item], info.dtype)
             at += n
     return out
 
 
-def _read_exactly(fh, view: memoryview, info: TensorInfo) -> None:
+def read_exactly(fh, view: memoryview, info: TensorInfo) -> None:
     got = 0
     while got < len(view):
         n = fh.readinto(view[got:])

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bake.store.rawmem import convert_into, mapped
-from bake.store.shards import TensorInfo, _read_exactly, read_as
+from bake.store.shards import TensorInfo, read_as, read_exactly
 
 SLICE_BYTES = 8 << 20  # float32 rows per slice (measured above: 8 MB fastest, and equal to the whole product)
 SLICED_MIN_BYTES = 2 * SLICE_BYTES  # a resident weight below this is one slice: F.linear as it is
@@ -115,7 +115,7 @@ class _StoredRows:
         else:
             src = self.raw[:(e - s) * self.row_bytes]
             self.fh.seek(self.info.begin + s * self.row_bytes)
-            _read_exactly(self.fh, memoryview(src.numpy()), self.info)
+            read_exactly(self.fh, memoryview(src.numpy()), self.info)
             if self.same:
                 return self.buf[:e - s]
         out = self.buf[:e - s]

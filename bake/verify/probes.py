@@ -59,13 +59,13 @@ def model_max_length(model, default: int = 512) -> int:
     return default
 
 
-def _random_ids(batch: int, length: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
+def random_ids(batch: int, length: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
     # Skip the first ids (usually special tokens: pad/bos/eos) when the vocab allows.
     low = 3 if vocab > 8 else 0
     return torch.randint(low, vocab, (batch, length), generator=gen)
 
 
-def _encode(tokenizer, text: str) -> torch.Tensor:
+def encode_prompt(tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     return ids.to(torch.int64)
 
@@ -96,7 +96,7 @@ def build_probes(model, tokenizer=None, *, seed: int = SEED) -> list[Probe]:
     gen = torch.Generator().manual_seed(seed)
     probes: list[Probe] = []
     if tokenizer is not None:
-        rows = [_encode(tokenizer, text)[:max_len] for text in PROMPTS]
+        rows = [encode_prompt(tokenizer, text)[:max_len] for text in PROMPTS]
         rows = [r[r < vocab] for r in rows]  # a tokenizer larger than the embedding would index out of range
         rows = [r for r in rows if r.numel()]
         if rows:
@@ -104,9 +104,9 @@ def build_probes(model, tokenizer=None, *, seed: int = SEED) -> list[Probe]:
             probes.append(Probe("prompts", "prompt", ids, mask))
     for length in RANDOM_LENGTHS:
         length = min(length, max_len)
-        ids = _random_ids(2, length, vocab, gen)
+        ids = random_ids(2, length, vocab, gen)
         probes.append(Probe(f"random-len{length}", "random", ids, torch.ones_like(ids)))
-    rows = [_random_ids(1, min(n, max_len), vocab, gen)[0] for n in PADDED_LENGTHS]
+    rows = [random_ids(1, min(n, max_len), vocab, gen)[0] for n in PADDED_LENGTHS]
     ids, mask = _pad_right(rows, pad_id_for(tokenizer, vocab))
     probes.append(Probe("padded-random", "padded", ids, mask))
     return probes
@@ -117,10 +117,10 @@ def build_greedy_prompts(model, tokenizer=None, *, seed: int = SEED) -> torch.Te
     the built-in texts cut to the shortest, or random ids without a tokenizer."""
     vocab = model_vocab_size(model)
     if tokenizer is not None:
-        rows = [_encode(tokenizer, t) for t in GREEDY_PROMPTS]
+        rows = [encode_prompt(tokenizer, t) for t in GREEDY_PROMPTS]
         rows = [r[r < vocab] for r in rows]
         n = min(r.numel() for r in rows)
         if n >= 2:
             return torch.stack([r[:n] for r in rows])
     gen = torch.Generator().manual_seed(seed + 1)
-    return _random_ids(len(GREEDY_PROMPTS), 6, vocab, gen)
+    return random_ids(len(GREEDY_PROMPTS), 6, vocab, gen)

@@ -25,13 +25,58 @@ rows' reasons for the numbers behind the constants.
 
 A row with ``gating=False`` is advisory: the numbers are reported and a
 warning is printed when they exceed the row, but the bake is not rejected.
-Add rows for new backends (ONNX, ...) with :func:`register_tolerance`.
+The built-in rows are named by :class:`Row` (a ``str`` enum, so a member is also the row's
+name); :func:`reload_row` and :func:`gguf_row` give the row of an export dtype or a GGUF file type.
+Add rows for new backends with :func:`register_tolerance` (their names are plain strings).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from enum import Enum
+
+
+class Row(str, Enum):
+    """The built-in rows of :data:`TOLERANCES`; each member's value is the row's name."""
+
+    TORCH_F32 = "torch-float32"
+    RELOAD_F32 = "reload-float32"
+    RELOAD_BF16 = "reload-bfloat16"
+    RELOAD_F16 = "reload-float16"
+    ONNX_F32 = "onnx-float32"
+    ONNX_F32_CUDA = "onnx-float32-cuda"
+    GGUF_F32 = "gguf-f32"
+    GGUF_F16 = "gguf-f16"
+    GGUF_BF16 = "gguf-bf16"
+    GGUF_Q8_0 = "gguf-q8_0"
+    PIPELINE_DENOISER_F32 = "pipeline-denoiser-float32"
+    PIPELINE_IMAGE_F32 = "pipeline-image-float32"
+    PIPELINE_ONNX_DENOISER = "pipeline-onnx-denoiser"
+    PIPELINE_ONNX_IMAGE = "pipeline-onnx-image"
+
+    def __str__(self) -> str:  # the name, in f-strings and str() alike, on every Python version
+        return self.value
+
+
+RELOAD_ROWS = {"float32": Row.RELOAD_F32, "bfloat16": Row.RELOAD_BF16, "float16": Row.RELOAD_F16}
+GGUF_ROWS = {"f32": Row.GGUF_F32, "f16": Row.GGUF_F16, "bf16": Row.GGUF_BF16, "q8_0": Row.GGUF_Q8_0}
+
+
+def reload_row(dtype: str) -> Row:
+    """The row for an HF export in ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``), reloaded."""
+    try:
+        return RELOAD_ROWS[dtype]
+    except KeyError:
+        raise KeyError(f"no reload tolerance row for dtype {dtype!r}; known: {sorted(RELOAD_ROWS)}") from None
+
+
+def gguf_row(outtype: str) -> Row:
+    """The row for a GGUF file of llama.cpp type ``outtype`` (``"f32"``, ``"f16"``, ``"bf16"``, ``"q8_0"``)."""
+    try:
+        return GGUF_ROWS[outtype]
+    except KeyError:
+        raise KeyError(f"no GGUF tolerance row for outtype {outtype!r}; known: {sorted(GGUF_ROWS)}") from None
 
 
 @dataclass(frozen=True)
@@ -52,6 +97,9 @@ class Tolerance:
     noise_multiple: float | None = None
     max_rel_ceiling: float | None = None
     max_abs: float | None = None   # image rows (bake.families.diffusers.verify): max |cand - ref| of pixels in [0, 1]
+
+    def __post_init__(self):  # a Row member is stored as its plain name (reports, TOLERANCES keys)
+        object.__setattr__(self, "name", str(self.name))
 
     def max_rel_limit(self, noise_floor: float | None) -> float | None:
         """The max-relative limit given the reference's measured noise floor (None: not measured).
@@ -82,7 +130,7 @@ def register_tolerance(tol: Tolerance) -> Tolerance:
     return tol
 
 
-def get_tolerance(name: str) -> Tolerance:
+def get_tolerance(name: str | Row) -> Tolerance:
     try:
         return TOLERANCES[name]
     except KeyError:
@@ -94,7 +142,7 @@ def get_tolerance(name: str) -> Tolerance:
 FP32_FOLD_RULE = dict(max_rel=1e-6, noise_multiple=5.0, max_rel_ceiling=5e-4)
 
 register_tolerance(Tolerance(
-    name="torch-float32",
+    name=Row.TORCH_F32,
     max_mean_kl=1e-6, min_top1=1.0, greedy_identical=True, gating=True, **FP32_FOLD_RULE,
     reason="In-memory baked fp32 model vs the hooked fp32 model. The fold computes s*w, s*b+t and b+W t in "
            "float64 and rounds once (bake.core.fold_math), so the difference is fp32 rounding amplified by every layer "
@@ -114,7 +162,7 @@ register_tolerance(Tolerance(
 ))
 
 register_tolerance(Tolerance(
-    name="reload-float32",
+    name=Row.RELOAD_F32,
     max_mean_kl=1e-6, min_top1=1.0, greedy_identical=True, gating=True, **FP32_FOLD_RULE,
     reason="The exported fp32 folder reloaded with transformers vs the hooked fp32 model. safetensors "
            "round-trips fp32 bit-exactly, so the rule is the same as for the in-memory bake; a failure here "
@@ -123,7 +171,7 @@ register_tolerance(Tolerance(
 
 for _dtype, _eps in (("bfloat16", "2^-8"), ("float16", "2^-11")):
     register_tolerance(Tolerance(
-        name=f"reload-{_dtype}",
+        name=reload_row(_dtype),
         max_rel=None, max_mean_kl=5e-2, min_top1=0.9, greedy_identical=False, gating=False,
         reason=f"The exported {_dtype} folder vs the hooked fp32 model. Rounding every weight to {_dtype} "
                f"(relative step {_eps}) changes logits for the base model too, so this is a measurement of the "
@@ -132,7 +180,7 @@ for _dtype, _eps in (("bfloat16", "2^-8"), ("float16", "2^-11")):
 
 # ONNX Runtime rows, used by bake/formats/onnx.py (the provider picks the row).
 register_tolerance(Tolerance(
-    name="onnx-float32",
+    name=Row.ONNX_F32,
     max_rel=1e-4, max_mean_kl=1e-6, min_top1=1.0, greedy_identical=True, gating=True,
     reason="The ONNX graph in ONNX Runtime (CPUExecutionProvider, fp32) vs the hooked fp32 torch model. "
            "ORT fuses and reorders fp32 kernels (MatMul blocking, norm/softmax fusions), so the error grows "
@@ -144,7 +192,7 @@ register_tolerance(Tolerance(
 
 # diffusers pipelines in ONNX Runtime (bake/families/diffusers/onnx.py): the UNet's noise prediction and the image.
 register_tolerance(Tolerance(
-    name="pipeline-onnx-denoiser",
+    name=Row.PIPELINE_ONNX_DENOISER,
     max_rel=1e-4, max_mean_kl=None, min_top1=None, greedy_identical=False, gating=True,
     reason="The baked pipeline's UNet exported by optimum-onnx, in ONNX Runtime (CPUExecutionProvider, fp32), vs "
            "the hooked fp32 torch UNet on fixed random latents, timesteps and conditioning: per sample max |cand - "
@@ -156,18 +204,19 @@ register_tolerance(Tolerance(
 ))
 
 register_tolerance(Tolerance(
-    name="pipeline-onnx-image",
+    name=Row.PIPELINE_ONNX_IMAGE,
     max_rel=None, max_mean_kl=None, min_top1=None, greedy_identical=False, gating=True, max_abs=1e-3,
     reason="The ONNX pipeline (ORTStableDiffusionPipeline / ORTStableDiffusionXLPipeline: text encoders, UNet "
            "and VAE decoder in ONNX Runtime, diffusers' scheduler) vs the hooked torch pipeline, same prompt, "
            "seed and few steps with classifier-free guidance: max absolute pixel difference in [0, 1]. Measured "
-           "8.9e-7 (SD) and 1.0e-6 (SDXL) on the tiny pipelines. ORT's kernel differences pass through every denoising step and "
+           "8.9e-7 (SD) and 1.0e-6 (SDXL) on the tiny pipelines. ORT's kernel differences pass through every "
+           "denoising step and "
            "the VAE, so the row is 10x the torch image row (1e-3, a quarter of an 8-bit level), as the LLM ONNX "
            "row is 10x its torch row; the unbaked pipeline is 2e-2 away.",
 ))
 
 register_tolerance(Tolerance(
-    name="onnx-float32-cuda",
+    name=Row.ONNX_F32_CUDA,
     max_rel=1e-3, max_mean_kl=1e-5, min_top1=0.999, greedy_identical=True, gating=True,
     reason="The ONNX graph in ONNX Runtime's CUDAExecutionProvider vs the hooked fp32 torch model. NOT measured "
            "by the test suite (it needs onnxruntime-gpu and a GPU). ORT's CUDA kernels may use TF32 tensor-core "
@@ -176,13 +225,15 @@ register_tolerance(Tolerance(
            "position (top-1 >= 0.999); greedy continuations must still be identical.",
 ))
 
-# diffusers pipelines (bake/families/diffusers/verify.py): no tokens, so no KL/top-1/greedy; a denoiser row and an image row.
+# diffusers pipelines (bake/families/diffusers/verify.py): no tokens, so no KL/top-1/greedy; a denoiser row and an
+# image row.
 register_tolerance(Tolerance(
-    name="pipeline-denoiser-float32",
+    name=Row.PIPELINE_DENOISER_F32,
     max_rel=1e-5, max_mean_kl=None, min_top1=None, greedy_identical=False, gating=True,
     reason="The noise prediction of the written pipeline's UNet/transformer (reloaded with plain diffusers) vs the "
            "hooked fp32 one, on random latents, timesteps and conditioning (a CFG-sized batch of 2): max |cand - "
-           "ref| / max |ref|. The fold rounds each folded value once in fp32 (bake.core.fold_math computes in float64), so "
+           "ref| / max |ref|. The fold rounds each folded value once in fp32 (bake.core.fold_math computes in "
+           "float64), so "
            "the difference is fp32 rounding carried through the blocks after the sites; 1e-5 is the limit issue 10 "
            "sets. Measured on the tiny SD/SDXL/SD3/FLUX pipelines (benchmarks/pipeline_bake_figures.py, 2 draws each, "
            "scale 1 +- 0.3, shift N(0, 0.3), strength 0.8): 2.4e-7..7.9e-7, while the maps move the prediction by "
@@ -191,7 +242,7 @@ register_tolerance(Tolerance(
 ))
 
 register_tolerance(Tolerance(
-    name="pipeline-image-float32",
+    name=Row.PIPELINE_IMAGE_F32,
     max_rel=None, max_mean_kl=None, min_top1=None, greedy_identical=False, gating=True, max_abs=1e-4,
     reason="The full pipeline (text encoders, scheduler, a few denoising steps with classifier-free guidance, VAE "
            "decode) with a fixed seed: written pipeline vs the hooked one, max absolute pixel difference in [0, 1]. "
@@ -202,7 +253,7 @@ register_tolerance(Tolerance(
 
 # llama.cpp rows, used by bake/formats/gguf.py (the GGUF file's type picks the row).
 register_tolerance(Tolerance(
-    name="gguf-f32",
+    name=Row.GGUF_F32,
     max_rel=5e-4, max_mean_kl=1e-6, min_top1=1.0, greedy_identical=True, gating=True,
     reason="The f32 GGUF file (llama.cpp's own converter on the verified HF export) in llama.cpp "
            "(llama-cpp-python, CPU, float32 KV cache) vs the hooked fp32 torch model. ggml's kernels order and "
@@ -219,7 +270,7 @@ register_tolerance(Tolerance(
 for _outtype, _why in (("f16", "float16 weights (relative step 2^-11)"), ("bf16", "bfloat16 weights (2^-8)"),
                        ("q8_0", "8-bit blocks of 32 weights with one float16 scale each")):
     register_tolerance(Tolerance(
-        name=f"gguf-{_outtype}",
+        name=gguf_row(_outtype),
         max_rel=None, max_mean_kl=5e-2, min_top1=0.9, greedy_identical=False, gating=False,
         reason=f"The {_outtype} GGUF file in llama.cpp (float32 KV cache) vs the hooked fp32 model: {_why} change"
                " the logits for the base model too, so this measures the file's precision, not the fold (checked "
