@@ -29,6 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bake.errors import BakeError, VerificationError
+from bake.families.causal_lm import CAUSAL_LM
+from bake.families.detect import detect
 from bake.fold.execute import apply_plan, check_applicable, commit_plan
 from bake.plan.history import (
     BAKED_KEY,
@@ -58,7 +60,6 @@ from bake.verify.check import (
     VerificationReport,
     bar_disabled,
     compare,
-    record_reference,
     site_divergence,
 )
 from lineas.models import (
@@ -79,10 +80,8 @@ def _local_path(model, *, trust_remote_code: bool, shards: bool = True) -> str:
     """``model`` (a folder, an alias or a Hub id) as a local folder (a Hub id fetched into the Hugging Face
     cache: :func:`lineas.models.local_checkpoint`); a diffusers pipeline belongs to the pipeline family
     (bake.families.diffusers.bake), not to this API."""
-    from bake.families.base import DIFFUSERS_PIPELINE, detect
-
     path = local_checkpoint(str(model), trust_remote_code=trust_remote_code, shards=shards)
-    if detect(path) is DIFFUSERS_PIPELINE:
+    if detect(path) is not CAUSAL_LM:
         raise NotAFolderError(f"{str(model)!r} is a diffusers pipeline (model_index.json); bake it with "
                               f"bake.bake_pipeline({str(model)!r}, maps, out=...) or lineas-bake --model")
     return path
@@ -156,7 +155,9 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
     ``SteeringMaps``, or a list of ``(maps, strength)`` pairs composed in order
     (bare entries get ``strength``).  Raises ``FoldError``/``MapsFormatError`` on bad
     input and ``VerificationError`` (with ``.report``) when the baked model does
-    not reproduce the hooked one.  ``verify=False`` skips the comparison (dangerous).
+    not reproduce the hooked one.  With verification, maps that make the hooked model non-finite, all zero or
+    constant, or that change no probe by more than the check's limit, raise a ``FoldError``
+    (:mod:`bake.verify.guard`).  ``verify=False`` skips the comparison (dangerous).
     Maps already baked into the model (its config's ``lineas_baked`` record, or the
     ``lineas_provenance.json`` of its folder) raise ``RebakeError`` unless ``allow_rebake``;
     maps learned on another ``model_type``/``config_sha256`` raise ``ModelMismatchError``
@@ -177,8 +178,8 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
                           require_runtimes=require_runtimes)
     reference = None
     if verify:
-        reference = record_reference(module, {s: (m.scale, m.shift) for s, m in eff.items()}, tokenizer=tok,
-                                     n_tokens=verify_tokens, progress=progress)
+        reference = CAUSAL_LM.reference(module, {s: (m.scale, m.shift) for s, m in eff.items()}, tokenizer=tok,
+                                        n_tokens=verify_tokens, progress=progress)
     apply_plan(module, fold_plan, eff, allow_rebake=allow_rebake, maps_record=maps_records(sources))
     if legacy:  # an export from before the config record: keep its bake in the record too
         setattr(module.config, BAKED_KEY, legacy + recorded_bakes(module.config))
@@ -192,8 +193,8 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
         report.add(check)
         report.sites = site_divergence(reference, acts, eff, fold_plan.differs_by_design())
         if not report.passed:
-            err = VerificationError("baked model does not reproduce the hooked model: " + "; ".join(report.failures))
-            err.report = report
+            err = VerificationError("baked model does not reproduce the hooked model: " + "; ".join(report.failures),
+                                    report=report)
             err.plan = fold_plan
             raise err
     return BakedModel(module, tok, fold_plan, report, sources, base, eff, reference)
@@ -229,7 +230,8 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     skeleton on the meta device with the baked structure and config; its ``save_pretrained``
     records the hooked reference while it writes the export shard by shard from the source
     folder, then verifies the *written* export against it (``VerificationError``, or
-    ``NonFiniteReferenceError`` for maps that overflow the hooked model, and nothing written).
+    the guard's ``FoldError`` for maps that overflow, erase or do not visibly change the hooked model
+    (:mod:`bake.verify.guard`), and nothing written).
     ``max_memory``: bytes of weights in memory while verifying, the block being read included (None:
     the largest block plus 512 MiB, :func:`bake.store.checkpoint.default_max_memory`); the rest is read per block.
     ``plan_only``: return the plan (what ``--dry-run`` prints); reads no weight unless a site's
@@ -254,7 +256,7 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
                           require_runtimes=require_runtimes)
     if plan_only:
         return fold_plan
-    eff_maps = check_applicable(skeleton, fold_plan, eff, allow_rebake=allow_rebake)
+    eff_maps = check_applicable(skeleton, fold_plan, eff, allow_rebake=allow_rebake, maps_record=maps_records(sources))
     folder = ShardFolder(path)
     store = FolderStore(folder, checkpoint_keys(skeleton, folder))
     tok = load_tokenizer(str(folder.folder), trust_remote_code=trust_remote_code)

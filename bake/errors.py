@@ -32,7 +32,12 @@ class ExportWriteError(BakeError, ValueError):
 
 
 class VerificationError(BakeError):
-    """The baked model does not reproduce the hooked model within tolerance."""
+    """The baked model does not reproduce the hooked model within tolerance.  ``report``: the failed check's
+    report, a :class:`bake.verify.report.Report` (what the CLI prints), or None."""
+
+    def __init__(self, msg: str, *, report=None):
+        super().__init__(msg)
+        self.report = report
 
 
 class OutputExistsError(BakeError, ValueError):

@@ -243,15 +243,16 @@ def test_require_runtime_is_refused_for_a_pipeline(tiny_pipeline_folder, tmp_pat
     assert not (tmp_path / "X").exists()
 
 
-def test_maps_too_weak_for_any_check_to_see_fail_verification(tiny_pipeline_folder, tmp_path, capsys):
+def test_maps_too_weak_for_any_check_to_see_are_refused(tiny_pipeline_folder, tmp_path, capsys):
     """hooked != base is not enough: when the maps move neither output by more than its row's limit, an
-    unsteered pipeline would pass as well, so the bake fails (exit 3) and writes nothing."""
+    unsteered pipeline would pass as well, so the shared guard (bake.verify.guard, as for causal LMs) refuses
+    the maps (exit 2, bad input) before the fold, and nothing is written."""
     src = tiny_pipeline_folder("sd")
     m = _maps_file(load_pipeline(src), ["unet.conv_norm_out"], tmp_path / "m.safetensors")
     code = main(["--model", str(src), "--maps", str(m), "--strength", "1e-7", "--out", str(tmp_path / "X")])
     err = capsys.readouterr().err
-    assert code == 3, err
-    assert "an unsteered pipeline would pass too" in err and "FAIL" in err
+    assert code == 2, err
+    assert "these maps at this λ change nothing the check can see" in err and "an unsteered model would pass" in err
     assert not (tmp_path / "X").exists() and not list(tmp_path.glob("lineas_tmp_*"))
 
 

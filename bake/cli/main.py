@@ -15,12 +15,12 @@ from bake.cli.options import (
     EXIT_OK,
     EXIT_TERMINATED,
     EXIT_VERIFY,
-    PIPELINE_ONLY_OPTIONS,
     PROG,
     fail_cli,
     given_options,
 )
 from bake.errors import BakeError, FoldError, VerificationError
+from bake.families.base import Family, FamilyKind
 from bake.formats.export import EXPORT_DTYPES, known_formats, parse_formats
 from bake.formats.kinds import GGUF_FORMATS, check_request, export_bytes
 from bake.plan.inputs import MAX_PLAIN_STRENGTH, check_strength_magnitude, parse_maps_arg
@@ -200,11 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, cmd)
     except VerificationError as e:
-        report = getattr(e, "report", None)
-        if report is not None:
-            print(report.to_table(), file=sys.stderr)
-            print("\nper-module divergence on probe " + report.diag_probe + ":", file=sys.stderr)
-            print(report.site_table(), file=sys.stderr)
+        if e.report is not None:  # a bake.verify.report.Report, whichever family
+            print(e.report.failure_details(), file=sys.stderr)
         return fail_cli(f"verification failed, nothing written: {e}", EXIT_VERIFY)
     except ModelLoadError as e:
         return fail_cli(" ".join(str(e).split()), EXIT_BAD_INPUT)  # transformers' messages span lines
@@ -217,35 +214,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args, cmd: str) -> int:
-    from bake.api import bake, bake_folder, plan_bake
-    from bake.results import default_out_dir
-
     maps = _maps_arg(args)
     formats = parse_formats(args.format)
     check_request(formats, args.dtype)  # e.g. GGUF converts the float32 HF export: say so before any work
-    progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal
     if args.push_to_hub:
         from bake.publish.hub import check_online, check_repo_id
 
         check_repo_id(args.push_to_hub)  # bad OWNER/NAME: exit 2 before the slow part
         if not args.dry_run:
             check_online()
-    from bake.families.base import DIFFUSERS_PIPELINE, detect
+    from bake.families.detect import detect
 
     if not args.dry_run and not os.path.isdir(os.path.expanduser(args.model)) and \
             not os.path.isdir(resolve_model(args.model)):
         _checked_out(args)  # a Hub id: --out is checked before its download (and again with its size after)
     # A Hub id is fetched (a dry run plans from its config: no weight shards).
     model = local_checkpoint(args.model, trust_remote_code=args.trust_remote_code, shards=not args.dry_run)
-    if detect(model) is DIFFUSERS_PIPELINE:  # a model_index.json folder: the pipeline family
-        from bake.cli.pipeline import pipeline_cli
+    family = detect(model)  # a model_index.json folder: the pipeline family; anything else a causal LM
+    return FAMILY_RUNS[family.kind](args, maps, cmd, formats, model, family)
 
-        return pipeline_cli(args, maps, cmd, formats)
-    pipeline_only = given_options(args, PIPELINE_ONLY_OPTIONS)
+
+def _causal_lm_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[str, ...], model: str,
+                   family: Family) -> int:
+    """The CLI's causal-LM branch: ``model`` is the local folder of ``--model`` (a Hub id fetched)."""
+    from bake.api import bake, bake_folder, plan_bake
+    from bake.families.detect import other_options
+    from bake.results import default_out_dir
+
+    progress = None if sys.stderr.isatty() else False  # tqdm: bars only on a terminal
+    pipeline_only = given_options(args, other_options(family))
     if pipeline_only:  # said, not silently ignored
-        return fail_cli(f"{', '.join(pipeline_only)}: diffusers-pipeline option(s), but {args.model!r} is not a pipeline "
-                     "folder (no model_index.json): it bakes as a causal LM, verified on --verify-tokens greedy "
-                     f"tokens (default {DEFAULT_VERIFY_TOKENS})", EXIT_BAD_INPUT)
+        return fail_cli(f"{', '.join(pipeline_only)}: diffusers-pipeline option(s), but {args.model!r} is not a "
+                        "pipeline folder (no model_index.json): it bakes as a causal LM, verified on --verify-tokens "
+                        f"greedy tokens (default {DEFAULT_VERIFY_TOKENS})", EXIT_BAD_INPUT)
     max_memory = None if args.max_memory in (None, "auto") else parse_memory(args.max_memory)
     verify_tokens = DEFAULT_VERIFY_TOKENS if args.verify_tokens is None else args.verify_tokens
     history = dict(allow_rebake=args.allow_rebake, ignore_model_mismatch=args.ignore_model_mismatch)
@@ -288,6 +289,15 @@ def _run(args, cmd: str) -> int:
         return run_push(folder, args.push_to_hub, revision=args.revision, private=args.private,
                         commit_message=args.commit_message, prog=PROG)
     return EXIT_OK
+
+
+def _pipeline_cli(args, maps, cmd: str, formats: tuple[str, ...], model: str, family: Family) -> int:
+    from bake.cli.pipeline import pipeline_cli
+
+    return pipeline_cli(args, maps, cmd, formats, family)
+
+
+FAMILY_RUNS = {FamilyKind.CAUSAL_LM: _causal_lm_cli, FamilyKind.DIFFUSERS_PIPELINE: _pipeline_cli}
 
 
 if __name__ == "__main__":

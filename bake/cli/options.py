@@ -12,12 +12,9 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFY = ExitCode.OK, ExitCode.BAD_INPUT, ExitCode
 EXIT_TERMINATED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 PROG = "lineas-bake"
 DEFAULT_VERIFY_TOKENS, DEFAULT_VERIFY_STEPS = 8, 2
-# Options of one model family only, as (flag, argparse dest).  Their parser defaults are None (or False), so
-# that an option the command line sets is refused for the other family even at its default value; the
-# defaults are applied where the family's path reads them.
-LLM_ONLY_OPTIONS = (("--max-memory", "max_memory"), ("--untie-embeddings", "untie_embeddings"),
-                    ("--verify-tokens", "verify_tokens"))
-PIPELINE_ONLY_OPTIONS = (("--verify-steps", "verify_steps"),)
+# Options of one model family only are its Family.options (bake.families), as (flag, argparse dest).  Their
+# parser defaults are None (or False), so that an option the command line sets is refused for the other family
+# even at its default value; the defaults are applied where the family's path reads them.
 
 
 def fail_cli(msg: str, code: int) -> int:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from bake.cli.options import DEFAULT_VERIFY_STEPS, EXIT_BAD_INPUT, EXIT_OK, LLM_ONLY_OPTIONS, fail_cli, given_options
+from bake.cli.options import DEFAULT_VERIFY_STEPS, EXIT_BAD_INPUT, EXIT_OK, fail_cli, given_options
+from bake.families.base import Family
+from bake.families.detect import other_options
 from bake.families.diffusers.bake import bake_pipeline, plan_pipeline_bake
 from bake.plan.diffusers import NO_STANDARD_FALLBACK
 from bake.results import default_out_dir
 
 
-def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[str, ...]) -> int:
+def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[str, ...], family: Family) -> int:
     """``lineas-bake --model <pipeline folder>``: the CLI's pipeline branch (main dispatches here, with
     ``--format`` already parsed by :func:`bake.formats.export.parse_formats`)."""
     if args.require_runtime:  # the runtime matrix answers for causal-LM runtimes, none of which runs a pipeline
         return fail_cli(f"--require-runtime {' '.join(args.require_runtime)}: the runtime matrix covers causal LMs; a "
                      "baked pipeline loads in plain diffusers (no custom code, always) and, with --format hf,onnx, "
                      "in ONNX Runtime", EXIT_BAD_INPUT)
-    llm_only = given_options(args, LLM_ONLY_OPTIONS)
+    llm_only = given_options(args, other_options(family))
     if llm_only:  # said, not silently ignored: a pipeline is loaded whole (no out-of-core engine here)
         return fail_cli(f"{', '.join(llm_only)}: causal-LM option(s); a diffusers pipeline is loaded whole in float32 "
                      "(no --max-memory bound), has no embeddings to untie and verifies --verify-steps denoising "

@@ -1,1 +1,1 @@
-"""Model families: what differs between baking a causal LM and a diffusers pipeline (detect, probes, checks, card fields)."""
+"""Model families: what differs between baking a causal LM and a diffusers pipeline (see base.Family)."""

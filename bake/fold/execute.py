@@ -26,8 +26,9 @@ from bake.core.fold_math import (
 from bake.errors import FoldError, NonFiniteCastError
 from bake.fold.affine_module import LineasAffine, wrap_affine_sites
 from bake.fold.remote_code import AFFINE_SITES_KEY
-from bake.plan.history import BAKED_KEY, RebakeError, new_entry, recorded_bakes
-from bake.plan.planner import FoldOp, FoldPlan, FoldStep, Layout, _normalise_maps, maps_digest
+from bake.plan.check import normalise_maps
+from bake.plan.history import BAKED_KEY, check_rebake, earlier_bakes, new_entry, recorded_bakes
+from bake.plan.planner import FoldOp, FoldPlan, FoldStep, Layout, maps_digest
 from bake.store.stores import ModuleStore, TensorStore
 from lineas.embedding_scale import outside_scale, table_scale
 from lineas.maps import SiteMap
@@ -129,17 +130,16 @@ def _run_step(w: _Working, step: FoldStep, site: str, m: SiteMap) -> None:
 
 
 def check_applicable(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, SiteMap], *,
-                     allow_rebake: bool = False) -> dict[str, SiteMap]:
+                     allow_rebake: bool = False, maps_record: Sequence[dict] = ()) -> dict[str, SiteMap]:
     """The maps, after checking that ``plan`` was made for them and for this model, and that they
-    are not already baked into it (unless ``allow_rebake``)."""
-    maps = _normalise_maps(effective_maps)
+    are not already baked into it (unless ``allow_rebake``): the config's ``lineas_baked`` record holds
+    neither the effective digest nor, with ``maps_record``, a maps file's sha256
+    (:func:`bake.plan.history.check_rebake`, the rule of both families)."""
+    maps = normalise_maps(effective_maps)
     if maps_digest(maps) != plan.maps_digest:
         raise FoldError("these maps are not the ones the plan was made for (maps digest differs); re-run plan()")
-    for i, entry in enumerate(recorded_bakes(getattr(model, "config", None))):
-        if entry.get("effective_digest") == plan.maps_digest and not allow_rebake:
-            raise RebakeError(f"these maps (effective digest {plan.maps_digest[:12]}) are already baked into this "
-                              f"model (config {BAKED_KEY}[{i}]); applying them again would steer twice. "
-                              "Pass allow_rebake=True if that is what you want")
+    if not allow_rebake:  # allowed: the caller's own check_rebake already warned
+        check_rebake(earlier_bakes(getattr(model, "config", None), ""), maps_record, plan.maps_digest, allow=False)
     if type(model).__name__ != plan.model_class:
         raise FoldError(f"plan was made for a {plan.model_class}, not a {type(model).__name__}")
     modules = dict(model.named_modules())
@@ -154,8 +154,8 @@ def check_applicable(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[s
 def compute_folded(model: nn.Module, plan: FoldPlan, maps: Mapping[str, SiteMap], store: TensorStore, *,
                    out_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor the plan writes (and every zero bias a config flag adds), folded in float64 from
-    ``store``'s values and cast once to ``out_dtype`` (default: each tensor's stored dtype).  Raises :class:`FoldError` naming a tensor
-    that the cast makes non-finite.  Reads only the tensors the plan touches."""
+    ``store``'s values and cast once to ``out_dtype`` (default: each tensor's stored dtype).  Raises
+    :class:`FoldError` naming a tensor that the cast makes non-finite.  Reads only the tensors the plan touches."""
     work = _Working(model, plan, store)
     maps = module_output_maps(model, maps)
     for name in sorted(work.new_bias):  # a flag adds biases to every module it governs, folded into or not
@@ -238,6 +238,6 @@ def apply_plan(model: nn.Module, plan: FoldPlan, effective_maps: Mapping[str, Si
     maps input was); the same effective maps are refused a second time unless ``allow_rebake``.
     Everything is computed before anything is changed: a failure leaves the model as it was.
     """
-    maps = check_applicable(model, plan, effective_maps, allow_rebake=allow_rebake)
+    maps = check_applicable(model, plan, effective_maps, allow_rebake=allow_rebake, maps_record=maps_record)
     final = compute_folded(model, plan, maps, ModuleStore(model))
     return commit_plan(model, plan, maps, final, maps_record=maps_record)

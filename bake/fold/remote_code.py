@@ -104,7 +104,8 @@ def _affine_source() -> str:
     axis = resources.files("lineas").joinpath("axis.py").read_text(encoding="utf-8")
     if source.count(_AXIS_IMPORT) != 1:
         raise BakeError("bake/fold/affine_module.py must import lineas.axis exactly once, on the marked line")
-    return source.replace(_AXIS_IMPORT, f"# --- inlined from lineas/axis.py ---\n{axis}# --- end of lineas/axis.py ---\n")
+    inlined = f"# --- inlined from lineas/axis.py ---\n{axis}# --- end of lineas/axis.py ---\n"
+    return source.replace(_AXIS_IMPORT, inlined)
 
 
 

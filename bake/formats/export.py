@@ -112,10 +112,8 @@ def export(baked: Baked, out_dir: str | os.PathLike, *, formats: str | Sequence[
             report.sites = report.sites or next((r.sites for r in results if r.sites), [])
             write_verification(tmp, report)
             if not report.passed:
-                err = VerificationError("exported model does not reproduce the hooked model: "
-                                        + "; ".join(report.failures))
-                err.report = report
-                raise err
+                raise VerificationError("exported model does not reproduce the hooked model: "
+                                        + "; ".join(report.failures), report=report)
             info = export_info(baked, report, opts, results, tmp)
             write_provenance(tmp, info)
             write_card(tmp, info, repo=out.name)

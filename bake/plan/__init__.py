@@ -1,1 +1,2 @@
-"""Planning a bake without touching weights: the planner, its checks, the maps given, bake history, runtimes, foldability."""
+"""Planning a bake without touching weights: the planner, its checks, the maps given, bake history,
+runtimes, foldability."""

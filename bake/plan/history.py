@@ -116,13 +116,18 @@ def legacy_entries(config, earlier: Sequence[EarlierBake]) -> list[dict]:
 
 
 def check_rebake(earlier: Sequence[EarlierBake], sources, effective_digest: str, *, allow: bool) -> None:
+    """The one re-bake rule of both families: maps already baked in (a recorded maps file with the same
+    sha256, whatever its strength, or the same effective digest) are refused unless ``allow`` (then a
+    warning).  ``sources``: :class:`bake.plan.inputs.MapsSource` objects or their records (dicts with
+    ``origin`` and ``sha256``, as :func:`maps_records` writes them)."""
+    files = [(s["origin"], s["sha256"]) if isinstance(s, dict) else (s.origin, s.sha256) for s in sources]
     for prior in earlier:
         shas = {m.get("sha256") for m in prior.entry.get("maps", [])} - {"", None}
-        repeated = [s for s in sources if s.sha256 in shas]
+        repeated = [(origin, sha) for origin, sha in files if sha in shas]
         same_effect = prior.entry.get("effective_digest") == effective_digest
         if not repeated and not same_effect:
             continue
-        what = (", ".join(f"{s.origin} (sha256 {s.sha256[:12]})" for s in repeated) if repeated
+        what = (", ".join(f"{origin} (sha256 {sha[:12]})" for origin, sha in repeated) if repeated
                 else f"maps with effective digest {effective_digest[:12]}")
         msg = (f"already baked into this model: {what} (recorded in {prior.where}); baking again would apply "
                "the steering twice")

@@ -94,9 +94,9 @@ def onnx_stack_conflict() -> str | None:
     if config_compat.transformers_major() < 5:
         return None
     return (f"ONNX export needs optimum-onnx 0.1.0, which requires transformers < {ONNX_TRANSFORMERS_MAX}, but this "
-            f"environment has transformers {config_compat.transformers_version()}. Installing the onnx extra here would "
-            "downgrade transformers and huggingface_hub. Use --format hf in this environment; for ONNX, bake in a "
-            "separate one: python -m venv onnx-env && onnx-env/bin/pip install 'lineas-bake[onnx]'")
+            f"environment has transformers {config_compat.transformers_version()}. Installing the onnx extra here "
+            "would downgrade transformers and huggingface_hub. Use --format hf in this environment; for ONNX, bake in "
+            "a separate one: python -m venv onnx-env && onnx-env/bin/pip install 'lineas-bake[onnx]'")
 
 
 def _onnx_environment_note() -> str:

@@ -47,7 +47,7 @@ class ExportInfo:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def _versions() -> dict:
+def package_versions() -> dict:
     import torch
     import transformers
 
@@ -59,7 +59,7 @@ def _versions() -> dict:
 
 def provenance_dict(info: ExportInfo) -> dict:
     return {
-        "tool": "lineas-bake", "versions": _versions(), "created": info.created, "command": info.command,
+        "tool": "lineas-bake", "versions": package_versions(), "created": info.created, "command": info.command,
         "base_model": {"name": info.base_model, "path": info.base_path, "config_sha256": info.base_config_sha256},
         "maps": info.maps,
         "strengths": [m["strength"] for m in info.maps],
@@ -145,7 +145,7 @@ def _load_section(info: ExportInfo, repo: str) -> str:
     return "\n\n".join(parts)
 
 
-def _base_link(name: str) -> str:
+def base_link(name: str) -> str:
     looks_like_hub_id = name.count("/") == 1 and not Path(name).expanduser().exists()
     return f"[{name}](https://huggingface.co/{name})" if looks_like_hub_id else f"`{name}`"
 
@@ -163,13 +163,15 @@ def render_card(info: ExportInfo, repo: str = "path/to/this/folder") -> str:
         verdict = "**Verification failed**; see the table."
     warn = "".join(f"\n- warning: {w}" for w in report.warnings)
     strengths = ", ".join(f"{m['strength']:g}" for m in info.maps)
+    code = (" (a few small affine modules ship as remote code, see below)" if info.remote_code
+            else " and without extra code")
     return f"""{front_matter(info)}
 
 # {info.base_model} — steered with lineas-bake
 
-This model is {_base_link(info.base_model)} with per-neuron affine activation-steering
+This model is {base_link(info.base_model)} with per-neuron affine activation-steering
 maps (LinEAS / Linear-AcT) **baked into its weights**: it behaves like the base model with the steering hooks
-attached at strength λ = {strengths}, without hooks{' (a few small affine modules ship as remote code, see below)' if info.remote_code else ' and without extra code'}.
+attached at strength λ = {strengths}, without hooks{code}.
 
 ## What was steered
 

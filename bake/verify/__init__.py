@@ -1,1 +1,2 @@
-"""Verification: probes, passes, the reference schedule, the noise floor, statistics, reports and the tolerance table."""
+"""Verification: probes, passes, the reference schedule, the noise floor, statistics, reports and the
+tolerance table."""

@@ -25,7 +25,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bake.errors import FoldError
+from bake.verify.guard import (  # noqa: F401 (the errors re-exported)
+    Change,
+    DegenerateReferenceError,
+    NonFiniteReferenceError,
+    NoVisibleChangeError,
+    Sample,
+    first_module,
+    require_sound_reference,
+    require_visible_change,
+)
 from bake.verify.noise_floor import SAMPLES as FLOOR_SAMPLES
 from bake.verify.noise_floor import NoiseFloor
 from bake.verify.passes import (  # noqa: F401 (re-exported)
@@ -44,14 +53,15 @@ from bake.verify.report import (  # noqa: F401  (re-exported: callers import the
     ProbeStats,
     SiteDivergence,
     VerificationReport,
-    _le,
+    at_most,
     format_table,
 )
-from bake.verify.schedule import ReferenceSchedule, run_schedule
+from bake.verify.schedule import ReferenceSchedule, ScheduledReference, run_schedule
 from bake.verify.stats import STATS_CHUNK, LogitStats, logit_stats, probe_stats  # noqa: F401 (re-exported)
 from bake.verify.tolerances import Tolerance, get_tolerance
 from lineas.hooks import attach_affine
 
+GUARD_ROW = "torch-float32"  # the check whose limit the maps must exceed: every verified bake runs it (fp32)
 DIAG_PROBE_KIND = "random"  # the first random probe has no padding: every position is comparable
 
 def bar_disabled(progress: bool | None) -> bool | None:
@@ -108,10 +118,6 @@ def record_outputs(model: nn.Module, names: Sequence[str], rows: RowSlice | None
 
 
 # ----------------------------------------------------------------------------- reference
-class NonFiniteReferenceError(FoldError):
-    """The hooked model itself produces inf/NaN: the maps are bad input, there is nothing to bake."""
-
-
 def _diag_index(probes: Sequence[Probe]) -> int:
     return next((i for i, p in enumerate(probes) if p.kind == DIAG_PROBE_KIND), 0)
 
@@ -126,7 +132,8 @@ def _run_all(model_or_runner, probes, greedy_prompts, greedy_of, watch, progress
     argmax after each reference prefix.  Up to the first mismatch these are exactly the tokens its own
     greedy decoding would produce, so "identical greedy tokens" and the first divergence are decided
     without decoding token by token."""
-    run = torch_runner(model_or_runner, keep_layout=watch) if isinstance(model_or_runner, nn.Module) else model_or_runner
+    run = (torch_runner(model_or_runner, keep_layout=watch) if isinstance(model_or_runner, nn.Module)
+           else model_or_runner)
     batches = [(p.input_ids, p.attention_mask) for p in probes]
     prompts = greedy_prompts.to(torch.int64)
     forced = torch.cat([prompts, torch.tensor(greedy_of, dtype=torch.int64)], 1)
@@ -155,7 +162,8 @@ def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor,
                      noise_floor: bool = True) -> Reference:
     """Run the probes through ``model`` with ``affines`` hooked; hooks are removed afterwards.
 
-    Raises :class:`NonFiniteReferenceError` when the hooked logits are not finite.
+    Raises :class:`NonFiniteReferenceError` when the hooked logits are not finite, and the other refusals of
+    :func:`guard_reference` (maps that erase the input, or that change nothing the check can see).
     ``noise_floor``: also measure :class:`bake.verify.noise_floor.NoiseFloor` (the probes under each perturbation,
     riding along in the greedy passes: :mod:`bake.verify.schedule`).
     """
@@ -164,68 +172,42 @@ def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor,
     watch = watch_modules(model, affines)
     diag = _diag_index(probes)
     schedule = ReferenceSchedule.build(probes, prompts, n_tokens, samples=FLOOR_SAMPLES if noise_floor else 0,
-                                       vocab=model_vocab_size(model))
+                                       vocab=model_vocab_size(model), base=True)
     with tqdm(total=len(schedule.passes), desc="verify: hooked reference", disable=bar_disabled(progress),
               leave=False) as bar:
         done = run_schedule(model, schedule, affines, probes, prompts, diag=diag, watch=watch,
                             record=(lambda rows: record_outputs(model, watch, rows)) if watch else None,
                             on_pass=bar.update)
-    with attach_affine(model, affines):
-        _check_finite_reference(model, probes, done.logits, affines)
     floor = NoiseFloor.worst_of(done.floor_samples) if noise_floor else None
+    guard_reference(model, probes, done, affines, floor.max_rel if floor is not None else None)
     return Reference(probes, done.logits, prompts, done.greedy, n_tokens, watch, done.activations,
                      probes[diag].name, noise_floor=floor)
 
 
-def _check_finite_reference(model: nn.Module, probes: Sequence[Probe], logits: Sequence[torch.Tensor],
-                            affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Refuse maps that make the hooked model itself overflow, naming the first module whose
-    (steered) output is not finite; call with the steering hooks attached."""
-    bad = next((i for i, (p, x) in enumerate(zip(probes, logits))
-                if not torch.isfinite(x[p.attention_mask.bool()]).all()), None)
-    if bad is None:
-        return
-    first = first_nonfinite_module(model, probes[bad])
-    where = f"first at module {first!r}" if first else "first in the logits"
-    largest = ""
-    if affines:
-        site = max(affines, key=lambda k: float(affines[k][0].abs().max() + affines[k][1].abs().max()))
-        s, t = affines[site]
-        largest = (f" (largest map: {site!r}, max |scale| {float(s.abs().max()):.3g}, "
-                   f"max |shift| {float(t.abs().max()):.3g})")
-    raise NonFiniteReferenceError(
-        f"the hooked model (original weights + steering maps) is itself not finite on probe {probes[bad].name!r}, "
-        f"{where}: these maps overflow float32 activations at this strength{largest}; there is nothing "
-        "correct to bake, so check the maps and the strength")
+def guard_reference(model: nn.Module, probes: Sequence[Probe], done: ScheduledReference,
+                    affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]], noise_floor: float | None) -> None:
+    """The shared guard (:mod:`bake.verify.guard`) on a causal LM's hooked logits: refuse maps that make the
+    hooked model non-finite, all zero or constant (naming the first module), or that move no probe's logits
+    (hooked vs base, max rel; the base probes ride along in the schedule) by more than the ``torch-float32``
+    check's limit."""
+    samples = [Sample(p.name, x[p.attention_mask.bool()], b.degeneracy) for p, x, b in zip(probes, done.logits,
+                                                                                          done.base)]
+
+    def locate(i: int, test, among) -> str | None:
+        p = probes[i]
+        with attach_affine(model, affines):
+            return first_module(model, lambda: torch_runner(model)(p.input_ids, p.attention_mask), test, among)
+
+    require_sound_reference(samples, locate, affines)
+    limit = get_tolerance(GUARD_ROW).max_rel_limit(noise_floor)
+    require_visible_change([Change(p.name, "max rel logit", b.stats.max_rel, limit) for p, b in zip(probes, done.base)],
+                           GUARD_ROW)
 
 
 @torch.no_grad()
 def first_divergence(want: list[int], got: list[int]) -> int | None:
     """The first position where two greedy token lists differ (None: no difference over the shorter)."""
     return next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
-
-
-def first_nonfinite_module(model: nn.Module, probe: Probe) -> str | None:
-    """The first module, in execution order, whose output has inf/NaN on ``probe`` (hooks that only look)."""
-    found: list[str] = []
-    handles = []
-
-    def look(name):
-        def hook(_m, _i, output):
-            y = output[0] if isinstance(output, (tuple, list)) else output
-            if not found and isinstance(y, torch.Tensor) and y.is_floating_point() and not torch.isfinite(y).all():
-                found.append(name)
-        return hook
-
-    for name, mod in model.named_modules():
-        if name:
-            handles.append(mod.register_forward_hook(look(name)))
-    try:
-        torch_runner(model)(probe.input_ids, probe.attention_mask)
-    finally:
-        for h in handles:
-            h.remove()
-    return found[0] if found else None
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -255,10 +237,10 @@ def compare(candidate, reference: Reference, tolerance: str | Tolerance, *, labe
         detail.append({"prompt_len": int(prompt.numel()), "identical": same, "first_mismatch": first,
                        "reference": want, "candidate": got if first is None else got[:first + 1]})
     failures = []
-    if rel_limit is not None and not _le(max_rel, rel_limit):
+    if rel_limit is not None and not at_most(max_rel, rel_limit):
         floor_note = f" (limit from noise floor {floor:.3g})" if floor is not None and tol.noise_multiple else ""
         failures.append(f"max relative logit error {max_rel:.3g} > {rel_limit:.3g}{floor_note}")
-    if tol.max_mean_kl is not None and not _le(mean_kl, tol.max_mean_kl):
+    if tol.max_mean_kl is not None and not at_most(mean_kl, tol.max_mean_kl):
         failures.append(f"mean KL {mean_kl:.3g} > {tol.max_mean_kl:g}")
     if tol.min_top1 is not None and not top1 >= tol.min_top1:
         failures.append(f"top-1 agreement {top1:.4f} < {tol.min_top1:g}")

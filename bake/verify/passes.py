@@ -164,7 +164,7 @@ def _place(units: Sequence[Shape], cap: int, fixed: Sequence[Shape], not_before:
     for i in sorted(range(len(units)), key=lambda i: (-units[i][1], -units[i][0], i)):
         r, w = units[i]
 
-        def added(p: int) -> int:
+        def added(p: int, r: int = r, w: int = w) -> int:  # bound now: the loop moves on after the min()
             return (rows[p] + r) * max(width[p], w) - rows[p] * width[p]
 
         fits = [p for p in range(len(members)) if (rows[p] + r) * max(width[p], w) <= cap]
@@ -207,7 +207,8 @@ def row_slice(batches: Sequence[tuple[torch.Tensor, torch.Tensor]], index: int) 
 
 def run_grouped(run: Runner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab: int, *,
                 first: int = 0, record=None, budget: int | None = None,
-                keeps: Sequence[torch.Tensor | None] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+                keeps: Sequence[torch.Tensor | None] | None = None,
+                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Logits of every batch, in as few passes as :func:`pack_passes` allows (``keeps``: as in
     :func:`run_batches`).  ``record``: a context manager factory taking a :class:`RowSlice`
     (:func:`bake.verify.check.record_outputs`), active during the pass that holds batch ``first``; returns what

@@ -9,13 +9,29 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from bake.verify.noise_floor import NoiseFloor
 from bake.verify.tolerances import Tolerance
 
 if TYPE_CHECKING:
     from bake.verify.reference import Reference
+
+
+class Report(Protocol):
+    """A verification report of either family, as :class:`bake.errors.VerificationError` carries it and the
+    CLI prints it on failure: :class:`VerificationReport` (causal LMs),
+    :class:`bake.families.diffusers.verify.PipelineReport` and
+    :class:`bake.families.diffusers.onnx.OnnxPipelineReport`."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    def to_table(self) -> str: ...
+
+    def failure_details(self) -> str:
+        """What to read after a failure: the check table and where the outputs diverge."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -82,7 +98,7 @@ def _clean(d: dict) -> dict:
     return {k: _num(v) for k, v in d.items()}
 
 
-def _le(x: float, limit: float) -> bool:
+def at_most(x: float, limit: float) -> bool:
     return x <= limit  # False for NaN, which must fail
 
 
@@ -147,6 +163,10 @@ class VerificationReport:
                       f"max rel {self.noise_floor.max_rel:.3g}")
         return table
 
+    def failure_details(self) -> str:
+        return (self.to_table() + "\n\nper-module divergence on probe " + self.diag_probe + ":\n"
+                + self.site_table())
+
     def site_table(self, limit: float | None = None) -> str:
         """Per-module divergence on the diagnostic probe; marks the first module over ``limit``
         (default: the first check's max-relative limit, which scales with the noise floor)."""
@@ -156,7 +176,7 @@ class VerificationReport:
         first = True
         for s in self.sites:
             mark = s.note
-            if s.max_rel is not None and not s.note and not _le(s.max_rel, limit):
+            if s.max_rel is not None and not s.note and not at_most(s.max_rel, limit):
                 mark = "<- first divergence" if first else "diverges"
                 first = False
             rows.append((s.module, "yes" if s.is_site else "", "-" if s.max_abs is None else f"{s.max_abs:.3g}",

@@ -10,7 +10,8 @@ by its own maps (:func:`lineas.hooks.attach_row_affines`: per row, bit for bit t
 maps hooked alone), and a pass is added only when the logits budget leaves no room.
 
 A perturbed unit is reduced to its probe's statistics as soon as that probe's hooked logits exist, so
-at most a pass's worth of perturbed logits is held at a time.
+at most a pass's worth of perturbed logits is held at a time.  So is a *base* unit (the probe with identity
+maps, i.e. the unsteered model), which the guard (:mod:`bake.verify.guard`) compares the hooked logits with.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bake.verify.guard import degeneracy
 from bake.verify.noise_floor import rounding_perturbed
 from bake.verify.passes import (
     RowSlice,
@@ -33,11 +35,12 @@ from bake.verify.passes import (
     torch_runner,
 )
 from bake.verify.probes import Probe
+from bake.verify.report import ProbeStats
 from bake.verify.stats import LogitStats, pool_probe_stats, probe_stats
 from lineas.hooks import attach_row_affines
 
 Affines = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-HOOKED = 0  # variant of the hooked maps; variant 1 + s is noise-floor perturbation s
+HOOKED = 0  # variant of the hooked maps; variant 1 + s is noise-floor perturbation s, then the base (if any)
 
 
 @dataclass(frozen=True)
@@ -56,20 +59,22 @@ class ReferenceSchedule:
     passes: list[list[int]]  # per pass, indices into ``units``
     n_tokens: int
     samples: int  # noise-floor perturbations
+    base: bool = False  # also each probe unsteered (variant 1 + samples)
 
     @classmethod
     def build(cls, probes: Sequence[Probe], prompts: torch.Tensor, n_tokens: int, *, samples: int,
-              vocab: int) -> ReferenceSchedule:
-        """``samples`` noise-floor perturbations; ``vocab`` sets the positions a pass may carry."""
+              vocab: int, base: bool = False) -> ReferenceSchedule:
+        """``samples`` noise-floor perturbations; ``vocab`` sets the positions a pass may carry; ``base``: the
+        unsteered probes too."""
         if n_tokens < 1:
             raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
-        # Hooked units first: unit p is probe p's hooked batch, which its perturbed units wait for.
-        units = [Unit(variant=v, probe=p) for v in range(1 + samples) for p in range(len(probes))]
+        # Hooked units first: unit p is probe p's hooked batch, which its perturbed (and base) units wait for.
+        units = [Unit(variant=v, probe=p) for v in range(1 + samples + base) for p in range(len(probes))]
         shapes = [tuple(probes[u.probe].input_ids.shape) for u in units]
         steps = [(prompts.shape[0], prompts.shape[1] + k) for k in range(n_tokens)]
         passes = pack_passes(shapes, position_cap(vocab), fixed=steps,
                              not_before=[None if u.variant == HOOKED else u.probe for u in units])
-        return cls(units=units, passes=passes, n_tokens=n_tokens, samples=samples)
+        return cls(units=units, passes=passes, n_tokens=n_tokens, samples=samples, base=base)
 
     def padded_positions(self, probes: Sequence[Probe], prompts: torch.Tensor) -> int:
         """Sum over passes of rows x width: the positions the model computes, padding included."""
@@ -82,12 +87,21 @@ class ReferenceSchedule:
         return total
 
 
+@dataclass(frozen=True)
+class BaseProbe:
+    """One probe of the unsteered model, reduced as soon as its hooked logits exist."""
+
+    stats: ProbeStats  # base vs hooked (max_rel: how far the maps move the logits)
+    degeneracy: str | None  # what is wrong with the base logits themselves (bake.verify.guard.degeneracy)
+
+
 @dataclass
 class ScheduledReference:
     logits: list[torch.Tensor]  # hooked, per probe, [B, L, V] fp32 cpu
     greedy: list[list[int]]
     activations: dict[str, torch.Tensor]  # the diagnostic probe's hooked module outputs
     floor_samples: list[LogitStats]  # per perturbation, against the hooked logits
+    base: list[BaseProbe] | None = None  # per probe, the unsteered model against the hooked one (None: not run)
 
 
 def run_schedule(model: nn.Module, schedule: ReferenceSchedule, affines: Affines, probes: Sequence[Probe],
@@ -100,6 +114,9 @@ def run_schedule(model: nn.Module, schedule: ReferenceSchedule, affines: Affines
     it records and the steered sites (their outputs keep the pass's rows: :class:`bake.verify.passes.TorchRunner`).
     Only the logits compared are computed: every real position of a probe, the last of a greedy step."""
     variants = [affines] + [rounding_perturbed(affines, seed=s) for s in range(schedule.samples)]
+    if schedule.base:  # identity maps on the same sites: every row group of a pass maps the same sites
+        variants.append({site: (torch.ones_like(s), torch.zeros_like(t)) for site, (s, t) in affines.items()})
+    base: list[BaseProbe | None] = [None] * len(probes)
     run = torch_runner(model, keep_layout=watch)
     ids = prompts.to(torch.int64)
     logits: list[torch.Tensor | None] = [None] * len(probes)
@@ -135,8 +152,13 @@ def run_schedule(model: nn.Module, schedule: ReferenceSchedule, affines: Affines
                 waiting.append((u, out))
             else:
                 p = probes[u.probe]
-                stats[u.variant - 1][u.probe] = probe_stats(p.name, logits[u.probe], out, p.attention_mask)
+                if u.variant == 1 + schedule.samples:  # the base
+                    base[u.probe] = BaseProbe(probe_stats(p.name, logits[u.probe], out, p.attention_mask)[0],
+                                              degeneracy(out[p.attention_mask.bool()]))
+                else:
+                    stats[u.variant - 1][u.probe] = probe_stats(p.name, logits[u.probe], out, p.attention_mask)
         pending = waiting
         on_pass()
     return ScheduledReference(logits=logits, greedy=ids[:, prompts.shape[1]:].tolist(), activations=acts,
-                              floor_samples=[pool_probe_stats(s) for s in stats])
+                              floor_samples=[pool_probe_stats(s) for s in stats],
+                              base=base if schedule.base else None)

@@ -24,12 +24,12 @@ import torch
 from bake.core.plan_types import FoldPlan
 from bake.errors import BakeError, FoldError, VerificationError
 from bake.families.diffusers.card import PipelineExportInfo, write_files
+from bake.families.diffusers.family import DIFFUSERS_PIPELINE, TORCH_CHECK
 from bake.families.diffusers.verify import PipelineReport, compare, record
 from bake.fold.execute import check_applicable, commit_plan, compute_folded
 from bake.plan.diffusers import plan_pipeline
-from bake.plan.history import ModelMismatchError, RebakeError
+from bake.plan.history import ModelMismatchError, check_rebake, earlier_bakes
 from bake.plan.inputs import combined, normalise_maps
-from bake.publish.card import PROVENANCE_FILE
 from bake.publish.outdir import check_out_dir, move_into_place, sigterm_raises, temp_folder
 from bake.store.shards import Entry, ShardWriter, file_tensors, raw_blocks
 from bake.store.stores import ModuleStore
@@ -79,20 +79,12 @@ def _check_maps_pipeline(sources, pipeline_class: str, ignore: bool) -> None:
             log.warning("%s", msg)
 
 
-def _earlier_bakes(folder: Path, digest: str, allow: bool) -> list[dict]:
-    path = folder / PROVENANCE_FILE
-    if not path.is_file():
-        return []
-    import json
-
-    try:
-        bakes = list(json.loads(path.read_text()).get("bakes", []))
-    except (OSError, ValueError, AttributeError):
-        return []
-    if not allow and any(b.get("effective_digest") == digest for b in bakes):
-        raise RebakeError(f"these maps (effective digest {digest[:12]}) are already baked into {folder} (its "
-                          f"{PROVENANCE_FILE}); baking them again would steer twice (--allow-rebake)")
-    return bakes
+def _earlier_bakes(folder: Path, sources, digest: str, allow: bool) -> list[dict]:
+    """The bakes recorded in ``folder``'s provenance file, after the re-bake rule both families share
+    (:func:`bake.plan.history.check_rebake`: the same maps file, at any strength, or the same effective maps)."""
+    earlier = earlier_bakes(None, str(folder))
+    check_rebake(earlier, sources, digest, allow=allow)
+    return [e.entry for e in earlier]
 
 
 def _export_bytes(folder: Path, components: set[str], *, onnx: bool = False) -> int:
@@ -220,19 +212,21 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
     _check_maps_pipeline(sources, pipeline_class, ignore_model_mismatch)
     modules = pipeline_modules(pipe)
     plan = plan_pipeline(modules, eff, require_standard=True)  # no standard fallback (bake.plan.diffusers)
-    earlier = _earlier_bakes(folder, plan.maps_digest, allow_rebake)
+    earlier = _earlier_bakes(folder, sources, plan.maps_digest, allow_rebake)
     baked = tuple(dict.fromkeys(split_site(t)[0] for p in plan.sites for step in p.steps for t in step.tensors))
     copied = tuple(c for c in modules._modules if c not in baked)
     if not baked:
         raise FoldError("every map is the identity: there is nothing to bake")
     affines = {site: (m.scale, m.shift) for site, m in eff.items()}
+    checks = [TORCH_CHECK] if verify else []  # the checks that will run, each with its denoiser and image rows
     if onnx:
-        from bake.families.diffusers.onnx import check_onnx_supported
+        from bake.families.diffusers.onnx import ONNX_CHECK, check_onnx_supported
 
         check_onnx_supported(pipeline_class)
+        checks.append(ONNX_CHECK)
     base = hooked = None
-    if verify or onnx:  # the ONNX check compares with the hooked reference, also under --no-verify
-        base, hooked = record(pipe, seed=seed, steps=steps), record(pipe, affines, seed=seed, steps=steps)
+    if checks:  # the ONNX check compares with the hooked reference, also under --no-verify
+        base, hooked = DIFFUSERS_PIPELINE.reference(pipe, affines, seed=seed, steps=steps, checks=checks)
     if onnx:
         from bake.families.diffusers.onnx import PipelineReference
         from bake.families.diffusers.verify import denoiser_inputs, pipeline_call
@@ -252,9 +246,7 @@ def bake_pipeline(model, maps, strength: float = 1.0, *, out, overwrite: bool = 
                 cand = record(load_pipeline(tmp, device=device), seed=seed, steps=steps)
                 report = compare(base, hooked, cand, steps=steps, seed=seed)
                 if not report.passed:
-                    err = VerificationError("; ".join(report.failures()))
-                    err.report = report
-                    raise err
+                    raise VerificationError("; ".join(report.failures()), report=report)
             else:
                 report = PipelineReport(rows=(), steps=steps, seed=seed, skipped=True)
             onnx_report = None

@@ -8,14 +8,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bake.core.plan_types import FoldPlan
-from bake.families.base import DIFFUSERS_PIPELINE
+from bake.families.diffusers.family import DIFFUSERS_PIPELINE
 from bake.publish.card import (
     CARD_FILE,
     CARD_TAGS,
     PROVENANCE_FILE,
     VERIFICATION_FILE,
-    _base_link,
-    _versions,
+    base_link,
+    package_versions,
     write_json,
 )
 from lineas.io import atomic_write_text
@@ -39,7 +39,7 @@ class PipelineExportInfo:
 
 
 def provenance(info: PipelineExportInfo) -> dict:
-    versions = _versions()
+    versions = package_versions()
     try:
         import diffusers
 
@@ -53,7 +53,8 @@ def provenance(info: PipelineExportInfo) -> dict:
             "export": {"components_baked": info.components_baked, "components_copied": info.components_copied,
                        "removed_files": info.removed_files,
                        "trust_remote_code_needed": False,
-                       "onnx": None if info.onnx is None else {"folder": Path(info.onnx.folder).name, "ort_class": info.onnx.ort_class,
+                       "onnx": None if info.onnx is None else {"folder": Path(info.onnx.folder).name,
+                                                               "ort_class": info.onnx.ort_class,
                                                                "passed": info.onnx.passed}},
             "verification": {"skipped": info.report.skipped, "passed": info.report.passed and not info.report.skipped,
                              "file": VERIFICATION_FILE},
@@ -72,10 +73,11 @@ def render(info: PipelineExportInfo, repo: str = "path/to/this/folder") -> str:
                     "pipeline plus steering hooks: the denoiser on random latents, timesteps and conditioning, and "
                     f"the full pipeline ({report.steps} steps, seed {report.seed}, guidance on)."
                if report.passed else "**Verification failed**; see the table.")
+    onnx_folder = "" if info.onnx is None else Path(info.onnx.folder).name
     onnx = "" if info.onnx is None else f"""
 ## ONNX
 
-The `{Path(info.onnx.folder).name}/` folder holds the same pipeline exported with optimum-onnx and checked in ONNX Runtime
+The `{onnx_folder}/` folder holds the same pipeline exported with optimum-onnx and checked in ONNX Runtime
 ({info.onnx.provider}) against the hooked original:
 
 ```
@@ -95,7 +97,7 @@ pipe = {info.onnx.ort_class}.from_pretrained(f"{{path}}/{Path(info.onnx.folder).
 
 # {info.base_model} — steered with lineas-bake
 
-This is the {info.pipeline_class} {_base_link(info.base_model)} with per-neuron affine activation-steering maps
+This is the {info.pipeline_class} {base_link(info.base_model)} with per-neuron affine activation-steering maps
 (LinEAS / Linear-AcT) **baked into its weights**: it generates what the base pipeline generates with the steering
 hooks attached (at every denoising step, on both halves of classifier-free guidance), without hooks and without
 extra code.

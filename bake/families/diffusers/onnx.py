@@ -39,13 +39,14 @@ from pathlib import Path
 import torch
 
 from bake.errors import VerificationError
-from bake.families.diffusers.verify import Row, make_row, max_abs, max_rel, rows_table
+from bake.families.diffusers.verify import Row, changes, failure_details, make_row, max_abs, max_rel, rows_table
 from bake.formats.onnx import (
     ONNX_REPORT_FILE,
     OnnxExportError,
     check_graph,
     require_onnx_extra,
 )
+from bake.verify.guard import require_visible_change
 from bake.verify.tolerances import get_tolerance
 from lineas.hooks import attach_affine
 from lineas.pipelines import (
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 ORT_CLASSES = {"StableDiffusionPipeline": "ORTStableDiffusionPipeline",
                "StableDiffusionXLPipeline": "ORTStableDiffusionXLPipeline"}
 DENOISER_ROW, IMAGE_ROW = "pipeline-onnx-denoiser", "pipeline-onnx-image"
+ONNX_CHECK = (DENOISER_ROW, IMAGE_ROW)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,9 @@ class OnnxPipelineReport:
     def to_table(self) -> str:
         return rows_table(self.rows, "ORT vs hooked")
 
+    def failure_details(self) -> str:  # bake.verify.report.Report: what the CLI prints on failure
+        return failure_details(f"ONNX ({self.ort_class}, {self.provider}):\n" + self.to_table())
+
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed,
                 "tolerances": {n: get_tolerance(n).to_dict() for n in (DENOISER_ROW, IMAGE_ROW)}}
@@ -148,7 +153,7 @@ class OnnxPipelineReport:
 
 def compare_ort(ort_pipe, hooked: PipelineReference, base: PipelineReference | None = None) -> tuple[Row, ...]:
     """The ONNX Runtime pipeline's UNet and image against the hooked reference (and ``base``, when given:
-    the maps must change each probe, else the check could not tell a bake from no bake)."""
+    hooked vs base is shown beside each row)."""
     den_tol, img_tol = get_tolerance(DENOISER_ROW), get_tolerance(IMAGE_ROW)
     with torch.no_grad():
         den = _denoise_ort(ort_pipe.unet, hooked.denoiser_inputs)  # ORT_CLASSES are UNet pipelines
@@ -180,6 +185,8 @@ def export_pipeline_onnx(folder, out_dir, hooked: PipelineReference, *, base: Pi
         raise OnnxExportError(f"{folder}: {e}") from None
     if out_dir.exists():
         raise OnnxExportError(f"{out_dir} already exists; the ONNX export writes a fresh folder")
+    if base is not None:  # the shared guard: the maps must move some probe by more than this check's limit
+        require_visible_change(changes(base, hooked, *ONNX_CHECK), "/".join(ONNX_CHECK))
     try:
         files, seconds = _export(folder, out_dir, opset)
         import optimum.onnxruntime as ort_mod
@@ -192,9 +199,7 @@ def export_pipeline_onnx(folder, out_dir, hooked: PipelineReference, *, base: Pi
         report = OnnxPipelineReport(folder=str(out_dir), pipeline_class=pipeline_class, ort_class=ort_class.__name__,
                                     provider=provider, files=files, export_seconds=seconds, rows=rows)
         if not report.passed:
-            err = VerificationError("; ".join(report.failures()))
-            err.report = report
-            raise err
+            raise VerificationError("; ".join(report.failures()), report=report)
         (out_dir / ONNX_REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=str))
         return report
     except BaseException:

@@ -1,8 +1,9 @@
 """Verify a pipeline bake: the family runner and metrics for diffusers pipelines.
 
 Two probes, both run on the hooked reference (the original pipeline plus steering hooks), on the base
-pipeline (no hooks: the maps must change something, else the check could not tell a bake from no bake)
-and on the candidate (the written folder, reloaded with plain ``DiffusionPipeline.from_pretrained``):
+pipeline (no hooks: the maps must change something by more than the check's limit, else the check could not
+tell a bake from no bake: :mod:`bake.verify.guard`) and on the candidate (the written folder, reloaded with
+plain ``DiffusionPipeline.from_pretrained``):
 
 * the denoiser (UNet or transformer) on random latents, timesteps and conditioning, a batch of 2
   (the size of a classifier-free-guidance batch): row ``pipeline-denoiser-float32``, max relative error;
@@ -15,11 +16,12 @@ Rows and limits: :mod:`bake.verify.tolerances`.
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from bake.verify.guard import Change
 from bake.verify.report import format_table
 from bake.verify.tolerances import get_tolerance
 from lineas.hooks import attach_affine
@@ -156,11 +158,8 @@ class PipelineReport:
         return [f"{r.check}: " + (r.note or f"{r.metric} {r.value:.3g} exceeds {r.limit:g} ({r.tolerance})")
                 for r in self.rows if not r.passed]
 
-    diag_probe = "the denoiser and image probes"
-
-    def site_table(self) -> str:  # the CLI prints it on failure, as for LLM bakes
-        return ("per-site divergence is not measured for pipelines; --dry-run prints each site's fold "
-                "(bake fewer sites to find the one that diverges)")
+    def failure_details(self) -> str:  # bake.verify.report.Report: what the CLI prints on failure
+        return failure_details(self.to_table())
 
     def to_table(self) -> str:
         if self.skipped:
@@ -174,8 +173,9 @@ class PipelineReport:
 
 
 def compare(base: Outputs, hooked: Outputs, cand: Outputs, *, steps: int, seed: int) -> PipelineReport:
-    """The report: each probe's candidate error against its row's limit, after checking that the maps
-    change the hooked output at all (a bake of maps that change nothing cannot be verified)."""
+    """The report: each probe's candidate error against its row's limit (the guard,
+    :meth:`bake.families.diffusers.family.DiffusersFamily.reference`, made sure the maps change the hooked
+    output by more than the limits, so the check can tell a bake from no bake)."""
     rows = []
     den_tol, img_tol = get_tolerance(DENOISER_ROW), get_tolerance(IMAGE_ROW)
     if hooked.denoiser is None:
@@ -186,17 +186,25 @@ def compare(base: Outputs, hooked: Outputs, cand: Outputs, *, steps: int, seed: 
         rows.append(make_row("denoiser", DENOISER_ROW, "max_rel", value, den_tol.max_rel, vs_base))
     value, vs_base = max_abs(hooked.image, cand.image), max_abs(hooked.image, base.image)
     rows.append(make_row("image", IMAGE_ROW, "max_abs", value, img_tol.max_abs, vs_base))
-    return PipelineReport(rows=tuple(require_a_visible_change(rows)), steps=steps, seed=seed)
+    return PipelineReport(rows=tuple(rows), steps=steps, seed=seed)
 
 
-def require_a_visible_change(rows: list[Row]) -> list[Row]:
-    """``rows``, all failed when in none of them the maps move the output by more than the row's limit:
-    then an unsteered pipeline would pass too (hooked != base, but not by more than the checks allow)."""
-    measured = [r for r in rows if r.vs_base is not None]
-    if not measured or any(r.vs_base > r.limit for r in measured):
-        return rows
-    note = "the maps move no output by more than its limit: an unsteered pipeline would pass too (raise --strength)"
-    return [replace(r, passed=False, note=r.note or note) if r.vs_base is not None else r for r in rows]
+def changes(base, hooked, denoiser_row: str, image_row: str) -> list[Change]:
+    """How far the maps move each probe (hooked vs base, in the metric and against the limit of the check's
+    rows); ``base``/``hooked``: :class:`Outputs` or ONNX references (``.denoiser``, ``.image``)."""
+    out = []
+    if hooked.denoiser is not None:
+        out.append(Change("denoiser", "max_rel", max_rel(hooked.denoiser, base.denoiser),
+                          get_tolerance(denoiser_row).max_rel))
+    out.append(Change("image", "max_abs", max_abs(hooked.image, base.image), get_tolerance(image_row).max_abs))
+    return out
+
+
+def failure_details(table: str) -> str:
+    """A pipeline report's :meth:`bake.verify.report.Report.failure_details`: its table, and why there is no
+    per-site table."""
+    return (table + "\n\nper-site divergence is not measured for pipelines; --dry-run prints each site's fold "
+            "(bake fewer sites to find the one that diverges)")
 
 
 def rows_table(rows, candidate: str) -> str:
@@ -211,11 +219,8 @@ def rows_table(rows, candidate: str) -> str:
 
 
 def make_row(check: str, tol: str, metric: str, value: float, limit: float, vs_base: float | None) -> Row:
-    """A row that passes when ``value`` is finite and within ``limit``, and the maps changed the output
-    (``vs_base`` 0: hooked == base, so the check could not tell a bake from no bake)."""
+    """A row that passes when ``value`` is finite and within ``limit``; ``vs_base``: the same metric, hooked
+    vs base (shown beside it; the guard refused maps that change nothing the check can see)."""
     finite = value == value and value != float("inf")
-    if vs_base == 0.0:
-        return Row(check=check, tolerance=tol, metric=metric, value=value, limit=limit, vs_base=vs_base, passed=False,
-                   note="the hooked output equals the base output: these maps change nothing this check can see")
     return Row(check=check, tolerance=tol, metric=metric, value=value, limit=limit, vs_base=vs_base,
                passed=finite and value <= limit)
