@@ -222,7 +222,7 @@ def test_verification_catches_a_mismatch(hub, export_dir, tmp_path):
     shutil.copytree(out, copy)
     result = push(plan_push(copy, "me/steered"), retry=NO_WAIT)
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
-    changed = plan_push(copy, "me/steered")
+    changed = plan_push(copy, "me/steered", force=True)  # no longer the intact export: only --force plans it
     api, _ = make_api(changed)
     with pytest.raises(HubVerificationError, match="config.json: remote"):
         verify_remote(api, changed, result.commit_oid)
@@ -280,7 +280,7 @@ def test_xet_hashes_in_the_listing_are_verified(hub, export_dir, tmp_path, listi
     (copy / "model.safetensors").write_bytes(bytes(data))
     what = "Xet hash" if listing is XetListing.XET_ONLY else "LFS sha256"
     with pytest.raises(HubVerificationError, match=f"model.safetensors: remote {what}"):
-        verify_remote(api, plan_push(copy, "me/steered"), result.commit_oid)
+        verify_remote(api, plan_push(copy, "me/steered", force=True), result.commit_oid)
 
 
 # ----------------------------------------------------------------------------- secrecy

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bake.publish.hub import check_online, format_plan, plan_push, push
+from bake.publish.hub import check_online, format_plan, integrity_lines, plan_push, push
 from bake.publish.hub_errors import HubError
 from lineas.io import ExitCode, fail
 
@@ -19,9 +19,13 @@ PROG = "lineas-bake push"
 EXIT_OK, EXIT_HUB, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAIL, ExitCode.BAD_INPUT
 
 PUBLISH_HELP = """\
-Upload uses huggingface_hub (create_repo, upload_folder), then lists the files at
-the new commit and checks every size and content hash (LFS sha256 / git blob
-sha1) against the local files before printing the commit URL.  The token comes
+Only an intact export is uploaded: every file must match the sha256 that the
+bake recorded in lineas_provenance.json (no file changed, missing or added), with
+no symlink, dotfile or special file in the folder; anything else is refused
+(exit 2, naming the files) unless --force.  Upload uses huggingface_hub
+(create_repo, create_commit), then lists the files at the new commit and checks
+every size and content hash (LFS sha256 / git blob sha1) against the local files
+before printing the commit URL.  The token comes
 from HF_TOKEN or the cached `hf auth login`; it is never printed or written.
 HF_ENDPOINT selects another Hub endpoint.  If the upload fails, the local export
 stays where it is and the message says how to push it again.
@@ -34,7 +38,9 @@ exit codes:
      repo/namespace not found (404), unavailable after retries (5xx, connection),
      or the files at the new commit do not match the local files
   2  bad input: no such folder, no README.md model card, invalid OWNER/NAME,
-     offline mode on (HF_HUB_OFFLINE=1)
+     offline mode on (HF_HUB_OFFLINE=1), or a folder that is not the intact
+     export (provenance missing or malformed, files changed, missing or added,
+     symlinks, dotfiles), unless --force
 
 examples:
   lineas-bake push smollm2-positive me/smollm2-positive --dry-run
@@ -64,21 +70,31 @@ def build_push_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", metavar="OWNER/NAME", help="Hub repository (user or organisation / name)")
     net = p.add_argument_group("publishing (talks to the Hub)")
     add_publish_arguments(net, with_repo=False)
-    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, and where; no network")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be uploaded, and where, or why the folder is refused; no network")
+    p.add_argument("--force", action="store_true",
+                   help="upload a folder that is not the intact export anyway: its dotfiles, symlinks and special "
+                        "files are skipped (never uploaded), and when files changed, went missing or were added, "
+                        "the card's verification section is replaced by 'not verified'; says what it skips")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return p
 
 
 def run_push(folder: str | Path, repo_id: str, *, revision: str | None = None, private: bool = False,
-             commit_message: str | None = None, dry_run: bool = False, prog: str = PROG) -> int:
-    """Plan (and unless ``dry_run``) push; prints the outcome, returns the exit code."""
+             commit_message: str | None = None, dry_run: bool = False, force: bool = False, prog: str = PROG) -> int:
+    """Plan (and unless ``dry_run``) push; prints the outcome, returns the exit code.  A folder that is not the
+    intact export is refused (exit 2) unless ``force``."""
     try:
         if not dry_run:
             check_online()  # before hashing the files: offline mode can only fail
-        plan = plan_push(folder, repo_id, revision=revision, private=private, commit_message=commit_message)
+        plan = plan_push(folder, repo_id, revision=revision, private=private, commit_message=commit_message,
+                         force=force)
         if dry_run:
             print(format_plan(plan))
             return EXIT_OK
+        if plan.problems or plan.skipped:  # only with --force: say what it skips and what it changes
+            print(f"{prog}: warning: {plan.folder} is not the intact export\n" + "\n".join(integrity_lines(plan)),
+                  file=sys.stderr)
         print(f"uploading {len(plan.files)} files from {plan.folder} to {plan.repo_url} (branch {plan.revision}) ...",
               file=sys.stderr)
         result = push(plan)
@@ -93,7 +109,7 @@ def push_main(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="lineas-bake: %(levelname)s: %(message)s")
     return run_push(args.folder, args.repo_id, revision=args.revision, private=args.private,
-                    commit_message=args.commit_message, dry_run=args.dry_run)
+                    commit_message=args.commit_message, dry_run=args.dry_run, force=args.force)
 
 
 def describe_push_after_export(out: str | Path, args) -> str:

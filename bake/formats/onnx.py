@@ -304,8 +304,8 @@ def export_onnx(baked: Baked, folder: Path, opts: ExportOptions, *,
                + _run_snippet(fix, "path/to/this/folder", ONNX_SUBDIR))
     result = ExportResult("onnx", checks=checks, has_tokenizer=tok, load_snippets=[snippet])
     info = export_info(baked, report, opts, [result], out)
-    write_provenance(out, info)
     (out / "README.md").write_text(_onnx_card(baked, report, art, provider_used, fix), encoding="utf-8")
+    write_provenance(out, info)  # last: it records the sha256 of every other file in onnx/ (card included)
     if not report.passed:  # export() also refuses, but say which format failed
         log.error("ONNX verification failed: %s", "; ".join(report.failures))
     log.info("ONNX export: %.2fs, external data: %s, files: %s", art.export_seconds, art.external_data,

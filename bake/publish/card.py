@@ -4,12 +4,18 @@ Every export format writes into the same folder, and these three files are
 written once for that folder by :func:`bake.formats.export.export` (after all
 exporters ran, so the verification report holds their checks too).  They only
 need an :class:`ExportInfo`, so another exporter or publisher can rebuild them.
+
+The provenance file is written last (:func:`seal`): its ``integrity`` record holds the size and sha256
+of every other file in the folder, subfolders included, the card and the verification report too; it
+cannot hold its own hash, so it covers everything but itself (:mod:`bake.publish.integrity`).  ``lineas-bake
+push`` recomputes them (:func:`bake.publish.hub.plan_push`) and refuses a folder that is not the intact export.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,11 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bake.plan.history import PROVENANCE_FILE
+from bake.publish.integrity import INTEGRITY_KEY, integrity_record
 from lineas.io import atomic_write_text
 
 VERIFICATION_FILE = "lineas_verification.json"
 CARD_FILE = "README.md"
 CARD_TAGS = ("activation-steering", "lineas", "steered")
+UNVERIFIED_BANNER = "Not verified: files changed after the bake"  # what push --force puts in such a card
 
 
 @dataclass
@@ -77,8 +85,16 @@ def write_json(path: Path, data: dict) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def seal(out_dir: Path, record: dict) -> Path:
+    """Write ``record`` as the folder's provenance file with the integrity record of every other file in
+    the folder: call it after every other file is written (the card included)."""
+    record = {**record, INTEGRITY_KEY: integrity_record(Path(out_dir))}
+    return write_json(Path(out_dir) / PROVENANCE_FILE, record)
+
+
 def write_provenance(out_dir: Path, info: ExportInfo) -> Path:
-    return write_json(Path(out_dir) / PROVENANCE_FILE, provenance_dict(info))
+    """The provenance file, sealed (:func:`seal`): write it last."""
+    return seal(Path(out_dir), provenance_dict(info))
 
 
 def write_verification(out_dir: Path, report) -> Path:
@@ -227,6 +243,29 @@ def write_card(out_dir: Path, info: ExportInfo, repo: str = "path/to/this/folder
     path = Path(out_dir) / CARD_FILE
     atomic_write_text(path, render_card(info, repo))
     return path
+
+
+def unverified_card(text: str, problems: Sequence[str]) -> str:
+    """``text`` (a model card) with its ``## Verification`` section replaced by a "not verified" one naming
+    ``problems``; a card without that section gets it after its front matter.  What ``lineas-bake push
+    --force`` uploads instead of the card of a folder that is not the intact export."""
+    shown = [f"- {p}".replace("\n", "\\n").replace("\r", "\\r")[:300] for p in problems[:20]]
+    shown += [f"- … and {len(problems) - 20} more"] if len(problems) > 20 else []
+    section = ("## Verification\n\n**Not verified: files changed after the bake.** This folder was uploaded with "
+               "`lineas-bake push --force` although it is not the intact export lineas-bake wrote and checked "
+               f"(`{PROVENANCE_FILE}` records the sha256 of every file it wrote):\n\n" + "\n".join(shown) +
+               f"\n\nNo check vouches for these files; `{VERIFICATION_FILE}`, if present, describes the files the "
+               "bake wrote, not these.\n\n")
+    found = re.search(r"^## Verification[ \t]*$", text, flags=re.MULTILINE)
+    if found is not None:
+        after = re.search(r"^## ", text[found.end():], flags=re.MULTILINE)
+        end = found.end() + after.start() if after else len(text)
+        text, section = text[:found.start()] + section + text[end:], ""
+    front = re.match(r"---\n.*?\n---\n", text, flags=re.DOTALL)
+    cut = front.end() if front else 0
+    banner = (f"> **{UNVERIFIED_BANNER}**: uploaded with `lineas-bake push --force`; the files are not the ones "
+              "lineas-bake wrote and checked (see Verification).\n\n")
+    return text[:cut] + ("\n" if cut else "") + banner + section + text[cut:].lstrip("\n")
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

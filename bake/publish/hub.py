@@ -3,11 +3,17 @@
 This is the only module in ``bake/`` that calls the Hub (:mod:`bake.publish.hub_errors` turns the
 calls' failures into messages and retries them).  Steps:
 
-1. :func:`plan_push` (offline): list the files ``upload_folder`` will send (same
-   ignore rules), hash each one (sha256 and git blob sha1) and check the repo id.
-   ``--dry-run`` stops here and prints :func:`format_plan`.
+1. :func:`plan_push` (offline): list the folder without following symlinks, hash every
+   regular file (sha256 and git blob sha1), compare them with the integrity record of the
+   folder's provenance file (:func:`check_export`) and check the repo id.  A folder that is not the
+   intact export is refused (:class:`HubIntegrityError`, exit 2), naming the files: provenance
+   missing or malformed, files changed, missing or added, symlinks, dotfiles, special files.  With
+   ``force`` it is uploaded anyway, but never its dotfiles, symlinks and special files, and, when the
+   uploaded files differ from what the bake wrote, with every ``README.md``'s verification section
+   replaced by "not verified" (:func:`bake.publish.card.unverified_card`).
+   ``--dry-run`` stops here and prints :func:`format_plan` (or the refusal).
 2. :func:`push`: ``create_repo(exist_ok=True)``, ``create_branch(exist_ok=True)``
-   for a non-default ``--revision``, ``upload_folder``.
+   for a non-default ``--revision``, one ``create_commit`` adding exactly the planned files.
 3. Verify: list the remote tree *at the new commit* and compare every local file
    by size and content hash: the LFS oid (sha256) for LFS files (Xet-stored
    ones included), the Xet hash for a file listed with nothing else, the git
@@ -39,17 +45,20 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from bake.publish.card import PROVENANCE_FILE, unverified_card
 from bake.publish.hub_errors import (
     HubAuthError,
     HubError,
     HubInputError,
+    HubIntegrityError,
     HubVerificationError,
     RetryPolicy,
     Scrubber,
     with_retries,
 )
+from bake.publish.integrity import compare, recorded_files, scan_folder
 from lineas.io import human_size
 
 log = logging.getLogger(__name__)
@@ -77,6 +86,9 @@ class PushPlan:
     commit_message: str
     endpoint: str
     files: tuple[LocalFile, ...]
+    problems: tuple[str, ...] = ()  # why the uploaded files are not the intact export (only with force)
+    skipped: tuple[str, ...] = ()  # "path: why" of what is never uploaded (only with force)
+    replaced: dict[str, bytes] = field(default_factory=dict)  # uploaded instead of the file (the cards)
 
     @property
     def total_bytes(self) -> int:
@@ -100,11 +112,12 @@ class PushResult:
     commit_url: str
     files: tuple[LocalFile, ...]
     remote_extra: tuple[str, ...] = field(default=())  # files at the commit that are not in the folder
+    notes: tuple[str, ...] = field(default=())  # what --force changed
 
     def summary(self) -> str:
         lines = [(f"pushed {len(self.files)} files to {self.repo_id}@{self.revision}, verified "
                   "(size + sha256/git-sha1 of every file at the new commit)"),
-                 f"commit: {self.commit_url}"]
+                 f"commit: {self.commit_url}", *self.notes]
         if self.remote_extra:
             lines.append(f"note: the repo also holds {len(self.remote_extra)} file(s) not in this export: "
                          + ", ".join(self.remote_extra))
@@ -113,23 +126,53 @@ class PushResult:
 
 # ----------------------------------------------------------------------------- offline part
 def hash_file(path: Path) -> tuple[int, str, str]:
-    """(size, sha256, git blob sha1) in one pass over the file."""
-    size = path.stat().st_size
-    sha256 = hashlib.sha256()
-    sha1 = hashlib.sha1(b"blob %d\0" % size)
-    with open(path, "rb") as fh:
+    """(size, sha256, git blob sha1) in one pass over the file, opened without following a symlink."""
+    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        sha256 = hashlib.sha256()
+        sha1 = hashlib.sha1(b"blob %d\0" % size)
         while chunk := fh.read(CHUNK):
             sha256.update(chunk)
             sha1.update(chunk)
     return size, sha256.hexdigest(), sha1.hexdigest()
 
 
-def upload_paths(folder: Path) -> list[str]:
-    """Exactly the relative paths ``HfApi.upload_folder`` sends (same listing, same ignore rules)."""
-    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+def hash_bytes(data: bytes) -> tuple[int, str, str]:
+    return len(data), hashlib.sha256(data).hexdigest(), hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
-    rel = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
-    return list(filter_repo_objects(rel, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS)))
+
+def check_export(folder: Path, regular: list[str]) -> tuple[tuple[LocalFile, ...], tuple[str, ...]]:
+    """Hash ``regular`` (from :func:`scan_folder`) and compare with the provenance's integrity record:
+    (the files, ``"path: why"`` for each one changed, missing or not written by the bake)."""
+    try:
+        recorded = recorded_files(folder)
+    except ValueError as e:
+        recorded, problems = None, [f"{PROVENANCE_FILE}: {e}"]
+    files = tuple(LocalFile(rel, *hash_file(folder / rel)) for rel in regular)
+    if recorded is not None:
+        problems = compare(recorded, {f.path: (f.size, f.sha256) for f in files if f.path != PROVENANCE_FILE})
+    return files, tuple(problems)
+
+
+def integrity_lines(plan: PushPlan) -> list[str]:
+    """What the plan says about the folder being the intact export (dry run, and before a --force upload)."""
+    if not plan.problems and not plan.skipped:
+        return [f"  intact export: every file matches the sha256 recorded in {PROVENANCE_FILE}"]
+    lines = []
+    if plan.problems:
+        lines += ["  --force: NOT the intact export; uploaded as not verified (the verification section of "
+                  f"{', '.join(plan.replaced) or 'the card'} is replaced by 'not verified'):"]
+        lines += [f"    {p}" for p in plan.problems]
+    if plan.skipped:
+        lines += ["  --force: skipped, never uploaded:"] + [f"    {p}" for p in plan.skipped]
+    return lines
+
+
+def _refusal(folder: Path, problems: list[str]) -> str:
+    return (f"{folder} is not the intact export lineas-bake wrote, so it is not pushed:\n  "
+            + "\n  ".join(problems) + "\nPush the folder exactly as lineas-bake wrote it (or bake again); --force "
+            "uploads it anyway, without its dotfiles and symlinks, and with the card's verification claim "
+            "replaced by 'not verified' when files changed")
 
 
 def check_online() -> None:
@@ -161,8 +204,9 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = False,
-              commit_message: str | None = None, endpoint: str | None = None) -> PushPlan:
-    """Check the inputs and hash the files to upload; no network."""
+              commit_message: str | None = None, endpoint: str | None = None, force: bool = False) -> PushPlan:
+    """Check the inputs, hash the files to upload and check they are the intact export (:func:`check_export`;
+    :class:`HubIntegrityError` unless ``force``); no network."""
     folder = Path(folder).expanduser().resolve()
     check_repo_id(repo_id)
     if not folder.is_dir():
@@ -171,19 +215,33 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None =
     if endpoint is not None and endpoint.rstrip("/") != configured:
         raise HubInputError(f"endpoint {endpoint!r} differs from huggingface_hub's configured endpoint {configured!r}; "
                             "set HF_ENDPOINT in the environment before starting instead")
-    paths = upload_paths(folder)
-    if MODEL_CARD not in paths:
-        raise HubInputError(f"{folder} has no {MODEL_CARD} (model card); the card is part of every upload. "
-                            "Push a folder written by lineas-bake, or add a card")
     revision = revision or "main"
     if not revision.strip() or any(c in revision for c in " \t\n~^:?*[\\"):
         raise HubInputError(f"revision {revision!r} is not a valid branch name")
-    files = []
-    for rel in paths:
-        size, sha256, sha1 = hash_file(folder / rel)
-        files.append(LocalFile(rel, size, sha256, sha1))
-    message = commit_message or f"Upload steered model baked with lineas-bake ({folder.name})"
-    return PushPlan(folder, repo_id, revision, bool(private), message, configured, tuple(files))
+    try:
+        regular, skipped = scan_folder(folder)
+    except OSError as e:
+        raise HubInputError(f"cannot list {folder}: {e.strerror} ({e.filename})") from None
+    if MODEL_CARD not in regular:
+        raise HubInputError(f"{folder} has no {MODEL_CARD} (model card); the card is part of every upload. "
+                            "Push a folder written by lineas-bake, or add a card")
+    try:
+        files, problems = check_export(folder, regular)
+    except OSError as e:
+        raise HubInputError(f"cannot read {e.filename}: {e.strerror}") from None
+    if (problems or skipped) and not force:
+        raise HubIntegrityError(_refusal(folder, [*problems, *skipped]))
+    replaced = {}
+    if problems:  # what is uploaded is not what the bake wrote and checked: no card may say it is verified
+        for f in files:
+            if PurePosixPath(f.path).name == MODEL_CARD:
+                text = (folder / f.path).read_text(encoding="utf-8", errors="replace")
+                replaced[f.path] = unverified_card(text, problems).encode("utf-8")
+        files = tuple(LocalFile(f.path, *hash_bytes(replaced[f.path])) if f.path in replaced else f for f in files)
+    message = commit_message or (f"Upload steered model baked with lineas-bake ({folder.name})"
+                                 + (" -- not the intact export, pushed with --force, not verified" if problems else ""))
+    return PushPlan(folder, repo_id, revision, bool(private), message, configured, files, problems, tuple(skipped),
+                    replaced)
 
 
 def format_plan(plan: PushPlan) -> str:
@@ -191,8 +249,10 @@ def format_plan(plan: PushPlan) -> str:
     lines = [f"would upload {len(plan.files)} files ({human_size(plan.total_bytes)}) from {plan.folder}",
              f"  to {plan.repo_url} (branch {plan.revision}, {'private' if plan.private else 'public'} if created)",
              f"  commit message: {plan.commit_message!r}"]
+    lines += integrity_lines(plan)
     width = max(len(f.path) for f in plan.files)
-    lines += [f"  {f.path.ljust(width)}  {human_size(f.size):>9}  sha256 {f.sha256[:12]}" for f in plan.files]
+    lines += [f"  {f.path.ljust(width)}  {human_size(f.size):>9}  sha256 {f.sha256[:12]}"
+              + ("  (rewritten: not verified)" if f.path in plan.replaced else "") for f in plan.files]
     return "\n".join(lines)
 
 
@@ -284,11 +344,22 @@ def push(plan: PushPlan, *, token: str | None = None, api=None, retry: RetryPoli
         if plan.revision != "main":
             with_retries(lambda: api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True),
                           plan, f"create branch {plan.revision!r}", retry, sleep)
-        info = with_retries(lambda: api.upload_folder(repo_id=plan.repo_id, folder_path=str(plan.folder),
-                                                       revision=plan.revision, commit_message=plan.commit_message,
-                                                       ignore_patterns=[]),
+        info = with_retries(lambda: api.create_commit(repo_id=plan.repo_id, operations=_operations(plan),
+                                                       revision=plan.revision, commit_message=plan.commit_message),
                              plan, "upload", retry, sleep)
         extra = with_retries(lambda: verify_remote(api, plan, info.oid), plan, "verify upload", retry, sleep)
     except HubError as e:
         raise type(e)(scrub(f"{e}\n{plan.retry_hint()}")) from e.__cause__
-    return PushResult(plan.repo_id, plan.revision, info.oid, scrub(info.commit_url), plan.files, extra)
+    notes = ((f"note: --force: not the intact export; {', '.join(plan.replaced) or 'no card'} uploaded with "
+              "'not verified' in place of the verification section",) if plan.problems else ())
+    notes += ((f"note: --force: skipped (not uploaded): {', '.join(s.split(': ')[0] for s in plan.skipped)}",)
+              if plan.skipped else ())
+    return PushResult(plan.repo_id, plan.revision, info.oid, scrub(info.commit_url), plan.files, extra, notes)
+
+
+def _operations(plan: PushPlan) -> list:
+    """One ``CommitOperationAdd`` per planned file (fresh each try: the client marks them as it uploads)."""
+    from huggingface_hub import CommitOperationAdd
+
+    return [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=plan.replaced[f.path] if f.path in plan.replaced
+                               else str(plan.folder / f.path)) for f in plan.files]

@@ -32,6 +32,11 @@ class HubInputError(HubError, ValueError):
     exit_code = ExitCode.BAD_INPUT
 
 
+class HubIntegrityError(HubInputError):
+    """The folder is not the intact export lineas-bake wrote (provenance missing or malformed, files changed,
+    missing or added, symlinks, dotfiles); ``lineas-bake push --force`` overrides it."""
+
+
 class HubAuthError(HubError):
     """No token, or the Hub refused it (401) or refused the action (403)."""
 

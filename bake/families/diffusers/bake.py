@@ -161,7 +161,9 @@ def write_pipeline(dst: Path, src: Path, pipe, final: dict[str, torch.Tensor]) -
     folded key, else re-saved with its ``save_pretrained``.  Weight files of a rewritten component that
     were not rewritten (variants such as ``*.fp16.safetensors``, ``.bin`` copies) are removed: they
     would load unsteered.  Returns the removed files (relative paths)."""
-    shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=shutil.copyfile)
+    # dotfiles (.gitattributes, .cache/ of a Hub download, .git) are not part of the pipeline: not copied,
+    # so the export holds only what the bake vouches for (lineas-bake push refuses dotfiles)
+    shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=shutil.copyfile, ignore=shutil.ignore_patterns(".*"))
     by_component: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in final.items():
         component, key = split_site(name)

@@ -16,6 +16,7 @@ from bake.publish.card import (
     VERIFICATION_FILE,
     base_link,
     package_versions,
+    seal,
     write_json,
 )
 from lineas.io import atomic_write_text
@@ -146,6 +147,8 @@ image = pipe("a photo of a cat").images[0]
 
 
 def write_files(folder: Path, info: PipelineExportInfo, repo: str = "path/to/this/folder") -> None:
-    write_json(folder / PROVENANCE_FILE, provenance(info))
+    """The verification report, the card, then the provenance file, sealed last with the sha256 of every
+    other file in the folder (:func:`bake.publish.card.seal`; ``lineas-bake push`` checks them)."""
     write_json(folder / VERIFICATION_FILE, info.report.to_dict())
     atomic_write_text(folder / CARD_FILE, render(info, repo))
+    seal(folder, provenance(info))
