@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lineas.provenance import base_model_type
+
 # model_type -> transformers 4.x applies sqrt(hidden_size) after a plain nn.Embedding, in the model's forward.
 SCALED_OUTSIDE_THE_MODULE = frozenset({"gemma", "gemma2"})
 
@@ -55,7 +57,7 @@ def outside_scale(model: nn.Module, module: nn.Module) -> float:
     """``c``: the site's activation is ``c`` times ``module``'s output.  Not 1 only for the input embedding
     of a transformers 4.x Gemma/Gemma-2 model, whose ``sqrt(hidden_size)`` is applied after the module."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in SCALED_OUTSIDE_THE_MODULE:
+    if base_model_type(config) not in SCALED_OUTSIDE_THE_MODULE:
         return 1.0
     # A lineas affine module wrapped around the embedding (an earlier bake) outputs in the same space.
     inner = module.inner if type(module).__name__ == "LineasAffine" else module

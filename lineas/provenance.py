@@ -9,6 +9,18 @@ import json
 _VOLATILE = ("transformers_version", "dtype", "torch_dtype", "use_cache")
 
 
+AFFINE_MODEL_TYPE_PREFIX = "lineas_"  # an export with lineas affine modules: model_type "lineas_<base>"
+
+
+def base_model_type(config) -> str:
+    """``config.model_type``; for an export with lineas affine modules (``lineas_<base>``, see
+    :mod:`bake.fold.remote_code`), the model type of its base: the architecture its modules follow."""
+    model_type = str(getattr(config, "model_type", "") or "")
+    if model_type.startswith(AFFINE_MODEL_TYPE_PREFIX) and getattr(config, "lineas_affine_sites", None):
+        return model_type[len(AFFINE_MODEL_TYPE_PREFIX):]
+    return model_type
+
+
 def config_fingerprint(config) -> str:
     """sha256 of the model config as canonical JSON, without load-dependent keys.
 
@@ -27,7 +39,7 @@ def model_provenance(model, base_model: str | None = None) -> dict[str, str]:
     cfg = getattr(model, "config", None)
     meta = {"base_model": base_model or (getattr(cfg, "_name_or_path", "") or type(model).__name__)}
     if cfg is not None:
-        meta["model_type"] = str(getattr(cfg, "model_type", "") or "")
+        meta["model_type"] = base_model_type(cfg)
         meta["config_sha256"] = config_fingerprint(cfg)
         rev = getattr(cfg, "_commit_hash", None)
         if rev:

@@ -33,6 +33,7 @@ from importlib import resources
 
 from bake.core.plan_types import NORM_KINDS, Layout, SiteKind
 from bake.errors import BakeError
+from lineas.provenance import base_model_type
 
 PRODUCER_LAYOUTS = (Layout.LINEAR, Layout.CONV1D)
 
@@ -268,5 +269,5 @@ def load_registry() -> Mapping[str, ArchEntry]:
 
 def entry_for(config) -> ArchEntry | None:
     """The registry entry for a transformers config (by ``model_type``), or None when there is none."""
-    model_type = getattr(config, "model_type", None)
+    model_type = base_model_type(config)  # an export with affine modules ("lineas_<base>"): its base's entry
     return load_registry().get(model_type) if model_type else None
