@@ -60,5 +60,9 @@ class BakedModel:
 
 
 def default_out_dir(model_name: str) -> str:
-    """``<model-name>-steered`` in the current directory (last path / Hub-id component)."""
+    """``<model-name>-steered`` in the current directory: the last component of a Hub id, or the name of
+    a local folder resolved first (``--model .`` is named after the folder it means, not ``-steered``)."""
+    local = Path(model_name).expanduser()
+    if local.is_dir():
+        return local.resolve().name + "-steered"
     return display_name(model_name).rstrip("/").split("/")[-1] + "-steered"

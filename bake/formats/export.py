@@ -4,7 +4,9 @@
 exporter into it, writes the verification report, the provenance file and the
 model card, and only then renames it to ``out_dir``.  If any gating check
 fails (or anything raises) the temporary folder is removed: nothing partial is
-left on disk.  An optional ``publish`` callable runs on the final folder.
+left on disk.  The provenance file is written last: it records the size and sha256 of every other
+file in the folder (:func:`bake.publish.card.seal`), which ``lineas-bake push`` checks.  An optional
+``publish`` callable runs on the final folder.
 
 Exporters are registered by name in :data:`bake.formats.base.EXPORTERS` (the interface is
 there); ``hf`` is built in, the other built-in formats (:data:`bake.formats.kinds.FORMATS`) register
@@ -96,7 +98,7 @@ def export(baked: Baked, out_dir: str | os.PathLike, *, formats: str | Sequence[
     needed = export_bytes(n_params, EXPORT_DTYPES[opts.dtype].itemsize, opts.formats)
     if baked.source is not None and opts.dtype != "float32" and baked.source.verify:
         needed += n_params * 4  # the float32 scratch copy the fold is checked on (bake.formats.hf_stream)
-    out = check_out_dir(out_dir, overwrite, needed_bytes=needed)
+    out = check_out_dir(out_dir, overwrite, model_dir=baked.base.path or None, needed_bytes=needed)
     with sigterm_raises():
         tmp = temp_folder(out)
         try:
@@ -115,8 +117,8 @@ def export(baked: Baked, out_dir: str | os.PathLike, *, formats: str | Sequence[
                 raise VerificationError("exported model does not reproduce the hooked model: "
                                         + "; ".join(report.failures), report=report)
             info = export_info(baked, report, opts, results, tmp)
-            write_provenance(tmp, info)
             write_card(tmp, info, repo=out.name)
+            write_provenance(tmp, info)  # last: it records the sha256 of every other file (card included)
             move_into_place(tmp, out)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -37,7 +37,7 @@ from bake.store.shards import (
 from bake.store.stores import FolderStore
 from bake.verify.check import bar_disabled
 from lineas.config_compat import legacy_rope_fields
-from lineas.io import atomic_write_text
+from lineas.io import atomic_write_text, plain_name
 from lineas.maps import SiteMap
 
 
@@ -159,7 +159,9 @@ def write_layout(layout: Layout, src: ShardFolder, dst: Path, final: Mapping[str
     with tqdm(total=total, unit="B", unit_scale=True, desc="write shards", disable=bar_disabled(progress),
               leave=False) as bar:
         for fname, tensors in layout.files.items():
-            writer = ShardWriter(dst / fname, [Entry(t.key, t.dtype, t.shape) for t in tensors])
+            # a name from the source's index: refused unless it names a file inside dst (bake.store.shards)
+            target = dst / plain_name(fname, "shard file name")
+            writer = ShardWriter(target, [Entry(t.key, t.dtype, t.shape) for t in tensors])
             try:
                 for t in tensors:
                     writer.write(t.key, _data(t, src, final, maps))

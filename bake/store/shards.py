@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from bake.errors import BakeError
 from bake.store.rawmem import BufferPool, convert_into, empty, mapped
+from lineas.io import open_new, plain_name
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -55,15 +57,18 @@ class TensorInfo:
 
 
 def _read_header(path: Path) -> tuple[dict, dict, int]:
-    """(entries, metadata, data start) of one safetensors file."""
+    """(entries, metadata, data start) of one safetensors file, its header validated before any tensor is
+    read (:func:`bake.store.safetensors_header.checked_header`: dtypes known, offsets in bounds, ranges
+    neither overlapping nor leaving gaps, sizes matching the shapes)."""
+    from bake.store.safetensors_header import SafetensorsHeaderError, checked_header
+
     try:
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-    except (OSError, ValueError, struct.error) as e:
-        raise ShardFormatError(f"{path} is not a readable safetensors file ({e})") from None
-    meta = header.pop("__metadata__", None) or {}
-    return header, meta, 8 + size
+        header = checked_header(path)
+    except SafetensorsHeaderError as e:
+        raise ShardFormatError(f"not a readable safetensors file: {e}") from None
+    entries = {h.name: {"dtype": h.dtype, "shape": list(h.shape), "data_offsets": [h.begin, h.end]}
+               for h in header.entries.values()}
+    return entries, header.metadata, header.data_start
 
 
 def file_tensors(path: Path) -> tuple[dict[str, TensorInfo], dict]:
@@ -80,6 +85,27 @@ def file_tensors(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return infos, meta
 
 
+class ShardNameError(BakeError, ShardFormatError):
+    """A shard name in ``model.safetensors.index.json`` that is not a plain file name inside the folder
+    (``../x.safetensors``, an absolute path): it would read, and an export would write, outside its folder."""
+
+
+def index_shard_names(index: Path) -> list[str]:
+    """The shard file names of a safetensors index, sorted; each must be a plain file name
+    (:func:`lineas.io.plain_name`), else :class:`ShardNameError` naming it."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = set(weight_map.values())
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise ShardFormatError(f"{index} is not a valid safetensors index ({e})") from None
+    for name in sorted(names, key=repr):
+        try:
+            plain_name(name, "shard file name")
+        except ValueError as e:
+            raise ShardNameError(f"{index}: {e}") from None
+    return sorted(names)
+
+
 class ShardFolder:
     """The safetensors weights of a checkpoint folder: ``model.safetensors`` or shards + index."""
 
@@ -87,10 +113,7 @@ class ShardFolder:
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as e:
-                raise ShardFormatError(f"{index} is not a valid safetensors index ({e})") from None
+            files = index_shard_names(index)
         elif (self.folder / SINGLE_FILE).is_file():
             files = [SINGLE_FILE]
         else:
@@ -237,6 +260,8 @@ class ShardWriter:
     """Writes one safetensors file: the header at once, then each entry's data in order."""
 
     def __init__(self, path: Path, entries: Sequence[Entry], metadata: dict[str, str] | None = None):
+        """``path``: a new file (``O_EXCL | O_NOFOLLOW``: an existing file or symlink there is an error, never
+        truncated), mode 0666 less the umask."""
         self.path = path
         self.entries = list(entries)
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -247,7 +272,7 @@ class ShardWriter:
             offset += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._fh = open(path, "wb")
+        self._fh = os.fdopen(open_new(path), "wb")
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
         self._next = 0
