@@ -19,10 +19,12 @@ hooks and the baker use), so training steers exactly as inference will.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import regex
 import torch
 from torch import nn
 
@@ -47,11 +49,7 @@ def match_sites(model: nn.Module, regexes: Sequence[str]) -> list[str]:
         raise SiteMatchError("no site regex given")
     chosen: set[str] = set()
     for rx in regexes:
-        try:
-            pattern = re.compile(rx)
-        except re.error as e:
-            raise SiteMatchError(f"site regex {rx!r} is not a valid regular expression: {e}") from None
-        hits = [n for n in names if pattern.fullmatch(n)]
+        hits = _full_matches(rx, names)
         if not hits:
             hint = similar_names(rx, names, n=8) or _same_leaf(rx, names)
             raise SiteMatchError(
@@ -59,6 +57,38 @@ def match_sites(model: nn.Module, regexes: Sequence[str]) -> list[str]:
                 + (f"; similar names: {', '.join(hint)}" if hint else ""))
         chosen.update(hits)
     return [n for n in names if n in chosen]
+
+
+MAX_SITE_REGEX = 2000  # characters; a site pattern is a module path, a few dozen characters
+SITE_REGEX_SECONDS = 1.0  # matching one pattern against every module name must end within this
+
+
+def _full_matches(rx: str, names: Sequence[str]) -> list[str]:
+    """The ``names`` that ``rx`` full-matches, with the matching bounded in time: a pattern that backtracks
+    catastrophically (``(a|aa)+x``) is refused with a :class:`SiteMatchError` after
+    :data:`SITE_REGEX_SECONDS`, instead of running forever.  Python ``re`` syntax (the ``regex`` package,
+    whose matcher can be stopped)."""
+    if not isinstance(rx, str) or len(rx) > MAX_SITE_REGEX:
+        raise SiteMatchError(f"site regex {str(rx)[:60]!r}... is {len(str(rx))} characters long; a site pattern is a "
+                             f"module name pattern (at most {MAX_SITE_REGEX})")
+    try:
+        pattern = regex.compile(rx, flags=regex.VERSION0)
+    except (regex.error, RecursionError, OverflowError) as e:
+        raise SiteMatchError(f"site regex {rx!r} is not a valid regular expression: {e}") from None
+    deadline = time.monotonic() + SITE_REGEX_SECONDS
+    hits = []
+    for n in names:
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            if pattern.fullmatch(n, timeout=left):
+                hits.append(n)
+        except TimeoutError:
+            raise SiteMatchError(f"site regex {rx!r} takes more than {SITE_REGEX_SECONDS:g} s to match the module "
+                                 "names (catastrophic backtracking, e.g. nested repeats like (a+)+): simplify it, "
+                                 "e.g. 'model\\.layers\\.\\d+\\.mlp'") from None
+    return hits
 
 
 def _same_leaf(rx: str, names: list[str]) -> list[str]:
@@ -122,6 +152,18 @@ def tokenize(tokenizer, prompts: Sequence, max_length: int | None) -> TokenSet:
     if tokenizer is not None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return TokenSet(tuple(rows), int(pad))
+
+
+def check_distinguishable(tokenizer, source, target, max_length: int | None) -> None:
+    """Refuse (``ValueError``) source and target prompt sets (:class:`lineas.prompts.PromptSet`) that the tokenizer
+    turns into the same token ids: identical sets, or texts differing only in what the tokenizer drops or maps to
+    one unknown id.  The model sees no difference, so training would write maps fitted to noise."""
+    src = sorted(tokenize(tokenizer, source.texts, max_length).ids)
+    tgt = sorted(tokenize(tokenizer, target.texts, max_length).ids)
+    if src == tgt:
+        raise ValueError(f"--source {source.description!r} and --target {target.description!r} tokenise to the same "
+                         f"token ids ({len(src)} prompt(s)): the model cannot tell them apart, so there is nothing "
+                         "to learn; give prompt sets that differ")
 
 
 # -- forward to the last site -------------------------------------------------------

@@ -23,7 +23,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+import stat
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -33,10 +34,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lineas.io import atomic_write
+from lineas.safetensors_check import SafetensorsHeaderError, read_header
 
 FORMAT = "lineas-maps"
 FORMAT_VERSION = "1"
 _SUFFIXES = (".scale", ".shift")
+# Bounds a header is checked against before any tensor is read: far above any real model (the widest
+# hidden sizes are ~2**15; a maps file of a 100-layer model holds a few MB), far below what would take
+# minutes or all the memory to read.
+MAX_SITE_DIM = 1 << 22
+MAX_MAPS_BYTES = 1 << 30
 
 
 class MapsFormatError(ValueError):
@@ -175,21 +182,24 @@ class SteeringMaps:
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=dict(self.metadata)))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> SteeringMaps:
+    def load(cls, path: str | os.PathLike, *, known_sites: Collection[str] | None = None) -> SteeringMaps:
+        """Read a maps file.  Its header is validated first (:func:`read_maps_header`), so a malformed or
+        absurd file is refused before any tensor is read; ``known_sites``: the sites the model has, checked
+        against the header before the tensors are read too (a :class:`MapsFormatError` names the others)."""
         path = Path(path)
-        if path.is_dir():
-            raise MapsFormatError(f"maps {path} is a directory, expected a lineas-maps .safetensors file")
-        if not path.is_file():
-            raise MapsFormatError(f"maps file not found: {path}")
+        header = read_maps_header(path)
+        if known_sites is not None:
+            unknown = [s for s in header.sites if s not in known_sites]
+            if unknown:
+                raise MapsFormatError(f"{path}: unknown site(s) {', '.join(map(repr, unknown[:5]))}"
+                                      + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+                                      + " (not modules of this model)")
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except MapsFormatError:
-            raise
-        except Exception as e:  # safetensors raises several types for corrupt headers
+        except Exception as e:  # safetensors raises several types for corrupt files
             raise MapsFormatError(f"{path}: not a readable safetensors file ({e})") from None
-        return cls._from_tensors(tensors, meta, origin=str(path))
+        return cls._from_tensors(tensors, header.metadata, origin=str(path))
 
     @classmethod
     def _from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], origin: str) -> SteeringMaps:
@@ -232,9 +242,13 @@ def _site_order(sites_json: str | None, pairs: Mapping[str, object], origin: str
         return sorted(pairs)
     try:
         listed = json.loads(sites_json)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise MapsFormatError(f"{origin}: metadata 'sites' is not a JSON list") from None
-    if not isinstance(listed, list) or sorted(listed) != sorted(pairs):
+    if not isinstance(listed, list) or not all(isinstance(s, str) for s in listed):
+        bad = next((s for s in listed if not isinstance(s, str)), listed) if isinstance(listed, list) else listed
+        raise MapsFormatError(f"{origin}: metadata 'sites' must be a JSON list of strings (site names), "
+                              f"found {json.dumps(bad)[:80]}")
+    if len(set(listed)) != len(listed) or sorted(listed) != sorted(pairs):
         raise MapsFormatError(f"{origin}: metadata 'sites' does not list exactly the sites in the file")
     return listed
 
@@ -258,3 +272,78 @@ def effective_maps(maps_with_strength: list[tuple[SteeringMaps, float]]) -> dict
             eff = m.scaled(strength)
             out[site] = out[site].then(eff) if site in out else eff
     return out
+
+
+@dataclass(frozen=True)
+class MapsHeader:
+    """What a maps file's header says, validated (no tensor read): sites in application order, each
+    site's length, and the metadata."""
+
+    sites: list[str]
+    dims: dict[str, int]
+    metadata: dict[str, str]
+
+
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_maps_header(path: str | os.PathLike) -> MapsHeader:
+    """Validate a maps file from its header alone: a regular file, a sound safetensors header
+    (:mod:`lineas.safetensors_check`), ``format``/``format_version``, only ``<site>.scale``/``<site>.shift``
+    float32 1-D tensors in pairs of equal length at most :data:`MAX_SITE_DIM`, at most :data:`MAX_MAPS_BYTES`
+    in all, and a ``sites`` entry (if any) listing exactly those sites as strings.  :class:`MapsFormatError`
+    otherwise, naming the file and the value."""
+    path = Path(path)
+    if path.is_dir():
+        raise MapsFormatError(f"maps {path} is a directory, expected a lineas-maps .safetensors file")
+    if not path.exists():
+        raise MapsFormatError(f"maps file not found: {path}")
+    if not path.is_file():
+        raise MapsFormatError(f"maps {path} is {_kind(path)}, not a regular file; give a lineas-maps "
+                              ".safetensors file")
+    try:
+        header = read_header(path)
+    except SafetensorsHeaderError as e:
+        raise MapsFormatError(f"not a readable safetensors file: {e}") from None
+    except OSError as e:
+        raise MapsFormatError(f"maps {path} cannot be read ({e.strerror or e})") from None
+    meta, origin = header.metadata, str(path)
+    if meta.get("format") != FORMAT:
+        raise MapsFormatError(f"{origin}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise MapsFormatError(f"{origin}: unsupported format_version {meta.get('format_version')!r} "
+                              f"(this tool reads {FORMAT_VERSION!r})")
+    dims: dict[str, dict[str, int]] = {}
+    total = 0
+    for key, e in header.entries.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            raise MapsFormatError(f"{origin}: unexpected tensor {key!r} (only '<site>.scale' and '<site>.shift')")
+        if e.dtype != "F32":
+            raise MapsFormatError(f"{origin}: tensor {key!r} has dtype {e.dtype}, expected F32 (float32)")
+        if len(e.shape) != 1:
+            raise MapsFormatError(f"{origin}: tensor {key!r} must be 1-D, got shape {e.shape}")
+        if e.shape[0] > MAX_SITE_DIM:
+            raise MapsFormatError(f"{origin}: tensor {key!r} claims {e.shape[0]} features; no model has a site "
+                                  f"that wide (at most {MAX_SITE_DIM} here): a corrupt or hostile file")
+        total += e.end - e.begin
+        dims.setdefault(key[: -len(suffix)], {})[suffix[1:]] = e.shape[0]
+    if total > MAX_MAPS_BYTES:
+        raise MapsFormatError(f"{origin}: {total} bytes of maps ({len(dims)} sites); a maps file is at most "
+                              f"{MAX_MAPS_BYTES} bytes here: a corrupt or hostile file")
+    for site, p in dims.items():
+        missing = [n for n in ("scale", "shift") if n not in p]
+        if missing:
+            raise MapsFormatError(f"{origin}: site {site!r} lacks '{site}.{missing[0]}'")
+        if p["scale"] != p["shift"]:
+            raise MapsFormatError(f"{origin}: site {site!r} scale/shift lengths differ ({p['scale']} vs {p['shift']})")
+    if not dims:
+        raise MapsFormatError(f"{origin}: no sites in file")
+    order = _site_order(meta.get("sites"), dims, origin)
+    return MapsHeader(order, {s: dims[s]["scale"] for s in order}, dict(meta))

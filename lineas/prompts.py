@@ -56,12 +56,28 @@ def load_prompts(spec: str) -> PromptSet:
     path = Path(spec).expanduser()
     if not path.exists() and path.suffix.lower() not in SUFFIXES and spec in builtin_names():
         return _load_builtin(spec)
+    if path.exists() and not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device?)"
+        raise PromptError(f"prompt file {spec!r} is {what}; give a .txt, .jsonl or .json file")
     if not path.is_file():
         names = builtin_names()
         hint = f"; built-in sets: {', '.join(names)}" if names else ""
         raise PromptError(f"prompt file not found: {spec!r}{hint}")
     texts = parse_prompt_file(path)
     return PromptSet(tuple(texts), spec, _sha256(path.read_bytes()))
+
+
+def prompt_file(spec: str) -> Path | None:
+    """The file a prompt spec reads (a path, or a built-in set's file in ``lineas/data``), resolved through
+    symlinks; None when it names nothing.  What an output path must never be."""
+    spec = str(spec)
+    if spec.startswith(BUILTIN_PREFIX):
+        path = DATA_DIR / f"{spec[len(BUILTIN_PREFIX):]}.txt"
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists() and spec in builtin_names():
+            path = DATA_DIR / f"{spec}.txt"
+    return path.resolve() if path.is_file() else None
 
 
 def _load_builtin(name: str) -> PromptSet:

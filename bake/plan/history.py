@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bake.errors import BakeError
-from lineas.provenance import config_fingerprint
+from bake.plan.inputs import check_repeated
+from lineas.provenance import base_model_type, config_fingerprint
 
 PROVENANCE_FILE = "lineas_provenance.json"  # beside the export; records every bake, read back here
 
@@ -41,6 +42,38 @@ class ModelMismatchError(BakeError, ValueError):
     """The maps were learned on another model (``model_type`` or ``config_sha256`` differ)."""
 
 
+class BakeRecordError(BakeError, ValueError):
+    """A ``lineas_baked`` record (config.json) or a provenance file that is not what lineas-bake writes: the
+    re-bake check cannot read it, so the bake is refused rather than run blind."""
+
+
+# The fields of an entry that the checks read, with the types they must have (others are kept as they are).
+_ENTRY_FIELDS = {"maps": list, "effective_digest": (str, type(None)), "shift_in_consumers": list,
+                 "base_config_sha256": str}
+
+
+def _checked_entry(entry, where: str) -> dict:
+    """``entry`` as a dict whose read fields have the types the checks expect; else :class:`BakeRecordError`."""
+    if not isinstance(entry, dict):
+        raise BakeRecordError(f"{where} is {_json_kind(entry)}, expected an object (a record of one bake); "
+                              "the file was edited or is not from lineas-bake")
+    for key, kind in _ENTRY_FIELDS.items():
+        if key in entry and not isinstance(entry[key], kind):
+            raise BakeRecordError(f"{where}: {key} is {_json_kind(entry[key])} ({str(entry[key])[:60]!r}), which "
+                                  "lineas-bake never writes; the re-bake check cannot read it")
+    for i, m in enumerate(entry.get("maps", [])):
+        if not isinstance(m, dict) or not isinstance(m.get("sha256", ""), str):
+            raise BakeRecordError(f"{where}: maps[{i}] is not a maps record with a sha256 string ({str(m)[:60]!r})")
+    if not all(isinstance(s, str) for s in entry.get("shift_in_consumers", [])):
+        raise BakeRecordError(f"{where}: shift_in_consumers holds a non-string site name")
+    return dict(entry)
+
+
+def _json_kind(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
 @dataclass(frozen=True)
 class EarlierBake:
     entry: dict  # one ``lineas_baked`` entry
@@ -48,8 +81,15 @@ class EarlierBake:
 
 
 def recorded_bakes(config) -> list[dict]:
-    """The config's ``lineas_baked`` list (a copy; empty for a model never baked)."""
-    return [dict(e) for e in (getattr(config, BAKED_KEY, None) or [])] if config is not None else []
+    """The config's ``lineas_baked`` list (a copy; empty for a model never baked); a
+    :class:`BakeRecordError` naming the entry when it is not a list of bake records."""
+    record = getattr(config, BAKED_KEY, None) if config is not None else None
+    if not record:
+        return []
+    if not isinstance(record, list):
+        raise BakeRecordError(f"config.json {BAKED_KEY} is {_json_kind(record)} ({str(record)[:60]!r}), expected "
+                              "the list of bake records lineas-bake writes")
+    return [_checked_entry(e, f"config.json {BAKED_KEY}[{i}]") for i, e in enumerate(record)]
 
 
 def new_entry(config, *, effective_digest: str, sites: Sequence[str], shift_in_consumers: Sequence[str],
@@ -87,16 +127,29 @@ def maps_records(sources) -> list[dict]:
 
 
 def _provenance_bakes(folder: Path) -> list[dict]:
-    """Entries from an export's provenance file: its ``bakes`` list, or one entry made of its ``maps``."""
+    """Entries from an export's provenance file: its ``bakes`` list, or one entry made of its ``maps``; a
+    :class:`BakeRecordError` naming the file when it cannot be read as one."""
+    path = folder / PROVENANCE_FILE
     try:
-        prov = json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    if prov.get("bakes"):
-        return [dict(e) for e in prov["bakes"]]
+        prov = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BakeRecordError(f"{path} cannot be read ({e}): the re-bake check needs it; restore it, or move it "
+                              "away if this folder's earlier bakes do not matter") from None
+    if not isinstance(prov, dict):
+        raise BakeRecordError(f"{path} is {_json_kind(prov)}, expected the object lineas-bake writes")
+    bakes = prov.get("bakes")
+    if bakes:
+        if not isinstance(bakes, list):
+            raise BakeRecordError(f"{path}: bakes is {_json_kind(bakes)}, expected a list of bake records")
+        return [_checked_entry(e, f"{path}: bakes[{i}]") for i, e in enumerate(bakes)]
+    base_model = prov.get("base_model") or {}
+    if not isinstance(base_model, dict):
+        raise BakeRecordError(f"{path}: base_model is {_json_kind(base_model)}, expected an object")
+    legacy = _checked_entry({"maps": prov.get("maps", []), "base_config_sha256": base_model.get("config_sha256", "")},
+                            str(path))
     maps = [{"origin": Path(str(m.get("origin", "?"))).name, "sha256": m.get("sha256", ""),
-             "strength": m.get("strength")} for m in prov.get("maps", [])]
-    base = (prov.get("base_model") or {}).get("config_sha256", "")
+             "strength": m.get("strength")} for m in legacy["maps"]]
+    base = legacy["base_config_sha256"]
     return [{"tool": "lineas-bake", "maps": maps, "effective_digest": None, "base_config_sha256": base}] if maps else []
 
 
@@ -120,6 +173,7 @@ def check_rebake(earlier: Sequence[EarlierBake], sources, effective_digest: str,
     sha256, whatever its strength, or the same effective digest) are refused unless ``allow`` (then a
     warning).  ``sources``: :class:`bake.plan.inputs.MapsSource` objects or their records (dicts with
     ``origin`` and ``sha256``, as :func:`maps_records` writes them)."""
+    check_repeated(sources, allow=allow)  # the same maps twice in this very command steer twice as well
     files = [(s["origin"], s["sha256"]) if isinstance(s, dict) else (s.origin, s.sha256) for s in sources]
     for prior in earlier:
         shas = {m.get("sha256") for m in prior.entry.get("maps", [])} - {"", None}
@@ -139,7 +193,7 @@ def check_rebake(earlier: Sequence[EarlierBake], sources, effective_digest: str,
 def check_model_match(config, sources, earlier: Sequence[EarlierBake], model_name: str, *, ignore: bool) -> None:
     if config is None:
         return
-    model_type = str(getattr(config, "model_type", "") or "")
+    model_type = base_model_type(config)  # an export with affine modules ("lineas_<base>") is of its base's type
     # The config of an already-baked model differs from the one its maps were learned on: the fold may have
     # switched bias flags and it carries the lineas_baked record.  Maps learned on the baked model match its
     # current fingerprint; maps learned on the original base match the pre-fold fingerprint each entry keeps.
