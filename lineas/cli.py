@@ -2,7 +2,8 @@
 
 Also ``lineas-train import-mlact PATH --out maps.safetensors`` to convert hooks
 saved by apple/ml-act or apple/ml-lineas.  Exit codes: 0 ok, 2 bad input,
-1 any other failure.
+1 any other failure (an internal one says "please report this"; -v shows its
+traceback), 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from lineas import __version__
-from lineas.io import ExitCode, atomic_write_text, fail, writable_anchor
+from lineas.io import ExitCode, atomic_write_text, fail
+from lineas.train_out import check_output_file  # noqa: F401  (lives there; importable from here as before)
 
 log = logging.getLogger("lineas.cli")
 
@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="regex that must FULL-match module names (repeatable); e.g. "
                          "'model\\.layers\\.\\d+\\.post_attention_layernorm'. Required for a causal LM; for a "
                          "diffusers pipeline the default is the denoiser's norms (see 'text-to-image pipelines')")
-    io.add_argument("--out", required=True, metavar="maps.safetensors", help="output maps file (written atomically)")
+    io.add_argument("--out", required=True, metavar="maps.safetensors",
+                    help="output maps file (written atomically; never a model or prompt file)")
+    io.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --report-json) file")
 
     d = TrainConfig()  # the defaults live there; they are shown, not repeated, here
     tr = p.add_argument_group("training")
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="model weight dtype; maps are always trained and stored in float32 (default: float32)")
     rt.add_argument("--quiet", action="store_true", help="no progress bars")
+    rt.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an error")
     rt.add_argument("--report-json", metavar="FILE", help="also write the per-site W2 report as JSON")
 
     danger = p.add_argument_group("dangerous options")
@@ -171,6 +174,7 @@ def build_import_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="a .statedict file or a folder of them")
     p.add_argument("--out", required=True, metavar="maps.safetensors", help="output maps file")
     p.add_argument("--base-model", default="", help="record this model name in the metadata")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an error")
     danger = p.add_argument_group("dangerous options")
     danger.add_argument("--ignore-quantile-gate", action="store_true",
                         help="import Linear-AcT hooks fitted with quantiles_src other than q_all anyway; they only "
@@ -180,15 +184,23 @@ def build_import_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``lineas-train`` under the one top-level handler (:func:`bake.cli.handler.guarded`): a known error is one
+    line and exit 2, an unknown one exit 1 with "please report this" (``-v``: its traceback), Ctrl-C 130 and
+    SIGTERM 143 unless the maps file was already written."""
+    from bake.cli.handler import Output, guarded, train_bad_input, wants_traceback
+
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    output, known = Output(kind="maps file"), train_bad_input()
     if argv and argv[0] == "import-mlact":
-        return _import_mlact(argv[1:])
+        return guarded("lineas-train import-mlact", lambda: _import_mlact(argv[1:], output),
+                       verbose=wants_traceback(argv), output=output, extra_bad_input=known)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
         return int(e.code or 0)
-    return _train(args)
+    output.claim(args.out)
+    return guarded("lineas-train", lambda: _train(args), verbose=args.verbose, output=output, extra_bad_input=known)
 
 
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -212,40 +224,23 @@ def train_config(args):
     return replace(config, runtimes=runtime_names(args.require_runtime))  # checked again, with the runtimes
 
 
-def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
-    """Refuse, before any work, an output file that cannot be written: a directory, a path under a
-    file, or a folder where a probe file cannot be created (read-only).  Missing folders are made at
-    write time, so the probe goes to the nearest existing one; it is removed at once, so nothing is
-    left on disk."""
-    out = Path(path)
-    if out.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a directory; give a file name such as "
-                         f"{str(out / 'maps.safetensors')!r}")
-    try:
-        writable_anchor(out)
-    except ValueError as e:
-        raise ValueError(f"{flag} {str(path)!r}: {e}") from None
-    if out.exists() and not os.access(out, os.W_OK):
-        raise ValueError(f"{flag} {str(path)!r} exists and is read-only")
-
-
 def _train(args) -> int:
     from bake.plan.foldable import FOLD_PLANNER
-    from lineas.collect import SiteMatchError, match_sites
+    from lineas.collect import SiteMatchError, check_distinguishable, match_sites
     from lineas.hooks import SteeringError
     from lineas.learn.config import ConfigError
     from lineas.learn.train import learn_maps
     from lineas.models import ModelLoadError, display_name, load_model
     from lineas.prompts import PromptError, load_prompts
+    from lineas.train_out import check_train_outputs
 
     try:
         config = train_config(args)
     except ConfigError as e:
         return _fail(e.for_flag())
     try:
-        check_output_file(args.out)
-        if args.report_json:
-            check_output_file(args.report_json, "--report-json")
+        check_train_outputs(args.out, args.report_json, overwrite=args.overwrite, model=args.model,
+                            prompts=(args.source, args.target))  # lineas.train_out: also checked again below
         source = load_prompts(args.source)
         target = load_prompts(args.target)
     except (PromptError, ValueError) as e:
@@ -270,6 +265,12 @@ def _train(args) -> int:
         return _fail(f"cannot put model on device {args.device!r}: {e}")
     if loaded.tokenizer is None:
         return _fail(f"model {args.model!r} has no tokenizer; text prompts cannot be encoded")
+    try:
+        check_train_outputs(args.out, args.report_json, overwrite=args.overwrite, model=loaded.path,
+                            prompts=(args.source, args.target))  # a Hub id's cached blobs are inputs too
+        check_distinguishable(loaded.tokenizer, source, target, config.max_length)  # lineas.collect
+    except ValueError as e:
+        return _fail(str(e))
     try:
         sites = match_sites(loaded.model, args.sites)
     except SiteMatchError as e:
@@ -326,29 +327,37 @@ def _train_pipeline(args, config, source, target) -> int:
 
 def _finish(args, result) -> int:
     """Write the maps (and the JSON report) and print the per-site table."""
-    out = result.maps.save(args.out)
+    from lineas.train_out import write_new
+
+    try:
+        out = write_new(args.out, result.maps.save, overwrite=args.overwrite)
+        if args.report_json:
+            _write_report(args.report_json, result, overwrite=args.overwrite)
+    except FileExistsError as e:
+        return _fail(f"{e.filename!r} was created by something else while training ran; it was not replaced "
+                     "(pass --overwrite to replace it)")
     print(result.table())
     if result.fell_back_to_linear_act:
         print("--init linear-act: LinEAS ended with a higher training W2 than its Linear-AcT start; "
               "wrote the Linear-AcT maps")
     print(result.foldable.summary())
     print(f"wrote {len(result.maps)} site map(s) to {out} ({result.seconds:.1f} s)")
-    if args.report_json:
-        _write_report(args.report_json, result)
     return EXIT_OK
 
 
-def _write_report(path: str, result) -> None:
+def _write_report(path: str, result, *, overwrite: bool = False) -> None:
     from dataclasses import asdict
 
     data = {"support": result.support, "sites": [asdict(r) for r in result.report], "losses": list(result.losses),
             "seconds": result.seconds, "config": json.loads(result.config.to_json()),
             "fell_back_to_linear_act": result.fell_back_to_linear_act,
             "foldable": result.foldable.to_dict() if result.foldable is not None else None}
-    atomic_write_text(path, json.dumps(data, indent=2))
+    from lineas.train_out import write_new
+
+    write_new(path, lambda tmp: atomic_write_text(tmp, json.dumps(data, indent=2)), overwrite=overwrite)
 
 
-def _import_mlact(argv: list[str]) -> int:
+def _import_mlact(argv: list[str], output=None) -> int:
     from lineas.learn.mlact import MlActImportError, import_mlact
     from lineas.maps import MapsFormatError
 
@@ -356,6 +365,8 @@ def _import_mlact(argv: list[str]) -> int:
         args = build_import_parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    if output is not None:  # for an interrupt: was the maps file written (bake.cli.handler.Output)?
+        output.claim(args.out)
     if args.ignore_quantile_gate:
         log.warning("!!! --ignore-quantile-gate: hooks fitted with a quantile gate (quantiles_src != q_all) will be "
                     "imported as plain affine maps. They transported only activations inside a quantile range; "

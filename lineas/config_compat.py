@@ -38,7 +38,7 @@ def _split_rope(params: dict) -> tuple[float | None, dict | None]:
 
 def legacy_rope_fields(cfg: dict) -> dict:
     """The 4.x fields that ``cfg`` (a config.json dict) lacks and its ``rope_parameters`` determine."""
-    params = cfg.get("rope_parameters")
+    params = cfg.get("rope_parameters") if isinstance(cfg, dict) else None
     if not isinstance(params, dict) or "rope_theta" in cfg:
         return {}
     if "full_attention" in params and isinstance(params["full_attention"], dict):  # per layer type (Gemma-3)

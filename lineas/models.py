@@ -267,9 +267,14 @@ def _local_config(path: str) -> dict | None:
     if not cfg.is_file():
         return None
     try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
+        data = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{cfg} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        kind = "an array" if isinstance(data, list) else f"a JSON {type(data).__name__}"
+        raise ModelLoadError(f"{cfg} is {kind} ({json.dumps(data)[:60]}), expected a JSON object of model settings "
+                             "(model_type, hidden_size, ...)")
+    return data
 
 
 def display_name(name: str) -> str:

@@ -8,28 +8,28 @@ import os
 import sys
 from collections.abc import Sequence
 
+from bake.cli.handler import Output, guarded, wants_traceback
 from bake.cli.options import (
     DEFAULT_VERIFY_STEPS,
     DEFAULT_VERIFY_TOKENS,
     EXIT_BAD_INPUT,
     EXIT_OK,
-    EXIT_TERMINATED,
-    EXIT_VERIFY,
+    EXIT_TERMINATED,  # noqa: F401 (the exit codes, importable from here)
+    EXIT_VERIFY,  # noqa: F401
     PROG,
+    check_out_name,
     fail_cli,
     given_options,
 )
-from bake.errors import BakeError, FoldError, VerificationError
+from bake.errors import BakeError
 from bake.families.base import Family, FamilyKind
 from bake.formats.export import EXPORT_DTYPES, known_formats, parse_formats
 from bake.formats.kinds import GGUF_FORMATS, check_request, export_bytes
 from bake.plan.inputs import MAX_PLAIN_STRENGTH, check_strength_magnitude, parse_maps_arg
 from bake.publish.card import command_line
-from bake.publish.outdir import Terminated, check_out_dir
+from bake.publish.outdir import check_out_dir, run_scope
 from bake.store.checkpoint import parse_memory, safetensors_folder
-from lineas.hooks import SteeringError
-from lineas.maps import MapsFormatError
-from lineas.models import ALIASES, ModelLoadError, checkpoint_numel, local_checkpoint, resolve_model
+from lineas.models import ALIASES, checkpoint_numel, local_checkpoint, resolve_model
 
 DESCRIPTION = """\
 Bake steering maps into a model: fold each map y -> s*y + t into the weights
@@ -64,11 +64,15 @@ exit codes:
      Nothing written.
   3  verification failed: the baked model does not reproduce the hooked model;
      nothing was written, the per-site report says where it diverges
-  1  --push-to-hub failed (token, permissions, repo not found, Hub unavailable,
-     upload mismatch); the verified export stays in --out: lineas-bake push it
-  143 terminated by SIGTERM: the unfinished export was removed (after a SIGKILL,
-     the next export into the same parent folder removes the lineas_tmp_<pid>_*
-     folder of the dead run)
+  1  --push-to-hub failed or was interrupted (token, permissions, repo not found,
+     Hub unavailable, upload mismatch); the verified export stays in --out:
+     lineas-bake push it. Also an internal error (a bug: the one-line message
+     says "please report this"; -v prints the traceback)
+  130 interrupted (Ctrl-C), 143 terminated by SIGTERM: the unfinished export was
+     removed (after a SIGKILL, the next export into the same parent folder
+     removes the lineas_tmp_<pid>_* folder of the dead run). An interrupt after
+     the export was placed at --out exits 0 with a note: the export is complete.
+     llama.cpp's processes (--format gguf) end with lineas-bake, whatever ends it
 
 examples:
   {PROG} --model smollm2-135m --maps positive.safetensors --strength 1.0 --dry-run
@@ -127,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-large-strength", action="store_true",
                    help=f"allow a strength with |λ| > {MAX_PLAIN_STRENGTH:g} (refused by default, exit 2: "
                         "almost always a typo such as 1e9)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log progress details, and print the traceback of an error")
     danger = p.add_argument_group("dangerous options")
     danger.add_argument("--no-verify", action="store_true",
                         help="skip verification: the export is NOT checked against the hooked model")
@@ -172,23 +177,39 @@ def _checked_out(args, model: str | None = None):
     local folder of ``--model`` (None: a Hub id not fetched yet, whose size is not known here)."""
     from bake.results import default_out_dir
 
+    check_out_name(args.out or default_out_dir(args.model))
     local = model or resolve_model(args.model)
     n = checkpoint_numel(local)
     needed = export_bytes(n, EXPORT_DTYPES[args.dtype].itemsize, parse_formats(args.format)) if n else None
     if needed and args.dtype != "float32" and not args.no_verify:
         needed += n * 4  # out of core, the fold is checked on a float32 scratch copy (bake.formats.hf_stream)
-    return check_out_dir(args.out or default_out_dir(args.model), args.overwrite, model_dir=local,
-                         needed_bytes=needed)
+    out = check_out_dir(args.out or default_out_dir(args.model), args.overwrite, model_dir=local,
+                        needed_bytes=needed)
+    args.output.claim(out)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``lineas-bake`` and ``lineas-bake push``, each under the one top-level handler (bake.cli.handler):
+    no traceback without -v, Ctrl-C 130, SIGTERM 143 unless the export is already in place."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = wants_traceback(argv)
     if argv[:1] == ["push"]:  # `lineas-bake push DIR OWNER/NAME`: upload an existing export
+        from bake.cli.push import PROG as PUSH_PROG
         from bake.cli.push import push_main
 
-        return push_main(argv[1:])
+        unfinished = ("the upload did not finish; the local folder is unchanged, and the Hub repo has no new "
+                      "commit unless the upload had already made it: run the same command again")
+        return guarded(PUSH_PROG, lambda: push_main(argv[1:]), verbose=verbose,
+                       output=Output(kind="upload", unfinished=unfinished))
+    output = Output()
+    return guarded(PROG, lambda: _main(argv, output), verbose=verbose, output=output)
+
+
+def _main(argv: list[str], output: Output) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.output = output  # --out is claimed (its state noted) when it is checked: see _checked_out
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(message)s")
     for flag, value in (("--verify-tokens", args.verify_tokens), ("--verify-steps", args.verify_steps)):
@@ -196,21 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail_cli(f"{flag} must be >= 1, got {value}", EXIT_BAD_INPUT)
     if not args.push_to_hub and (args.private or args.revision or args.commit_message):
         return fail_cli("--private, --revision and --commit-message only apply with --push-to-hub", EXIT_BAD_INPUT)
-    cmd = command_line([PROG, *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return _run(args, cmd)
-    except VerificationError as e:
-        if e.report is not None:  # a bake.verify.report.Report, whichever family
-            print(e.report.failure_details(), file=sys.stderr)
-        return fail_cli(f"verification failed, nothing written: {e}", EXIT_VERIFY)
-    except ModelLoadError as e:
-        return fail_cli(" ".join(str(e).split()), EXIT_BAD_INPUT)  # transformers' messages span lines
-    except (MapsFormatError, FoldError, SteeringError) as e:
-        return fail_cli(str(e), EXIT_BAD_INPUT)
-    except BakeError as e:
-        return fail_cli(str(e), EXIT_BAD_INPUT if isinstance(e, ValueError) else 1)
-    except Terminated:
-        return fail_cli("terminated by SIGTERM; the unfinished export was removed", EXIT_TERMINATED)
+    with run_scope():  # --out is locked from its first check to the end of the run (bake.publish.outdir)
+        return _run(args, command_line([PROG, *argv]))
 
 
 def _run(args, cmd: str) -> int:
@@ -286,6 +294,8 @@ def _causal_lm_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple
     if args.push_to_hub:
         from bake.cli.push import run_push
 
+        args.output.pending = f"the upload to {args.push_to_hub}"
+        args.output.resume = f"{PROG} push {folder} {args.push_to_hub}"
         return run_push(folder, args.push_to_hub, revision=args.revision, private=args.private,
                         commit_message=args.commit_message, prog=PROG)
     return EXIT_OK

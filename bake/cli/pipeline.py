@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from bake.cli.options import DEFAULT_VERIFY_STEPS, EXIT_BAD_INPUT, EXIT_OK, fail_cli, given_options
+from bake.cli.options import (
+    DEFAULT_VERIFY_STEPS,
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    check_out_name,
+    fail_cli,
+    given_options,
+)
 from bake.families.base import Family
 from bake.families.detect import other_options
 from bake.families.diffusers.bake import bake_pipeline, plan_pipeline_bake
@@ -38,6 +45,10 @@ def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[s
 
             print(describe_push_after_export(out, args))
         return EXIT_OK
+    check_out_name(out)
+    output = getattr(args, "output", None)
+    if output is not None:  # for an interrupt: is the export in place (bake.cli.handler.Output)?
+        output.claim(out)
     result = bake_pipeline(args.model, maps, out=out, overwrite=args.overwrite, verify=not args.no_verify,
                            steps=DEFAULT_VERIFY_STEPS if args.verify_steps is None else args.verify_steps,
                            trust_remote_code=args.trust_remote_code,
@@ -53,6 +64,9 @@ def pipeline_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple[s
     if args.push_to_hub:
         from bake.cli.push import run_push
 
+        if output is not None:
+            output.pending = f"the upload to {args.push_to_hub}"
+            output.resume = f"lineas-bake push {result.folder} {args.push_to_hub}"
         return run_push(result.folder, args.push_to_hub, revision=args.revision, private=args.private,
                         commit_message=args.commit_message)
     return EXIT_OK

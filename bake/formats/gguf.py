@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from bake.errors import BakeError
 from bake.formats.baked import Baked
 from bake.formats.base import ExportOptions, ExportResult, register_exporter
+from bake.formats.children import end_child, start_child
 from bake.formats.gguf_greedy import long_greedy_check
 from bake.formats.kinds import FORMATS, GGUF_FORMATS
 from bake.formats.llamacpp import llama_cpp_python_version, llamacpp_runner, load_llamacpp
@@ -86,14 +87,21 @@ def convert(hf_folder: Path, outfile: Path, outtype: str, *, progress: bool | No
     bar = tqdm(total=100, desc=f"gguf convert ({outtype})", unit="%", disable=bar_disabled(progress), leave=False)
     log = bytearray()
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        while chunk := proc.stderr.read1(4096):
-            log += chunk
-            found = _PERCENT.findall(chunk)
-            if found:
-                bar.n = min(100, int(found[-1]))
-                bar.refresh()
-        rc = proc.wait()
+        # bound to this process: ended below on any exception (Ctrl-C, SIGTERM), by the kernel on SIGKILL
+        proc = start_child(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        try:
+            while chunk := proc.stderr.read1(4096):
+                log += chunk
+                found = _PERCENT.findall(chunk)
+                if found:
+                    bar.n = min(100, int(found[-1]))
+                    bar.refresh()
+            rc = proc.wait()
+        except BaseException:
+            end_child(proc, grace=0)
+            raise
+        finally:
+            proc.stderr.close()
     finally:
         bar.close()
     if rc != 0 or not outfile.is_file():

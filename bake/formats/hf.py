@@ -3,7 +3,6 @@ the base model's tokenizer and generation files, the reload)."""
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from collections.abc import Sequence
@@ -57,9 +56,6 @@ def state_dict_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
 def _sites_writing(plan, tensors: Sequence[str]) -> list[str]:
     """The plan's sites whose fold steps write any of ``tensors``."""
     return [p.site for p in plan.sites if any(t in step.tensors for step in p.steps for t in tensors)]
-
-
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @contextmanager

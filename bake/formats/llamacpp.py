@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from bake.errors import VerificationError
+from bake.formats.children import end_child, start_child
 from lineas.threads import pick_threads
 
 N_CTX = 512  # longest probe (33 tokens) or greedy prompt plus its new tokens fits with room to spare
@@ -40,6 +41,11 @@ class LlamaCppCrashed(VerificationError):
     so the bake fails as an unverified one does (exit 3, nothing written)."""
 
 
+class LlamaCppLoadError(VerificationError, ValueError):
+    """llama.cpp refused to load the GGUF file just written: it cannot be checked, so the bake fails as an
+    unverified one does (exit 3, nothing written); a ``ValueError`` as it always was for API callers."""
+
+
 def worker_command(path: Path, *, n_ctx: int, threads: int, f32_cache: bool) -> list[str]:
     return [sys.executable, "-c", _BOOTSTRAP, str(WORKER), str(path), str(n_ctx), str(threads),
             "1" if f32_cache else "0"]
@@ -52,15 +58,20 @@ class LlamaCppProcess:
         self.path = Path(path)
         # stderr to a file, not a pipe: llama.cpp's own logging could fill a pipe nobody reads and stall it
         self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(worker_command(self.path, n_ctx=n_ctx, threads=threads, f32_cache=f32_cache),
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+        # bound to this process: ended by __exit__/kill on any exception, by the kernel if this process is killed
+        self._proc = start_child(worker_command(self.path, n_ctx=n_ctx, threads=threads, f32_cache=f32_cache),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
         try:
-            hello = self._reply("loading")
-        except LlamaCppCrashed as e:
-            hello = {"ok": False, "error": str(e)}
+            try:
+                hello = self._reply("loading")
+            except LlamaCppCrashed as e:
+                hello = {"ok": False, "error": str(e)}
+        except BaseException:  # Ctrl-C, SIGTERM while llama.cpp loads: it must not outlive this process
+            self.kill()
+            raise
         if not hello.get("ok"):
             self.close()
-            raise ValueError(f"llama.cpp could not load {self.path}: {hello.get('error')}")
+            raise LlamaCppLoadError(f"llama.cpp could not load {self.path}: {hello.get('error')}")
         self._n_vocab = int(hello["n_vocab"])
         self.torch_loaded = bool(hello.get("torch_loaded"))  # in llama.cpp's process: should never be
         # llama.cpp's extra weight buffers (AMX, CPU repack) as loaded, and why they are off when they are
@@ -93,11 +104,20 @@ class LlamaCppProcess:
         for stream in (proc.stdin, proc.stdout, self._stderr):
             stream.close()
 
+    def kill(self) -> None:
+        """End llama.cpp's process now (no close request: it may be busy for seconds) and free its pipes."""
+        end_child(self._proc, grace=0)
+        for stream in (self._proc.stdin, self._proc.stdout, self._stderr):
+            stream.close()
+
     def __enter__(self) -> LlamaCppProcess:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # leaving on an error, Ctrl-C or SIGTERM: no waiting for a reply that no one reads
+            self.kill()
 
     def __del__(self) -> None:
         proc = getattr(self, "_proc", None)
@@ -113,7 +133,7 @@ class LlamaCppProcess:
                 pass  # the process is gone: _reply says how it ended
         reply = self._reply(what)
         if not reply.get("ok"):
-            raise RuntimeError(f"llama.cpp failed {what} with {self.path}: {reply.get('error')}")
+            raise LlamaCppCrashed(f"llama.cpp failed {what} with {self.path}: {reply.get('error')}")
         if "bytes" not in reply:
             return reply
         data = self._proc.stdout.read(reply["bytes"])

@@ -29,9 +29,11 @@ from torch import nn
 
 from bake.errors import BakeError
 from bake.store.rawmem import HEAP_SLACK_BYTES, BufferPool, trim_heap
+from bake.store.safetensors_header import check_config_against_weights
 from bake.store.shards import INDEX_FILE, SINGLE_FILE, ShardFolder, TensorInfo, read_as
 from bake.store.sliced_linear import slice_linears
 from bake.store.stores import checkpoint_keys
+from lineas.errors import ModelLoadError
 from lineas.io import human_size
 
 log = logging.getLogger(__name__)
@@ -66,9 +68,30 @@ def safetensors_folder(path: str | os.PathLike) -> Path | None:
 
 
 def load_config(path: str | os.PathLike, *, trust_remote_code: bool = False):
-    from transformers import AutoConfig
+    """``path``'s config through transformers; a :class:`lineas.errors.ModelLoadError` naming the model type
+    (or transformers' first line) when transformers cannot build it."""
+    from transformers import AutoConfig, __version__
 
-    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        model_type = _declared_model_type(Path(path))
+        if model_type is not None and f"{model_type}" in str(e):
+            raise ModelLoadError(f"{Path(path) / 'config.json'}: model_type {model_type!r} is not an architecture "
+                                 f"transformers {__version__} knows (a newer transformers may; a model that ships "
+                                 "its own code needs --trust-remote-code)") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"transformers cannot read the config of {path}: {first}") from None
+
+
+def _declared_model_type(folder: Path) -> str | None:
+    import json
+
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(data.get("model_type")) if isinstance(data, dict) and "model_type" in data else None
 
 
 def load_skeleton(path: str | os.PathLike, *, trust_remote_code: bool = False, config=None,
@@ -79,6 +102,7 @@ def load_skeleton(path: str | os.PathLike, *, trust_remote_code: bool = False, c
     from transformers import AutoModelForCausalLM
 
     config = config if config is not None else load_config(path, trust_remote_code=trust_remote_code)
+    check_config_against_weights(path, config)  # a config claiming 10**6 layers: refused now, not built
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     model.tie_weights()  # from_config under init_empty_weights leaves tied weights as two meta tensors

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from bake.errors import FoldError
+from bake.errors import BakeError, FoldError
 from bake.store.shards import ShardFolder
 
 
@@ -77,7 +77,35 @@ def checkpoint_keys(skeleton: nn.Module, folder: ShardFolder) -> dict[str, str]:
             if prefix and cand.startswith(prefix + ".") and cand[len(prefix) + 1:] in folder:
                 out[n] = cand[len(prefix) + 1:]
                 break
+    check_shapes(skeleton, folder, out)
     return out
+
+
+class ShapeMismatchError(BakeError, ValueError):
+    """A stored tensor whose shape is not the one ``config.json`` gives its parameter (the config was edited,
+    or belongs to another checkpoint)."""
+
+
+_SIZE_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "n_embd", "n_inner")
+
+
+def check_shapes(skeleton: nn.Module, folder: ShardFolder, keys: Mapping[str, str]) -> None:
+    """Refuse a checkpoint whose stored shapes disagree with the skeleton ``config.json`` builds (from the
+    headers: no tensor is read), naming the first tensor and the config fields its expected shape comes from."""
+    params = dict(skeleton.named_parameters(remove_duplicate=False))
+    for name, key in keys.items():
+        expected, stored = tuple(params[name].shape), tuple(folder.info(key).shape)
+        if expected == stored:
+            continue
+        config = getattr(skeleton, "config", None)
+        fields = [f"{f} {getattr(config, f)}" for f in _SIZE_FIELDS
+                  if isinstance(getattr(config, f, None), int) and getattr(config, f) in expected
+                  and getattr(config, f) not in stored]
+        says = f" ({', '.join(fields)})" if fields else ""
+        raise ShapeMismatchError(f"{folder.folder}: tensor {key!r} is stored with shape {list(stored)}, but "
+                                 f"config.json{says} makes it {list(expected)}: the config does not describe these "
+                                 "weights (edited, or from another checkpoint)")
 
 
 class FolderStore:
