@@ -125,7 +125,8 @@ def train(cfg: DemoConfig, method: str, out: Path, logs: Path) -> dict:
     report = logs / f"train-{method}.json"
     cmd = tool_command("lineas-train", "lineas.cli") + [
         "--model", cfg.model, "--source", cfg.source, "--target", cfg.target, "--sites", cfg.sites,
-        "--method", method, *train_flags(cfg.train), "--out", str(out), "--report-json", str(report)]
+        "--method", method, *train_flags(cfg.train), "--out", str(out), "--report-json", str(report),
+        "--overwrite"]  # the run folder is the demo's own: a rerun (--run NAME) replaces its maps
     stdout, seconds = run_tool(cmd, logs / f"train-{method}.log")
     data = json.loads(report.read_text(encoding="utf-8"))
     w2b = sum(s["w2_before"] for s in data["sites"]) / len(data["sites"])
