@@ -180,6 +180,7 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
     if verify:
         reference = CAUSAL_LM.reference(module, {s: (m.scale, m.shift) for s, m in eff.items()}, tokenizer=tok,
                                         n_tokens=verify_tokens, progress=progress)
+    base_absmax = _absmax_before_fold(module, fold_plan)
     apply_plan(module, fold_plan, eff, allow_rebake=allow_rebake, maps_record=maps_records(sources))
     if legacy:  # an export from before the config record: keep its bake in the record too
         setattr(module.config, BAKED_KEY, legacy + recorded_bakes(module.config))
@@ -197,12 +198,20 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
                                     report=report)
             err.plan = fold_plan
             raise err
-    return BakedModel(module, tok, fold_plan, report, sources, base, eff, reference)
+    return BakedModel(module, tok, fold_plan, report, sources, base, eff, reference, base_absmax=base_absmax)
 
 
 # ----------------------------------------------------------------------------- the out-of-core path
 class NotAFolderError(BakeError, ValueError):
     """bake_folder() was given something that is not a local safetensors checkpoint folder."""
+
+
+def _absmax_before_fold(module: nn.Module, fold_plan: FoldPlan) -> dict[str, float]:
+    """Max |value| of every existing tensor the plan will write, read before the fold changes it."""
+    params = dict(module.named_parameters())
+    written = {t for p in fold_plan.sites for step in p.steps for t in step.tensors if t in params}
+    with torch.no_grad():
+        return {t: float(params[t].detach().abs().max()) for t in sorted(written) if params[t].numel()}
 
 
 def _open_folder(model, *, trust_remote_code: bool, shards: bool = True) -> tuple[nn.Module, Path, BaseModel]:

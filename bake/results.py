@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -36,6 +36,9 @@ class BakedModel:
     reference: Reference | None  # hooked outputs on the probes; None with verify=False
     export_report: VerificationReport | None = None  # the report of the last save_pretrained (with reload checks)
     source: StreamSource | None = None  # set by bake_folder: ``model`` is a meta skeleton, weights stay on disk
+    # max |value| before the fold of each tensor the plan writes (in-memory bakes): an export dtype that the
+    # base value already overflows is the base model's fault, not the maps' (bake.formats.hf)
+    base_absmax: dict[str, float] = field(default_factory=dict)
 
     @property
     def verified(self) -> bool:

@@ -23,7 +23,7 @@ from tiny import ARCHS, tiny_model
 
 from bake.api import bake, bake_folder
 from bake.cli.main import main
-from bake.errors import BakeError
+from bake.errors import BakeError, NonFiniteCastError
 from bake.store.checkpoint import largest_block_bytes, load_bounded, load_skeleton
 from bake.store.shards import INDEX_FILE, ShardFolder, raw_blocks, read_as
 
@@ -282,6 +282,33 @@ def test_base_weight_overflowing_float16_fails_naming_it_and_writes_nothing(tmp_
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "model.layers.1.mlp.up_proj.weight" in err and "the base model itself does not fit" in err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("lineas_*"))
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "in-memory"])
+def test_a_folded_norm_whose_base_value_overflows_float16_blames_the_base_not_the_maps(tmp_path, capsys, streamed):
+    """The site's own weight is written by the fold, but it is out of float16's range before any steering."""
+    from bake import bake
+
+    site = "model.layers.0.input_layernorm"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[0] = 1e6
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="12KB")
+    maps_path = make_maps((site,), magnitude=0.2).save(tmp_path / "m.safetensors")
+    if streamed:
+        rc = main(["--model", str(src), "--maps", str(maps_path), "--out", str(tmp_path / "o"), "--dtype", "float16",
+                   "--verify-tokens", "2"])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+    else:
+        baked = bake(model, str(maps_path), verify_tokens=2)
+        with pytest.raises(NonFiniteCastError) as e:
+            baked.save_pretrained(tmp_path / "o", dtype="float16")
+        err = str(e.value)
+    assert f"{site}.weight" in err and "the base model itself does not fit" in err
+    assert "folded from the map(s)" not in err
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob("lineas_*"))
 
 

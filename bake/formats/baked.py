@@ -55,6 +55,7 @@ class Baked(Protocol):
     effective: Mapping[str, SiteMap]
     reference: Reference | None  # hooked outputs on the probes; None with verify=False (or not recorded yet)
     source: StreamSource | None  # out-of-core bakes: the source shards the HF export is written from
+    base_absmax: Mapping[str, float]  # in-memory bakes: max |value| before the fold of each tensor the plan writes
 
     @property
     def bakes(self) -> list[dict]: ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,20 +59,30 @@ def _sites_writing(plan, tensors: Sequence[str]) -> list[str]:
 
 
 @contextmanager
-def explained_cast_failure(plan, dtype: str):
-    """Re-raise a :class:`NonFiniteCastError` saying which maps (or the base model) overflow ``dtype``."""
+def explained_cast_failure(plan, dtype: str, base_overflows: Callable[[str], bool] = lambda name: False):
+    """Re-raise a :class:`NonFiniteCastError` saying which maps, or the base model, overflow ``dtype``.
+    ``base_overflows(tensor)``: whether the tensor's value BEFORE the fold already overflows ``dtype`` (then the
+    base model is to blame, even where a fold wrote the tensor)."""
     try:
         yield
     except NonFiniteCastError as e:
-        sites = _sites_writing(plan, e.tensors)
-        where = (f"folded from the map(s) at site(s) {', '.join(sites)}" if sites else
-                 "not written by the steering: the base model itself does not fit this dtype")
-        raise NonFiniteCastError(e.dtype, e.counts, f" ({where}); nothing was written. Export in float32 or "
-                                 "bfloat16, or use a smaller strength") from None
+        by_maps = [t for t in e.tensors if _sites_writing(plan, [t]) and not base_overflows(t)]
+        sites = _sites_writing(plan, by_maps)
+        where = (f"folded from the map(s) at site(s) {', '.join(sites)}; export in float32 or bfloat16, or use a "
+                 "smaller strength" if sites else
+                 "not written by the steering, or already out of range before it: the base model itself does not fit "
+                 "this dtype; export in float32 or bfloat16")
+        raise NonFiniteCastError(e.dtype, e.counts, f" ({where}); nothing was written") from None
+
+
+def overflows_in(dtype: str, absmax: Mapping[str, float]) -> Callable[[str], bool]:
+    """``base_overflows`` for :func:`explained_cast_failure` from the tensors' max |value| before the fold."""
+    limit = torch.finfo(EXPORT_DTYPES[dtype]).max
+    return lambda name: absmax.get(name, 0.0) > limit
 
 
 def _cast_state_dict(baked: Baked, dtype: str) -> dict[str, torch.Tensor] | None:
-    with explained_cast_failure(baked.plan, dtype):
+    with explained_cast_failure(baked.plan, dtype, overflows_in(dtype, baked.base_absmax)):
         return state_dict_in(baked.model, EXPORT_DTYPES[dtype])
 
 

@@ -118,7 +118,11 @@ def export_hf_streamed(baked: Baked, folder: Path, opts: ExportOptions) -> Expor
         release_memory()  # the float64 work on the big weights it read (q/k/v rows): freed before the reference loads
         return out
 
-    with explained_cast_failure(baked.plan, opts.dtype):  # an overflow fails now, before any slow step
+    def base_overflows(name: str) -> bool:  # the source shard still holds the value before the fold
+        dtype = EXPORT_DTYPES[opts.dtype]
+        return src.store.has(name) and not bool(torch.isfinite(src.store.read(name).to(dtype)).all())
+
+    with explained_cast_failure(baked.plan, opts.dtype, base_overflows):  # an overflow fails now, before any slow step
         final = folded(opts.dtype)
     pending = _InBackground(lambda cancel: record_streamed_reference(baked, cancel)) if (
         src.verify and baked.reference is None) else None
@@ -144,7 +148,7 @@ def export_hf_streamed(baked: Baked, folder: Path, opts: ExportOptions) -> Expor
                 shutil.rmtree(scratch, ignore_errors=True)
             if not check.passed:  # the fold is wrong: do not spend the time writing the real export
                 return ExportResult("hf", checks=checks, sites=sites, reference=recorded)
-        with explained_cast_failure(baked.plan, opts.dtype):  # the base weights may overflow too
+        with explained_cast_failure(baked.plan, opts.dtype, base_overflows):  # the base weights may overflow too
             write_baked_folder(baked, folder, final, EXPORT_DTYPES[opts.dtype], progress=opts.progress)
         reference()
     except BaseException:  # SIGTERM, a write error, bad maps: stop the other thread before leaving
