@@ -68,11 +68,13 @@ def explained_cast_failure(plan, dtype: str, base_overflows: Callable[[str], boo
     except NonFiniteCastError as e:
         by_maps = [t for t in e.tensors if _sites_writing(plan, [t]) and not base_overflows(t)]
         sites = _sites_writing(plan, by_maps)
-        where = (f"folded from the map(s) at site(s) {', '.join(sites)}; export in float32 or bfloat16, or use a "
-                 "smaller strength" if sites else
-                 "not written by the steering, or already out of range before it: the base model itself does not fit "
-                 "this dtype; export in float32 or bfloat16")
-        raise NonFiniteCastError(e.dtype, e.counts, f" ({where}); nothing was written") from None
+        if sites:
+            where, advice = (f"folded from the map(s) at site(s) {', '.join(sites)}",
+                             "Export in float32 or bfloat16, or use a smaller strength")
+        else:
+            where, advice = ("not written by the steering, or out of range before it: the base model itself does "
+                             "not fit this dtype", "Export in float32 or bfloat16")
+        raise NonFiniteCastError(e.dtype, e.counts, f" ({where}); nothing was written. {advice}") from None
 
 
 def overflows_in(dtype: str, absmax: Mapping[str, float]) -> Callable[[str], bool]:
