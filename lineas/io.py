@@ -20,10 +20,12 @@ import errno
 import hashlib
 import os
 import secrets
+import signal
 import stat
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TMP_MARK = ".lineas-tmp-"
@@ -311,3 +313,29 @@ def writable_anchor(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise ValueError(f"cannot write in {str(anchor)!r} ({e.strerror or e})") from None
     return anchor
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, so no ``except Exception`` swallows it)."""
+
+
+@contextlib.contextmanager
+def sigterm_raises_once() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated`, once: a second SIGTERM while the first is handled
+    is ignored, so the cleanup runs to its end.  The previous handler comes back on exit.  Main thread only
+    (elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Terminated("terminated by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -12,8 +12,8 @@ No traceback ever reaches the user:
   since the work is complete; if an upload was still to come, it exits 1 as a failed upload does, saying
   how to push the export (:class:`Output`).
 
-SIGTERM raises :class:`bake.publish.outdir.Terminated` for the whole run (:func:`signals_raise`), not only
-while an export is written, so every ``finally`` runs whatever the run was doing.
+SIGTERM raises :class:`lineas.io.Terminated` for the whole run (:func:`lineas.io.sigterm_raises_once`), not
+only while an export is written, so every ``finally`` runs whatever the run was doing.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from pathlib import Path
 
 from bake.errors import BakeError, VerificationError
 from bake.publish.hub_errors import HubError
-from bake.publish.outdir import OWNER_FILE, TMP_PREFIX, Terminated
+from bake.publish.outdir import OWNER_FILE, TMP_PREFIX
 from bake.store.shards import ShardFormatError
 from lineas.errors import ModelLoadError
 from lineas.hooks import SteeringError
-from lineas.io import ExitCode, fail
+from lineas.io import ExitCode, Terminated, fail, sigterm_raises_once
 from lineas.maps import MapsFormatError
 from lineas.prompts import PromptError
 
@@ -132,28 +132,6 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 @contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """Within the block SIGTERM raises :class:`Terminated` once (a second SIGTERM, while the first is being
-    handled, is ignored: the cleanup runs to its end); the previous handlers come back on exit.  Main
-    thread only (elsewhere signals cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = []
-
-    def handler(signum, frame):
-        if not fired:
-            fired.append(signum)
-            raise Terminated("terminated by SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
 def _quiet_signals() -> Iterator[None]:
     """Ctrl-C and SIGTERM ignored while an interrupt is reported and cleaned up (no second traceback)."""
     if threading.current_thread() is not threading.main_thread():
@@ -172,7 +150,7 @@ def guarded(prog: str, run: Callable[[], int], *, verbose: bool = False, output:
     """``run()`` under the one handler (see the module docstring); returns the exit code."""
     output = output or Output()
     try:
-        with signals_raise():
+        with sigterm_raises_once():
             return run()
     except (KeyboardInterrupt, Terminated) as e:
         with _quiet_signals():

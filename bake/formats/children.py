@@ -4,7 +4,7 @@ The GGUF export runs two programs of llama.cpp's in processes of their own: the 
 (:mod:`bake.formats.gguf`) and the worker that loads the file (:mod:`bake.formats.llamacpp`).  Neither may
 outlive lineas-bake:
 
-* an exception in the parent (Ctrl-C, SIGTERM as :class:`bake.publish.outdir.Terminated`, any error) ends the
+* an exception in the parent (Ctrl-C, SIGTERM as :class:`lineas.io.Terminated`, any error) ends the
   child in the ``except``/``finally`` that started it (:func:`end_child`);
 * a parent killed outright (SIGKILL, the OOM killer), which runs no ``finally``, takes the child with it:
   on Linux the child asks the kernel for ``PR_SET_PDEATHSIG`` (SIGKILL) before it runs anything

@@ -30,10 +30,8 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +49,7 @@ from lineas.io import (
     probe_lock,
     rename_noreplace,
     resolved_entries,
+    sigterm_raises_once,
     unlock_file,
     writable_anchor,
 )
@@ -69,10 +68,6 @@ _OWNED = re.compile(rf"^(?:{TMP_PREFIX}|{OLD_PREFIX})(\d+)_\w+$")
 class OutputPathError(BakeError, ValueError):
     """``--out`` cannot be written: a file in its path, a read-only folder, too little space, or a folder
     that must not be replaced (the working directory, the model's own folder)."""
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived during an export (a BaseException, so no ``except Exception`` swallows it)."""
 
 
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, *, model_dir: str | os.PathLike | None = None,
@@ -302,22 +297,10 @@ def sigterm_raises() -> Iterator[None]:
     signals cannot be set), and the claim of an output whose temporary folder was made in it ends with it
     (outside a :func:`run_scope`)."""
     _EXPORT_SCOPES.append([])
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        fired: list[bool] = []
-
-        def handler(signum, frame):  # once: a second SIGTERM must not interrupt the cleanup of the first
-            if fired:
-                return
-            fired.append(True)
-            raise Terminated("terminated by SIGTERM")
-
-        previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        with sigterm_raises_once():
+            yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         for claim in _EXPORT_SCOPES.pop():
             if not _RUN_DEPTH[0]:
                 _release(claim)
