@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lineas.errors import ModelLoadError
+from lineas.io import plain_name
 
 __all__ = ["MODEL_INDEX", "PIPELINE_CLASS_KEY", "DENOISERS", "PipelineLoadError", "PipelineModules",
            "is_pipeline_folder", "read_model_index", "pipeline_class_name", "load_pipeline", "pipeline_modules",
@@ -58,6 +59,12 @@ def read_model_index(path: str | os.PathLike) -> dict:
         raise PipelineLoadError(f"{index}: unreadable ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
         raise PipelineLoadError(f"{index}: no '_class_name' string; not a diffusers model index")
+    for name in data:  # a component's name is the folder it lives in: it must stay inside the pipeline folder
+        if not name.startswith("_"):
+            try:
+                plain_name(name, "component")
+            except ValueError as e:
+                raise PipelineLoadError(f"{index}: {e}") from None
     return data
 
 

@@ -4,6 +4,7 @@ byte-for-byte copies, refusals that write nothing, and a wrong fold caught by ve
 import hashlib
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -333,3 +334,19 @@ def test_disk_check_counts_the_onnx_graphs_of_format_hf_onnx(tiny_pipeline_folde
     with pytest.raises(OutputPathError, match="needs about"):
         bake_pipeline(src, m, out=tmp_path / "X", formats=("hf", "onnx"))
     assert not (tmp_path / "X").exists()
+
+
+def test_a_component_name_that_leaves_the_pipeline_folder_is_refused(tiny_pipeline_folder, tmp_path, capsys):
+    """model_index.json names the component folders: a name like '../x' would be read and written outside."""
+    src = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline_folder("sd"), src)
+    m = _maps_file(load_pipeline(src), ["unet.mid_block.resnets.0.norm1"], tmp_path / "m.safetensors")
+    index = json.loads((src / "model_index.json").read_text())
+    index["../outside"] = index.pop("vae")
+    (src / "model_index.json").write_text(json.dumps(index))
+    before = _sha(src)
+    code = main(["--model", str(src), "--maps", str(m), "--out", str(tmp_path / "X")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "component '../outside' is not a plain file name" in err and "Traceback" not in err
+    assert _sha(src) == before and not (tmp_path / "X").exists() and not (tmp_path / "outside").exists()
