@@ -32,6 +32,7 @@ from bake.errors import BakeError, VerificationError
 from bake.families.causal_lm import CAUSAL_LM
 from bake.families.detect import detect
 from bake.fold.execute import apply_plan, check_applicable, commit_plan
+from bake.plan.check import site_names
 from bake.plan.history import (
     BAKED_KEY,
     check_model_match,
@@ -136,7 +137,7 @@ def plan_bake(model, maps, strength: float = 1.0, *, require_standard: bool = Fa
               device: str = "cpu", trust_remote_code: bool = False, progress: bool = False,
               allow_rebake: bool = False, ignore_model_mismatch: bool = False, require_runtimes=()) -> FoldPlan:
     """Only the plan (what ``--dry-run`` prints), after the same input checks as :func:`bake`; nothing is modified."""
-    sources = normalise_maps(maps, strength)
+    sources = normalise_maps(maps, strength, known_sites=_sites_known_now(model))
     module, _, base = _resolve_model(model, tokenizer=None, device=device, trust_remote_code=trust_remote_code,
                                      copy_model=False, progress=progress, with_tokenizer=False)
     eff = combined(sources)
@@ -167,7 +168,7 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
     """
     if verify_tokens < 1:
         raise ValueError(f"verify_tokens must be >= 1, got {verify_tokens}")
-    sources = normalise_maps(maps, strength)
+    sources = normalise_maps(maps, strength, known_sites=_sites_known_now(model))
     eff = combined(sources)
     module, tok, base = _resolve_model(model, tokenizer=tokenizer, device=device,
                                        trust_remote_code=trust_remote_code, copy_model=copy_model,
@@ -204,6 +205,12 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
 # ----------------------------------------------------------------------------- the out-of-core path
 class NotAFolderError(BakeError, ValueError):
     """bake_folder() was given something that is not a local safetensors checkpoint folder."""
+
+
+def _sites_known_now(model) -> frozenset[str] | None:
+    """The sites of a model given in memory (checked against a maps file's header before its tensors are
+    read); None for a path, whose modules are known only once it is loaded."""
+    return site_names(model) if isinstance(model, nn.Module) else None
 
 
 def _absmax_before_fold(module: nn.Module, fold_plan: FoldPlan) -> dict[str, float]:
@@ -249,9 +256,13 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
     if verify_tokens < 1:
         raise ValueError(f"verify_tokens must be >= 1, got {verify_tokens}")
     check_device(device)
-    sources = normalise_maps(maps, strength)
+    local = not isinstance(model, nn.Module) and Path(str(model)).expanduser().is_dir()
+    if local:  # the skeleton costs nothing here: the maps' sites are checked before their tensors are read
+        skeleton, path, base = _open_folder(model, trust_remote_code=trust_remote_code, shards=not plan_only)
+    sources = normalise_maps(maps, strength, known_sites=site_names(skeleton) if local else None)
     eff = combined(sources)
-    skeleton, path, base = _open_folder(model, trust_remote_code=trust_remote_code, shards=not plan_only)
+    if not local:  # a Hub id is fetched only once the maps are known to be sound
+        skeleton, path, base = _open_folder(model, trust_remote_code=trust_remote_code, shards=not plan_only)
     if verify and max_memory is not None:
         device_map_for(skeleton, torch.device(device), max_memory)  # a budget too small fails now, not mid-export
 

@@ -354,7 +354,7 @@ def test_known_sites_are_checked_against_the_maps_header(tmp_path, monkeypatch):
     model = nn.ModuleDict({"norm": nn.LayerNorm(4)})
     good = SteeringMaps({"norm": SiteMap(torch.full((4,), 1.5), torch.zeros(4))}, {}).save(tmp_path / "g.st")
     bad = SteeringMaps({"no.such": SiteMap(torch.full((4,), 1.5), torch.zeros(4))}, {}).save(tmp_path / "b.st")
-    assert site_names(model) == {"norm"}
+    assert site_names(model) == {"", "norm"}  # the root too: the planner explains why it is refused
     assert normalise_maps(good, known_sites=site_names(model))[0].maps.sites == ["norm"]
     monkeypatch.setattr(lineas.maps, "safe_open", lambda *a, **k: pytest.fail("tensors read before the site check"))
     with pytest.raises(MapsFormatError, match="unknown site.*'no.such'"):

@@ -435,3 +435,14 @@ def test_reference_offloaded_benchmark_runs_and_prints_its_fields(tmp_path):
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(out) == {"load_s", "reference_s", "passes", "reads_s", "peak_rss_gib"}
     assert out["passes"] == 3 and out["reference_s"] > 0
+
+
+def test_maps_naming_a_module_the_folder_lacks_are_refused_before_their_tensors_are_read(tmp_path, monkeypatch):
+    """A local folder's skeleton costs nothing: the maps' sites are checked against it from the header."""
+    import lineas.maps
+
+    _, src, _ = sharded_checkpoint(tmp_path, "llama", ("model.layers.0.input_layernorm",))
+    maps_path = make_maps(("model.layers.0.input_layernorm", "model.nope")).save(tmp_path / "m.safetensors")
+    monkeypatch.setattr(lineas.maps, "safe_open", lambda *a, **k: pytest.fail("the tensors were read"))
+    with pytest.raises(lineas.maps.MapsFormatError, match=r"unknown site\(s\) 'model.nope' \(not modules"):
+        bake_folder(str(src), str(maps_path), plan_only=True)

@@ -73,9 +73,9 @@ def normalise_maps(effective_maps) -> dict[str, SiteMap]:
 
 
 def site_names(model: nn.Module) -> frozenset[str]:
-    """Every site a map may name on ``model`` (its non-root module names): what a maps file's header is checked
+    """Every module name of ``model`` (the root too): what a maps file's header is checked
     against before its tensors are read (``known_sites`` of :func:`bake.plan.inputs.normalise_maps`)."""
-    return frozenset(name for name, _ in model.named_modules() if name)
+    return frozenset(name for name, _ in model.named_modules())  # the root too: the planner says why it cannot be
 
 
 def resolve_site_modules(model: nn.Module, sites: Iterable[str]) -> dict[str, nn.Module]:
