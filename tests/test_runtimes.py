@@ -63,7 +63,8 @@ def test_llama_with_both_bias_flags_is_served_everywhere(tmp_path):
     assert {c.key for c in plan.config_changes} == {"attention_bias", "mlp_bias"}  # the flags are really on
     v = _verdicts(plan)
     assert all(x.serves is Serves.YES for x in v.values()), [x.to_dict() for x in v.values()]
-    assert v[Runtime.LLAMA_CPP].evidence is Evidence.TESTED and v[Runtime.VLLM].evidence is Evidence.SOURCE
+    assert v[Runtime.LLAMA_CPP].evidence is Evidence.TESTED and v[Runtime.VLLM].evidence is Evidence.TESTED
+    assert v[Runtime.MLX].evidence is Evidence.TESTED and v[Runtime.TGI].evidence is Evidence.SOURCE
     assert "src/models/llama.cpp" in v[Runtime.LLAMA_CPP].source
 
 
@@ -94,7 +95,8 @@ def test_dry_run_prints_the_matrix(tmp_path, capsys):
     assert "runtimes (does the export load without custom code?)" in out
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()
             if line.split()[:1] and line.split()[0] in {r.value for r in Runtime}}
-    assert rows == {"transformers": "yes", "onnxruntime": "yes", "llama.cpp": "no", "vllm": "yes", "tgi": "no"}
+    assert rows == {"transformers": "yes", "onnxruntime": "yes", "llama.cpp": "no", "vllm": "yes", "mlx": "no",
+                    "tgi": "no"}  # mlx_lm/models/gemma2.py: every projection bias=False
 
 
 def test_require_runtime_refuses_before_work_naming_sites(tmp_path, capsys):
@@ -117,6 +119,13 @@ def test_require_runtime_passes_a_plan_it_serves(tmp_path, capsys):
     assert rc == EXIT_OK, capsys.readouterr().err
 
 
+def test_require_runtime_mlx_refuses_a_bias_mlx_does_not_load(tmp_path, capsys):
+    model_dir, maps_path = setup_model(tmp_path, "gemma2", GEMMA2_QKV_SITES)
+    rc = main(["--model", str(model_dir), "--maps", str(maps_path), "--dry-run", "--require-runtime", "mlx"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and "mlx: no" in err and "attention_bias" in err and "mlx_lm/models/gemma2.py" in err
+
+
 def test_unknown_runtime_is_named(tmp_path, capsys):
     model_dir, maps_path = setup_model(tmp_path, "llama", LLAMA_FLAG_SITES)
     rc = main(["--model", str(model_dir), "--maps", str(maps_path), "--dry-run", "--require-runtime", "ollama"])
@@ -129,7 +138,8 @@ def test_card_and_provenance_carry_the_matrix(tmp_path, capsys):
     assert main(["--model", str(model_dir), "--maps", str(maps_path), "--out", str(out),
                  "--verify-tokens", "2"]) == EXIT_OK, capsys.readouterr().err
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert "## Runtimes" in card and "| llama.cpp | no | tested here |" in card
+    assert "## Runtimes" in card and "| llama.cpp | no | no | tested here |" in card
+    assert "| transformers | yes | passed | tested here |" in card  # the export's reload check ran transformers
     assert "src/models/gemma2.cpp" in card and "read from source" in card
     prov = json.loads((out / "lineas_provenance.json").read_text(encoding="utf-8"))
     assert json.dumps(prov).count('"runtime": "vllm"') == 1

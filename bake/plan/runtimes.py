@@ -14,11 +14,12 @@ The reasons are facts, each with where it comes from:
   modules alike become ordinary graph ops; optimum-onnx 0.1.0 exports every registry model type
   (``TasksManager.get_supported_tasks_for_model_type``: text-generation-with-past). Tested by
   ``--format onnx``.
-* llama.cpp, vLLM, TGI: per architecture, the runtime's name for it and the bias flags whose
+* llama.cpp, vLLM, MLX, TGI: per architecture, the runtime's name for it and the bias flags whose
   biases it loads and applies, read from its source and cited in the registry
   (``runtimes`` in ``bake/registry/archs/<model_type>.json``). llama.cpp's are also tested here: ``--format
   gguf`` checks the file in llama.cpp, and ``tests/test_gguf.py`` converts every registry
-  architecture with its bias flags on. vLLM's and TGI's are read from source only.
+  architecture with its bias flags on. vLLM's and MLX's are tested by ``--check-runtime vllm,mlx``
+  (greedy text from text prompts in the runtime's own environment). TGI's are read from source only.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ class Evidence(str, Enum):
     SOURCE = "read from source"
 
 
-# Which runtimes' facts the test suite runs (the others are read from their source).
-TESTED = frozenset({Runtime.TRANSFORMERS, Runtime.ONNX_RUNTIME, Runtime.LLAMA_CPP})
+# Which runtimes' facts the test suite runs (TGI's are read from its source only): llama.cpp by --format gguf,
+# vLLM and MLX by --check-runtime (each in its own environment, from text prompts; tests/test_serving.py).
+TESTED = frozenset({Runtime.TRANSFORMERS, Runtime.ONNX_RUNTIME, Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.MLX})
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def runtime_matrix(*, model_type: str | None, registry: str | None, affine_sites
         out.append(RuntimeVerdict(Runtime.ONNX_RUNTIME, Serves.UNKNOWN, Evidence.TESTED,
                                   f"no registry entry for model type {model_type!r}: --format onnx finds out "
                                   "whether Optimum exports it (and refuses before writing anything)"))
-    for runtime in (Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.TGI):
+    for runtime in (Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.MLX, Runtime.TGI):
         fact = entry.runtimes.get(runtime) if entry is not None else None
         if affine:
             out.append(RuntimeVerdict(runtime, Serves.NO, _evidence(runtime), f"needs custom code: {affine}"))
@@ -151,11 +153,34 @@ def runtime_matrix(*, model_type: str | None, registry: str | None, affine_sites
     return tuple(out)
 
 
-def matrix_markdown(verdicts: list[dict]) -> str:
-    """The model card's table, from the plan's JSON form (``FoldPlan.to_dict()["runtimes"]``)."""
-    lines = ["| runtime | loads without custom code | evidence | why | source |", "|---|---|---|---|---|"]
+# The verification rows that run an export in a runtime, by the prefix of their tolerance row's name
+# (bake.verify.tolerances): the card says which runtimes this export was checked in.
+ROW_RUNTIMES = (("reload-", Runtime.TRANSFORMERS), ("onnx-", Runtime.ONNX_RUNTIME), ("gguf-", Runtime.LLAMA_CPP),
+                ("vllm-", Runtime.VLLM), ("mlx-", Runtime.MLX))
+
+
+def checked_on_export(checks) -> dict[str, str]:
+    """``runtime name -> "passed" | "failed"`` for every runtime an export's checks ran (a failed advisory row
+    is "passed with warnings"); ``checks``: the verification report's :class:`bake.verify.report.CheckResult` rows."""
+    out: dict[str, list] = {}
+    for c in checks:
+        runtime = next((r for prefix, r in ROW_RUNTIMES if c.tolerance.name.startswith(prefix)), None)
+        if runtime is not None:
+            out.setdefault(runtime.value, []).append(c)
+    return {name: ("failed" if any(c.failures and c.gating for c in rows) else
+                   "passed with warnings" if any(c.failures for c in rows) else "passed")
+            for name, rows in out.items()}
+
+
+def matrix_markdown(verdicts: list[dict], checked: dict[str, str] | None = None) -> str:
+    """The model card's table, from the plan's JSON form (``FoldPlan.to_dict()["runtimes"]``) and what this
+    export's own checks ran (:func:`checked_on_export`)."""
+    checked = checked or {}
+    lines = ["| runtime | loads without custom code | checked on this export | evidence | why | source |",
+             "|---|---|---|---|---|---|"]
     for v in verdicts:
-        cells = [v["runtime"], v["serves"], v["evidence"], v["reason"], v["source"] or "—"]
+        cells = [v["runtime"], v["serves"], checked.get(v["runtime"], "no"), v["evidence"], v["reason"],
+                 v["source"] or "—"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 

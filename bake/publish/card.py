@@ -232,11 +232,13 @@ def _runtimes_section(info: ExportInfo) -> str:
     verdicts = (info.plan or {}).get("runtimes") or []
     if not verdicts:
         return ""
-    from bake.plan.runtimes import matrix_markdown
+    from bake.plan.runtimes import checked_on_export, matrix_markdown
 
-    return ("## Runtimes\n\nDoes this export load without custom code? \"tested here\": lineas-bake's tests and this "
-            "export's checks run it; \"read from source\": the runtime's source, cited.\n\n"
-            + matrix_markdown(verdicts) + "\n\n")
+    checked = checked_on_export(info.report.checks)
+    return ("## Runtimes\n\nDoes this export load without custom code? \"checked on this export\": this export was run "
+            "in the runtime and compared with the hooked model before it was written; \"tested here\": lineas-bake's "
+            "tests run it; \"read from source\": the runtime's source, cited.\n\n"
+            + matrix_markdown(verdicts, checked) + "\n\n")
 
 
 def write_card(out_dir: Path, info: ExportInfo, repo: str = "path/to/this/folder") -> Path:

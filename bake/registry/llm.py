@@ -4,7 +4,7 @@ Each file says, for one ``config.model_type``, which model classes it
 describes (``architectures``), which modules are norms (their class and weight
 convention), which linears consume each norm's output, which linears are
 producers (and their weight layout), which config flags switch biases on, and
-(``runtimes``) what llama.cpp, vLLM and TGI make of those flags, cited from their source.
+(``runtimes``) what llama.cpp, vLLM, TGI and MLX make of those flags, cited from their source.
 Module names are templates with a ``{layer}`` placeholder.  Every field drives
 :mod:`bake.plan.planner` (a norm's ``note``, allowed only with an empty consumer list, is the reason
 its plan gives for a shift with no bias to fold into); whatever the model itself tells exactly
@@ -53,13 +53,14 @@ class Runtime(str, Enum):
     LLAMA_CPP = "llama.cpp"
     VLLM = "vllm"
     TGI = "tgi"
+    MLX = "mlx"
 
 
 # What a serving runtime makes of this architecture (read by bake.plan.runtimes, which the planner calls):
 # its own name for it, the bias flags whose biases it loads and applies for every module the flag
 # covers, and where in the runtime's source that was read. transformers and ONNX Runtime need no
 # per-architecture data: the flags are transformers' own, and the ONNX graph is traced from it.
-RUNTIMES_IN_REGISTRY = (Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.TGI)
+RUNTIMES_IN_REGISTRY = (Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.TGI, Runtime.MLX)
 _RUNTIME_KEYS = {"architecture": str, "bias_flags_served": list, "source": str}
 _PLACEHOLDER = re.compile(r"\{([^}]*)\}")
 
