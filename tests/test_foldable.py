@@ -127,15 +127,14 @@ def test_constrained_closed_form_is_least_squares():
 def test_auto_needs_a_registry_entry_and_on_does_not():
     import transformers as tf
 
-    cfg = tf.GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=128)
-    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    sites = {"gpt_neox.layers.0.input_layernorm": 64, "gpt_neox.layers.0.mlp": 64}
+    cfg = tf.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()  # GPT-J: no registry entry
+    sites = {"transformer.h.0.ln_1": 64, "transformer.h.0.mlp": 64}
     auto = plan_foldable(model, sites, "auto")
     assert not auto.applied and auto.parts() is None and "registry" in auto.note
     on = plan_foldable(model, sites, "on")
-    assert on.applied and on.registry is None and [p.site for p in on.excluded] == ["gpt_neox.layers.0.mlp"]
-    assert on["gpt_neox.layers.0.input_layernorm"].shift  # a LayerNorm's own bias takes the shift
+    assert on.applied and on.registry is None and [p.site for p in on.excluded] == ["transformer.h.0.mlp"]
+    assert on["transformer.h.0.ln_1"].shift  # a LayerNorm's own bias takes the shift
 
 
 def test_nothing_foldable_is_an_error_naming_the_sites():

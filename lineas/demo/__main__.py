@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=d.model, help=f"model alias or directory (default: {d.model})")
     g.add_argument("--threads", type=int, default=0,
                    help="torch/ONNX Runtime threads; 0 = all cores when idle, fewer on a busy machine (default: 0)")
-    g.add_argument("--keep-models", action="store_true",
-                   help="keep the baked HF and ONNX folders (~1 GB) in the run folder")
+    g.add_argument("--keep-models", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the baked model (HF, ONNX and GGUF files, ~1.5 GB) in the run folder, ready to serve "
+                        "or publish (default: kept; --no-keep-models removes it at the end)")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     t = p.add_argument_group("learning (passed to lineas-train)")
@@ -155,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
     print((run_dir / "summary.md").read_text(encoding="utf-8"))
     print(f"\nwrote {run_dir / 'results.json'} and {run_dir / 'summary.md'}")
+    if results["bake"].get("push_command"):
+        print(f"\nthe baked model: {results['bake']['out']}\npublish it (add --dry-run to see what would be uploaded; "
+              f"the token comes from HF_TOKEN or `hf auth login`):\n  {results['bake']['push_command']}")
     identical = all(c.get("identical") for n, c in results["runtime_check"]["comparisons_vs_hooked"].items()
                     if n != "base")
     return EXIT_OK if identical else EXIT_FAIL

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,7 @@ class DemoConfig:
     gen_batch_size: int = 26
     formats: str = "hf,onnx,gguf"
     threads: int = 1
-    keep_models: bool = False  # keep the baked HF/ONNX folders (~1 GB) in the run folder
+    keep_models: bool = True  # keep the baked model (HF, ONNX, GGUF) in the run folder, to serve or publish
 
 
 @dataclass
@@ -329,12 +330,20 @@ def run_demo(cfg: DemoConfig, run_dir: Path, *, maps_in: dict[str, Path] | None 
     results["step_seconds"] = steps.seconds
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     results["machine_end"] = machine_info(cfg.threads)
-    if not cfg.keep_models:
+    if cfg.keep_models:
+        results["bake"]["push_command"] = push_command(baked_dir, cfg)
+    else:
         shutil.rmtree(baked_dir, ignore_errors=True)
         results["bake"]["out_removed"] = True
     _write_json(run_dir / "results.json", results)
     write_summary(run_dir / "summary.md", results)
     return results
+
+
+def push_command(baked_dir: Path, cfg: DemoConfig) -> str:
+    """The one command that publishes the demo's baked model (the repo name is the user's to pick)."""
+    name = f"{Path(cfg.model).name.lower()}-{cfg.target}-lineas"
+    return f"lineas-bake push {shlex.quote(str(baked_dir))} YOUR_HF_NAME/{name}"
 
 
 def _write_json(path: Path, data: dict) -> None:
