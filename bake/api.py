@@ -56,7 +56,7 @@ from bake.store.checkpoint import (
     safetensors_folder,
 )
 from bake.store.shards import ShardFolder
-from bake.store.stores import FolderStore, checkpoint_keys
+from bake.store.stores import FolderStore
 from bake.verify.check import (
     VerificationReport,
     bar_disabled,
@@ -278,7 +278,7 @@ def bake_folder(model, maps, strength: float = 1.0, *, require_standard: bool = 
         return fold_plan
     eff_maps = check_applicable(skeleton, fold_plan, eff, allow_rebake=allow_rebake, maps_record=maps_records(sources))
     folder = ShardFolder(path)
-    store = FolderStore(folder, checkpoint_keys(skeleton, folder))
+    store = FolderStore.of(skeleton, folder)  # keys renamed as from_pretrained renames them
     tok = load_tokenizer(str(folder.folder), trust_remote_code=trust_remote_code)
     # The skeleton takes the baked structure and config; the folded values are computed by the exporter,
     # in the export's dtype (a value that overflows it fails there, before any slow step).

@@ -46,7 +46,13 @@ def _config(arch: str):
             "qwen2": lambda: tf.Qwen2Config(**kw, tie_word_embeddings=False),
             "qwen3": lambda: tf.Qwen3Config(**kw, head_dim=16, tie_word_embeddings=False),
             "gemma3_text": lambda: tf.Gemma3TextConfig(**kw, head_dim=16, sliding_window=16,
-                                                       query_pre_attn_scalar=16)}[arch]()
+                                                       query_pre_attn_scalar=16),
+            "gpt_neox": lambda: tf.GPTNeoXConfig(**{k: v for k, v in kw.items() if k != "num_key_value_heads"}),
+            "olmo2": lambda: tf.Olmo2Config(**kw, pad_token_id=0),
+            "granite": lambda: tf.GraniteConfig(**kw, residual_multiplier=0.5, logits_scaling=4.0),
+            # llama.cpp's phi2 loader expects attn_k/attn_v as wide as the model (no grouped keys) and an MLP
+            # 4 x as wide, as in Phi-1/2
+            "phi": lambda: tf.PhiConfig(**{**kw, "num_key_value_heads": 4, "intermediate_size": 256})}[arch]()
 
 
 def tiny_with_tokenizer(arch: str, folder, seed: int = 0):
@@ -232,13 +238,17 @@ def sentencepiece_model(tmp_path_factory) -> Path:
     return path.with_suffix(".model")
 
 
-FLAGGED = ("llama", "qwen3", "gemma3_text", "gemma", "gemma2")  # a shift switches attention_bias on
+FLAGGED = ("llama", "qwen3", "gemma3_text", "gemma", "gemma2", "granite", "olmo2")  # a shift switches attention_bias on
 # Every registry architecture (bake/registry/archs); Mistral's and Phi-3's input_layernorm shifts need an affine module
 # (no bias flag, bias-free q/k/v: refused for llama.cpp before any work, see the affine tests above), so only
 # their scale-only maps make a file; GPT-2's shift folds into ln_1's own bias and Qwen2's into its q/k/v
 # biases, which always exist: no flag.
-FACT_CASES = [(a, s) for a in (*FLAGGED, "qwen2", "gpt2") for s in (True, False)] + [("mistral", False),
-                                                                                    ("phi3", False)]
+FACT_CASES = [(a, s) for a in (*FLAGGED, "qwen2", "gpt2", "gpt_neox", "phi") for s in (True, False)] + [
+    ("mistral", False), ("phi3", False)]
+# the site each case steers: the first layer's input norm; OLMo-2 has none (its norms follow the sublayers), so
+# its q_proj, whose shift switches attention_bias on; GPT-NeoX's and Phi's LayerNorms take the shift in their biases
+FACT_SITES = {"gpt2": "transformer.h.0.ln_1", "gpt_neox": "gpt_neox.layers.0.input_layernorm",
+              "olmo2": "model.layers.0.self_attn.q_proj"}
 
 
 def test_fact_cases_cover_the_registry():
@@ -287,7 +297,7 @@ def test_registry_llama_cpp_fact_holds(arch, with_shift, tmp_path, sentencepiece
         save_tiny(arch, tmp_path / "tiny")  # no tokenizer: the bake verifies on random ids
     else:
         tiny_with_tokenizer(arch, tmp_path / "tiny")
-    site = "transformer.h.0.ln_1" if arch == "gpt2" else "model.layers.0.input_layernorm"
+    site = FACT_SITES.get(arch, "model.layers.0.input_layernorm")
     m = make_maps([site], magnitude=0.5)
     if not with_shift:
         m = SteeringMaps({site: SiteMap(m[site].scale, torch.zeros_like(m[site].shift))}, dict(m.metadata))

@@ -35,6 +35,8 @@ AFFINE_CASES = {
     "llama": ("llama", "model.norm"), "mistral": ("mistral", "model.norm"), "qwen2": ("qwen2", "model.norm"),
     "qwen3": ("qwen3", "model.norm"), "gemma": ("gemma", "model.norm"), "gemma2": ("gemma2", "model.norm"),
     "gemma3_text": ("gemma3_text", "model.norm"), "phi3": ("phi3", "model.norm"), "gpt2": ("gpt2", "lm_head"),
+    "gpt_neox": ("gpt_neox", "gpt_neox.layers.1"), "olmo2": ("olmo2", "model.norm"),
+    "granite": ("granite", "model.norm"), "phi": ("phi", "model.layers.1"),
 }
 
 

@@ -36,10 +36,21 @@ def _config(arch: str):
         return tf.Phi3Config(**COMMON, pad_token_id=0, tie_word_embeddings=False)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "gpt_neox":  # parallel residual (Pythia), LayerNorms with biases; lm_head is embed_out under 4.x
+        return tf.GPTNeoXConfig(**{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}, **ids)
+    if arch == "olmo2":  # norms after the sublayers, q/k norms
+        return tf.Olmo2Config(**COMMON, **ids)
+    if arch == "granite":  # Llama layout with multipliers
+        return tf.GraniteConfig(**COMMON, **ids, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                attention_multiplier=0.2, logits_scaling=4.0)
+    if arch == "phi":  # one LayerNorm feeds attention and MLP in parallel; every linear has a bias
+        return tf.PhiConfig(**COMMON, **ids)
     raise ValueError(f"no tiny config for {arch!r}")
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3", "gpt_neox", "olmo2",
+         "granite", "phi"]
 
 
 def tiny_model(arch: str, seed: int = 0):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from bake.errors import BakeError
 from bake.fold.affine_module import LineasAffine
+from bake.store.key_names import SavedNames
 from bake.store.shards import (
     Entry,
     ShardFolder,
@@ -52,7 +53,8 @@ class Source(Enum):
 class OutTensor:
     key: str
     source: Source
-    src_key: str | None  # COPY / CONVERT: the source checkpoint key; FOLDED: the name in the folded tensors
+    src_key: str | None  # COPY / CONVERT: the source checkpoint key; FOLDED: the name in the folded tensors;
+    # AFFINE: the committed parameter name (``key`` is the name save_pretrained writes it under)
     dtype: torch.dtype
     shape: tuple[int, ...]
 
@@ -110,21 +112,30 @@ def output_layout(committed: nn.Module, store: FolderStore, final: Mapping[str, 
         groups.setdefault(id(p), []).append(name)
     tied_with = {n: names for names in groups.values() for n in names}
     files: dict[str, list[OutTensor]] = {f: [] for f in src.files}
-    written: set[str] = set()
+    written: set[str] = set()  # committed parameter names (and the keys of tensors the model does not load)
+    emitted: set[str] = set()  # output keys
     file_of: dict[str, str] = {}  # module name -> file of its tensors (new tensors join it)
+    # Output keys are what save_pretrained writes for the committed model under this transformers (its reversed
+    # conversion mapping: GPT-NeoX's lm_head.weight is written as embed_out.weight under 5.x, as stored).
+    saved = SavedNames(committed)
     for fname in src.files:
         for key in src.file_keys[fname]:
             info = src.info(key)
-            out_key = _renamed(key, sites)
-            names = [_pre(n, sites) for n in tied_with.get(out_key, [out_key])]
+            name = store.loaded.get(key)  # the parameter transformers loads it into (None: one it drops)
+            out_name = _renamed(name, sites) if name is not None else key
+            out_key = saved(out_name) if name is not None else key
+            if out_key in emitted:  # a second key for the same parameter: transformers loads one of them
+                continue
+            names = [_pre(n, sites) for n in tied_with.get(out_name, [out_name])] if name is not None else []
             folded = next((n for n in names if n in final), None)
             if folded is not None:
                 t = OutTensor(out_key, Source.FOLDED, folded, final[folded].dtype, tuple(final[folded].shape))
             else:
                 t = _from_source(out_key, key, info, out_dtype)
             files[fname].append(t)
-            written.add(out_key)
-            file_of.setdefault(key.rpartition(".")[0], fname)
+            written.add(out_name)
+            emitted.add(out_key)
+            file_of.setdefault((name or key).rpartition(".")[0], fname)
     for name, key in store.keys.items():
         file_of.setdefault(name.rpartition(".")[0], src.file_of(key))
     # A group none of whose names was written is new: a new bias, affine parameters, an untied copy.
@@ -137,17 +148,19 @@ def output_layout(committed: nn.Module, store: FolderStore, final: Mapping[str, 
         pre = _pre(name, sites)
         site = next((s for s in sites if name in (f"{s}.lineas_scale", f"{s}.lineas_shift")), None)
         fname = file_of.get(site if site is not None else pre.rpartition(".")[0], last)
+        out_key = saved(name)
         if site is not None:
-            t = OutTensor(name, Source.AFFINE, None, torch.float32, tuple(p.shape))
+            t = OutTensor(out_key, Source.AFFINE, name, torch.float32, tuple(p.shape))
         elif pre in final:
-            t = OutTensor(name, Source.FOLDED, pre, final[pre].dtype, tuple(final[pre].shape))
+            t = OutTensor(out_key, Source.FOLDED, pre, final[pre].dtype, tuple(final[pre].shape))
         elif store.has(pre):  # an untied copy that keeps the value it was tied to
-            t = _from_source(name, store.key(pre), src.info(store.key(pre)), out_dtype)
+            t = _from_source(out_key, store.key(pre), src.info(store.key(pre)), out_dtype)
         else:
             raise BakeError(f"the baked model has a parameter {name!r} that neither the checkpoint "
                             f"{src.folder} nor the fold provides")
         files[fname].append(t)
         written.add(name)
+        emitted.add(out_key)
     return Layout(files={f: ts for f, ts in files.items() if ts}, sharded=src.sharded)
 
 
@@ -180,8 +193,8 @@ def _data(t: OutTensor, src: ShardFolder, final: Mapping[str, torch.Tensor], map
         return raw_blocks(src.info(t.src_key))
     if t.source is Source.CONVERT:
         return converted_blocks(src.info(t.src_key), t.dtype)
-    if t.source is Source.AFFINE:
-        site, _, attr = t.key.rpartition(".")
+    if t.source is Source.AFFINE:  # src_key: the committed name, <site>.lineas_scale or <site>.lineas_shift
+        site, _, attr = t.src_key.rpartition(".")
         m = maps[site]
         return (m.scale if attr == "lineas_scale" else m.shift).to(torch.float32)
     return final[t.src_key]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from bake.errors import BakeError
+from bake.store.key_names import loaded_names
 from bake.store.rawmem import HEAP_SLACK_BYTES, BufferPool, trim_heap
 from bake.store.safetensors_header import check_config_against_weights
 from bake.store.shards import INDEX_FILE, SINGLE_FILE, ShardFolder, TensorInfo, read_as
@@ -264,10 +265,12 @@ class ShardTensors(Mapping):
     def __init__(self, model: nn.Module, shards: ShardFolder, dtype: torch.dtype):
         self.shards, self.dtype = shards, dtype
         self.pool = BufferPool()
-        self.keys_of = checkpoint_keys(model, shards)
+        loaded = loaded_names(model, shards.keys())  # keys renamed as from_pretrained renames them
+        self.keys_of = checkpoint_keys(model, shards, loaded)
+        key_of = {name: key for key, name in loaded.items()}
         for name, _ in model.named_buffers():
-            if name in shards:
-                self.keys_of[name] = name
+            if name in key_of:
+                self.keys_of[name] = key_of[name]
         missing = [n for n, _ in model.named_parameters() if n not in self.keys_of]
         if missing:
             raise BakeError(f"{shards.folder} has no tensor for {len(missing)} parameter(s) of "

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bake.errors import BakeError, FoldError
+from bake.store.key_names import loaded_names
 from bake.store.shards import ShardFolder
 
 
@@ -55,28 +56,27 @@ class ModuleStore:
         return self.params[name].detach()
 
 
-def checkpoint_keys(skeleton: nn.Module, folder: ShardFolder) -> dict[str, str]:
+def checkpoint_keys(skeleton: nn.Module, folder: ShardFolder, loaded: Mapping[str, str] | None = None
+                    ) -> dict[str, str]:
     """Parameter name of ``skeleton`` -> the key that holds its value in ``folder``.
 
-    Tied parameters share one Parameter object in the skeleton; the checkpoint stores one of
-    their names.  A ``base_model_prefix`` missing from the stored keys (a checkpoint saved
-    from the bare base model) is accepted too.
+    Keys are renamed as ``from_pretrained`` renames them (:func:`bake.store.key_names.loaded_names`:
+    transformers 5's conversion mapping, such as GPT-NeoX's ``embed_out`` -> ``lm_head``; a missing or extra
+    ``base_model_prefix``); ``loaded``: that renaming, when already computed.  Tied parameters share one
+    Parameter object in the skeleton; the checkpoint stores one of their names.
     """
     by_id: dict[int, list[str]] = {}
-    names = list(dict(skeleton.named_parameters(remove_duplicate=False)))
     params = dict(skeleton.named_parameters(remove_duplicate=False))
-    for n in names:
-        by_id.setdefault(id(params[n]), []).append(n)
-    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    for n, p in params.items():
+        by_id.setdefault(id(p), []).append(n)
+    key_of: dict[str, str] = {}
+    for key, name in (loaded if loaded is not None else loaded_names(skeleton, folder.keys())).items():
+        key_of.setdefault(name, key)
     out: dict[str, str] = {}
-    for n in names:
-        for cand in by_id[id(params[n])]:
-            if cand in folder:
-                out[n] = cand
-                break
-            if prefix and cand.startswith(prefix + ".") and cand[len(prefix) + 1:] in folder:
-                out[n] = cand[len(prefix) + 1:]
-                break
+    for n, p in params.items():
+        cand = next((c for c in by_id[id(p)] if c in key_of), None)
+        if cand is not None:
+            out[n] = key_of[cand]
     check_shapes(skeleton, folder, out)
     return out
 
@@ -109,11 +109,26 @@ def check_shapes(skeleton: nn.Module, folder: ShardFolder, keys: Mapping[str, st
 
 
 class FolderStore:
-    """Parameters read on demand from a checkpoint folder's shards (nothing is loaded up front)."""
+    """Parameters read on demand from a checkpoint folder's shards (nothing is loaded up front).
 
-    def __init__(self, folder: ShardFolder, keys: Mapping[str, str]):
+    ``keys``: parameter name -> checkpoint key (:func:`checkpoint_keys`); ``loaded``: checkpoint key -> the
+    name transformers loads it into (:func:`bake.store.key_names.loaded_names`; default: the first name
+    ``keys`` gives it).  :meth:`of` computes both."""
+
+    def __init__(self, folder: ShardFolder, keys: Mapping[str, str], loaded: Mapping[str, str] | None = None):
         self.folder = folder
         self.keys = dict(keys)
+        if loaded is None:
+            loaded = {}
+            for name, key in self.keys.items():
+                loaded.setdefault(key, name)
+        self.loaded = dict(loaded)
+
+    @classmethod
+    def of(cls, skeleton: nn.Module, folder: ShardFolder) -> FolderStore:
+        """The store of ``folder`` for the model ``skeleton`` describes, keys renamed as transformers does."""
+        loaded = loaded_names(skeleton, folder.keys())
+        return cls(folder, checkpoint_keys(skeleton, folder, loaded), loaded)
 
     @property
     def device(self) -> torch.device:
