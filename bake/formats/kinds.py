@@ -20,6 +20,9 @@ class Format(str, Enum):
     GGUF_F16 = "gguf-f16"
     GGUF_BF16 = "gguf-bf16"
     GGUF_Q8_0 = "gguf-q8_0"
+    GGUF_Q4_K_M = "gguf-q4_k_m"  # k-quants: llama.cpp's own quantiser on the verified f32 GGUF file
+    GGUF_Q5_K_M = "gguf-q5_k_m"
+    GGUF_Q6_K = "gguf-q6_k"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class FormatSpec:
     dtype: str | None = None         # the only --dtype it accepts (None: any)
     bytes_per_param: float = 0.0     # what it adds to the export, per parameter (hf: the export dtype's size)
     gguf_outtype: str | None = None  # llama.cpp converter --outtype
+    llama_ftype: str | None = None   # llama.cpp quantiser type (LLAMA_FTYPE_MOSTLY_<this>), from the f32 GGUF
 
 
 _GGUF = "make setup-gguf (see docs: GGUF)"
@@ -46,8 +50,18 @@ FORMATS: dict[Format, FormatSpec] = {
                                  bytes_per_param=2.0, gguf_outtype="bf16"),
     Format.GGUF_Q8_0: FormatSpec(module="bake.formats.gguf", install=_GGUF, needs=(Format.HF,), dtype="float32",
                                  bytes_per_param=34 / 32, gguf_outtype="q8_0"),  # 34 bytes per block of 32
+    # k-quants: llama.cpp's quantiser on the verified f32 GGUF file of the same run (bake.formats.gguf_quant).  Bytes:
+    # at most the bits per weight llama.cpp wrote for SmolLM2-135M, whose rows of 576 are no multiple of 256, so
+    # most tensors fell back to Q5_0 / Q5_1 / Q8_0 (6.17, 6.56, 8.12 bits); rows of 256k: Q4_K_M ~4.9, Q6_K 6.56.
+    Format.GGUF_Q4_K_M: FormatSpec(module="bake.formats.gguf_quant", install=_GGUF, needs=(Format.HF, Format.GGUF),
+                                   dtype="float32", bytes_per_param=6.5 / 8, llama_ftype="Q4_K_M"),
+    Format.GGUF_Q5_K_M: FormatSpec(module="bake.formats.gguf_quant", install=_GGUF, needs=(Format.HF, Format.GGUF),
+                                   dtype="float32", bytes_per_param=7.0 / 8, llama_ftype="Q5_K_M"),
+    Format.GGUF_Q6_K: FormatSpec(module="bake.formats.gguf_quant", install=_GGUF, needs=(Format.HF, Format.GGUF),
+                                 dtype="float32", bytes_per_param=8.5 / 8, llama_ftype="Q6_K"),
 }
 GGUF_FORMATS = tuple(f for f, s in FORMATS.items() if s.gguf_outtype is not None)
+GGUF_QUANT_FORMATS = tuple(f for f, s in FORMATS.items() if s.llama_ftype is not None)
 SPACE_MARGIN = 1.05  # headroom over the estimate (file headers, index, card, fs rounding)
 
 
@@ -71,8 +85,10 @@ def check_request(formats: Sequence[str], dtype: str) -> None:
             continue
         missing = [n.value for n in s.needs if n.value not in formats]
         if missing:
-            raise FormatRequestError(f"--format {name} converts the verified {', '.join(missing)} export: add "
-                                     f"{', '.join(missing)} (--format {','.join([*missing, *formats])})")
+            what = ("quantises the verified f32 GGUF file of the same export (llama.cpp's quantiser)" if s.llama_ftype
+                    else f"converts the verified {', '.join(missing)} export")
+            raise FormatRequestError(f"--format {name} {what}: add {', '.join(missing)} "
+                                     f"(--format {','.join([*missing, *formats])})")
         if s.dtype is not None and dtype != s.dtype:
             raise FormatRequestError(f"--format {name} converts the {s.dtype} HF export (the converter's "
                                      f"--outtype sets the GGUF precision), got --dtype {dtype}")
