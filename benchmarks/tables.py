@@ -48,6 +48,7 @@ BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 # Fields left out of the tables, per benchmark script (long, or repeated in the header).
 SKIP = {
     "bake_scale.py": {"command", "stderr_tail", "cpus", "ram_gib"},
+    "gguf_inplace_8b.py": {"file_making.bytes", "file_making.maker_version"},  # file_bytes; the cache's key
 }
 # Column order, per benchmark script: these first, the others after them in the JSON's order.
 FIRST = {

@@ -160,7 +160,7 @@ ROWS = [
     Row("model-missing-dir", lambda w: ["--model", str(w.tmp / "no-such-model"), "--maps", str(w.maps)],
         "no such directory"),
     Row("model-gguf", lambda w: ["--model", str(w.tmp / "model.Q4.gguf"), "--maps", str(w.maps)],
-        "GGUF files are not supported as --model"),
+        "no such GGUF file"),
     Row("model-without-config", lambda w: ["--model", str(w.tmp), "--maps", str(w.maps), "--out",
                                            str(w.tmp / "out")], "no config.json in {tmp}"),
     Row("maps-directory", lambda w: w.base()[:2] + ["--maps", str(w.model), "--out", str(w.tmp / "out")],
