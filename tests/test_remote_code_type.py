@@ -37,6 +37,8 @@ AFFINE_CASES = {
     "gemma3_text": ("gemma3_text", "model.norm"), "phi3": ("phi3", "model.norm"), "gpt2": ("gpt2", "lm_head"),
     "gpt_neox": ("gpt_neox", "gpt_neox.layers.1"), "olmo2": ("olmo2", "model.norm"),
     "granite": ("granite", "model.norm"), "phi": ("phi", "model.layers.1"),
+    "gpt_oss": ("gpt_oss", "model.norm"), "mixtral": ("mixtral", "model.norm"),
+    "qwen3_moe": ("qwen3_moe", "model.norm"),
 }
 
 

@@ -46,9 +46,18 @@ def _config(arch: str):
                                 attention_multiplier=0.2, logits_scaling=4.0)
     if arch == "phi":  # one LayerNorm feeds attention and MLP in parallel; every linear has a bias
         return tf.PhiConfig(**COMMON, **ids)
+    moe = dict(COMMON, intermediate_size=32)
+    if arch == "gpt_oss":  # router and expert biases; experts fused 3-D [E, in, out] under both majors
+        return tf.GptOssConfig(**moe, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                               layer_types=["sliding_attention", "full_attention"])
+    if arch == "mixtral":  # no router or expert bias; experts per module under 4.x, fused 3-D under 5.x
+        return tf.MixtralConfig(**moe, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     raise ValueError(f"no tiny config for {arch!r}")
 
 
+MOE_ARCHS = ["gpt_oss", "mixtral", "qwen3_moe"]  # tests/test_moe_archs.py
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3", "gpt_neox", "olmo2",
          "granite", "phi"]
 

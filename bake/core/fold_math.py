@@ -21,6 +21,8 @@ Conventions (``s`` and ``t`` are 1-D, one entry per output feature):
 * producer conv, ``W`` is ``[out, in, *k]``:                   rows as for ``nn.Linear``
 * embedding table ``E`` is ``[vocab, D]``:                     ``E' = E diag(s) + t``
 * shift ``t`` on a consumer's input:                           ``b' = b + W t`` (``Conv1D``: ``b + t W``)
+* shift ``t`` on the input of fused experts ``W`` ``[E, in, out]``: ``b'[e] = b[e] + t W[e]``
+  (``[E, out, in]``: ``b[e] + W[e] t``)
 """
 
 from __future__ import annotations
@@ -113,6 +115,30 @@ def fold_input_shift(weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tens
     else:
         raise ValueError(f"input-shift fold supports layouts 'linear' and 'conv1d', not {layout!r}")
     _check_len("bias", bias, n_out)
+    return (_wide(bias) + wt).to(bias.dtype)
+
+
+EXPERT_LAYOUTS = ("experts_in_out", "experts_out_in")
+
+
+def fold_experts_input_shift(weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor, *,
+                             layout: str) -> torch.Tensor:
+    """Consumer fold into a fused 3-D expert tensor: every expert ``e``'s input ``x`` becomes ``x + t``, so
+    ``b'[e] = b[e] + W[e] t``.  ``layout`` ``"experts_in_out"``: ``W`` is ``[E, in, out]``, the expert computes
+    ``x @ W[e]`` (GPT-OSS ``gate_up_proj``), so ``b'[e] = b[e] + t @ W[e]``; ``"experts_out_in"``: ``W`` is
+    ``[E, out, in]`` (``F.linear(x, W[e])``).  ``bias`` is ``[E, out]``; only it is returned (the weight is read)."""
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert input-shift fold supports layouts {EXPERT_LAYOUTS}, not {layout!r}")
+    if weight.dim() != 3:
+        raise ValueError(f"expert weight must be 3-D [experts, ., .], got shape {tuple(weight.shape)}")
+    n_in, n_out = (weight.shape[1], weight.shape[2]) if layout == "experts_in_out" else (weight.shape[2],
+                                                                                         weight.shape[1])
+    _check_len("shift", shift, n_in)
+    if tuple(bias.shape) != (weight.shape[0], n_out):
+        raise ValueError(f"bias must be [{weight.shape[0]}, {n_out}], got shape {tuple(bias.shape)}")
+    t = _wide(shift)
+    wt = torch.einsum("i,eio->eo", t, _wide(weight)) if layout == "experts_in_out" else \
+        torch.einsum("eoi,i->eo", _wide(weight), t)
     return (_wide(bias) + wt).to(bias.dtype)
 
 

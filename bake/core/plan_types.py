@@ -46,6 +46,8 @@ class Layout(str, Enum):
     CONV1D = "conv1d"
     CONV = "conv"
     EMBEDDING = "embedding"
+    EXPERTS_IN_OUT = "experts_in_out"    # fused experts [E, in, out]: x @ W[e] (GPT-OSS gate_up_proj)
+    EXPERTS_OUT_IN = "experts_out_in"    # fused experts [E, out, in]: F.linear(x, W[e])
 
 
 class ScaleFold(str, Enum):
@@ -67,6 +69,8 @@ class FoldOp(str, Enum):
     NORM_BIAS = "norm_bias"          # b' = s*b + t
     ROWS = "rows"                    # producer: W' = diag(s) W, b' = s*b + t
     INPUT_SHIFT = "input_shift"      # consumer: b' = b + W t, with t of the site
+    TENSOR_INPUT_SHIFT = "tensor_input_shift"  # consumer tensors named by the registry (a router, fused experts):
+                                                # bias' = bias + W t, W in ``reads``, bias in ``tensors``
     ADALN_ROWS = "adaln_rows"        # modulation Linear: scale rows a*W, a*c+(a-1); shift rows a*W, a*c+b
     MODULATED_ROWS = "modulated_rows"  # a norm modulated after it runs: scale rows as above; shift rows W+bW_s
 
@@ -81,12 +85,15 @@ class FoldStep:
     tensors: tuple[str, ...]
     chunks: tuple[str, ...] = ()   # *_ROWS of a modulation Linear: each row block's name; "scale"/"shift" are
                                    # the blocks the step rewrites (bake.core.fold_math)
+    reads: tuple[str, ...] = ()    # TENSOR_INPUT_SHIFT: the weight it reads (not written)
 
     def __post_init__(self):  # a typo'd state fails here, not as a silent "no match" later
         object.__setattr__(self, "op", FoldOp(self.op))
         object.__setattr__(self, "layout", Layout(self.layout))
         if (self.op in (FoldOp.ADALN_ROWS, FoldOp.MODULATED_ROWS)) != bool(self.chunks):
             raise ValueError(f"{self.module}: chunks are given exactly for the modulation-row steps")
+        if (self.op is FoldOp.TENSOR_INPUT_SHIFT) != bool(self.reads):
+            raise ValueError(f"{self.module}: reads are given exactly for the tensor input-shift steps")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from torch import nn
 
 from bake.core.fold_math import (
     fold_adaln_rows,
+    fold_experts_input_shift,
     fold_input_shift,
     fold_modulated_norm_rows,
     fold_norm_bias,
@@ -119,6 +120,11 @@ def _run_step(w: _Working, step: FoldStep, site: str, m: SiteMap) -> None:
         wname, bname = f"{mod}.weight", f"{mod}.bias"
         weight = w.read(wname)
         w.values[bname] = fold_input_shift(weight, w.get(bname), t.to(weight.device), layout=layout)
+    elif step.op is FoldOp.TENSOR_INPUT_SHIFT:  # a router's or fused experts' bias: b' = b + W t, W only read
+        (bname,), (wname,) = step.tensors, step.reads
+        weight = w.read(wname)
+        fold = fold_input_shift if step.layout is Layout.LINEAR else fold_experts_input_shift
+        w.values[bname] = fold(weight, w.get(bname), t.to(weight.device), layout=layout)
     elif step.op in (FoldOp.ADALN_ROWS, FoldOp.MODULATED_ROWS):
         wname, bname = f"{mod}.weight", f"{mod}.bias"
         weight = w.get(wname)
@@ -192,7 +198,11 @@ def commit_plan(model: nn.Module, plan: FoldPlan, maps: Mapping[str, SiteMap], f
             if config is None:
                 raise FoldError(f"plan changes config key {change.key!r} but the model has no config")
             log.info("config: %s %r -> %r (%s)", change.key, change.old, change.new, change.reason)
-            setattr(config, change.key, change.new)
+            holder = config  # a bias flag of a vision-language model's text decoder lives in its text config
+            if change.key != "tie_word_embeddings" and not hasattr(config, change.key) \
+                    and hasattr(config, "get_text_config"):
+                holder = config.get_text_config()
+            setattr(holder, change.key, change.new)
             if change.key == "tie_word_embeddings" and hasattr(config, "get_text_config"):
                 setattr(config.get_text_config(), change.key, change.new)
             for mname in change.adds_bias_to:

@@ -31,6 +31,7 @@ class Site:
     layout: Layout | None = None             # producers
     consumers: tuple[str, ...] | None = None  # norms: the registry's consumer linears (None: none known)
     consumers_note: str = ""                 # the registry's word on an empty consumer list
+    tensor_consumers: tuple = ()             # norms: the registry's consumer tensors (bake.plan.tensor_consumers)
     mismatch: str = ""                       # why the registry entry for this site was not used
 
     @property
