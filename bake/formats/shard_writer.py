@@ -241,15 +241,16 @@ def materialised(baked, *, step: str):
     if baked.source is None:
         yield baked.model
         return
-    from transformers import AutoModelForCausalLM
-
     from bake.fold.execute import apply_plan
-    from bake.store.checkpoint import check_whole_model_fits
+    from bake.store.checkpoint import check_whole_model_fits, load_config
+    from lineas.models import auto_model_class
 
     check_whole_model_fits(baked.model, step=step, copies=ONNX_MEMORY_COPIES)
     src = baked.source
-    model = AutoModelForCausalLM.from_pretrained(src.store.folder.folder, dtype=torch.float32,
-                                                 trust_remote_code=src.trust_remote_code).to(src.device).eval()
+    folder = src.store.folder.folder
+    config = load_config(folder, trust_remote_code=src.trust_remote_code)
+    model = auto_model_class(config).from_pretrained(folder, config=config, dtype=torch.float32,
+                                                     trust_remote_code=src.trust_remote_code).to(src.device).eval()
     try:
         yield apply_plan(model, baked.plan, baked.effective, allow_rebake=True)
     finally:

@@ -13,7 +13,9 @@ Decision rules, per site (an identity scale / zero shift needs nothing):
   weight (``s*w`` or Gemma's ``s*(1+w) - 1``); the shift folds into the norm's
   own bias when it has one, else into the biases of *every* consumer linear the
   registry lists (``b += W t``) when each has a bias or a config flag that adds
-  one; else the shift stays in a shift-only affine module.
+  one, and of every consumer tensor it names (a MoE router, fused 3-D experts:
+  :mod:`bake.plan.tensor_consumers`), which must have its bias; else the shift
+  stays in a shift-only affine module.
 * **producer** (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv2d``, plain
   ``nn.Embedding``; a registry producer must have the layout the registry
   says): rows ``W' = diag(s) W``, ``b' = s*b + t``; a missing bias comes from a
@@ -57,7 +59,9 @@ from bake.plan.check import check_site_outputs, maps_digest, normalise_maps, res
 from bake.plan.module_kinds import norm_kind_by_type, producer_layout, tied_groups
 from bake.plan.runtimes import check_required, runtime_matrix
 from bake.plan.sites import NOTHING, Needs, Site, folded_scale, to_affine
+from bake.plan.tensor_consumers import expand_consumers, tensor_consumer_route
 from bake.registry.llm import ArchEntry, entry_for, expand, match_template
+from bake.registry.vlm import text_decoder, vlm_entry
 from lineas.maps import SiteMap
 
 # Callers import the plan types from here, beside plan() itself.
@@ -81,8 +85,12 @@ class _Planner:
         self.tied = tied_groups(model)
         self.allow_untie = untie
         self.notes: list[str] = []
+        self.decoder: str | None = None  # a vision-language model's text decoder (bake.registry.vlm)
         if entry is None and self.config is not None:
-            entry = entry_for(self.config)
+            found = vlm_entry(model)
+            entry, self.decoder = found if found is not None else (entry_for(self.config), text_decoder(model))
+        # The config that holds the bias flags: a vision-language model's text config
+        self.flag_config = self.config.get_text_config() if self.decoder is not None else self.config
         self.entry: ArchEntry | None = entry
         if self.entry is not None and self.entry.describes(model) is None:
             self._note(f"registry entry {self.entry.model_type!r} describes {', '.join(self.entry.architectures)}, "
@@ -109,7 +117,8 @@ class _Planner:
                 if norm.module_class == cls:
                     return Site(name=name, module=module, map=m, kind=norm.kind, source=self.registry_source,
                                  consumers=tuple(expand(c, layer) for c in norm.consumers),
-                                 consumers_note=norm.note)
+                                 consumers_note=norm.note,
+                                 tensor_consumers=expand_consumers(norm.tensor_consumers, layer))
                 mismatch = f"registry {mt!r} expects a {norm.module_class} at {name}, the model has a {cls}"
             elif producer is not None:
                 if producer_layout(module) is producer.layout:
@@ -157,7 +166,7 @@ class _Planner:
         if getattr(module, "bias", None) is not None:
             return None, NOTHING
         flag = self.entry.flag_for(name) if self.entry else None
-        if flag is not None and self.config is not None and hasattr(self.config, flag):
+        if flag is not None and self.flag_config is not None and hasattr(self.flag_config, flag):
             return None, Needs(flags=(flag,))
         if flag is not None:
             return f"{name} has no bias and the config lacks the {flag!r} flag", NOTHING
@@ -168,7 +177,7 @@ class _Planner:
         if site.consumers is None:
             return ("no registry entry names the linears that read this output, so its shift cannot move into "
                     "their biases"), (), NOTHING
-        if not site.consumers:
+        if not site.consumers and not site.tensor_consumers:
             return (site.consumers_note or "no linear consumes this output") + "; the shift has no bias to fold into", \
                 (), NOTHING
         steps, needs = [], NOTHING
@@ -188,7 +197,12 @@ class _Planner:
                 return f"consumer {why}", (), NOTHING
             steps.append(FoldStep(op=FoldOp.INPUT_SHIFT, module=c, layout=layout, tensors=(f"{c}.bias",)))
             needs = needs + flag
-        return None, tuple(steps), needs
+        # a router or fused experts (MoE): biases addressed by tensor, b' = b + W t (bake.plan.tensor_consumers)
+        why, tensor_steps, tensor_needs = tensor_consumer_route(
+            site.tensor_consumers, dict(self.model.named_parameters(remove_duplicate=False)), self.write_access)
+        if why is not None:
+            return why, (), tensor_needs
+        return None, tuple(steps) + tensor_steps, needs + tensor_needs
 
     # ---- decisions
     def decide(self, site: Site) -> tuple[SitePlan, Needs]:
@@ -225,8 +239,9 @@ class _Planner:
         # A shift on a bias-free norm moves to every consumer's bias, or stays in an affine module.
         why, consumer_steps, consumer_needs = self.consumer_route(site)
         if why is None:
+            targets = site.consumers + tuple(dict.fromkeys(c.module for c in site.tensor_consumers))
             return site.plan(scale=scale, shift=ShiftFold.CONSUMERS, steps=[*steps, *consumer_steps],
-                             shift_targets=site.consumers), needs + consumer_needs
+                             shift_targets=targets), needs + consumer_needs
         return to_affine(site, reason=why, steps=steps, scale_folded=True), needs + consumer_needs
 
     def decide_producer(self, site: Site) -> tuple[SitePlan, Needs]:
@@ -278,7 +293,7 @@ class _Planner:
                        ) -> tuple[ConfigChange, ...]:
         out = []
         for flag, sites in flags.items():
-            old = getattr(self.config, flag)
+            old = getattr(self.flag_config, flag)
             if old is True:
                 continue
             templates = self.entry.bias_flags[flag]
@@ -329,7 +344,7 @@ def plan(model: nn.Module, effective_maps: Mapping[str, SiteMap], *, require_sta
     )
     result = replace(result, runtimes=runtime_matrix(
         model_type=result.model_type, registry=result.registry, affine_sites=result.affine_sites,
-        config_changes=result.config_changes))
+        config_changes=result.config_changes, vision_language=planner.decoder is not None))
     check_required(result, require_runtimes)
     if require_standard and result.affine_sites:
         lines = [f"  {p.site}: {p.reason}" for p in result.sites if p.affine is not None]

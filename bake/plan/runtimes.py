@@ -11,9 +11,10 @@ The reasons are facts, each with where it comes from:
   own config keys, unless affine modules ship as remote code. Tested by every bake (the export is
   reloaded with transformers and compared with the hooked model).
 * ONNX Runtime: the graph is traced from the baked transformers model, so folded biases and affine
-  modules alike become ordinary graph ops; optimum-onnx 0.1.0 exports every registry model type
-  (``TasksManager.get_supported_tasks_for_model_type``: text-generation-with-past). Tested by
-  ``--format onnx``.
+  modules alike become ordinary graph ops; optimum-onnx 0.1.0 exports the registry model types whose entry
+  does not say ``"onnx_export": false`` (``TasksManager.get_supported_tasks_for_model_type``:
+  text-generation-with-past; ``tests/test_runtimes.py`` holds every entry to it, both ways: Mixtral,
+  Qwen2-MoE and OLMoE are not exported). Tested by ``--format onnx``.
 * llama.cpp, vLLM, MLX, TGI: per architecture, the runtime's name for it and the bias flags whose
   biases it loads and applies, read from its source and cited in the registry
   (``runtimes`` in ``bake/registry/archs/<model_type>.json``). llama.cpp's are also tested here: ``--format
@@ -107,8 +108,10 @@ def _onnx_environment_note() -> str:
 
 
 def runtime_matrix(*, model_type: str | None, registry: str | None, affine_sites: tuple[str, ...],
-                   config_changes) -> tuple[RuntimeVerdict, ...]:
-    """The verdict of every :class:`Runtime` for a plan (called by :func:`bake.plan.planner.plan`)."""
+                   config_changes, vision_language: bool = False) -> tuple[RuntimeVerdict, ...]:
+    """The verdict of every :class:`Runtime` for a plan (called by :func:`bake.plan.planner.plan`);
+    ``vision_language``: the registry's facts describe the model's text architecture only, so no runtime but
+    transformers is claimed either way."""
     entry = load_registry().get(registry) if registry else None
     flags = _switched_flags(config_changes, entry)
     flags_text = ", ".join(f"{f}=True" for f in flags)
@@ -122,7 +125,17 @@ def runtime_matrix(*, model_type: str | None, registry: str | None, affine_sites
         out.append(RuntimeVerdict(Runtime.TRANSFORMERS, Serves.YES, Evidence.TESTED,
                                   "standard model class" + (f" with {flags_text} (transformers' own config flags)"
                                                             if flags else "") + "; the export is reloaded and checked"))
-    if entry is not None:  # optimum-onnx 0.1.0 exports every registry model type (TasksManager, text-generation)
+    if vision_language:
+        why = (f"not recorded: {model_type!r} is a vision-language model, and registry entry {registry!r} describes "
+               "its text architecture only")
+        return tuple(out) + tuple(RuntimeVerdict(r, Serves.UNKNOWN, _evidence(r), why) for r in (
+            Runtime.ONNX_RUNTIME, Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.MLX, Runtime.TGI))
+    if entry is not None and not entry.onnx_export:
+        out.append(RuntimeVerdict(Runtime.ONNX_RUNTIME, Serves.NO, Evidence.TESTED,
+                                  f"optimum-onnx 0.1.0 has no ONNX export config for model type {model_type!r} "
+                                  "(TasksManager.get_supported_tasks_for_model_type), so --format onnx cannot "
+                                  "export it"))
+    elif entry is not None:  # optimum-onnx 0.1.0 exports the type (TasksManager, text-generation-with-past)
         out.append(RuntimeVerdict(Runtime.ONNX_RUNTIME, Serves.YES, Evidence.TESTED,
                                   "the graph is traced from the baked model" + (
                                       ": affine modules become ordinary graph ops" if affine else "")

@@ -52,6 +52,7 @@ class ExportInfo:
     files: list[str] = field(default_factory=list)
     extra_load: list[str] = field(default_factory=list)  # how-to-load snippets added by other exporters
     bakes: list[dict] = field(default_factory=list)  # config lineas_baked: every bake in the model, this one last
+    pipeline_tag: str = ""  # the card's pipeline_tag when it is not the causal LM's ("image-text-to-text": a VLM)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -106,7 +107,9 @@ def _yaml_str(s: str) -> str:
 
 
 def front_matter(info: ExportInfo) -> str:
-    lines = ["---", f"base_model: {_yaml_str(info.base_model)}", "library_name: transformers", "tags:"]
+    lines = ["---", f"base_model: {_yaml_str(info.base_model)}", "library_name: transformers"]
+    lines += [f"pipeline_tag: {info.pipeline_tag}"] if info.pipeline_tag else []
+    lines.append("tags:")
     lines += [f"- {t}" for t in CARD_TAGS]
     lines.append("---")
     return "\n".join(lines)
@@ -155,8 +158,12 @@ def _load_section(info: ExportInfo, repo: str) -> str:
            'ids = tok("The movie was", return_tensors="pt")\n'
            "print(tok.decode(model.generate(**ids, max_new_tokens=20)[0]))\n") if info.has_tokenizer else \
         "# this checkpoint has no tokenizer: use the base model's\n"
-    parts.append("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                 f'model = AutoModelForCausalLM.from_pretrained("{repo}"{trust})\n' + tok + "```")
+    auto = "AutoModelForImageTextToText" if info.pipeline_tag == "image-text-to-text" else "AutoModelForCausalLM"
+    if auto != "AutoModelForCausalLM" and not info.remote_code:
+        parts[-1] += (" It is a vision-language model: its vision tower and projector are the base model's, "
+                      "unchanged, and its processor files are copied (`AutoProcessor.from_pretrained`).")
+    parts.append(f"```python\nfrom transformers import {auto}, AutoTokenizer\n\n"
+                 f'model = {auto}.from_pretrained("{repo}"{trust})\n' + tok + "```")
     parts.extend(info.extra_load)
     return "\n\n".join(parts)
 

@@ -2,9 +2,11 @@
 
 Each file says, for one ``config.model_type``, which model classes it
 describes (``architectures``), which modules are norms (their class and weight
-convention), which linears consume each norm's output, which linears are
-producers (and their weight layout), which config flags switch biases on, and
-(``runtimes``) what llama.cpp, vLLM, TGI and MLX make of those flags, cited from their source.
+convention), which linears consume each norm's output (``tensor_consumers``: which
+tensors, for a MoE router or fused 3-D experts that are no linear), which linears are
+producers (and their weight layout), which config flags switch biases on,
+(``runtimes``) what llama.cpp, vLLM, TGI and MLX make of those flags, cited from their source,
+and (``onnx_export``, default true) whether optimum-onnx 0.1.0 exports the model type.
 Module names are templates with a ``{layer}`` placeholder.  Every field drives
 :mod:`bake.plan.planner` (a norm's ``note``, allowed only with an empty consumer list, is the reason
 its plan gives for a shift with no bias to fold into); whatever the model itself tells exactly
@@ -38,9 +40,14 @@ from lineas.provenance import base_model_type
 PRODUCER_LAYOUTS = (Layout.LINEAR, Layout.CONV1D)
 
 _TOP_KEYS = {"model_type": str, "architectures": list, "norms": list, "producers": list,
-             "bias_flags": dict, "runtimes": dict}
+             "bias_flags": dict, "runtimes": dict, "text_model_types": dict, "onnx_export": bool}
 _REQUIRED_TOP = {"model_type", "architectures", "norms", "producers", "bias_flags"}
-_NORM_KEYS = {"site": str, "kind": str, "module_class": str, "consumers": list, "note": str}
+_NORM_KEYS = {"site": str, "kind": str, "module_class": str, "consumers": list, "note": str,
+              "tensor_consumers": list}
+# A consumer that is no nn.Linear (a router, fused 3-D experts): the weight it reads the norm's output with, the bias
+# that takes W t, and the weight's layout (bake.core.fold_math: linear [out, in], experts [E, in, out] / [E, out, in]).
+_TENSOR_CONSUMER_KEYS = {"weight": str, "bias": str, "layout": str}
+TENSOR_CONSUMER_LAYOUTS = (Layout.LINEAR, Layout.EXPERTS_IN_OUT, Layout.EXPERTS_OUT_IN)
 _REQUIRED_NORM = {"site", "kind", "module_class", "consumers"}
 _PRODUCER_KEYS = {"site": str, "layout": str}
 
@@ -70,12 +77,24 @@ class RegistryError(BakeError, ValueError):
 
 
 @dataclass(frozen=True)
+class TensorConsumer:
+    weight: str                     # template of the parameter that reads the norm's output
+    bias: str                       # template of the parameter that takes W t
+    layout: Layout                  # one of TENSOR_CONSUMER_LAYOUTS
+
+    @property
+    def module(self) -> str:
+        return self.weight.rpartition(".")[0]
+
+
+@dataclass(frozen=True)
 class NormEntry:
     site: str                       # template
     kind: SiteKind                  # one of NORM_KINDS: fixes the weight convention (w or 1+w)
     consumers: tuple[str, ...]      # templates of the linears reading this norm's output
     module_class: str               # the class the convention was checked on; another class: entry not used
     note: str = ""                  # consumers empty: why nothing reads the output (the plan's reason for the shift)
+    tensor_consumers: tuple[TensorConsumer, ...] = ()  # consumers addressed by tensor (routers, fused experts)
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,10 @@ class ArchEntry:
     producers: tuple[ProducerEntry, ...]
     bias_flags: Mapping[str, tuple[str, ...]]  # config flag -> templates of linears it gives a bias
     runtimes: Mapping[Runtime, RuntimeEntry] = field(default_factory=dict)  # one of RUNTIMES_IN_REGISTRY -> entry
+    # model_type of a vision-language model's text decoder laid out like this entry -> {entry's norm class: the
+    # decoder's class of the same convention}: bake.registry.vlm plans the decoder with this entry
+    text_model_types: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    onnx_export: bool = True        # optimum-onnx 0.1.0 exports the type (text-generation-with-past)
 
     def describes(self, model) -> str | None:
         """The listed architecture ``model`` is (or derives from, e.g. a reloaded ``LineasSteeredX``),
@@ -169,7 +192,7 @@ def check_keys(obj: object, allowed: Mapping[str, type], required: set, where: s
 def check_note(norm: Mapping, where: str) -> None:
     """A norm's ``note`` is the reason the plan gives for a shift nothing can take, so it needs an empty
     ``consumers`` list: elsewhere nothing would read it."""
-    if norm.get("note") is not None and norm["consumers"]:
+    if norm.get("note") is not None and (norm["consumers"] or norm.get("tensor_consumers")):
         raise RegistryError(f"{where}: 'note' says why no linear reads the norm's output, so it is allowed only with "
                             "an empty 'consumers' list")
 
@@ -204,7 +227,8 @@ def parse_entry(data: object, origin: str = "<registry>") -> ArchEntry:
         check_note(n, where)
         norms.append(NormEntry(site=_check_template(n["site"], where), kind=SiteKind(n["kind"]),
                                consumers=_str_list(n["consumers"], where + ".consumers"),
-                               module_class=n["module_class"], note=n.get("note", "")))
+                               module_class=n["module_class"], note=n.get("note", ""),
+                               tensor_consumers=_tensor_consumers(n.get("tensor_consumers", []), where)))
     producers = []
     for i, p in enumerate(data["producers"]):
         where = f"{origin}: producers[{i}]"
@@ -226,8 +250,28 @@ def parse_entry(data: object, origin: str = "<registry>") -> ArchEntry:
     archs = data["architectures"]
     if not archs or not all(isinstance(a, str) and a for a in archs):
         raise RegistryError(f"{origin}: 'architectures' must be a non-empty list of class names")
+    text_types = data.get("text_model_types", {})
+    if not all(isinstance(t, str) and t and isinstance(r, dict) and all(isinstance(x, str) and x for kv in r.items()
+                                                                       for x in kv) for t, r in text_types.items()):
+        raise RegistryError(f"{origin}: 'text_model_types' must map model_type names to {{norm class: class}}")
     return ArchEntry(model_type=data["model_type"], architectures=tuple(archs), norms=tuple(norms),
-                     producers=tuple(producers), bias_flags=flags, runtimes=runtimes)
+                     producers=tuple(producers), bias_flags=flags, runtimes=runtimes, text_model_types=text_types,
+                     onnx_export=data.get("onnx_export", True))
+
+
+def _tensor_consumers(data: list, where: str) -> tuple[TensorConsumer, ...]:
+    out = []
+    for i, c in enumerate(data):
+        w = f"{where}.tensor_consumers[{i}]"
+        check_keys(c, _TENSOR_CONSUMER_KEYS, set(_TENSOR_CONSUMER_KEYS), w)
+        if c["layout"] not in TENSOR_CONSUMER_LAYOUTS:
+            allowed = [x.value for x in TENSOR_CONSUMER_LAYOUTS]
+            raise RegistryError(f"{w}: layout {c['layout']!r} is not one of {allowed}")
+        weight, bias = _check_template(c["weight"], w), _check_template(c["bias"], w)
+        if weight.rpartition(".")[0] != bias.rpartition(".")[0]:
+            raise RegistryError(f"{w}: weight {weight!r} and bias {bias!r} must belong to one module")
+        out.append(TensorConsumer(weight=weight, bias=bias, layout=Layout(c["layout"])))
+    return tuple(out)
 
 
 def _parse_runtimes(data: dict, flags: Mapping[str, tuple[str, ...]], origin: str) -> dict[Runtime, RuntimeEntry]:

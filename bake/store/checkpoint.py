@@ -36,6 +36,7 @@ from bake.store.sliced_linear import slice_linears
 from bake.store.stores import checkpoint_keys
 from lineas.errors import ModelLoadError
 from lineas.io import human_size
+from lineas.models import auto_model_class
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +98,14 @@ def _declared_model_type(folder: Path) -> str | None:
 
 def load_skeleton(path: str | os.PathLike, *, trust_remote_code: bool = False, config=None,
                   dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The causal LM of ``path`` on the meta device in ``dtype`` (no weights read, no memory used),
-    tied like the real one."""
+    """The causal LM (or vision-language model: :func:`lineas.models.auto_model_class`) of ``path`` on the
+    meta device in ``dtype`` (no weights read, no memory used), tied like the real one."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     config = config if config is not None else load_config(path, trust_remote_code=trust_remote_code)
     check_config_against_weights(path, config)  # a config claiming 10**6 layers: refused now, not built
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+        model = auto_model_class(config).from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     model.tie_weights()  # from_config under init_empty_weights leaves tied weights as two meta tensors
     model.config._name_or_path = str(path)
     return model.eval()

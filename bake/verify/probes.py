@@ -41,8 +41,14 @@ class Probe:
     attention_mask: torch.Tensor  # [B, L] int64, cpu
 
 
-def model_vocab_size(model) -> int:
+def _text_config(model):
+    """The config that sizes the text input: a vision-language model's text config, else the model's own."""
     cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def model_vocab_size(model) -> int:
+    cfg = _text_config(model)
     n = getattr(cfg, "vocab_size", None)
     if isinstance(n, int) and n > 0:
         return n
@@ -51,7 +57,7 @@ def model_vocab_size(model) -> int:
 
 
 def model_max_length(model, default: int = 512) -> int:
-    cfg = getattr(model, "config", None)
+    cfg = _text_config(model)
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         v = getattr(cfg, attr, None)
         if isinstance(v, int) and v > 0:
