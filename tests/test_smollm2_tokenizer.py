@@ -2,7 +2,7 @@
 the other major, so that a runtime given *text* (vLLM, MLX, transformers 5) sees the ids the model was steered on.
 
 The GGUF loader names the class ``LlamaTokenizer``; saved as such, transformers 5.16-5.19 rebuilt a Metaspace
-tokenizer and "The movie was" became [504, 93, 749, 928, 292] (lineas.models._plain_fast_tokenizer).  The
+tokenizer and "The movie was" became [504, 93, 749, 928, 292] (lineas.tokenizer_files.plain_fast_tokenizer).  The
 ids below are upstream SmolLM2-135M-Instruct's (byte-level BPE, no BOS).
 """
 
@@ -38,6 +38,11 @@ def test_tokenizer_files_name_a_plain_fast_tokenizer():
     cfg = json.loads((smollm2_checkpoint() / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and cfg["clean_up_tokenization_spaces"] is False
     assert cfg["eos_token"] == "<|im_end|>"
+    spec = json.loads((smollm2_checkpoint() / "tokenizer.json").read_text(encoding="utf-8"))
+    # byte-level BPE as upstream writes it: with byte_fallback or a SentencePiece decoder chain, llama.cpp's
+    # converter writes a Llama SentencePiece vocabulary and llama.cpp aborts tokenizing text
+    assert spec["model"]["type"] == "BPE" and spec["model"]["byte_fallback"] is False
+    assert spec["decoder"]["type"] == "ByteLevel"
 
 
 def test_text_round_trip_in_this_transformers():

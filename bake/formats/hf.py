@@ -17,11 +17,16 @@ from bake.fold.remote_code import write_remote_code
 from bake.formats.baked import Baked
 from bake.formats.base import EXPORT_DTYPES, ExportOptions, ExportResult
 from bake.formats.shard_writer import set_config_dtype
+from bake.formats.tokenization import export_tokenizer_mismatch
 from bake.verify.check import bar_disabled, compare, model_device
 from bake.verify.tolerances import reload_row
-from lineas.models import TOKENIZER_FILES
+from lineas.models import TOKENIZER_FILES, auto_model_class
 
 GENERATION_FILES = ("generation_config.json",)
+# A vision-language model's processor (image preprocessing, the processor's own settings, its chat template):
+# copied whenever the base has them, so the export runs images as the base does.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
 REMOTE_CODE_PARAM_SUFFIXES = (".lineas_scale", ".lineas_shift")  # kept in fp32, like the hooks compute
 
 
@@ -104,20 +109,20 @@ def _source_file(base_path: str, name: str) -> Path | None:
 
 
 def copy_base_files(baked: Baked, folder: Path) -> bool:
-    """Copy tokenizer (only when the base has one) and generation config verbatim. Returns True if a
-    tokenizer was written."""
-    for name in GENERATION_FILES:
+    """Copy tokenizer (only when the base has one), generation config and processor files verbatim. Returns True
+    if a tokenizer was written."""
+    for name in GENERATION_FILES + PROCESSOR_FILES:
         src = _source_file(baked.base.path, name)
         if src is not None:
             shutil.copyfile(src, folder / name)
-    if baked.tokenizer is None:
-        return False
     copied = 0
-    for name in TOKENIZER_FILES:
-        src = _source_file(baked.base.path, name)
+    for name in TOKENIZER_FILES:  # also without a tokenizer transformers loads: a sentencepiece tokenizer.model
+        src = _source_file(baked.base.path, name)  # is what llama.cpp's converter reads, for example
         if src is not None:
             shutil.copyfile(src, folder / name)
             copied += 1
+    if baked.tokenizer is None:
+        return False
     if not copied:  # tokenizer came from somewhere we cannot copy from: let it serialise itself
         baked.tokenizer.save_pretrained(folder)
     return True
@@ -129,10 +134,11 @@ def has_remote_code(folder: Path) -> bool:
 
 
 def reload_hf(folder: Path, dtype: str, device, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=EXPORT_DTYPES[dtype],
-                                                 trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = auto_model_class(config).from_pretrained(folder, config=config, dtype=EXPORT_DTYPES[dtype],
+                                                     trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 
@@ -161,6 +167,8 @@ def export_hf_in_memory(baked: Baked, folder: Path, opts: ExportOptions) -> Expo
             reloaded = reload_hf(folder, opts.dtype, model_device(baked.model), trust_remote_code=remote)
             check, _ = compare(reloaded, baked.reference, reload_row(opts.dtype),
                                label=f"exported {opts.dtype}, reloaded", progress=opts.progress)
+            if tok and (fail := export_tokenizer_mismatch(folder, baked.tokenizer)):  # text in: the ids first
+                check.failures.append(fail)
             checks.append(check)
             del reloaded
         steps.update()

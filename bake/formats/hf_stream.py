@@ -19,6 +19,7 @@ from bake.formats.baked import Baked
 from bake.formats.base import EXPORT_DTYPES, ExportOptions, ExportResult
 from bake.formats.hf import copy_base_files, explained_cast_failure, has_remote_code
 from bake.formats.shard_writer import write_baked_folder
+from bake.formats.tokenization import export_tokenizer_mismatch
 from bake.store.checkpoint import load_bounded, release_memory
 from bake.verify.check import CheckResult, Reference, compare, record_reference, site_divergence
 from bake.verify.tolerances import reload_row
@@ -160,6 +161,8 @@ def export_hf_streamed(baked: Baked, folder: Path, opts: ExportOptions) -> Expor
     if src.verify:
         check, written_sites = _check_written(baked, reference(), folder, opts.dtype,
                                               f"exported {opts.dtype}, reloaded", opts)
+        if tok and (fail := export_tokenizer_mismatch(folder, baked.tokenizer)):  # text in: the ids first
+            check.failures.append(fail)
         checks.append(check)
         sites = sites or written_sites
     return ExportResult("hf", checks=checks, remote_code=remote, has_tokenizer=tok, sites=sites, reference=recorded)

@@ -46,20 +46,25 @@ class LlamaCppLoadError(VerificationError, ValueError):
     unverified one does (exit 3, nothing written); a ``ValueError`` as it always was for API callers."""
 
 
-def worker_command(path: Path, *, n_ctx: int, threads: int, f32_cache: bool) -> list[str]:
-    return [sys.executable, "-c", _BOOTSTRAP, str(WORKER), str(path), str(n_ctx), str(threads),
-            "1" if f32_cache else "0"]
+def script_command(script: Path, *args) -> list[str]:
+    """This interpreter running ``script`` by file path with ``args`` (torch and ``bake`` not imported there)."""
+    return [sys.executable, "-c", _BOOTSTRAP, str(script), *(str(a) for a in args)]
+
+
+def worker_command(path: Path, *, n_ctx: int, threads: int, f32_cache: bool, vocab_only: bool = False) -> list[str]:
+    return script_command(WORKER, path, n_ctx, threads, "1" if f32_cache else "0", *(["vocab"] if vocab_only else []))
 
 
 class LlamaCppProcess:
     """A GGUF file loaded by llama.cpp in a child process (see :mod:`bake.formats.llamacpp_worker`)."""
 
-    def __init__(self, path: Path, *, n_ctx: int, threads: int, f32_cache: bool):
+    def __init__(self, path: Path, *, n_ctx: int, threads: int, f32_cache: bool, vocab_only: bool = False):
         self.path = Path(path)
         # stderr to a file, not a pipe: llama.cpp's own logging could fill a pipe nobody reads and stall it
         self._stderr = tempfile.TemporaryFile()
         # bound to this process: ended by __exit__/kill on any exception, by the kernel if this process is killed
-        self._proc = start_child(worker_command(self.path, n_ctx=n_ctx, threads=threads, f32_cache=f32_cache),
+        self._proc = start_child(worker_command(self.path, n_ctx=n_ctx, threads=threads, f32_cache=f32_cache,
+                                                vocab_only=vocab_only),
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
         try:
             try:
@@ -84,6 +89,10 @@ class LlamaCppProcess:
     def logits(self, tokens: list[int]) -> np.ndarray:
         """``[len(tokens), V]`` float32: every position's logits, from an empty context."""
         return self._call({"op": "logits", "tokens": [int(t) for t in tokens]}, f"evaluating {len(tokens)} tokens")
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Each text as llama.cpp's own tokenizer encodes it (special tokens as the GGUF metadata says)."""
+        return self._call({"op": "tokenize", "texts": list(texts)}, f"tokenizing {len(texts)} texts")["ids"]
 
     def greedy(self, prompt: list[int], n_new: int) -> tuple[list[int], float]:
         """``n_new`` greedy tokens through llama.cpp's KV cache, and the seconds it took (prompt included)."""
@@ -145,7 +154,11 @@ class LlamaCppProcess:
         line = self._proc.stdout.readline()
         if not line:
             self._died(what)
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:  # not our protocol: ggml's abort handler prints a gdb backtrace to stdout
+            end_child(self._proc, grace=5)
+            self._died(what)
 
     def _died(self, what: str):
         rc = self._proc.wait()
@@ -157,16 +170,17 @@ class LlamaCppProcess:
 
 
 def load_llamacpp(path: Path, *, n_ctx: int = N_CTX, threads: int | None = None,
-                  f32_cache: bool = True) -> LlamaCppProcess:
+                  f32_cache: bool = True, vocab_only: bool = False) -> LlamaCppProcess:
     """The GGUF file in llama.cpp, every position's logits kept; ``ValueError`` when llama.cpp cannot load it.
 
+    ``vocab_only``: load the tokenizer only (:meth:`LlamaCppProcess.tokenize`), no weights.
     ``f32_cache``: keep the KV cache in float32 (llama.cpp's default is float16), so that an f32 file is
     measured as a file, not together with a half-precision cache.
     """
     # ggml's threads spin-wait for each other like torch's: on a machine busy with other work two threads
     # decoded SmolLM2 20x slower than one (1.1 vs 21.7 tokens/s), so leave out the cores the load takes.
     threads = threads or min(max(1, torch.get_num_threads()), pick_threads(0))
-    return LlamaCppProcess(Path(path), n_ctx=n_ctx, threads=threads, f32_cache=f32_cache)
+    return LlamaCppProcess(Path(path), n_ctx=n_ctx, threads=threads, f32_cache=f32_cache, vocab_only=vocab_only)
 
 
 def llamacpp_runner(llm: LlamaCppProcess):

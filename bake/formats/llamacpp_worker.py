@@ -19,6 +19,8 @@ little-endian float32 array of the reply's ``"shape"``.
 * ``{"op": "logits", "tokens": [...]}``: every position's logits, ``[len(tokens), V]``
 * ``{"op": "greedy", "prompt": [...], "n_new": N}``: ``{"ok": true, "tokens": [...], "seconds": s}``,
   decoded one token at a time through llama.cpp's KV cache (the prompt's evaluation is timed too)
+* ``{"op": "tokenize", "texts": [...]}``: ``{"ok": true, "ids": [[...], ...]}``, each text as llama.cpp's own
+  tokenizer encodes it, special tokens added as the GGUF's metadata says (``add_bos_token``)
 * ``{"op": "close"}``: the process exits 0
 """
 
@@ -99,7 +101,7 @@ def _greedy(llm, prompt: list[int], n_new: int) -> tuple[list[int], float]:
     return got, time.perf_counter() - t0
 
 
-def serve(path: str, n_ctx: int, threads: int, f32_cache: bool, inp=None, out=None) -> int:
+def serve(path: str, n_ctx: int, threads: int, f32_cache: bool, inp=None, out=None, vocab_only: bool = False) -> int:
     inp = inp or sys.stdin.buffer
     out = out or sys.stdout.buffer
     try:
@@ -108,8 +110,11 @@ def serve(path: str, n_ctx: int, threads: int, f32_cache: bool, inp=None, out=No
         repack_off = repack_off_reason(llama_print_system_info().decode("utf-8", "replace"))
         kw = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32) if f32_cache else {}
         with _without_extra_buffers() if repack_off else nullcontext():
-            llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                        n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
+            if vocab_only:  # the tokenizer only: no weights, no context (a crash there ends only this process)
+                llm = Llama(model_path=path, vocab_only=True, verbose=False)
+            else:
+                llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                            n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
     except Exception as e:  # noqa: BLE001 - any load failure is reported to the parent, which raises it
         _send(out, {"ok": False, "error": f"{type(e).__name__}: {e}"})
         return 3
@@ -126,6 +131,9 @@ def serve(path: str, n_ctx: int, threads: int, f32_cache: bool, inp=None, out=No
             if op == "logits":
                 arr = _logits(llm, [int(t) for t in req["tokens"]])
                 _send(out, {"ok": True, "shape": list(arr.shape)}, arr.tobytes())
+            elif op == "tokenize":
+                ids = [list(llm.tokenize(t.encode("utf-8"), add_bos=True, special=False)) for t in req["texts"]]
+                _send(out, {"ok": True, "ids": ids})
             elif op == "greedy":
                 tokens, seconds = _greedy(llm, [int(t) for t in req["prompt"]], int(req["n_new"]))
                 _send(out, {"ok": True, "tokens": tokens, "seconds": seconds})
@@ -138,4 +146,4 @@ def serve(path: str, n_ctx: int, threads: int, f32_cache: bool, inp=None, out=No
 
 if __name__ == "__main__":
     _path, _n_ctx, _threads, _f32 = sys.argv[1:5]
-    sys.exit(serve(_path, int(_n_ctx), int(_threads), _f32 == "1"))
+    sys.exit(serve(_path, int(_n_ctx), int(_threads), _f32 == "1", vocab_only=sys.argv[5:6] == ["vocab"]))
