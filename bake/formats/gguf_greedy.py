@@ -65,6 +65,38 @@ def hooked_greedy(baked: Baked, prompts: torch.Tensor, n_new: int) -> tuple[list
     return tokens, "hooked model (source weights + steering hooks)"
 
 
+@torch.no_grad()
+def _generate_scored(model, prompt: list[int], n_new: int) -> tuple[list[int], list[float]]:
+    """One prompt's greedy tokens and the log-probability (float64 log-softmax of the raw logits) of each."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], dtype=torch.int64, device=device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                         min_new_tokens=n_new, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0,
+                         temperature=None, top_p=None, top_k=None, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [float(torch.log_softmax(step[0].double(), -1)[t]) for step, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
+def hooked_greedy_scored(baked: Baked, prompts: list[list[int]], n_new: int
+                         ) -> tuple[list[tuple[list[int], list[float]]], str]:
+    """Like :func:`hooked_greedy`, one prompt at a time (each its full length, no batch): per prompt the greedy
+    tokens and each one's log-probability; and what produced them."""
+    if baked.source is None:
+        return ([_generate_scored(baked.model, p, n_new) for p in prompts],
+                "baked model in memory (checked against the hooked model)")
+    from bake.store.checkpoint import load_bounded
+
+    src = baked.source
+    affines = {s: (m.scale, m.shift) for s, m in baked.effective.items()}
+    with load_bounded(src.store.folder.folder, device=src.device, max_memory=src.max_memory,
+                      trust_remote_code=src.trust_remote_code) as model:
+        with attach_affine(model, affines):
+            runs = [_generate_scored(model, p, n_new) for p in prompts]
+        del model  # the last reference: load_bounded frees it
+    return runs, "hooked model (source weights + steering hooks)"
+
+
 def long_greedy_check(baked: Baked, llm, check: CheckResult, *, progress: bool | None = False) -> dict:
     """Decode in llama.cpp, compare with the hooked reference, add the rows to ``check`` (a failure when its
     tolerance wants identical greedy tokens).  Returns the details for the GGUF report."""

