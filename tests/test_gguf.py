@@ -19,7 +19,7 @@ import torch
 from bake_fixtures import GEMMA2_SITES, make_maps, setup_model, write_maps
 from tiny import COMMON, save_tiny
 
-from bake.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
+from bake.cli.main import EXIT_BAD_INPUT, EXIT_OK, EXIT_VERIFY, main
 from bake.formats.gguf import convert, converter_dir
 from bake.formats.llamacpp import llamacpp_runner, load_llamacpp
 from bake.plan.runtimes import Runtime, Serves
@@ -52,7 +52,15 @@ def _config(arch: str):
             "granite": lambda: tf.GraniteConfig(**kw, residual_multiplier=0.5, logits_scaling=4.0),
             # llama.cpp's phi2 loader expects attn_k/attn_v as wide as the model (no grouped keys) and an MLP
             # 4 x as wide, as in Phi-1/2
-            "phi": lambda: tf.PhiConfig(**{**kw, "num_key_value_heads": 4, "intermediate_size": 256})}[arch]()
+            "phi": lambda: tf.PhiConfig(**{**kw, "num_key_value_heads": 4, "intermediate_size": 256}),
+            # mixture of experts (tests/test_moe_archs.py): 4 experts, 2 per token
+            "gpt_oss": lambda: tf.GptOssConfig(**{**kw, "intermediate_size": 32}, head_dim=16, num_local_experts=4,
+                                               num_experts_per_tok=2, sliding_window=16,
+                                               layer_types=["sliding_attention", "full_attention"]),
+            "mixtral": lambda: tf.MixtralConfig(**{**kw, "intermediate_size": 32}, num_local_experts=4,
+                                                num_experts_per_tok=2, sliding_window=None),
+            "qwen3_moe": lambda: tf.Qwen3MoeConfig(**kw, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=32, tie_word_embeddings=False)}[arch]()
 
 
 def tiny_with_tokenizer(arch: str, folder, seed: int = 0):
@@ -147,7 +155,7 @@ def test_gguf_report_rows(baked_llama):
         assert isinstance(row["llama_cpp_weight_repack"], bool)
         assert row["llama_cpp_weight_repack"] == ("llama_cpp_repack_off" not in row)
     card = (out / "README.md").read_text()
-    assert "gguf/model-f32.gguf" in card and "| llama.cpp | yes | tested here |" in card
+    assert "gguf/model-f32.gguf" in card and "| llama.cpp | yes | passed | tested here |" in card
 
 
 def test_python_api_in_memory_bake_exports_gguf(tmp_path):
@@ -238,13 +246,15 @@ def sentencepiece_model(tmp_path_factory) -> Path:
     return path.with_suffix(".model")
 
 
-FLAGGED = ("llama", "qwen3", "gemma3_text", "gemma", "gemma2", "granite", "olmo2")  # a shift switches attention_bias on
+# a shift switches attention_bias on
+FLAGGED = ("llama", "qwen3", "gemma3_text", "gemma", "gemma2", "granite", "olmo2", "qwen3_moe")
 # Every registry architecture (bake/registry/archs); Mistral's and Phi-3's input_layernorm shifts need an affine module
 # (no bias flag, bias-free q/k/v: refused for llama.cpp before any work, see the affine tests above), so only
 # their scale-only maps make a file; GPT-2's shift folds into ln_1's own bias and Qwen2's into its q/k/v
-# biases, which always exist: no flag.
-FACT_CASES = [(a, s) for a in (*FLAGGED, "qwen2", "gpt2", "gpt_neox", "phi") for s in (True, False)] + [
-    ("mistral", False), ("phi3", False)]
+# biases, which always exist: no flag.  GPT-OSS's q/k/v biases always exist too (attention_bias is on in its
+# configs); Mixtral, like Mistral, has no flag: scale-only.
+FACT_CASES = [(a, s) for a in (*FLAGGED, "qwen2", "gpt2", "gpt_neox", "phi", "gpt_oss") for s in (True, False)] + [
+    ("mistral", False), ("phi3", False), ("mixtral", False)]
 # the site each case steers: the first layer's input norm; OLMo-2 has none (its norms follow the sublayers), so
 # its q_proj, whose shift switches attention_bias on; GPT-NeoX's and Phi's LayerNorms take the shift in their biases
 FACT_SITES = {"gpt2": "transformer.h.0.ln_1", "gpt_neox": "gpt_neox.layers.0.input_layernorm",
@@ -277,6 +287,15 @@ def test_gemma2_maps_learned_for_llama_cpp_export_to_gguf(tmp_path, sentencepiec
                        "--batch-size", "4", "--quiet", "--require-runtime", "llama.cpp", "--out", str(maps)]) == 0
     capsys.readouterr()
     out = tmp_path / "out"
+    # The word-level tokenizer the maps were learned with is not the sentencepiece vocabulary the converter puts in
+    # the file: llama.cpp, given the built-in prompts as text, cannot encode them as the export's tokenizer does,
+    # and the bake refuses the file (text in: the ids first).
+    rc = main(["--model", str(model_dir), "--maps", str(maps), "--out", str(out), "--format", "hf,gguf",
+               "--verify-tokens", "4"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_VERIFY and "llama.cpp" in err and "tokeniz" in err and not out.exists(), err
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model_dir / name).unlink(missing_ok=True)  # no HF tokenizer: the bake verifies on ids, the weights alone
     rc = main(["--model", str(model_dir), "--maps", str(maps), "--out", str(out), "--format", "hf,gguf",
                "--verify-tokens", "4"])
     assert rc == EXIT_OK, capsys.readouterr().err

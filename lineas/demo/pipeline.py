@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lineas import evaluate as E
-from lineas.demo.runtimes import LLAMA_CPP, runtime_check
+from lineas.demo.runtimes import LLAMA_CPP, SERVED, runtime_check
 from lineas.hooks import steered
 from lineas.io import atomic_write_text
 from lineas.learn.config import TrainConfig
@@ -62,7 +62,8 @@ class DemoConfig:
     check_tokens: int = 64
     speed_repeats: int = 2
     gen_batch_size: int = 26
-    formats: str = "hf,onnx,gguf"
+    formats: str = "hf,onnx,gguf,gguf-q4_k_m"
+    check_runtimes: str = "vllm,mlx"  # lineas-bake --check-runtime: each in its own environment (make setup-vllm/mlx)
     threads: int = 1
     keep_models: bool = True  # keep the baked model (HF, ONNX, GGUF) in the run folder, to serve or publish
 
@@ -154,10 +155,11 @@ def _ends(xs: Sequence[float]) -> list[float]:
 
 
 def bake(cfg: DemoConfig, maps: Path, out: Path, logs: Path, strength: float = 1.0) -> dict:
-    """``lineas-bake --format hf,onnx``; returns the plan summary and affine-module count."""
+    """``lineas-bake --format hf,onnx,gguf,gguf-q4_k_m --check-runtime vllm,mlx``; returns the plan summary and
+    affine-module count."""
     cmd = tool_command("lineas-bake", "bake.cli.main") + [
         "--model", cfg.model, "--maps", str(maps), "--strength", str(strength), "--format", cfg.formats,
-        "--out", str(out)]
+        "--out", str(out)] + (["--check-runtime", cfg.check_runtimes] if cfg.check_runtimes else [])
     stdout, seconds = run_tool(cmd, logs / "bake.log")
     prov = json.loads((out / "lineas_provenance.json").read_text(encoding="utf-8"))
     plan = _find_key(prov, "affine_sites"), _find_key(prov, "summary")
@@ -247,7 +249,9 @@ def expectations(conds: list[dict], bake_info: dict | None, rt: dict | None) -> 
         out.append({"name": "baked with zero affine modules", "value": bake_info["affine_modules"], "target": "0",
                     "met": bake_info["affine_modules"] == 0})
     if rt:
-        for name in ("baked (transformers)", "baked (ONNX Runtime)", LLAMA_CPP):
+        for name in ("baked (transformers)", "baked (ONNX Runtime)", LLAMA_CPP, *SERVED.values()):
+            if name in SERVED.values() and name not in rt["comparisons_vs_hooked"]:
+                continue  # --check-runtime not asked for
             c = rt["comparisons_vs_hooked"].get(name, {})
             out.append({"name": f"{name} greedy tokens == hooked", "value":
                         f"{c.get('n_identical', 0)}/{c.get('n_prompts', len(rt['prompts']))} prompts",

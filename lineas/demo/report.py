@@ -53,21 +53,33 @@ def samples_table(conds: list[dict]) -> list[str]:
 
 def runtime_table(rt: dict) -> list[str]:
     n, k = len(rt["prompts"]), rt["tokens"]
-    lines = [f"| runtime | greedy tokens vs hooked ({n} prompts × {k} tokens) | tokens/s |", "|---|---|---|"]
+    lines = [f"| runtime | greedy tokens vs hooked ({n} prompts × {k} tokens, from text) | text identical | tokens/s |",
+             "|---|---|---|---|"]
     cmp = rt["comparisons_vs_hooked"]
     tps = rt["tokens_per_s"]
-    lines.append(f"| hooked (transformers + forward hooks) | reference | {tps.get('hooked', float('nan')):.1f} |")
-    for name in ("baked (transformers)", "baked (ONNX Runtime)", "baked (llama.cpp, f32 GGUF)", "base"):
+    lines.append(f"| hooked (transformers + forward hooks) | reference | reference "
+                 f"| {tps.get('hooked', float('nan')):.1f} |")
+    order = ["baked (transformers)", "baked (ONNX Runtime)", "baked (llama.cpp, f32 GGUF)",
+             "baked (llama.cpp, q4_K_M GGUF)", "baked (vLLM)", "baked (MLX)", "base"]
+    for name in [x for x in order if x in cmp or x in order[:3] or x == "base"]:
         c = cmp.get(name, {})
         if "error" in c:
-            verdict = f"not run: {_cell(c['error'], 80)}"
-        elif c.get("identical"):
-            verdict = f"identical ({c['n_identical']}/{c['n_prompts']})"
+            verdict, text = f"not run: {_cell(c['error'], 80)}", "—"
         else:
-            i, j = c.get("first_mismatch") or (None, None)
-            verdict = f"{c.get('n_identical')}/{c.get('n_prompts')} identical; first difference: prompt {i}, token {j}"
+            if c.get("identical") and c.get("n_identical") == c.get("n_prompts"):
+                verdict = f"identical ({c['n_identical']}/{c['n_prompts']})"
+            else:
+                i, j = c.get("first_mismatch") or (None, None)
+                verdict = f"{c.get('n_identical')}/{c.get('n_prompts')} identical" + (
+                    f"; first difference: prompt {i}, token {j}" if i is not None else "")
+            if c.get("how"):
+                verdict += f" ({c['how']})"
+            if c.get("advisory"):
+                verdict += f"; advisory: {c['advisory']}"
+            text = f"{c['text_identical']}/{c['n_prompts']}" if c.get("text_identical") is not None else "—"
         label = "base (unsteered, for contrast)" if name == "base" else name
-        lines.append(f"| {label} | {verdict} | {tps.get(name, float('nan')):.1f} |")
+        speed = tps.get(name)
+        lines.append(f"| {label} | {verdict} | {text} | {'n/a' if speed is None else f'{speed:.1f}'} |")
     return lines
 
 
@@ -102,9 +114,12 @@ def render(results: dict) -> str:
     if rt:
         out += ["", "## 4. Runtimes", "",
                 f"Baked checkpoint reloaded with plain `transformers.AutoModelForCausalLM`, the ONNX graph run by "
-                f"`optimum.onnxruntime.ORTModelForCausalLM`, the f32 GGUF file run by llama.cpp (llama-cpp-python, "
-                f"float32 KV cache, one prompt at a time); fixed-length greedy generation, one batch of "
-                f"{len(rt['prompts'])} prompts, best of {cfg['speed_repeats']} interleaved runs.", ""]
+                f"`optimum.onnxruntime.ORTModelForCausalLM`, the f32 and q4_K_M GGUF files run by llama.cpp "
+                f"(llama-cpp-python, float32 KV cache, one prompt at a time); fixed-length greedy generation from the "
+                f"same text prompts, one batch of {len(rt['prompts'])} prompts, best of {cfg['speed_repeats']} "
+                "interleaved runs. vLLM and MLX: the bake's own check (`--check-runtime vllm,mlx`), each runtime in "
+                "its own environment given the text prompts, its tokenizer's ids compared first; their tokens/s "
+                "are their own runs' (vLLM batches the prompts).", ""]
         out += runtime_table(rt)
     out += ["", "## Expectations", "", "| claim | measured | target | met |", "|---|---|---|---|"]
     for e in results["expectations"]:
