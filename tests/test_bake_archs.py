@@ -163,7 +163,7 @@ def test_gemma_tied_embedding_site(tmp_path):
     assert _rel(rel, hooked) <= TOL
 
 
-@pytest.mark.parametrize("family", ["opt", "starcoder2", "stablelm"])
+@pytest.mark.parametrize("family", ["opt", "gpt_bigcode", "persimmon"])
 def test_unregistered_architectures_fall_back(family, tmp_path):
     import transformers as tf
 
@@ -175,13 +175,13 @@ def test_unregistered_architectures_fall_back(family, tmp_path):
                            word_embed_proj_dim=64, max_position_embeddings=64)
         sites = ["model.decoder.layers.0.self_attn_layer_norm", "model.decoder.layers.1.fc2",
                  "model.decoder.layers.1", "model.decoder.final_layer_norm"]
-    elif family == "starcoder2":  # no registry entry yet (optimum-onnx 0.1.0 does not export it)
-        cfg = tf.Starcoder2Config(intermediate_size=96, num_key_value_heads=2, **common)
-        sites = ["model.layers.0.input_layernorm", "model.layers.1.mlp.c_proj", "model.layers.0", "model.norm"]
-    else:
-        cfg = tf.StableLmConfig(intermediate_size=96, num_key_value_heads=2, **common)
-        sites = ["model.layers.0.input_layernorm", "model.layers.1.mlp.down_proj", "model.layers.1",
-                 "model.norm"]
+    elif family == "gpt_bigcode":  # no registry entry
+        cfg = tf.GPTBigCodeConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        sites = ["transformer.h.0.ln_1", "transformer.h.1.mlp.c_proj", "transformer.h.0", "transformer.ln_f"]
+    else:  # persimmon: no registry entry
+        cfg = tf.PersimmonConfig(intermediate_size=96, **common)
+        sites = ["model.layers.0.input_layernorm", "model.layers.1.mlp.dense_4h_to_h", "model.layers.1",
+                 "model.final_layernorm"]
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     assert entry_for(model.config) is None
     p, reloaded, _, hooked, baked, rel = bake_and_reload(model, _random_maps(model, sites), 1.0, tmp_path)

@@ -1,6 +1,7 @@
-"""The dense architectures added to the registry (gpt_neox, olmo2, granite, phi), and checkpoint keys renamed by
-transformers' own conversion mapping in the out-of-core bake (GPT-NeoX stores ``embed_out``, which transformers 5
-loads into ``lm_head``).  Tiny random fp32 models with randomised norms; run under transformers 4.57 and 5."""
+"""The dense architectures added to the registry (gpt_neox, olmo2, granite, phi, starcoder2, smollm3, stablelm,
+cohere), and checkpoint keys renamed by transformers' own conversion mapping in the out-of-core bake (GPT-NeoX
+stores ``embed_out``, which transformers 5 loads into ``lm_head``).  Tiny random fp32 models with randomised norms;
+run under transformers 4.57 and 5."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from lineas.evaluate import model_logits
 from lineas.hooks import attach_maps, module_feature_dim
 from lineas.maps import SiteMap, SteeringMaps, effective_maps
 
-NEW = ("gpt_neox", "olmo2", "granite", "phi")
+NEW = ("gpt_neox", "olmo2", "granite", "phi", "starcoder2", "smollm3", "stablelm", "cohere")
 # Sites whose shift no bias can take (the rest fold into own, consumer or flag-enabled biases).
 SHIFT_REFUSED = {
     "gpt_neox": set(),
@@ -32,6 +33,13 @@ SHIFT_REFUSED = {
               "model.layers.{layer}.post_attention_layernorm", "model.layers.{layer}.post_feedforward_layernorm",
               "model.layers.{layer}.mlp.gate_proj", "model.layers.{layer}.mlp.up_proj",
               "model.layers.{layer}.mlp.down_proj", "model.norm", "lm_head"},
+    "starcoder2": {"lm_head"},  # LayerNorms with biases; use_bias (on) gives every other linear a bias
+    "smollm3": {"model.norm", "lm_head"},
+    "stablelm": {"model.layers.{layer}.self_attn.o_proj", "model.layers.{layer}.mlp.gate_proj",
+                 "model.layers.{layer}.mlp.up_proj", "model.layers.{layer}.mlp.down_proj", "lm_head"},
+    # input_layernorm feeds q/k/v (attention_bias) and gate/up (never a bias): its shift has no bias in gate/up
+    "cohere": {"model.layers.{layer}.input_layernorm", "model.layers.{layer}.mlp.gate_proj",
+               "model.layers.{layer}.mlp.up_proj", "model.layers.{layer}.mlp.down_proj", "model.norm", "lm_head"},
 }
 
 
@@ -95,13 +103,40 @@ def test_shifts_fold_where_biases_allow_else_require_standard_names_them(arch):
     _check_exact(model, maps)  # with affine modules for the rest: still exact
 
 
-def test_granite_and_olmo2_switch_their_bias_flags_on():
-    for arch, flags in (("granite", {"attention_bias", "mlp_bias"}), ("olmo2", {"attention_bias"})):
-        model = tiny_model(arch)
-        sites = [s for s in _registry_sites(model) if s.endswith(("q_proj", "o_proj", "down_proj"))
-                 and (arch == "granite" or "self_attn" in s)]
-        p = plan(model, effective_maps([(_maps(model, sites, shift=True), 1.0)]), require_standard=True)
-        assert {c.key for c in p.config_changes} == flags, arch
+# the producers whose shift switches each flag on (every flag of the entry)
+FLAG_SITES = {
+    "granite": (("q_proj", "o_proj", "down_proj"), {"attention_bias", "mlp_bias"}),
+    "olmo2": (("q_proj", "o_proj"), {"attention_bias"}),
+    "smollm3": (("q_proj", "o_proj", "down_proj"), {"attention_bias", "mlp_bias"}),
+    "stablelm": (("q_proj", "k_proj", "v_proj"), {"use_qkv_bias"}),
+    "cohere": (("q_proj", "o_proj"), {"attention_bias"}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FLAG_SITES))
+def test_shifts_switch_the_bias_flags_on(arch):
+    suffixes, flags = FLAG_SITES[arch]
+    model = tiny_model(arch)
+    sites = [s for s in _registry_sites(model) if s.endswith(suffixes)]
+    maps = _maps(model, sites, shift=True)
+    p = plan(model, effective_maps([(maps, 1.0)]), require_standard=True)
+    assert {c.key for c in p.config_changes} == flags, arch
+    _check_exact(model, maps, require_standard=True)
+
+
+def test_starcoder2_use_bias_off_is_switched_back_on_by_a_shift():
+    """StarCoder2 checkpoints have use_bias on; one without: a producer shift switches it on for every linear."""
+    import transformers as tf
+    from tiny import COMMON
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tf.Starcoder2Config(**COMMON, use_bias=False, tie_word_embeddings=False, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
+    maps = _maps(model, ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.c_proj"], shift=True)
+    baked = _check_exact(model, maps, require_standard=True)
+    assert [c.key for c in baked.plan.config_changes] == ["use_bias"]
+    assert baked.model.model.layers[1].mlp.c_fc.bias is not None
 
 
 # -- checkpoint keys through transformers' conversion mapping ---------------------------------------------------

@@ -60,7 +60,19 @@ def _config(arch: str):
             "mixtral": lambda: tf.MixtralConfig(**{**kw, "intermediate_size": 32}, num_local_experts=4,
                                                 num_experts_per_tok=2, sliding_window=None),
             "qwen3_moe": lambda: tf.Qwen3MoeConfig(**kw, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                                                   moe_intermediate_size=32, tie_word_embeddings=False)}[arch]()
+                                                   moe_intermediate_size=32, tie_word_embeddings=False),
+            "qwen2_moe": lambda: tf.Qwen2MoeConfig(**kw, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                   shared_expert_intermediate_size=32),
+            # llama.cpp creates OLMoE's attn_k_norm as wide as the model: no grouped keys, as in OLMoE-1B-7B
+            "olmoe": lambda: tf.OlmoeConfig(**{**kw, "intermediate_size": 32, "num_key_value_heads": 4}, num_experts=4,
+                                            num_experts_per_tok=2, pad_token_id=0),
+            "granitemoe": lambda: tf.GraniteMoeConfig(**{**kw, "intermediate_size": 32}, num_local_experts=4,
+                                                      num_experts_per_tok=2, residual_multiplier=0.5,
+                                                      logits_scaling=4.0),
+            "starcoder2": lambda: tf.Starcoder2Config(**kw),
+            "smollm3": lambda: tf.SmolLM3Config(**kw, pad_token_id=0),
+            "stablelm": lambda: tf.StableLmConfig(**kw),
+            "cohere": lambda: tf.CohereConfig(**kw, pad_token_id=0)}[arch]()
 
 
 def tiny_with_tokenizer(arch: str, folder, seed: int = 0):
@@ -246,19 +258,24 @@ def sentencepiece_model(tmp_path_factory) -> Path:
     return path.with_suffix(".model")
 
 
-# a shift switches attention_bias on
-FLAGGED = ("llama", "qwen3", "gemma3_text", "gemma", "gemma2", "granite", "olmo2", "qwen3_moe")
+# a shift switches attention_bias on (StableLM: use_qkv_bias)
+FLAGGED = {**dict.fromkeys(("llama", "qwen3", "gemma3_text", "gemma", "gemma2", "granite", "olmo2", "qwen3_moe",
+                            "smollm3", "cohere", "olmoe", "granitemoe"), "attention_bias"), "stablelm": "use_qkv_bias"}
 # Every registry architecture (bake/registry/archs); Mistral's and Phi-3's input_layernorm shifts need an affine module
 # (no bias flag, bias-free q/k/v: refused for llama.cpp before any work, see the affine tests above), so only
 # their scale-only maps make a file; GPT-2's shift folds into ln_1's own bias and Qwen2's into its q/k/v
 # biases, which always exist: no flag.  GPT-OSS's q/k/v biases always exist too (attention_bias is on in its
-# configs); Mixtral, like Mistral, has no flag: scale-only.
-FACT_CASES = [(a, s) for a in (*FLAGGED, "qwen2", "gpt2", "gpt_neox", "phi", "gpt_oss") for s in (True, False)] + [
-    ("mistral", False), ("phi3", False), ("mixtral", False)]
+# configs); Mixtral, like Mistral, has no flag: scale-only.  StarCoder2's LayerNorms take the shift in their own
+# biases, and Qwen2-MoE's q/k/v biases always exist (qkv_bias is on): no flag.
+FACT_CASES = [(a, s) for a in (*FLAGGED, "qwen2", "gpt2", "gpt_neox", "phi", "gpt_oss", "starcoder2", "qwen2_moe")
+              for s in (True, False)] + [("mistral", False), ("phi3", False), ("mixtral", False)]
 # the site each case steers: the first layer's input norm; OLMo-2 has none (its norms follow the sublayers), so
-# its q_proj, whose shift switches attention_bias on; GPT-NeoX's and Phi's LayerNorms take the shift in their biases
+# its q_proj, whose shift switches attention_bias on; GPT-NeoX's and Phi's LayerNorms take the shift in their biases.
+# StableLM's input norm takes it in its own bias and Cohere's feeds the bias-free gate/up too: their q_proj, whose
+# shift switches the flag on
 FACT_SITES = {"gpt2": "transformer.h.0.ln_1", "gpt_neox": "gpt_neox.layers.0.input_layernorm",
-              "olmo2": "model.layers.0.self_attn.q_proj"}
+              "olmo2": "model.layers.0.self_attn.q_proj", "stablelm": "model.layers.0.self_attn.q_proj",
+              "cohere": "model.layers.0.self_attn.q_proj"}
 
 
 def test_fact_cases_cover_the_registry():
@@ -326,7 +343,7 @@ def test_registry_llama_cpp_fact_holds(arch, with_shift, tmp_path, sentencepiece
                  "--verify-tokens", "2"]) == EXIT_OK
     prov = json.loads((out / "lineas_provenance.json").read_text())
     flags = {c["key"] for c in prov["plan"]["config_changes"]}
-    assert flags == ({"attention_bias"} if with_shift and arch in FLAGGED else set())
+    assert flags == ({FLAGGED[arch]} if with_shift and arch in FLAGGED else set())
     assert prov["plan"]["affine_sites"] == []
     verdict = next(v for v in prov["plan"]["runtimes"] if v["runtime"] == Runtime.LLAMA_CPP.value)
     if arch in SP_ARCHS:

@@ -1,7 +1,8 @@
-"""Mixture-of-experts architectures in the registry (gpt_oss, mixtral, qwen3_moe): the router reads the
-post_attention_layernorm output beside every expert.  A norm scale folds into the norm, reaching router and experts
-exactly; a norm shift folds only where router and experts have biases (GPT-OSS: ``router.bias``, and per expert
-``gate_up_proj_bias[e] += t @ gate_up_proj[e]``), else ``--require-standard`` refuses it naming the sites.
+"""Mixture-of-experts architectures in the registry (gpt_oss, mixtral, qwen3_moe, qwen2_moe, olmoe, granitemoe):
+the router reads the post_attention_layernorm output beside every expert (and Qwen2-MoE's shared expert and its
+gate).  A norm scale folds into the norm, reaching router and experts exactly; a norm shift folds only where
+router and experts have biases (GPT-OSS: ``router.bias``, and per expert ``gate_up_proj_bias[e] += t @
+gate_up_proj[e]``), else ``--require-standard`` refuses it naming the sites.
 Tiny random fp32 models with randomised norms; run under transformers 4.57 and 5."""
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def test_gpt_oss_shift_folds_into_router_and_expert_biases_leaving_expert_weight
     assert all(v[r].serves is Serves.YES for r in (Runtime.TRANSFORMERS, Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.MLX))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe"])
 def test_router_and_expert_shift_is_refused_by_require_standard_naming_the_sites(arch):
     model = tiny_model(arch)
     sites = [s for s, t in _norm_sites(model).items() if t == POST]
@@ -115,6 +116,42 @@ def test_router_and_expert_shift_is_refused_by_require_standard_naming_the_sites
     baked, _ = _check_exact(tiny_model(arch), maps)  # with shift-only affine modules: still exact
     assert sorted(baked.plan.affine_sites) == sorted(sites)
     assert all(not baked.plan.site(s).affine.scale for s in sites)  # the scale folded into the norm
+
+
+# Norms whose shift no bias takes (every other norm of the entry folds its shift into q/k/v biases)
+SHIFT_REFUSED = {
+    "qwen2_moe": {POST, "model.norm"},  # q/k/v biases always exist (qkv_bias, on); bias-free lm_head
+    "olmoe": {POST, "model.norm", "model.layers.{layer}.self_attn.q_norm", "model.layers.{layer}.self_attn.k_norm"},
+    "granitemoe": {POST, "model.norm"},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(SHIFT_REFUSED))
+def test_norm_shifts_fold_where_biases_allow_else_require_standard_names_them(arch):
+    model = tiny_model(arch)
+    sites = _norm_sites(model)
+    maps = _maps(model, sites, shift=True)
+    refused = sorted(s for s, t in sites.items() if t in SHIFT_REFUSED[arch])
+    assert sorted(plan(model, effective_maps([(maps, 1.0)])).affine_sites) == refused
+    with pytest.raises(FoldError) as e:
+        plan(model, effective_maps([(maps, 1.0)]), require_standard=True)
+    assert all(s in str(e.value) for s in refused)
+    standard = SteeringMaps({s: maps[s] for s in sites if s not in refused}, {"method": "test"})
+    baked, _ = _check_exact(tiny_model(arch), standard, require_standard=True)
+    assert {c.key for c in baked.plan.config_changes} == (set() if arch == "qwen2_moe" else {"attention_bias"})
+    _check_exact(tiny_model(arch), maps)  # with shift-only affine modules for the rest: still exact
+
+
+def test_qwen2_moe_scale_reaches_the_shared_expert_and_its_gate():
+    """The post-attention norm feeds router, experts, shared expert and shared_expert_gate: its scale folds into the
+    norm, which they all read; none of their weights is written."""
+    model = tiny_model("qwen2_moe")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".mlp." in n}
+    maps = _maps(model, [expand(POST, "0"), expand(POST, "1")], shift=False)
+    baked, _ = _check_exact(model, maps, require_standard=True)
+    after = dict(baked.model.named_parameters())
+    assert before and all(torch.equal(after[n], p) for n, p in before.items())
+    assert any(".shared_expert_gate." in n for n in before)
 
 
 def test_input_layernorm_shift_folds_where_a_flag_gives_q_k_v_biases():

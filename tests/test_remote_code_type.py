@@ -38,7 +38,10 @@ AFFINE_CASES = {
     "gpt_neox": ("gpt_neox", "gpt_neox.layers.1"), "olmo2": ("olmo2", "model.norm"),
     "granite": ("granite", "model.norm"), "phi": ("phi", "model.layers.1"),
     "gpt_oss": ("gpt_oss", "model.norm"), "mixtral": ("mixtral", "model.norm"),
-    "qwen3_moe": ("qwen3_moe", "model.norm"),
+    "qwen3_moe": ("qwen3_moe", "model.norm"), "starcoder2": ("starcoder2", "lm_head"),
+    "smollm3": ("smollm3", "model.norm"), "stablelm": ("stablelm", "lm_head"), "cohere": ("cohere", "model.norm"),
+    "qwen2_moe": ("qwen2_moe", "model.norm"), "olmoe": ("olmoe", "model.norm"),
+    "granitemoe": ("granitemoe", "model.norm"),
 }
 
 

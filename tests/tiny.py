@@ -46,6 +46,14 @@ def _config(arch: str):
                                 attention_multiplier=0.2, logits_scaling=4.0)
     if arch == "phi":  # one LayerNorm feeds attention and MLP in parallel; every linear has a bias
         return tf.PhiConfig(**COMMON, **ids)
+    if arch == "starcoder2":  # LayerNorms with biases; use_bias (on) gives every linear but lm_head a bias
+        return tf.Starcoder2Config(**COMMON, **ids, tie_word_embeddings=False)
+    if arch == "smollm3":  # Llama layout, no RoPE in every 4th layer
+        return tf.SmolLM3Config(**COMMON, **ids, tie_word_embeddings=False)
+    if arch == "stablelm":  # LayerNorms with biases; use_qkv_bias (off) gives q/k/v biases
+        return tf.StableLmConfig(**COMMON, **ids)
+    if arch == "cohere":  # one bias-free LayerNorm feeds attention and MLP in parallel; logit_scale
+        return tf.CohereConfig(**COMMON, **ids, tie_word_embeddings=False)
     moe = dict(COMMON, intermediate_size=32)
     if arch == "gpt_oss":  # router and expert biases; experts fused 3-D [E, in, out] under both majors
         return tf.GptOssConfig(**moe, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
@@ -54,12 +62,20 @@ def _config(arch: str):
         return tf.MixtralConfig(**moe, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
     if arch == "qwen3_moe":
         return tf.Qwen3MoeConfig(**COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    if arch == "qwen2_moe":  # a shared expert with its own sigmoid gate beside the routed experts; q/k/v biases
+        return tf.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=32)
+    if arch == "olmoe":  # q/k norms over the whole projection
+        return tf.OlmoeConfig(**moe, **ids, num_experts=4, num_experts_per_tok=2)
+    if arch == "granitemoe":  # Granite multipliers; MoE modules named differently under 4.x and 5.x
+        return tf.GraniteMoeConfig(**moe, **ids, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
+                                   residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0)
     raise ValueError(f"no tiny config for {arch!r}")
 
 
-MOE_ARCHS = ["gpt_oss", "mixtral", "qwen3_moe"]  # tests/test_moe_archs.py
+MOE_ARCHS = ["gpt_oss", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe"]  # tests/test_moe_archs.py
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3", "gpt_neox", "olmo2",
-         "granite", "phi"]
+         "granite", "phi", "starcoder2", "smollm3", "stablelm", "cohere"]
 
 
 def tiny_model(arch: str, seed: int = 0):
