@@ -180,7 +180,7 @@ def bake(model, maps, strength: float = 1.0, *, tokenizer=None, require_standard
     reference = None
     if verify:
         reference = CAUSAL_LM.reference(module, {s: (m.scale, m.shift) for s, m in eff.items()}, tokenizer=tok,
-                                        n_tokens=verify_tokens, progress=progress)
+                                        n_tokens=verify_tokens, progress=progress, source=base.path or None)
     base_absmax = _absmax_before_fold(module, fold_plan)
     apply_plan(module, fold_plan, eff, allow_rebake=allow_rebake, maps_record=maps_records(sources))
     if legacy:  # an export from before the config record: keep its bake in the record too

@@ -5,7 +5,9 @@ Tiny random VLMs built from configs (no network), norm weights randomised: hooke
 (bake() in memory and bake_folder() out of core), the export reloads with AutoModelForImageTextToText without
 remote code, every tensor outside the text decoder is identical to the source's, and an image+text probe built
 offline with the model's processor answers as the hooked model does (Gemma-3 and LLaVA: the processors built
-here; the other architectures' image probes are not written yet, see test_image_probe).
+here; the other architectures' image probes are not written yet, see test_image_probe). The bake's own verification
+runs such a probe too when the source folder has a processor (bake.verify.image_probe: row reload-image-text-float32,
+failing on a corrupted export) and notes why not when it has none.
 """
 
 from __future__ import annotations
@@ -253,3 +255,106 @@ def test_text_decoder_and_registry_schema():
     assert parse_entry(data).text_model_types == {"qwen2_5_vl_text": {"Qwen2RMSNorm": "Qwen2_5_VLRMSNorm"}}
     with pytest.raises(RegistryError, match="text_model_types"):
         parse_entry(dict(data, text_model_types={"qwen2_5_vl_text": ["Qwen2RMSNorm"]}))
+
+
+# ----------------------------------------------------------------------------- the bake's own image+text probe
+IMAGE_ROW = "reload-image-text-float32"
+
+
+def _image_checks(report):
+    return [c for c in report.checks if c.tolerance.name == IMAGE_ROW]
+
+
+def _source_with_processor(arch, tmp_path):
+    processor, _ = _processor(arch)
+    model, src = _source(arch, tmp_path)
+    processor.save_pretrained(src)
+    return model, src
+
+
+@pytest.mark.parametrize(("out_of_core", "dtype"), [(False, "float32"), (False, "bfloat16"), (True, "float32"),
+                                                    (True, "bfloat16")])
+@pytest.mark.parametrize("arch", ["gemma3", "llava"])
+def test_bake_verifies_the_image_probe(arch, out_of_core, dtype, tmp_path):
+    """With a processor in the source folder, the export's verification runs one image+text probe (the source's
+    processor, a generated image) through the hooked source and the written export: a gating row, passing, whose
+    details show the maps move that probe far more than its limit (the check can fail)."""
+    from bake.verify.tolerances import get_tolerance
+
+    model, src = _source_with_processor(arch, tmp_path)
+    baked = (bake_folder if out_of_core else bake)(str(src), _maps(model, shift=True), require_standard=True)
+    out = baked.save_pretrained(tmp_path / "out", dtype=dtype)
+    report = baked.export_report
+    [check] = _image_checks(report)  # float32: the reload; bfloat16: the float32 fold (scratch copy / in memory)
+    assert check.gating and check.passed and get_tolerance(IMAGE_ROW).gating
+    assert check.label.startswith("image+text probe") and check.top1 == 1.0
+    assert check.per_probe[0].name == "image-text" and check.per_probe[0].positions > 4  # image tokens + text
+    assert check.details["hooked_vs_base_max_rel"] > 100 * check.max_rel_limit, check.details
+    assert not any("image+text" in n for n in report.notes), report.notes
+    written = json.loads((out / "lineas_verification.json").read_text())
+    [row] = [c for c in written["checks"] if c["tolerance"]["name"] == IMAGE_ROW]
+    assert row["passed"] and row["details"]["hooked_vs_base_max_rel"] == check.details["hooked_vs_base_max_rel"]
+
+
+def _corrupt_decoder(folder, decoder: str):
+    """Move one text-decoder weight of the written export by 0.1 (a wrong fold, as the reload check sees it)."""
+    from safetensors.torch import load_file, save_file
+
+    [weights] = sorted(folder.glob("*.safetensors"))
+    tensors = load_file(weights)
+    [key] = [k for k in tensors if k.endswith("layers.0.mlp.up_proj.weight")]
+    assert decoder.split(".")[-1] in key  # language_model / text_model: the decoder's, not the vision tower's
+    tensors[key] += 0.1
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("out_of_core", [False, True], ids=["bake", "bake_folder"])
+def test_image_probe_fails_on_a_corrupted_export(out_of_core, tmp_path, monkeypatch):
+    from bake.errors import VerificationError
+    from bake.formats import hf, hf_stream
+
+    model, src = _source_with_processor("llava", tmp_path)
+    real = hf.copy_base_files
+
+    def corrupt_then_copy(baked, folder):  # after the weights are written, before the reload check
+        _corrupt_decoder(folder, text_decoder(model))
+        return real(baked, folder)
+
+    monkeypatch.setattr(hf, "copy_base_files", corrupt_then_copy)
+    monkeypatch.setattr(hf_stream, "copy_base_files", corrupt_then_copy)
+    baked = (bake_folder if out_of_core else bake)(str(src), _maps(model, shift=True), require_standard=True)
+    out = tmp_path / "out"
+    with pytest.raises(VerificationError) as err:
+        baked.save_pretrained(out)
+    assert not out.exists()
+    [check] = _image_checks(err.value.report)
+    assert not check.passed and any("max relative logit error" in f for f in check.failures), check.failures
+    assert any(f.startswith("image+text probe") for f in err.value.report.failures)
+
+
+@pytest.mark.parametrize("out_of_core", [False, True], ids=["bake", "bake_folder"])
+@pytest.mark.parametrize("arch", ["gemma3", "mistral3"])
+def test_vlm_without_processor_is_noted(arch, out_of_core, tmp_path):
+    """No processor in the source folder: no image probe, and the report says so (a warning), never silently."""
+    model, src = _source(arch, tmp_path)  # tokenizer only
+    baked = (bake_folder if out_of_core else bake)(str(src), _maps(model, shift=False), require_standard=True)
+    out = baked.save_pretrained(tmp_path / "out")
+    report = baked.export_report
+    assert not _image_checks(report)
+    [note] = [n for n in report.notes if n.startswith("image+text probe not run")]
+    assert "text probes only" in note and note in report.warnings
+    assert note in json.loads((out / "lineas_verification.json").read_text())["notes"]
+    assert note in (out / "README.md").read_text()
+
+
+def test_text_model_has_no_image_note(tmp_path):
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    dec = "model"
+    g = torch.Generator().manual_seed(0)
+    n = model.config.hidden_size
+    maps = SteeringMaps({f"{dec}.layers.0.post_attention_layernorm": SiteMap(1 + 0.3 * torch.randn(n, generator=g),
+                                                                           torch.zeros(n))}, {"method": "test"})
+    baked = bake(model, maps)
+    assert baked.reference.image is None and baked.report.notes == []

@@ -22,9 +22,12 @@ class CausalLMFamily:
         """Everything that is no other family's: a checkpoint folder, an alias or a Hub id."""
         return True
 
-    def reference(self, model, affines, *, tokenizer=None, n_tokens: int = 8, progress: bool = False) -> Reference:
-        """The hooked logits and greedy tokens (:func:`bake.verify.check.record_reference`, which runs the guard)."""
-        return record_reference(model, affines, tokenizer=tokenizer, n_tokens=n_tokens, progress=progress)
+    def reference(self, model, affines, *, tokenizer=None, n_tokens: int = 8, progress: bool = False,
+                  source: str | None = None) -> Reference:
+        """The hooked logits and greedy tokens (:func:`bake.verify.check.record_reference`, which runs the guard;
+        ``source``: the model's folder, whose processor builds a VLM's image+text probe)."""
+        return record_reference(model, affines, tokenizer=tokenizer, n_tokens=n_tokens, progress=progress,
+                                source=source)
 
 
 CAUSAL_LM = CausalLMFamily()

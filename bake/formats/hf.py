@@ -19,6 +19,7 @@ from bake.formats.base import EXPORT_DTYPES, ExportOptions, ExportResult
 from bake.formats.shard_writer import set_config_dtype
 from bake.formats.tokenization import export_tokenizer_mismatch
 from bake.verify.check import bar_disabled, compare, model_device
+from bake.verify.image_probe import compare_image
 from bake.verify.tolerances import reload_row
 from lineas.models import TOKENIZER_FILES, auto_model_class
 
@@ -170,6 +171,11 @@ def export_hf_in_memory(baked: Baked, folder: Path, opts: ExportOptions) -> Expo
             if tok and (fail := export_tokenizer_mismatch(folder, baked.tokenizer)):  # text in: the ids first
                 check.failures.append(fail)
             checks.append(check)
+            if (image := baked.reference.image) is not None:  # a VLM's image+text probe: float32 weights only
+                floor = baked.reference.noise_floor.max_rel if baked.reference.noise_floor is not None else None
+                fp32 = opts.dtype == "float32"
+                checks.append(compare_image(reloaded if fp32 else baked.model, image, floor,
+                                            label=check.label if fp32 else "baked float32 (in memory)"))
             del reloaded
         steps.update()
     finally:

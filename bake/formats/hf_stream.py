@@ -22,21 +22,27 @@ from bake.formats.shard_writer import write_baked_folder
 from bake.formats.tokenization import export_tokenizer_mismatch
 from bake.store.checkpoint import load_bounded, release_memory
 from bake.verify.check import CheckResult, Reference, compare, record_reference, site_divergence
+from bake.verify.image_probe import compare_image
 from bake.verify.tolerances import reload_row
 
 FP32_CHECK_DIR = ".lineas-fp32-check"  # inside the temporary export folder; removed before the rename
 
 
 def _check_written(baked: Baked, reference: Reference, folder: Path, dtype: str, label: str, opts: ExportOptions,
-                   ) -> tuple[CheckResult, list]:
-    """Load a written folder with bounded memory and compare it with the hooked reference (row: :func:`reload_row`)."""
+                   ) -> tuple[CheckResult, list, list[CheckResult]]:
+    """Load a written folder with bounded memory and compare it with the hooked reference (row: :func:`reload_row`);
+    a float32 folder also on a VLM's image+text probe (:mod:`bake.verify.image_probe`), the third item."""
     src = baked.source
+    image = []
     with load_bounded(folder, dtype=EXPORT_DTYPES[dtype], device=src.device, max_memory=src.max_memory,
                       trust_remote_code=has_remote_code(folder)) as model:  # our own freshly written code
         check, acts = compare(model, reference, reload_row(dtype), label=label, progress=opts.progress)
+        if reference.image is not None and dtype == "float32":
+            floor = reference.noise_floor.max_rel if reference.noise_floor is not None else None
+            image.append(compare_image(model, reference.image, floor, label=label))
         del model  # the last reference: load_bounded frees it and hands the memory back
     sites = site_divergence(reference, acts, baked.effective, baked.plan.differs_by_design())
-    return check, sites
+    return check, sites, image
 
 
 class _Cancelled(Exception):
@@ -100,7 +106,7 @@ def record_streamed_reference(baked: Baked, cancel: threading.Event | None = Non
         with _cancellable(model, cancel):
             reference = record_reference(model, {s: (m.scale, m.shift) for s, m in baked.effective.items()},
                                          tokenizer=baked.tokenizer, n_tokens=src.verify_tokens,
-                                         progress=src.progress)
+                                         progress=src.progress, source=str(src.store.folder.folder))
         del model  # the last reference: load_bounded frees it and hands the memory back
     return reference
 
@@ -142,12 +148,12 @@ def export_hf_streamed(baked: Baked, folder: Path, opts: ExportOptions) -> Expor
             scratch.mkdir()
             try:
                 write_baked_folder(baked, scratch, folded("float32"), torch.float32, progress=opts.progress)
-                check, sites = _check_written(baked, reference(), scratch, "float32",
-                                              "float32 scratch copy, reloaded (the fold)", opts)
-                checks.append(check)
+                check, sites, image = _check_written(baked, reference(), scratch, "float32",
+                                                     "float32 scratch copy, reloaded (the fold)", opts)
+                checks += [check, *image]
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-            if not check.passed:  # the fold is wrong: do not spend the time writing the real export
+            if not all(c.passed for c in checks):  # the fold is wrong: do not spend the time writing the export
                 return ExportResult("hf", checks=checks, sites=sites, reference=recorded)
         with explained_cast_failure(baked.plan, opts.dtype, base_overflows):  # the base weights may overflow too
             write_baked_folder(baked, folder, final, EXPORT_DTYPES[opts.dtype], progress=opts.progress)
@@ -159,10 +165,10 @@ def export_hf_streamed(baked: Baked, folder: Path, opts: ExportOptions) -> Expor
     remote = has_remote_code(folder)
     tok = copy_base_files(baked, folder)
     if src.verify:
-        check, written_sites = _check_written(baked, reference(), folder, opts.dtype,
-                                              f"exported {opts.dtype}, reloaded", opts)
+        check, written_sites, image = _check_written(baked, reference(), folder, opts.dtype,
+                                                     f"exported {opts.dtype}, reloaded", opts)
         if tok and (fail := export_tokenizer_mismatch(folder, baked.tokenizer)):  # text in: the ids first
             check.failures.append(fail)
-        checks.append(check)
+        checks += [check, *image]
         sites = sites or written_sites
     return ExportResult("hf", checks=checks, remote_code=remote, has_tokenizer=tok, sites=sites, reference=recorded)

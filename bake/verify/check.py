@@ -35,6 +35,7 @@ from bake.verify.guard import (  # noqa: F401 (the errors re-exported)
     require_sound_reference,
     require_visible_change,
 )
+from bake.verify.image_probe import record_image_reference, visibility_note
 from bake.verify.noise_floor import SAMPLES as FLOOR_SAMPLES
 from bake.verify.noise_floor import NoiseFloor
 from bake.verify.passes import (  # noqa: F401 (re-exported)
@@ -159,13 +160,15 @@ def _run_all(model_or_runner, probes, greedy_prompts, greedy_of, watch, progress
 @torch.no_grad()
 def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
                      tokenizer=None, n_tokens: int = 8, progress: bool = False,
-                     noise_floor: bool = True) -> Reference:
+                     noise_floor: bool = True, source: str | None = None) -> Reference:
     """Run the probes through ``model`` with ``affines`` hooked; hooks are removed afterwards.
 
     Raises :class:`NonFiniteReferenceError` when the hooked logits are not finite, and the other refusals of
     :func:`guard_reference` (maps that erase the input, or that change nothing the check can see).
     ``noise_floor``: also measure :class:`bake.verify.noise_floor.NoiseFloor` (the probes under each perturbation,
     riding along in the greedy passes: :mod:`bake.verify.schedule`).
+    ``source``: the folder ``model`` was loaded from; a vision-language model's processor there builds its
+    image+text probe (:mod:`bake.verify.image_probe`), else the reference notes why there is none.
     """
     probes = build_probes(model, tokenizer)
     prompts = build_greedy_prompts(model, tokenizer)
@@ -180,8 +183,11 @@ def record_reference(model: nn.Module, affines: Mapping[str, tuple[torch.Tensor,
                             on_pass=bar.update)
     floor = NoiseFloor.worst_of(done.floor_samples) if noise_floor else None
     guard_reference(model, probes, done, affines, floor.max_rel if floor is not None else None)
+    image, note = record_image_reference(model, affines, source)
+    if image is not None:
+        note = visibility_note(image, get_tolerance(GUARD_ROW).max_rel_limit(floor.max_rel if floor else None))
     return Reference(probes, done.logits, prompts, done.greedy, n_tokens, watch, done.activations,
-                     probes[diag].name, noise_floor=floor)
+                     probes[diag].name, noise_floor=floor, image=image, notes=[note] if note else [])
 
 
 def guard_reference(model: nn.Module, probes: Sequence[Probe], done: ScheduledReference,

@@ -67,6 +67,7 @@ class CheckResult:
     failures: list[str]
     greedy_detail: list[dict] = field(default_factory=list)
     max_rel_limit: float | None = None  # the limit applied: the row's rule with the reference's noise floor
+    details: dict = field(default_factory=dict)  # check-specific facts (the image probe: hooked vs base)
 
     @property
     def passed(self) -> bool:
@@ -83,7 +84,7 @@ class CheckResult:
             "max_rel_limit": self.max_rel_limit, "mean_kl": _num(self.mean_kl), "top1": _num(self.top1),
             "greedy_matched": self.greedy_matched, "greedy_total": self.greedy_total,
             "failures": list(self.failures), "per_probe": [_clean(asdict(p)) for p in self.per_probe],
-            "greedy": self.greedy_detail,
+            "greedy": self.greedy_detail, **({"details": self.details} if self.details else {}),
         }
 
 
@@ -111,12 +112,14 @@ class VerificationReport:
     diag_probe: str = ""
     skipped: bool = False
     noise_floor: NoiseFloor | None = None
+    notes: list[str] = field(default_factory=list)  # what was not verified, and why (printed as warnings)
 
     @classmethod
     def for_reference(cls, ref: Reference) -> VerificationReport:
         probes = [{"name": p.name, "kind": p.kind, "shape": list(p.input_ids.shape),
                    "positions": int(p.attention_mask.sum())} for p in ref.probes]
-        return cls(probes=probes, n_tokens=ref.n_tokens, diag_probe=ref.diag_probe, noise_floor=ref.noise_floor)
+        return cls(probes=probes, n_tokens=ref.n_tokens, diag_probe=ref.diag_probe, noise_floor=ref.noise_floor,
+                   notes=list(ref.notes))
 
     def add(self, check: CheckResult) -> CheckResult:
         self.checks.append(check)
@@ -128,7 +131,7 @@ class VerificationReport:
 
     @property
     def warnings(self) -> list[str]:
-        return [f"{c.label}: {f}" for c in self.checks if not c.gating for f in c.failures]
+        return list(self.notes) + [f"{c.label}: {f}" for c in self.checks if not c.gating for f in c.failures]
 
     @property
     def failures(self) -> list[str]:
@@ -139,7 +142,7 @@ class VerificationReport:
             "skipped": self.skipped, "passed": self.passed and not self.skipped,
             "metric_definitions": METRIC_DEFINITIONS, "probes": self.probes, "greedy_new_tokens": self.n_tokens,
             "noise_floor": self.noise_floor.to_dict() if self.noise_floor is not None else None,
-            "checks": [c.to_dict() for c in self.checks],
+            "checks": [c.to_dict() for c in self.checks], "notes": list(self.notes),
             "site_divergence": {"probe": self.diag_probe, "modules": [_clean(asdict(s)) for s in self.sites]},
         }
 
@@ -158,6 +161,10 @@ class VerificationReport:
             rows.append((c.label, f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.mean_kl:.3g}", f"{c.top1:.4f}",
                          f"{c.greedy_matched}/{c.greedy_total}", limit, result))
         table = format_table(rows)
+        for c in self.checks:  # a probe that is not one of the reference's own: how far the maps move it
+            if "hooked_vs_base_max_rel" in c.details:
+                table += (f"\n{c.label}: hooked vs base max rel {c.details['hooked_vs_base_max_rel']:.3g} (how far the "
+                          "maps move this probe)")
         if self.noise_floor is not None:
             table += (f"\nnoise floor of the hooked reference (every map entry moved by one float32 ulp): "
                       f"max rel {self.noise_floor.max_rel:.3g}")
