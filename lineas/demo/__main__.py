@@ -23,7 +23,8 @@ End-to-end demo on the embedded SmolLM2-135M-Instruct (CPU, ~10 minutes):
      Linear-AcT on the same data for comparison), sites: both RMSNorms of
      every layer;
   2. bake the LinEAS maps at strength 1 with lineas-bake --format
-     hf,onnx,gguf,gguf-q4_k_m --check-runtime vllm,mlx;
+     hf,onnx,gguf,gguf-q4_k_m --check-runtime vllm,mlx, and the same maps into
+     the embedded Q4_1 GGUF file in place (lineas-bake --model <file>.gguf);
   3. evaluate unsteered / LinEAS / Linear-AcT at strengths 0, 0.5, 1:
      sample generations, VADER sentiment and positive rate on held-out
      neutral prompts, perplexities;
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--check-tokens", type=int, default=d.check_tokens,
                    help=f"runtime check tokens per prompt (default: {d.check_tokens})")
     e.add_argument("--formats", default=d.formats, help=f"lineas-bake --format (default: {d.formats})")
+    e.add_argument("--gguf-in-place", action=argparse.BooleanOptionalAction, default=d.gguf_in_place,
+                   help="also bake the embedded Q4_1 GGUF file in place with the same maps (default: on)")
     e.add_argument("--check-runtime", default=d.check_runtimes, metavar="NAMES",
                    help=f"lineas-bake --check-runtime: serving runtimes the bake checks from text, each in its own "
                         f"environment ('' for none; default: {d.check_runtimes})")
@@ -132,7 +135,8 @@ def config_from_args(args) -> tuple[DemoConfig, dict[str, Path]]:
                      methods=methods, max_new_tokens=args.max_new_tokens, n_eval=args.n_eval,
                      n_figure=args.n_figure, n_samples=min(3, args.n_figure), check_prompts=args.check_prompts,
                      check_tokens=args.check_tokens, formats=args.formats,
-                     check_runtimes=args.check_runtime, threads=pick_threads(args.threads),
+                     check_runtimes=args.check_runtime, gguf_in_place=args.gguf_in_place,
+                     threads=pick_threads(args.threads),
                      keep_models=args.keep_models)
     return cfg, maps_in
 

@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 
 from lineas import evaluate as E
+from lineas.demo.gguf_inplace import in_place_command, in_place_results
 from lineas.demo.runtimes import LLAMA_CPP, SERVED, runtime_check
 from lineas.hooks import steered
 from lineas.io import atomic_write_text
 from lineas.learn.config import TrainConfig
 from lineas.maps import SteeringMaps
+from lineas.models import SMOLLM2_ALIAS
 
 log = logging.getLogger("lineas.demo")
 
@@ -63,6 +65,7 @@ class DemoConfig:
     speed_repeats: int = 2
     gen_batch_size: int = 26
     formats: str = "hf,onnx,gguf,gguf-q4_k_m"
+    gguf_in_place: bool = True  # also steer the embedded Q4_1 GGUF file in place (lineas-bake --model file.gguf)
     check_runtimes: str = "vllm,mlx"  # lineas-bake --check-runtime: each in its own environment (make setup-vllm/mlx)
     threads: int = 1
     keep_models: bool = True  # keep the baked model (HF, ONNX, GGUF) in the run folder, to serve or publish
@@ -306,6 +309,14 @@ def run_demo(cfg: DemoConfig, run_dir: Path, *, maps_in: dict[str, Path] | None 
         shutil.rmtree(baked_dir)
     with steps.time("bake"):
         results["bake"] = {"method": METHODS[bake_method], **bake(cfg, maps_paths[bake_method], baked_dir, logs)}
+    if cfg.gguf_in_place and cfg.model == SMOLLM2_ALIAS:
+        in_place_dir = run_dir / f"baked-{bake_method}-gguf"
+        if in_place_dir.exists():
+            shutil.rmtree(in_place_dir)
+        with steps.time("bake the Q4_1 GGUF in place"):
+            cmd = in_place_command(tool_command("lineas-bake", "bake.cli.main"), maps_paths[bake_method], in_place_dir)
+            _, seconds = run_tool(cmd, logs / "bake-gguf-in-place.log")
+            results["bake_gguf_in_place"] = in_place_results(cmd, seconds, in_place_dir)
 
     # 3. evaluate
     with steps.time("load base model"):
@@ -338,6 +349,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path, *, maps_in: dict[str, Path] | None 
         results["bake"]["push_command"] = push_command(baked_dir, cfg)
     else:
         shutil.rmtree(baked_dir, ignore_errors=True)
+        shutil.rmtree(run_dir / f"baked-{bake_method}-gguf", ignore_errors=True)
         results["bake"]["out_removed"] = True
     _write_json(run_dir / "results.json", results)
     write_summary(run_dir / "summary.md", results)

@@ -101,8 +101,13 @@ def render(results: dict) -> str:
                    f"support {_num(t.get('support'))}, {t['seconds']:.0f} s  \n  `{t['command']}`")
     b = results["bake"]
     out += ["", "## 2. Bake", "", f"- {b['method']} maps at λ=1: {b['plan_summary']} ({b['seconds']:.0f} s)  \n"
-            f"  `{b['command']}`", "",
-            "## 3. Efficacy and fluency", "",
+            f"  `{b['command']}`", ""]
+    if results.get("bake_gguf_in_place"):
+        from lineas.demo.gguf_inplace import in_place_lines
+
+        out += ["The same maps, baked into the quantised file itself (no full-precision weights):", ""]
+        out += in_place_lines(results["bake_gguf_in_place"]) + [""]
+    out += ["## 3. Efficacy and fluency", "",
             f"Greedy, {results['eval']['max_new_tokens']} new tokens, raw continuation of neutral sentence starts "
             "(no chat template). VADER compound of the continuation; positive = compound > 0.05. Generation "
             "perplexity: the continuations scored by the *unsteered* model given their prompts. Neutral-text "
