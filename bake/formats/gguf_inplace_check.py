@@ -52,7 +52,9 @@ def dequantised_source(path: Path, *, with_tokenizer: bool = True):
         kw["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:
         pass
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **kw).eval()
+    # eager attention: sdpa drops Gemma-2's attention logit soft-capping, which llama.cpp applies
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="eager", **kw).eval()
     tok = None
     if with_tokenizer:
         try:
