@@ -26,12 +26,17 @@ def config_fingerprint(config) -> str:
 
     Private keys (``_name_or_path``, ``_commit_hash``, attention backend) and
     the dtype are dropped, so the same checkpoint loaded from another folder or
-    in bf16 has the same fingerprint.
+    in bf16 has the same fingerprint; in nested sub-configs too (a vision-language
+    model's ``text_config`` and ``vision_config`` take the dtype it was loaded in).
     """
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    clean = {k: v for k, v in d.items() if not k.startswith("_") and k not in _VOLATILE}
-    blob = json.dumps(clean, sort_keys=True, default=str, separators=(",", ":"))
+    blob = json.dumps(_stable(d), sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _stable(d: dict) -> dict:
+    return {k: _stable(v) if isinstance(v, dict) else v for k, v in d.items()
+            if not (isinstance(k, str) and (k.startswith("_") or k in _VOLATILE))}
 
 
 def model_provenance(model, base_model: str | None = None) -> dict[str, str]:

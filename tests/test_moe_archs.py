@@ -1,8 +1,8 @@
-"""Mixture-of-experts architectures in the registry (gpt_oss, mixtral, qwen3_moe, qwen2_moe, olmoe, granitemoe):
-the router reads the post_attention_layernorm output beside every expert (and Qwen2-MoE's shared expert and its
-gate).  A norm scale folds into the norm, reaching router and experts exactly; a norm shift folds only where
-router and experts have biases (GPT-OSS: ``router.bias``, and per expert ``gate_up_proj_bias[e] += t @
-gate_up_proj[e]``), else ``--require-standard`` refuses it naming the sites.
+"""Mixture-of-experts architectures in the registry (gpt_oss, mixtral, qwen3_moe, qwen2_moe, olmoe, granitemoe,
+deepseek_v3): the router reads the post_attention_layernorm output beside every expert (and Qwen2-MoE's shared expert
+and its gate, DeepSeek-V3's shared experts).  A norm scale folds into the norm, reaching router and experts exactly; a
+norm shift folds only where router and experts have biases (GPT-OSS: ``router.bias``, and per expert
+``gate_up_proj_bias[e] += t @ gate_up_proj[e]``), else ``--require-standard`` refuses it naming the sites.
 Tiny random fp32 models with randomised norms; run under transformers 4.57 and 5."""
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_gpt_oss_shift_folds_into_router_and_expert_biases_leaving_expert_weight
     assert all(v[r].serves is Serves.YES for r in (Runtime.TRANSFORMERS, Runtime.LLAMA_CPP, Runtime.VLLM, Runtime.MLX))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe", "deepseek_v3"])
 def test_router_and_expert_shift_is_refused_by_require_standard_naming_the_sites(arch):
     model = tiny_model(arch)
     sites = [s for s, t in _norm_sites(model).items() if t == POST]
@@ -123,6 +123,9 @@ SHIFT_REFUSED = {
     "qwen2_moe": {POST, "model.norm"},  # q/k/v biases always exist (qkv_bias, on); bias-free lm_head
     "olmoe": {POST, "model.norm", "model.layers.{layer}.self_attn.q_norm", "model.layers.{layer}.self_attn.k_norm"},
     "granitemoe": {POST, "model.norm"},
+    # MLA: q_a_layernorm / kv_a_layernorm feed q_b_proj / kv_b_proj, which never have a bias
+    "deepseek_v3": {POST, "model.norm", "model.layers.{layer}.self_attn.q_a_layernorm",
+                    "model.layers.{layer}.self_attn.kv_a_layernorm"},
 }
 
 
@@ -152,6 +155,87 @@ def test_qwen2_moe_scale_reaches_the_shared_expert_and_its_gate():
     after = dict(baked.model.named_parameters())
     assert before and all(torch.equal(after[n], p) for n, p in before.items())
     assert any(".shared_expert_gate." in n for n in before)
+
+
+def test_deepseek_v3_entry_names_real_modules():
+    """Each template of the entry names modules of the tiny DeepSeek-V3 (with and without q_lora_rank) of the class it
+    says; the consumers are linears.  Some exist only in one kind of layer or attention: q_a_* and q_b_proj with
+    q_lora_rank, q_proj without; the dense mlp.*_proj in the first_k_dense_replace layers, shared experts after."""
+    from bake.plan.module_kinds import producer_layout
+    from bake.registry.llm import match_template
+
+    entry, seen = None, set()
+    for arch in ("deepseek_v3", "deepseek_v3_no_q_lora"):
+        model = tiny_model(arch)
+        entry, modules = entry_for(model.config), dict(model.named_modules())
+        for name, module in modules.items():
+            for norm in entry.norms:
+                if (layer := match_template(norm.site, name)) is not False:
+                    seen.add(norm.site)
+                    assert type(module).__name__ == norm.module_class, name
+                    consumers = [modules[c] for c in (expand(c, layer) for c in norm.consumers) if c in modules]
+                    assert all(producer_layout(c) is not None for c in consumers), name
+            for prod in entry.producers:
+                if match_template(prod.site, name) is not False:
+                    seen.add(prod.site)
+                    assert producer_layout(module) is prod.layout, name
+        assert hasattr(model.config, "attention_bias")
+    assert seen == {n.site for n in entry.norms} | {p.site for p in entry.producers}
+
+
+def test_deepseek_v3_scale_reaches_router_experts_and_shared_experts_leaving_them_untouched(tmp_path):
+    """DeepSeek-V3: every norm of the entry (MLA's q_a_layernorm and kv_a_layernorm too) takes a scale in its own
+    weight; the dense MLP of layer 0, the router (and its e_score_correction_bias), the routed and shared experts and
+    the MLA up-projections are never written, and the export reloads with plain transformers."""
+    model = tiny_model("deepseek_v3")
+    before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]
+              if "norm" not in n}
+    assert any(n.endswith("mlp.gate.e_score_correction_bias") for n in before)
+    assert any(".mlp.shared_experts." in n for n in before) and any("layers.0.mlp.gate_proj" in n for n in before)
+    baked, _ = _check_exact(model, _maps(model, _norm_sites(model), shift=False), require_standard=True)
+    after = dict([*baked.model.named_parameters(), *baked.model.named_buffers()])
+    assert all(torch.equal(after[n], t) for n, t in before.items())
+
+
+def test_deepseek_v3_input_norm_shift_switches_attention_bias_on_for_the_mla_down_projections(tmp_path):
+    """input_layernorm feeds q_a_proj and kv_a_proj_with_mqa, which attention_bias gives a bias (o_proj too); the
+    export reloads with plain transformers, the flag on.  q_a_layernorm / kv_a_layernorm feed q_b_proj / kv_b_proj,
+    which never have a bias: refused by --require-standard, naming both."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("deepseek_v3")
+    site = "model.layers.1.input_layernorm"
+    maps = _maps(model, [site], shift=True)
+    p = plan(model, effective_maps([(maps, 1.0)]), require_standard=True)
+    assert p.site(site).shift_targets == ("model.layers.1.self_attn.q_a_proj",
+                                          "model.layers.1.self_attn.kv_a_proj_with_mqa")
+    assert [c.key for c in p.config_changes] == ["attention_bias"]
+    baked, hooked = _check_exact(model, maps, require_standard=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(baked.save_pretrained(tmp_path / "out"), dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+    assert reloaded.config.attention_bias and reloaded.model.layers[1].self_attn.q_a_proj.bias is not None
+    assert _rel(model_logits(reloaded, random_ids()), hooked) <= 1e-5
+    inner = ["model.layers.0.self_attn.q_a_layernorm", "model.layers.1.self_attn.kv_a_layernorm"]
+    with pytest.raises(FoldError) as e:
+        plan(model, effective_maps([(_maps(model, inner, shift=True), 1.0)]), require_standard=True)
+    assert all(s in str(e.value) for s in inner)
+    assert "q_b_proj has no bias" in str(e.value) and "kv_b_proj has no bias" in str(e.value)
+
+
+def test_deepseek_v3_without_q_lora_scales_fold_and_the_input_norm_shift_is_refused():
+    """q_lora_rank None (e.g. Moonlight): input_layernorm feeds q_proj, which never has a bias, and
+    kv_a_proj_with_mqa: its shift needs an affine module; every scale still folds."""
+    model = tiny_model("deepseek_v3_no_q_lora")
+    assert not hasattr(model.model.layers[0].self_attn, "q_a_proj") or model.model.layers[0].self_attn.q_a_proj is None
+    modules = dict(model.named_modules())
+    sites = [s for s in _norm_sites(model) if s in modules]  # no q_a_layernorm
+    _check_exact(model, _maps(model, sites, shift=False), require_standard=True)
+    site = "model.layers.0.input_layernorm"
+    maps = _maps(model, [site], shift=True)
+    with pytest.raises(FoldError, match=site):
+        plan(model, effective_maps([(maps, 1.0)]), require_standard=True)
+    baked, _ = _check_exact(tiny_model("deepseek_v3_no_q_lora"), maps)
+    assert baked.plan.affine_sites == (site,) and not baked.plan.site(site).affine.scale
 
 
 def test_input_layernorm_shift_folds_where_a_flag_gives_q_k_v_biases():

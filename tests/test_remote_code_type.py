@@ -41,7 +41,7 @@ AFFINE_CASES = {
     "qwen3_moe": ("qwen3_moe", "model.norm"), "starcoder2": ("starcoder2", "lm_head"),
     "smollm3": ("smollm3", "model.norm"), "stablelm": ("stablelm", "lm_head"), "cohere": ("cohere", "model.norm"),
     "qwen2_moe": ("qwen2_moe", "model.norm"), "olmoe": ("olmoe", "model.norm"),
-    "granitemoe": ("granitemoe", "model.norm"),
+    "granitemoe": ("granitemoe", "model.norm"), "deepseek_v3": ("deepseek_v3", "model.norm"),
 }
 
 

@@ -358,3 +358,58 @@ def test_text_model_has_no_image_note(tmp_path):
                                                                            torch.zeros(n))}, {"method": "test"})
     baked = bake(model, maps)
     assert baked.reference.image is None and baked.report.notes == []
+
+
+# ----------------------------------------------------------------------------- lineas-train on a VLM
+# text model entry the trainer's --foldable auto plans with, and the shifts it freezes (nothing takes them)
+TRAIN_CASES = {"llava": ("llama", set()),
+               "gemma3": ("gemma3_text", {"layers.0.post_attention_layernorm", "layers.1.post_attention_layernorm"}),
+               "mistral3": ("mistral", {"layers.0.input_layernorm", "layers.0.post_attention_layernorm",
+                                        "layers.1.input_layernorm", "layers.1.post_attention_layernorm"})}
+
+
+@pytest.mark.parametrize("arch", sorted(TRAIN_CASES))
+def test_lineas_train_on_a_vlm_from_text_prompts_bakes_standard(arch, tmp_path, capsys):
+    """``lineas-train --foldable auto`` on a VLM folder, text prompts only (no images): the model loads with
+    AutoModelForImageTextToText, the sites are its text decoder's, and the foldable plan is the text model's registry
+    entry re-rooted under the decoder (bake.registry.vlm), freezing exactly the shifts no bias takes.  The maps bake
+    with --require-standard (no affine module; the bake's verification reproduces the hooked model) and the export
+    reloads without remote code and answers as the hooked model does.  The maps record the fingerprint of the config
+    the trainer loaded (nested text/vision configs with the dtype it loaded in): the bake, reading config.json,
+    accepts them."""
+    from bake.cli.main import EXIT_OK
+    from bake.cli.main import main as bake_main
+    from lineas.cli import main as train_main
+    from lineas.maps import SteeringMaps
+
+    entry, frozen = TRAIN_CASES[arch]
+    model, src = _source(arch, tmp_path)
+    dec = text_decoder(model)
+    (tmp_path / "a.txt").write_text("\n".join(f"the {w} was bad and slow" for w in "abcdefgh") + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(f"a {w} is good , kind and fast" for w in "abcdefgh") + "\n")
+    maps_file = tmp_path / "maps.safetensors"
+    assert train_main(["--model", str(src), "--source", str(tmp_path / "a.txt"), "--target", str(tmp_path / "b.txt"),
+                       "--sites", dec.replace(".", r"\.") + r"\.layers\.\d+\.(input|post_attention)_layernorm",
+                       "--steps", "3", "--lr", "0.05", "--batch-size", "4", "--foldable", "auto", "--quiet",
+                       "--out", str(maps_file)]) == 0, capsys.readouterr().err
+    maps = SteeringMaps.load(maps_file)
+    assert sorted(maps.maps) == sorted(f"{dec}.layers.{i}.{n}" for i in (0, 1)
+                                       for n in ("input_layernorm", "post_attention_layernorm"))
+    foldable = json.loads(maps.metadata["foldable"])
+    assert foldable["registry"] == entry and foldable["applied"]
+    assert set(foldable["frozen"]) == {f"{dec}.{s}" for s in frozen}
+    assert all(not maps[f"{dec}.{s}"].shift.any() for s in frozen)
+    trained_shifts = [s for s in maps.maps if s.removeprefix(dec + ".") not in frozen]
+    assert all(maps[s].shift.any() for s in trained_shifts)  # none for Mistral: no bias anywhere
+
+    out = tmp_path / "out"
+    assert bake_main(["--model", str(src), "--maps", str(maps_file), "--out", str(out), "--require-standard",
+                      "--verify-tokens", "3"]) == EXIT_OK, capsys.readouterr().err
+    assert json.loads((out / "lineas_provenance.json").read_text())["plan"]["affine_sites"] == []
+    ids = _ids()
+    base = _logits(model, input_ids=ids)
+    with attach_maps(model, maps, 1.0):
+        hooked = _logits(model, input_ids=ids)
+    assert _rel(hooked, base) > 1e-3, "the learned maps must change the output, or the test proves nothing"
+    reloaded = _load(out)
+    assert type(reloaded) is type(model) and _rel(_logits(reloaded, input_ids=ids), hooked) < 1e-5

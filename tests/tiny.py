@@ -11,6 +11,7 @@ import torch
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+DEEPSEEK_V3_MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)  # tiny MLA widths
 
 
 def _config(arch: str):
@@ -70,10 +71,18 @@ def _config(arch: str):
     if arch == "granitemoe":  # Granite multipliers; MoE modules named differently under 4.x and 5.x
         return tf.GraniteMoeConfig(**moe, **ids, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
                                    residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0)
+    if arch in ("deepseek_v3", "deepseek_v3_no_q_lora"):  # MLA attention (low-rank q and kv, each with its own
+        # RMSNorm; every head has its own key and value); the first layer is a dense MLP, the other MoE with a shared
+        # expert and a bias-free router
+        return tf.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, **DEEPSEEK_V3_MLA,
+                                   q_lora_rank=None if arch.endswith("no_q_lora") else 32, n_routed_experts=4,
+                                   num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32,
+                                   n_shared_experts=1, first_k_dense_replace=1, tie_word_embeddings=False)
     raise ValueError(f"no tiny config for {arch!r}")
 
 
-MOE_ARCHS = ["gpt_oss", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe"]  # tests/test_moe_archs.py
+# tests/test_moe_archs.py
+MOE_ARCHS = ["gpt_oss", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe", "deepseek_v3"]
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3", "gpt_neox", "olmo2",
          "granite", "phi", "starcoder2", "smollm3", "stablelm", "cohere"]
 
@@ -90,6 +99,9 @@ def tiny_model(arch: str, seed: int = 0):
         for name, p in model.named_parameters():
             if "norm" in name or ".ln_" in name:
                 p.add_(0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: zero in a fresh model, it ranks experts
+                b.add_(0.2 * torch.randn_like(b))
     return model.eval()
 
 
