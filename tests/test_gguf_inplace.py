@@ -203,9 +203,11 @@ def ids_only(monkeypatch):
     monkeypatch.setattr(fam, "dequantised_source", lambda path, **kw: real(path, **{**kw, "with_tokenizer": False}))
 
 
-def test_gemma2_q4_k_scale_only_bakes_into_its_stored_1_plus_w(files, tmp_path, capsys, ids_only):
+def test_gemma2_q4_k_scale_only_bakes_into_its_stored_1_plus_w(files, tmp_path, capsys):
     """Gemma-2's converter stores each norm's ``1 + w``: the scale multiplies the stored value as it stands,
-    checked exactly in llama.cpp (norm weights random, so a wrong convention shows)."""
+    checked exactly in llama.cpp (norm weights random, so a wrong convention shows).  Without ``ids_only``: the
+    bake itself finds that the file's tokenizer cannot encode the probes within the vocabulary, says so, and
+    verifies on token ids."""
     gguf = files("gemma2", "Q4_K_M")
     maps = write_maps(tmp_path / "maps.safetensors", (), GEMMA2_SCALED)
     hooked_differs_from_base(gguf, maps, GEMMA_VOCAB)

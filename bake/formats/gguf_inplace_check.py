@@ -31,6 +31,7 @@ from bake.formats.gguf_inplace import GGUFFold, write_gguf
 from bake.formats.llamacpp import greedy_decode, llamacpp_runner, load_llamacpp
 from bake.store.gguf_file import GGUFStore
 from bake.verify.check import GUARD_ROW, Reference, compare, greedy_tokens, torch_runner
+from bake.verify.probes import PROMPTS, encode_prompt
 from bake.verify.tolerances import GGUF_INPLACE_KL_FLOOR, GGUF_INPLACE_KL_MULTIPLE, get_tolerance
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,12 @@ def dequantised_source(path: Path, *, with_tokenizer: bool = True):
     if with_tokenizer:
         try:
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            # a tokenizer transformers builds but that cannot encode text, or gives ids beyond the model's vocabulary
+            if any(int(i) >= model.config.vocab_size for t in PROMPTS for i in encode_prompt(tok, t)):
+                raise ValueError("its ids exceed the model's vocabulary")
         except Exception as e:  # noqa: BLE001 - the probes fall back to token ids
-            log.warning("no tokenizer from %s (%s): the probes are token ids only", path.name, e)
+            tok = None
+            log.warning("no usable tokenizer from %s (%s): the probes are token ids only", path.name, e)
     return model, tok
 
 
