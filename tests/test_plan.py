@@ -185,13 +185,12 @@ def test_tied_output_embedding_is_never_written_unless_untied():
 def test_unknown_arch_plans_by_module_type():
     import transformers as tf
 
-    cfg = tf.Starcoder2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    cfg = tf.GPTBigCodeConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                               tie_word_embeddings=False)
-    model = tf.Starcoder2ForCausalLM(cfg).eval()  # no registry entry (optimum-onnx does not export it)
+    model = tf.GPTBigCodeForCausalLM(cfg).eval()  # no registry entry
     # the output head: a bias-free linear
     head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-    sites = ["model.layers.0.input_layernorm", "model.layers.0.mlp.c_proj", "model.layers.1", head]
+    sites = ["transformer.h.0.ln_1", "transformer.h.0.mlp.c_proj", "transformer.h.1", head]
     dims = {head: 128}
     g = torch.Generator().manual_seed(0)
     maps = {s: SiteMap(1 + 0.3 * torch.randn(dims.get(s, 64), generator=g), torch.randn(dims.get(s, 64), generator=g))
