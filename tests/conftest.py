@@ -6,10 +6,11 @@ sys.path.insert(0, str(Path(__file__).parent))  # lets tests import tiny.py
 
 import pytest  # noqa: E402
 
-# test_gguf.py (marker gguf, deselected by default) imports llama.cpp's bindings, which `make setup-gguf`
-# installs and `make setup` does not: without them the file is not collected at all.  `make test-gguf`
-# then collects no test and pytest exits 5, so a missing install cannot pass for green.
-collect_ignore = [] if importlib.util.find_spec("llama_cpp") else ["test_gguf.py"]
+# test_gguf.py and test_gguf_inplace.py (marker gguf, deselected by default; the second imports the first's
+# sentencepiece fixture) import llama.cpp's bindings, which `make setup-gguf` installs and `make setup` does not:
+# without them the files are not collected at all.  `make test-gguf` then collects no test from them and fails
+# on the others, so a missing install cannot pass for green.
+collect_ignore = [] if importlib.util.find_spec("llama_cpp") else ["test_gguf.py", "test_gguf_inplace.py"]
 
 
 @pytest.fixture(scope="session")
