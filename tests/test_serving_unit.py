@@ -143,6 +143,15 @@ def test_greedy_divergence_fails_naming_the_earliest_prompt_and_text_is_reported
     assert details["text_identical"] == 0  # other tokens: of course another text
 
 
+def test_a_trimmed_first_space_is_the_same_text():
+    """mlx-lm's streaming detokenizer drops the first space of a generation; anything else is another text."""
+    from bake.formats.serving_judge import same_text
+
+    assert same_text(" Paris.", "Paris.") and same_text(" Paris.", " Paris.") and same_text("Paris", "Paris")
+    assert not same_text(" Paris.", "Paris. ") and not same_text("Paris.", "aris.")
+    assert not same_text(" Paris", "ĠParis") and not same_text("  Paris", "Paris")
+
+
 def test_text_difference_with_the_same_tokens_fails():
     rows = [_row(PROMPTS[0], IDS[0], [5, 6, 7]), _row(PROMPTS[1], IDS[1], [8, 9, 10], out="8 9 10 ")]
     check, details = judge_reply("vllm", _reply(rows), PROMPTS, IDS, HOOKED, SOURCE, _decode)

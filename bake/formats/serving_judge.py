@@ -30,6 +30,13 @@ def tokenization_failure(runtime: str, rows: Sequence[dict]) -> str | None:
                                  [r["runtime_ids"] for r in rows])
 
 
+def same_text(hooked: str, runtime: str) -> bool:
+    """The runtime's text is the hooked tokens' text, or that text without its one leading space: mlx-lm's
+    streaming detokenizers drop the first space of every generation by design (mlx_lm/tokenizer_utils.py
+    ``_maybe_trim_space``), so ``mlx_lm.generate`` prints "Paris." where the tokens decode to " Paris."."""
+    return runtime == hooked or (hooked.startswith(" ") and runtime == hooked[1:])
+
+
 def greedy_failure(runtime: str, rows: Sequence[dict], source: str, n_new: int) -> str | None:
     """The failure naming the prompt with the earliest greedy divergence, or None."""
     differ = [r for r in rows if r["identical"] is False]
@@ -83,7 +90,7 @@ def judge_reply(runtime: str, reply: Mapping, prompts: Sequence[str], want_ids: 
         hooked_text = decode(ref_tokens)
         row.update(identical=first is None, first_mismatch=first, reference=ref_tokens,
                    prompt_len=len(ids), path=f"{runtime}, text prompt, {len(ref_tokens)} tokens",
-                   hooked_text=hooked_text, text_identical=hooked_text == row["runtime_text"],
+                   hooked_text=hooked_text, text_identical=same_text(hooked_text, row["runtime_text"]),
                    max_logprob_abs_diff=max(diffs) if diffs else None, logprobs_compared=len(diffs))
         lp_diff = max([lp_diff, *diffs])
         rows.append(row)

@@ -346,9 +346,9 @@ for _row, _runtime, _how in (
                "(60 steered norm sites): greedy 8/8 identical in both, the runtime's log-probability of the "
                "hooked greedy token within 2.8e-5 (vLLM) and 2.6e-4 (MLX) of the hooked one. The runtime's decoded "
                "text must equal the hooked tokens decoded by the export's tokenizer (a detokenizer that keeps byte "
-               "markers fails). Reported, not gated: max abs = that largest log-probability difference "
-               "(positions up to each prompt's first divergence), top-1 = the share of those positions whose "
-               "tokens agree.",
+               "markers fails), up to the one leading space mlx-lm's streaming detokenizer drops by design. "
+               "Reported, not gated: max abs = that largest log-probability difference (positions up to each "
+               "prompt's first divergence), top-1 = the share of those positions whose tokens agree.",
     ))
 
 # GGUF files baked in place (bake/formats/gguf_inplace_check.py).
